@@ -1,0 +1,36 @@
+# Every target does its own set-up from a fresh clone: a .venv, torch==2.13.0 first when torch is missing
+# (an open range would pull a multi-GB CUDA build), then the package in editable mode with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.diffattn-installed
+OFFLINE := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+
+.PHONY: setup test lint demo app bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev,ui,video]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(OFFLINE) TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+demo: setup
+	$(OFFLINE) $(VENV)/bin/diffattn demo --out outputs/demo
+
+app: setup
+	$(OFFLINE) $(PY) app.py
+
+bench: setup
+	@if [ -f benchmarks/block_sparse_attention.py ]; then $(PY) benchmarks/block_sparse_attention.py; \
+	else echo "no benchmarks yet"; fi
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache build dist *.egg-info

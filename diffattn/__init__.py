@@ -1,0 +1,36 @@
+"""diffattn: attention control and acceleration for Hugging Face diffusers.
+
+    handle = diffattn.apply(pipe, diffattn.AttentionMapConfig())
+    image = pipe(prompt).images[0]
+    maps = handle.maps()          # [steps, batch, tokens, h, w]
+    handle.remove()               # the exact original processors and hooks are back
+"""
+
+from .adapters import supported_families
+from .control import AttentionMethod, Handle, MethodConfig, applied, apply, remove
+from .loading import ModelLoadError, load_pipeline
+from .methods import AttentionMapConfig, AttentionMapProcessor, prompt_token_labels, render_attention_grid
+from .presets import PRESETS, preset_path
+from .state import DenoiserState
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply",
+    "remove",
+    "applied",
+    "Handle",
+    "AttentionMethod",
+    "MethodConfig",
+    "DenoiserState",
+    "load_pipeline",
+    "ModelLoadError",
+    "PRESETS",
+    "preset_path",
+    "AttentionMapConfig",
+    "AttentionMapProcessor",
+    "prompt_token_labels",
+    "render_attention_grid",
+    "supported_families",
+]

@@ -1,0 +1,143 @@
+"""The `diffattn` command.
+
+    diffattn generate --model tiny-sd --prompt "a red cat" --steps 4 --seed 0 --out outputs/gen
+    diffattn demo                       # every preset, offline, report in outputs/demo/index.html
+    diffattn presets                    # list the offline presets
+
+Bad arguments print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .presets import DEFAULT_PRESET, PRESETS
+
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump) and exits with code 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diffattn", description="Attention control and acceleration for diffusers pipelines.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate images or a video with one model", description=(
+        "Generate with a preset, a local diffusers folder or a hub id. Images are saved as PNG; videos as MP4 "
+        "with the `video` extra, else as PNG frames. Existing files are never overwritten."))
+    gen.add_argument("--model", "-m", default=DEFAULT_PRESET,
+                     help=f"preset ({', '.join(PRESETS)}), local folder or hub id (default: {DEFAULT_PRESET})")
+    gen.add_argument("--prompt", "-p", required=True, help="text prompt")
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt")
+    gen.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: 4)")
+    gen.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
+    gen.add_argument("--height", type=_positive_int, default=None, help="height in pixels")
+    gen.add_argument("--width", type=_positive_int, default=None, help="width in pixels")
+    gen.add_argument("--num-frames", type=_positive_int, default=None, help="frames (video models)")
+    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype")
+    gen.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
+    gen.add_argument("--fps", type=_positive_int, default=8, help="frames per second of saved videos")
+    gen.add_argument("--no-maps", action="store_true", help="do not record and save attention-map heatmaps")
+    gen.add_argument("--out", "-o", type=Path, default=Path("outputs/generate"), help="output folder")
+
+    demo = sub.add_parser("demo", help="run every preset offline and write outputs/demo/index.html",
+                          description="Run every tiny preset offline; write outputs, heatmaps and timings as HTML.")
+    demo.add_argument("--out", "-o", type=Path, default=Path("outputs/demo"), help="report folder")
+    demo.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: 4)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    demo.add_argument("--presets", nargs="+", choices=list(PRESETS), default=None, help="subset of presets")
+
+    sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command == "presets":
+            for name, preset in PRESETS.items():
+                print(f"{name:20s} {preset.kind:6s} {preset.description}")
+            return 0
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            index = run_demo(args.out, steps=args.steps, seed=args.seed, presets=args.presets)
+            print(index)
+            return 0
+    except ValueError as exc:  # validation errors name the field, the value and what is allowed
+        sys.stderr.write(f"diffattn {args.command}: error: {exc}\n")
+        return EXIT_USAGE
+    except Exception as exc:
+        from .loading import ModelLoadError
+
+        if isinstance(exc, ModelLoadError):
+            sys.stderr.write(f"diffattn {args.command}: error: {exc}\n")
+            return EXIT_USAGE
+        raise
+    return EXIT_USAGE
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation import generate, save_result
+
+    result = generate(
+        args.model,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        torch_dtype=args.dtype,
+        device=args.device,
+        attention_maps=not args.no_maps,
+    )
+    stem = f"{Path(args.model).name}-seed{args.seed}"
+    for path in save_result(result, args.out, stem, fps=args.fps):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

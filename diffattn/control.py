@@ -1,0 +1,358 @@
+"""The control core: `apply` installs methods on a pipeline or denoiser, `remove` restores it exactly.
+
+`apply(pipe_or_model, *configs)`:
+
+1. finds the denoiser(s) (`unet`, `transformer`, and `transformer_2` for Wan 2.2) and their model adapter;
+2. asks each config's method for processors for the layers it touches (nothing is installed yet, so a bad
+   config or an overlap between configs leaves the model untouched);
+3. installs the processors with the model's public `set_attn_processor`, and one forward pre-hook per denoiser
+   that fills a shared `DenoiserState` (step, timestep, batch, latent geometry) before every denoiser call.
+
+Step tracking. Given a pipeline, the scheduler's `set_timesteps` (one per pipeline run) and `step` (one per
+denoising step) are wrapped on the scheduler instance: the step index is the number of `scheduler.step` calls
+since the run began. That stays right with batched CFG, split CFG (two denoiser calls per step), extra forward
+passes in one step and successive pipeline calls, and needs no device sync. Given a bare denoiser, the step
+advances when the timestep changes and a new run starts when it rises; that reads the timestep's value
+(one device sync per denoiser call, never per attention call).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from .adapters import AttentionLayer, ModelAdapter, adapter_for
+from .state import DenoiserState
+
+
+logger = logging.getLogger(__name__)
+
+_HANDLES_ATTR = "_diffattn_handles"
+_DENOISER_NAMES = ("unet", "transformer", "transformer_2")
+
+
+class AttentionMethod:
+    """One applied method. Subclasses build processors for the layers they change and may keep per-run stores.
+
+    `supported_families`: adapter families the method works on (None: all).
+    """
+
+    supported_families: tuple[str, ...] | None = None
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def processors(
+        self, adapter: ModelAdapter, layers: list[AttentionLayer], state: DenoiserState
+    ) -> dict[str, Any]:
+        """Processors keyed like `model.attn_processors`, for the layers this method changes (a subset)."""
+        raise NotImplementedError
+
+    def begin_run(self) -> None:
+        """Called when a pipeline run starts; reset per-run stores here."""
+
+
+class MethodConfig:
+    """Base of the frozen config dataclasses. `build()` makes the method that `apply` installs."""
+
+    method_class: type[AttentionMethod]
+
+    def build(self) -> AttentionMethod:
+        return self.method_class(self)
+
+
+def find_denoisers(pipe_or_model: Any) -> tuple[Any | None, list[torch.nn.Module]]:
+    """(pipeline or None, denoisers). A pipeline's denoisers are its `unet`, `transformer`, `transformer_2`."""
+    if isinstance(pipe_or_model, torch.nn.Module):
+        if not hasattr(pipe_or_model, "attn_processors"):
+            raise TypeError(
+                f"{type(pipe_or_model).__name__} has no attention processors; pass a diffusers pipeline or its "
+                "unet/transformer"
+            )
+        return None, [pipe_or_model]
+    denoisers = [getattr(pipe_or_model, n, None) for n in _DENOISER_NAMES]
+    denoisers = [d for d in denoisers if isinstance(d, torch.nn.Module)]
+    if not denoisers:
+        raise TypeError(
+            f"found no denoiser in {type(pipe_or_model).__name__}: expected a diffusers pipeline with a `unet` or "
+            "`transformer`, or the model itself"
+        )
+    return pipe_or_model, denoisers
+
+
+class _SchedulerTracker:
+    """Wraps `set_timesteps` and `step` on one scheduler instance (instance attributes, removed on detach)."""
+
+    def __init__(self, state: DenoiserState):
+        self.state = state
+        self.scheduler = None
+        self.steps_taken = 0
+
+    def attach(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.steps_taken = 0
+        original_set_timesteps = scheduler.set_timesteps
+        original_step = scheduler.step
+
+        # functools.wraps keeps the signature visible: pipelines inspect it for `timesteps`, `sigmas`, `eta`.
+        @functools.wraps(original_set_timesteps)
+        def set_timesteps(*args, **kwargs):
+            result = original_set_timesteps(*args, **kwargs)
+            self.steps_taken = 0
+            self.state.begin_run(getattr(scheduler, "num_inference_steps", None))
+            return result
+
+        @functools.wraps(original_step)
+        def step(*args, **kwargs):
+            result = original_step(*args, **kwargs)
+            self.steps_taken += 1
+            return result
+
+        scheduler.set_timesteps = set_timesteps
+        scheduler.step = step
+
+    def detach(self) -> None:
+        if self.scheduler is not None:
+            for name in ("set_timesteps", "step"):
+                self.scheduler.__dict__.pop(name, None)
+            self.scheduler = None
+
+
+class _DenoiserHook:
+    """Forward pre-hook logic shared by every denoiser of one `apply` call."""
+
+    def __init__(self, state: DenoiserState, pipe: Any | None):
+        self.state = state
+        self.pipe = pipe
+        self.tracker = _SchedulerTracker(state) if pipe is not None and hasattr(pipe, "scheduler") else None
+        self._last_timestep: float | None = None
+        if self.tracker is not None:
+            self.tracker.attach(pipe.scheduler)
+
+    def detach(self) -> None:
+        if self.tracker is not None:
+            self.tracker.detach()
+
+    def __call__(self, adapter: ModelAdapter, args: tuple, kwargs: dict[str, Any]) -> None:
+        state = self.state
+        timestep = adapter.timestep_from_call(args, kwargs)
+        if self.tracker is not None:
+            if self.pipe.scheduler is not self.tracker.scheduler:
+                # The user swapped schedulers after apply (between runs): track the new one from here.
+                self.tracker.detach()
+                self.tracker.attach(self.pipe.scheduler)
+                state.begin_run(None)
+            step = self.tracker.steps_taken
+            if step == state.step_index:
+                state.call_index += 1
+            else:
+                state.step_index, state.call_index = step, 0
+            cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
+            state.cfg_batched = bool(cfg) if isinstance(cfg, bool) else None
+        else:
+            self._advance_by_timestep(timestep)
+        geometry = adapter.geometry(adapter.sample_from_call(args, kwargs))
+        state.timestep = timestep if isinstance(timestep, torch.Tensor) else None
+        state.batch_size = geometry.batch_size
+        state.frames, state.height, state.width = geometry.frames, geometry.height, geometry.width
+
+    def _advance_by_timestep(self, timestep: Any) -> None:
+        state = self.state
+        if timestep is None:
+            value = None
+        elif isinstance(timestep, torch.Tensor):
+            value = float(timestep.flatten()[0])  # bare-model mode only: one sync per denoiser call
+        else:
+            value = float(timestep)
+        last = self._last_timestep
+        if last is None or (value is not None and value > last):
+            state.begin_run(None)
+            state.step_index, state.call_index = 0, 0
+        elif value == last:
+            state.call_index += 1
+        else:
+            state.step_index, state.call_index = state.step_index + 1, 0
+        self._last_timestep = value
+
+
+class Handle:
+    """What `apply` returns: `remove()` restores the model; method results are read through it."""
+
+    def __init__(self, pipe: Any | None, denoisers: list[torch.nn.Module], methods: list[AttentionMethod]):
+        self.pipe = pipe
+        self.denoisers = denoisers
+        self.methods = methods
+        self.state = DenoiserState()
+        self._originals: dict[int, dict[str, Any]] = {}
+        self._installed: dict[int, dict[str, Any]] = {}
+        self._hook_handles: list[Any] = []
+        self._hook: _DenoiserHook | None = None
+        self.active = False
+
+    @property
+    def configs(self) -> list[Any]:
+        return [m.config for m in self.methods]
+
+    def method(self, method_class: type[AttentionMethod]) -> AttentionMethod:
+        for m in self.methods:
+            if isinstance(m, method_class):
+                return m
+        raise LookupError(f"no {method_class.__name__} was applied with this handle (applied: {self.configs})")
+
+    def maps(self, **kwargs) -> torch.Tensor:
+        """Cross-attention maps of the last run: `[steps, batch, tokens, h, w]` (needs an AttentionMapConfig)."""
+        for method in self.methods:
+            if hasattr(method, "maps"):
+                return method.maps(**kwargs)
+        raise LookupError(f"maps() needs diffattn.AttentionMapConfig among the applied configs (applied: {self.configs})")
+
+    def remove(self) -> None:
+        """Restore the exact processor objects and remove the hooks and scheduler wrappers. Idempotent."""
+        if not self.active:
+            return
+        for hook_handle in self._hook_handles:
+            hook_handle.remove()
+        self._hook_handles.clear()
+        if self._hook is not None:
+            self._hook.detach()
+        for model in self.denoisers:
+            installed = self._installed.get(id(model), {})
+            originals = self._originals.get(id(model), {})
+            current = model.attn_processors
+            restore = dict(current)
+            for key, processor in installed.items():
+                if current.get(key) is processor:
+                    restore[key] = originals[key]
+            if any(restore[k] is not current[k] for k in restore):
+                model.set_attn_processor(restore)
+            handles = getattr(model, _HANDLES_ATTR, [])
+            if self in handles:
+                handles.remove(self)
+            if not handles and _HANDLES_ATTR in model.__dict__:
+                del model.__dict__[_HANDLES_ATTR]
+        self.active = False
+        logger.debug("diffattn: removed %s", self.configs)
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Handle(active={self.active}, configs={self.configs})"
+
+
+def _check_not_applied(model: torch.nn.Module, methods: list[AttentionMethod]) -> None:
+    for handle in getattr(model, _HANDLES_ATTR, []):
+        for existing in handle.configs:
+            for method in methods:
+                if type(existing) is type(method.config):
+                    raise RuntimeError(
+                        f"{type(existing).__name__} is already applied to this {type(model).__name__}; call "
+                        "handle.remove() or diffattn.remove(...) before applying it again"
+                    )
+
+
+def apply(pipe_or_model: Any, *configs: MethodConfig) -> Handle:
+    """Install the methods described by `configs` on a diffusers pipeline or denoiser; all or nothing.
+
+    Returns a `Handle`; `handle.remove()` (or `diffattn.remove(pipe_or_model)`) restores the original processors.
+    Raises ValueError for an unsupported model, TypeError for a non-config argument, RuntimeError if a config is
+    already applied or two methods would replace the same attention layer.
+    """
+    if not configs:
+        raise ValueError("apply() needs at least one config, e.g. diffattn.AttentionMapConfig()")
+    for config in configs:
+        if not isinstance(config, MethodConfig):
+            raise TypeError(f"apply() takes diffattn config objects, got {type(config).__name__}: {config!r}")
+    seen_types = [type(c) for c in configs]
+    duplicates = {t.__name__ for t in seen_types if seen_types.count(t) > 1}
+    if duplicates:
+        raise ValueError(f"the same config type was passed twice: {sorted(duplicates)}")
+
+    pipe, denoisers = find_denoisers(pipe_or_model)
+    methods = [config.build() for config in configs]
+    handle = Handle(pipe, denoisers, methods)
+
+    # 1. Plan everything before touching the model.
+    plan: dict[int, tuple[torch.nn.Module, ModelAdapter, dict[str, Any]]] = {}
+    for model in denoisers:
+        adapter = adapter_for(model)
+        _check_not_applied(model, methods)
+        layers = adapter.attention_layers()
+        new_processors: dict[str, Any] = {}
+        owners: dict[str, str] = {}
+        for method in methods:
+            if method.supported_families is not None and adapter.family not in method.supported_families:
+                raise ValueError(
+                    f"{type(method.config).__name__} does not support the {adapter.family} family "
+                    f"({type(model).__name__}); it supports: {', '.join(method.supported_families)}"
+                )
+            for key, processor in method.processors(adapter, layers, handle.state).items():
+                if key in owners:
+                    raise RuntimeError(
+                        f"{type(method.config).__name__} and {owners[key]} both replace the processor of {key}"
+                    )
+                owners[key] = type(method.config).__name__
+                new_processors[key] = processor
+        for other in getattr(model, _HANDLES_ATTR, []):
+            taken = set(other._installed.get(id(model), {})) & set(new_processors)
+            if taken:
+                raise RuntimeError(
+                    f"{sorted(taken)[0]} is already controlled by {other.configs}; remove that handle first"
+                )
+        plan[id(model)] = (model, adapter, new_processors)
+
+    # 2. Install; on any failure put back what was there.
+    try:
+        hook = _DenoiserHook(handle.state, pipe)
+        handle._hook = hook
+        for model, adapter, new_processors in plan.values():
+            originals = model.attn_processors
+            handle._originals[id(model)] = originals
+            handle._installed[id(model)] = new_processors
+            if new_processors:
+                model.set_attn_processor({**originals, **new_processors})
+
+            def pre_hook(module, args, kwargs, _adapter=adapter):
+                hook(_adapter, args, kwargs)
+                return None
+
+            handle._hook_handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            model.__dict__.setdefault(_HANDLES_ATTR, []).append(handle)
+        for method in methods:
+            handle.state.add_run_listener(method.begin_run)
+        handle.active = True
+    except BaseException:
+        handle.active = True
+        handle.remove()
+        raise
+    logger.info("diffattn: applied %s to %s", [type(c).__name__ for c in configs], [type(d).__name__ for d in denoisers])
+    return handle
+
+
+def remove(pipe_or_model: Any) -> int:
+    """Remove every diffattn handle from a pipeline or denoiser; returns how many were removed."""
+    _, denoisers = find_denoisers(pipe_or_model)
+    handles: list[Handle] = []
+    for model in denoisers:
+        for handle in getattr(model, _HANDLES_ATTR, []):
+            if handle not in handles:
+                handles.append(handle)
+    for handle in reversed(handles):
+        handle.remove()
+    return len(handles)
+
+
+def applied(pipe_or_model: Any) -> list[Handle]:
+    """The active handles on a pipeline or denoiser."""
+    _, denoisers = find_denoisers(pipe_or_model)
+    out: list[Handle] = []
+    for model in denoisers:
+        out.extend(h for h in getattr(model, _HANDLES_ATTR, []) if h not in out)
+    return out
+

@@ -1,0 +1,190 @@
+"""One generation as the CLI, the demo and the UI run it: load (cached), call the pipeline, time it, save it.
+
+Faces layer: this module may use everything below it (pipelines, methods, the core).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .control import apply
+from .loading import load_pipeline
+from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, render_attention_grid
+from .presets import PRESETS
+
+
+logger = logging.getLogger(__name__)
+
+_PIPELINES: dict[tuple[str, str | None, str | None], Any] = {}
+
+
+def cached_pipeline(model: str, torch_dtype: str | None = None, device: str | None = None) -> Any:
+    """`load_pipeline` once per (model, dtype, device) in this process (the UI and demo reuse pipelines)."""
+    key = (model, torch_dtype, device)
+    if key not in _PIPELINES:
+        _PIPELINES[key] = load_pipeline(model, torch_dtype=torch_dtype, device=device)
+    return _PIPELINES[key]
+
+
+def is_video_pipeline(pipe: Any) -> bool:
+    return hasattr(pipe, "vae_scale_factor_temporal") or "Video" in type(pipe).__name__
+
+
+def supports_attention_maps(pipe: Any) -> bool:
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and type(unet).__name__ == "UNet2DConditionModel" and hasattr(pipe, "tokenizer")
+
+
+@dataclass
+class GenerationResult:
+    """Images (image models) or frames of one video (video models), with timing and optional attention maps."""
+
+    model: str
+    prompt: str
+    seed: int
+    kind: str  # "image" or "video"
+    images: list[Image.Image] = field(default_factory=list)
+    frames: list[Image.Image] = field(default_factory=list)
+    seconds: float = 0.0
+    attention_grid: Image.Image | None = None
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def generation_defaults(model: str) -> dict[str, Any]:
+    """Call arguments a model is meant to run with: the preset's, or none for other models."""
+    return dict(PRESETS[model].call_defaults) if model in PRESETS else {}
+
+
+def generate(
+    model: str,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    steps: int = 4,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    torch_dtype: str | None = None,
+    device: str | None = None,
+    attention_maps: bool = True,
+    pipe: Any | None = None,
+) -> GenerationResult:
+    """Generate one image or video; for SD-family models also the cross-attention heatmap grid."""
+    if not prompt or not prompt.strip():
+        raise ValueError("prompt='' is not allowed: give a non-empty prompt")
+    if steps < 1:
+        raise ValueError(f"steps={steps} is not allowed: expected an int >= 1")
+    pipe = pipe if pipe is not None else cached_pipeline(model, torch_dtype, device)
+    kwargs = generation_defaults(model)
+    overrides = {"guidance_scale": guidance_scale, "height": height, "width": width, "num_frames": num_frames}
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    video = is_video_pipeline(pipe)
+    if not video:
+        kwargs.pop("num_frames", None)
+    if negative_prompt:
+        kwargs["negative_prompt"] = negative_prompt
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    handle = apply(pipe, AttentionMapConfig()) if attention_maps and supports_attention_maps(pipe) else None
+    try:
+        start = time.perf_counter()
+        output = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pil", **kwargs)
+        seconds = time.perf_counter() - start
+        grid = None
+        if handle is not None:
+            grid = _attention_grid(pipe, handle.maps(conditional_only=True), prompt, output.images[0])
+    finally:
+        if handle is not None:
+            handle.remove()
+    result = GenerationResult(model, prompt, seed, "video" if video else "image", seconds=seconds, call_kwargs=kwargs)
+    if video:
+        result.frames = [_to_pil(f) for f in output.frames[0]]
+    else:
+        result.images = list(output.images)
+    result.attention_grid = grid
+    logger.info("generated %s with %s in %.2fs", result.kind, model, seconds)
+    return result
+
+
+def _to_pil(frame: Any) -> Image.Image:
+    if isinstance(frame, Image.Image):
+        return frame
+    array = np.asarray(frame)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def _attention_grid(pipe: Any, maps: torch.Tensor, prompt: str, image: Image.Image) -> Image.Image:
+    """Heatmaps of the prompt's own tokens (start token to end token) for the first image, averaged over steps."""
+    labels = prompt_token_labels(pipe.tokenizer, prompt)
+    end = next((i for i, t in enumerate(labels) if i > 0 and t == pipe.tokenizer.eos_token), len(labels) - 1)
+    keep = list(range(1, max(end, 2)))
+    return render_attention_grid(maps[:, 0].mean(0)[keep], image, [labels[i] for i in keep])
+
+
+def write_new_file(directory: Path, stem: str, suffix: str, write) -> Path:
+    """Write through `write(tmp_path)` to `<stem><suffix>` in `directory`, never replacing an existing file.
+
+    The file is written to a temporary name first, then linked into place with an exclusive operation, so a crash
+    leaves no half-written output and a name already taken gets `-1`, `-2`, ... instead of being overwritten.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        for n in range(10_000):
+            target = directory / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free name for {stem}{suffix} in {directory}")
+    finally:
+        os.unlink(tmp)
+
+
+def save_result(result: GenerationResult, directory: Path, stem: str, fps: int = 8) -> list[Path]:
+    """Save images as PNG; a video as MP4 (with the `video` extra) or else as numbered PNG frames."""
+    directory = Path(directory)
+    paths: list[Path] = []
+    for i, image in enumerate(result.images):
+        name = stem if len(result.images) == 1 else f"{stem}-{i}"
+        paths.append(write_new_file(directory, name, ".png", lambda p, im=image: im.save(p, format="PNG")))
+    if result.frames:
+        if video_export_available():
+            from diffusers.utils import export_to_video
+
+            arrays = [np.asarray(f) for f in result.frames]
+            paths.append(write_new_file(directory, stem, ".mp4", lambda p: export_to_video(arrays, str(p), fps=fps)))
+        else:
+            for i, frame in enumerate(result.frames):
+                paths.append(
+                    write_new_file(directory, f"{stem}-frame{i:03d}", ".png", lambda p, f=frame: f.save(p, "PNG"))
+                )
+    if result.attention_grid is not None:
+        grid = result.attention_grid
+        paths.append(write_new_file(directory, f"{stem}-attention", ".png", lambda p: grid.save(p, format="PNG")))
+    return paths
+
+
+def video_export_available() -> bool:
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,99 @@
+"""`load_pipeline`: a preset name, a local folder or a hub id, always through the pipeline's `from_pretrained`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .presets import PRESETS, preset_path
+
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """torch dtype from a name ("fp16", "bfloat16", ...) or a dtype; None stays None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"torch_dtype={value!r} is not allowed: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[value]
+
+
+def load_pipeline(
+    name_or_path: str | os.PathLike,
+    *,
+    torch_dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Any:
+    """Load a diffusers pipeline.
+
+    Args:
+        name_or_path: a preset name (`tiny-sd`, `tiny-sdxl`, `tiny-wan`, `tiny-hunyuan-video`), a local folder
+            saved with `save_pretrained`, or a hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.
+        torch_dtype: e.g. torch.float16 or "bf16"; None keeps the saved dtype.
+        device: where to move the pipeline; None leaves it on the CPU.
+
+    Safetensors weights only; remote code is never trusted. Raises ModelLoadError with a readable message when
+    the model is neither a preset, a folder, nor cached/reachable on the hub.
+    """
+    from diffusers import DiffusionPipeline
+
+    dtype = parse_dtype(torch_dtype)
+    name = str(name_or_path)
+    if name in PRESETS:
+        source = preset_path(name)
+    elif Path(name).expanduser().exists():
+        source = Path(name).expanduser()
+        if not (source / "model_index.json").is_file():
+            raise ModelLoadError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+    else:
+        source = name
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except Exception as exc:  # the hub client raises many types; translate the "cannot get it" family
+        if isinstance(source, Path) or not _is_unreachable(exc):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such repository"
+        raise ModelLoadError(
+            f"cannot load {name!r}: it is not a preset ({', '.join(PRESETS)}), not a local folder, not in the "
+            f"Hugging Face cache, and {hint}. Download it once while online, or pass a local folder."
+        ) from None
+    if device is not None:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(exc)}
+    unreachable = {
+        "LocalEntryNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError",
+        "HfHubHTTPError", "HFValidationError", "OfflineModeIsEnabled", "ConnectionError", "Timeout",
+        "GatedRepoError", "OSError", "EnvironmentError", "ValueError",
+    }
+    return bool(names & unreachable)
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
