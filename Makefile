@@ -18,6 +18,7 @@ setup: $(STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: lint
 	$(OFFLINE) TRITON_INTERPRET=1 $(PY) -m pytest -q

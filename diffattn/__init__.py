@@ -1,9 +1,9 @@
 """diffattn: attention control and acceleration for Hugging Face diffusers.
 
-    handle = diffattn.apply(pipe, diffattn.AttentionMapConfig())
-    image = pipe(prompt).images[0]
-    maps = handle.maps()          # [steps, batch, tokens, h, w]
-    handle.remove()               # the exact original processors and hooks are back
+handle = diffattn.apply(pipe, diffattn.AttentionMapConfig())
+image = pipe(prompt).images[0]
+maps = handle.maps()          # [steps, batch, tokens, h, w]
+handle.remove()               # the exact original processors and hooks are back
 """
 
 from .adapters import supported_families

@@ -53,11 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    gen = sub.add_parser("generate", help="generate images or a video with one model", description=(
-        "Generate with a preset, a local diffusers folder or a hub id. Images are saved as PNG; videos as MP4 "
-        "with the `video` extra, else as PNG frames. Existing files are never overwritten."))
-    gen.add_argument("--model", "-m", default=DEFAULT_PRESET,
-                     help=f"preset ({', '.join(PRESETS)}), local folder or hub id (default: {DEFAULT_PRESET})")
+    gen = sub.add_parser(
+        "generate",
+        help="generate images or a video with one model",
+        description=(
+            "Generate with a preset, a local diffusers folder or a hub id. Images are saved as PNG; videos as MP4 "
+            "with the `video` extra, else as PNG frames. Existing files are never overwritten."
+        ),
+    )
+    gen.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_PRESET,
+        help=f"preset ({', '.join(PRESETS)}), local folder or hub id (default: {DEFAULT_PRESET})",
+    )
     gen.add_argument("--prompt", "-p", required=True, help="text prompt")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt")
     gen.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: 4)")
@@ -72,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-maps", action="store_true", help="do not record and save attention-map heatmaps")
     gen.add_argument("--out", "-o", type=Path, default=Path("outputs/generate"), help="output folder")
 
-    demo = sub.add_parser("demo", help="run every preset offline and write outputs/demo/index.html",
-                          description="Run every tiny preset offline; write outputs, heatmaps and timings as HTML.")
+    demo = sub.add_parser(
+        "demo",
+        help="run every preset offline and write outputs/demo/index.html",
+        description="Run every tiny preset offline; write outputs, heatmaps and timings as HTML.",
+    )
     demo.add_argument("--out", "-o", type=Path, default=Path("outputs/demo"), help="report folder")
     demo.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: 4)")
     demo.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
@@ -87,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -114,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         raise
     return EXIT_USAGE
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers warn on every offline hub probe; our own error says what matters in one line."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -45,9 +45,7 @@ class AttentionMethod:
     def __init__(self, config: Any):
         self.config = config
 
-    def processors(
-        self, adapter: ModelAdapter, layers: list[AttentionLayer], state: DenoiserState
-    ) -> dict[str, Any]:
+    def processors(self, adapter: ModelAdapter, layers: list[AttentionLayer], state: DenoiserState) -> dict[str, Any]:
         """Processors keyed like `model.attn_processors`, for the layers this method changes (a subset)."""
         raise NotImplementedError
 
@@ -67,12 +65,7 @@ class MethodConfig:
 def find_denoisers(pipe_or_model: Any) -> tuple[Any | None, list[torch.nn.Module]]:
     """(pipeline or None, denoisers). A pipeline's denoisers are its `unet`, `transformer`, `transformer_2`."""
     if isinstance(pipe_or_model, torch.nn.Module):
-        if not hasattr(pipe_or_model, "attn_processors"):
-            raise TypeError(
-                f"{type(pipe_or_model).__name__} has no attention processors; pass a diffusers pipeline or its "
-                "unet/transformer"
-            )
-        return None, [pipe_or_model]
+        return None, [pipe_or_model]  # whether it is a supported denoiser is the adapters' call
     denoisers = [getattr(pipe_or_model, n, None) for n in _DENOISER_NAMES]
     denoisers = [d for d in denoisers if isinstance(d, torch.nn.Module)]
     if not denoisers:
@@ -207,7 +200,9 @@ class Handle:
         for method in self.methods:
             if hasattr(method, "maps"):
                 return method.maps(**kwargs)
-        raise LookupError(f"maps() needs diffattn.AttentionMapConfig among the applied configs (applied: {self.configs})")
+        raise LookupError(
+            f"maps() needs diffattn.AttentionMapConfig among the applied configs (applied: {self.configs})"
+        )
 
     def remove(self) -> None:
         """Restore the exact processor objects and remove the hooks and scheduler wrappers. Idempotent."""
@@ -331,7 +326,9 @@ def apply(pipe_or_model: Any, *configs: MethodConfig) -> Handle:
         handle.active = True
         handle.remove()
         raise
-    logger.info("diffattn: applied %s to %s", [type(c).__name__ for c in configs], [type(d).__name__ for d in denoisers])
+    logger.info(
+        "diffattn: applied %s to %s", [type(c).__name__ for c in configs], [type(d).__name__ for d in denoisers]
+    )
     return handle
 
 
@@ -355,4 +352,3 @@ def applied(pipe_or_model: Any) -> list[Handle]:
     for model in denoisers:
         out.extend(h for h in getattr(model, _HANDLES_ATTR, []) if h not in out)
     return out
-

@@ -82,7 +82,9 @@ def _report_html(meta: dict) -> str:
                 media.append(f'<img src="{src}" width="96" title="{src}">')
             else:
                 label = "attention maps per prompt token" if "-attention" in f else "output"
-                media.append(f'<figure><img src="{src}" style="max-width:100%"><figcaption>{label}</figcaption></figure>')
+                media.append(
+                    f'<figure><img src="{src}" style="max-width:100%"><figcaption>{label}</figcaption></figure>'
+                )
         cards.append(
             f"<section><h2>{html.escape(row['preset'])}</h2><p>{html.escape(row['description'])}</p>"
             f"<p>generate: <b>{row['generate_seconds']:.2f} s</b> (with load: {row['load_and_generate_seconds']:.2f} s)"
@@ -97,11 +99,11 @@ def _report_html(meta: dict) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}section{{border-top:1px solid #ccc;
 padding:1em 0}}figure{{display:inline-block;margin:0 1em 0 0}}td,th{{padding:2px 12px}}</style></head><body>
 <h1>diffattn demo</h1>
-<p>Prompt: <i>{html.escape(meta['prompt'])}</i> &middot; {meta['steps']} steps &middot; seed {meta['seed']}
-&middot; {meta['device']}, torch {meta['torch']}, {meta['threads']} threads.
+<p>Prompt: <i>{html.escape(meta["prompt"])}</i> &middot; {meta["steps"]} steps &middot; seed {meta["seed"]}
+&middot; {meta["device"]}, torch {meta["torch"]}, {meta["threads"]} threads.
 The presets carry seeded random weights (no downloads here), so the pictures are noise; what they show is that
 each pipeline, its attention layers and diffattn's hooks run end to end.</p>
 <table><tr><th>preset</th><th>kind</th><th>seconds</th></tr>{table}</table>
-{''.join(cards)}
+{"".join(cards)}
 </body></html>
 """

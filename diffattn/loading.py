@@ -19,8 +19,14 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -84,9 +90,19 @@ def load_pipeline(
 def _is_unreachable(exc: BaseException) -> bool:
     names = {type(e).__name__ for e in _chain(exc)}
     unreachable = {
-        "LocalEntryNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError",
-        "HfHubHTTPError", "HFValidationError", "OfflineModeIsEnabled", "ConnectionError", "Timeout",
-        "GatedRepoError", "OSError", "EnvironmentError", "ValueError",
+        "LocalEntryNotFoundError",
+        "RepositoryNotFoundError",
+        "RevisionNotFoundError",
+        "EntryNotFoundError",
+        "HfHubHTTPError",
+        "HFValidationError",
+        "OfflineModeIsEnabled",
+        "ConnectionError",
+        "Timeout",
+        "GatedRepoError",
+        "OSError",
+        "EnvironmentError",
+        "ValueError",
     }
     return bool(names & unreachable)
 

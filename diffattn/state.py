@@ -69,7 +69,5 @@ class DenoiserState:
         while h * w > num_tokens and h > 1 and w > 1:
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         if h * w != num_tokens:
-            raise ValueError(
-                f"{num_tokens} tokens do not match any level of a {self.height}x{self.width} latent grid"
-            )
+            raise ValueError(f"{num_tokens} tokens do not match any level of a {self.height}x{self.width} latent grid")
         return h, w

@@ -22,4 +22,6 @@ def adapter_for(model: torch.nn.Module) -> ModelAdapter:
     for adapter_cls in ADAPTERS:
         if adapter_cls.matches(model):
             return adapter_cls(model)
-    raise ValueError(f"diffattn does not support {type(model).__name__}; supported model families: {supported_families()}")
+    raise ValueError(
+        f"diffattn does not support {type(model).__name__}; supported model families: {supported_families()}"
+    )

@@ -1,0 +1,52 @@
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+
+pytest.importorskip("gradio")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def _load_app():
+    spec = importlib.util.spec_from_file_location("diffattn_app", Path(__file__).parent.parent / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_handler_generates_image_and_maps():
+    app = _load_app()
+    image, video, grid, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9)
+    assert image.size == (128, 128) and video is None and grid is not None
+    assert "tiny-sd" in info
+
+
+def test_handler_generates_video_and_reports_bad_input():
+    import gradio as gr
+
+    app = _load_app()
+    image, video, grid, info = app.run_generation("tiny-wan", "a boat", "", 1, 0, 5.0, 64, 64, 5)
+    assert video.endswith(".mp4") and Path(video).is_file() and grid is None
+    with pytest.raises(gr.Error):
+        app.run_generation("nobody/nothing", "x", "", 1, 0, 5.0, 64, 64, 5)
+    with pytest.raises(gr.Error):
+        app.run_generation("tiny-sd", "", "", 1, 0, 5.0, 64, 64, 5)
+
+
+def test_served_page_generates_through_the_api():
+    from gradio_client import Client
+
+    app = _load_app()
+    demo = app.build_demo()
+    demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        image, video, grid, info = client.predict(
+            "tiny-sd", "a blue bird", "", 2, 0, 7.5, 128, 128, 9, api_name="/generate"
+        )
+        assert Path(image).is_file() and Path(grid).is_file()
+        assert "image" in info
+    finally:
+        demo.close()

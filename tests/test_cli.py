@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from diffattn.cli import main
+
+
+def test_generate_writes_outputs_and_never_overwrites(tmp_path, capsys):
+    args = [
+        "generate",
+        "--model",
+        "tiny-sd",
+        "--prompt",
+        "a red cat",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    first = capsys.readouterr().out.split()
+    assert [p.rsplit("/", 1)[-1] for p in first] == ["tiny-sd-seed3.png", "tiny-sd-seed3-attention.png"]
+    assert Image.open(first[0]).size == (128, 128)
+    before = (tmp_path / "tiny-sd-seed3.png").read_bytes()
+    assert main(args) == 0
+    second = capsys.readouterr().out.split()
+    assert second[0].endswith("tiny-sd-seed3-1.png")
+    assert (tmp_path / "tiny-sd-seed3.png").read_bytes() == before  # the first output is untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_generate_video_as_mp4(tmp_path, capsys):
+    assert main(["generate", "-m", "tiny-wan", "-p", "a boat", "--steps", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.split()
+    assert len(out) == 1 and out[0].endswith("tiny-wan-seed0.mp4")
+    import imageio.v3 as iio
+
+    frames = iio.imread(out[0])
+    assert frames.shape[0] == 9 and frames.shape[1:3] == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", "x", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+        (["generate", "--prompt", "x", "--seed", "-1"], "argument --seed: expected an integer seed >= 0"),
+        (["generate", "--steps", "2"], "the following arguments are required: --prompt/-p"),
+        (["generate", "--prompt", "x", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+        (["generate", "--prompt", "  ", "--steps", "1"], "prompt='' is not allowed"),
+        (["generate", "--prompt", "x", "--model", "nobody/nothing"], "cannot load 'nobody/nothing'"),
+        (["demo", "--presets", "tiny-x"], "argument --presets: invalid choice: 'tiny-x'"),
+        (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_help_everywhere():
+    for argv in ([], ["generate"], ["demo"], ["presets"]):
+        proc = subprocess.run([sys.executable, "-m", "diffattn.cli", *argv, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: diffattn" in proc.stdout
+
+
+def test_presets_command(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("tiny-sd", "tiny-sdxl", "tiny-wan", "tiny-hunyuan-video"))
+
+
+def test_demo_writes_report_with_every_preset(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
+    index = tmp_path / "index.html"
+    assert capsys.readouterr().out.strip() == str(index)
+    html = index.read_text()
+    runs = list(tmp_path.glob("run-*"))
+    assert len(runs) == 1
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert [r["preset"] for r in report["results"]] == ["tiny-sd", "tiny-sdxl", "tiny-wan", "tiny-hunyuan-video"]
+    for row in report["results"]:
+        assert row["generate_seconds"] > 0
+        for f in row["files"]:
+            assert (tmp_path / f).is_file() and f in html
+    assert any(f.endswith("-attention.png") for r in report["results"] for f in r["files"])
+    assert any(f.endswith(".mp4") for r in report["results"] for f in r["files"])
+    assert main(["demo", "--out", str(tmp_path), "--steps", "1", "--presets", "tiny-sd"]) == 0
+    assert len(list(tmp_path.glob("run-*"))) == 2  # an earlier run is kept

@@ -1,0 +1,111 @@
+import time
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import diffattn
+from diffattn.presets import PRESETS, get_preset, preset_path
+
+from helpers import load, run
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_saves_and_reloads_through_from_pretrained(name, tmp_path):
+    folder = preset_path(name, root=tmp_path)
+    assert (folder / "model_index.json").is_file()
+    assert list(folder.rglob("*.safetensors")), "weights must be saved as safetensors"
+    assert not list(folder.rglob("*.bin")), "no pickle weights"
+    built = get_preset(name).build()
+    reloaded = DiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+    assert type(reloaded) is type(built)
+    denoiser = "unet" if hasattr(built, "unet") else "transformer"
+    fresh_state = getattr(built, denoiser).state_dict()
+    loaded_state = getattr(reloaded, denoiser).state_dict()
+    assert fresh_state.keys() == loaded_state.keys()
+    for key in fresh_state:
+        torch.testing.assert_close(loaded_state[key], fresh_state[key], rtol=0, atol=0, msg=key)
+    # the seeded build is reproducible
+    again = get_preset(name).build()
+    for key, value in getattr(again, denoiser).state_dict().items():
+        assert torch.equal(value, fresh_state[key]), key
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_generates_deterministically_and_fast(name):
+    pipe = load(name)
+    start = time.perf_counter()
+    first = run(pipe, name, steps=4, seed=0)
+    elapsed = time.perf_counter() - start
+    second = run(pipe, name, steps=4, seed=0)
+    other = run(pipe, name, steps=4, seed=1)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+    assert torch.isfinite(first).all()
+    defaults = PRESETS[name].call_defaults
+    if PRESETS[name].kind == "image":
+        assert first.shape == (1, 3, defaults["height"], defaults["width"])
+    else:
+        assert first.shape == (1, defaults["num_frames"], 3, defaults["height"], defaults["width"])
+    assert elapsed < 20.0, f"{name} took {elapsed:.1f}s at 4 steps"
+
+
+def test_tiny_sd_keeps_attention_at_three_resolutions_with_16x16():
+    pipe = load("tiny-sd")
+    seen = {}
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kind = "cross" if kwargs.get("encoder_hidden_states") is not None else "self"
+        seen.setdefault(kind, set()).add(hidden.shape[1])
+
+    handles = [
+        m.register_forward_pre_hook(record, with_kwargs=True)
+        for n, m in pipe.unet.named_modules()
+        if n.endswith(("attn1", "attn2"))
+    ]
+    run(pipe, "tiny-sd", steps=1)
+    for h in handles:
+        h.remove()
+    assert seen["self"] == {256, 64, 16}
+    assert seen["cross"] == {256, 64, 16}
+
+
+def test_video_presets_keep_patching_rotary_and_text_layout():
+    wan = load("tiny-wan")
+    assert tuple(wan.transformer.config.patch_size) == (1, 2, 2)
+    assert hasattr(wan.transformer, "rope")
+    assert any(n.endswith("attn2") for n, _ in wan.transformer.named_modules())  # text via cross-attention
+    hunyuan = load("tiny-hunyuan-video")
+    cfg = hunyuan.transformer.config
+    assert (cfg.patch_size, cfg.patch_size_t) == (2, 1)
+    assert sum(cfg.rope_axes_dim) == cfg.attention_head_dim
+    assert hasattr(hunyuan.transformer, "rope")
+    assert hunyuan.vae.config.temporal_compression_ratio == 4 and hunyuan.vae.config.spatial_compression_ratio == 8
+
+
+def test_tokenizers_know_prompt_words_and_spell_unknown_ones():
+    pipe = load("tiny-sd")
+    tokens = pipe.tokenizer.tokenize("a red cat xyzzy")
+    assert tokens[:3] == ["a</w>", "red</w>", "cat</w>"]
+    assert "".join(tokens[3:]).replace("</w>", "") == "xyzzy"
+
+
+def test_unknown_preset_error_lists_presets():
+    with pytest.raises(ValueError, match="unknown preset 'tiny-nope'.*tiny-sd"):
+        preset_path("tiny-nope")
+
+
+def test_load_pipeline_errors(tmp_path):
+    with pytest.raises(diffattn.ModelLoadError, match="cannot load 'someone/not-a-model'"):
+        diffattn.load_pipeline("someone/not-a-model")
+    with pytest.raises(diffattn.ModelLoadError, match="no model_index.json"):
+        diffattn.load_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="torch_dtype='fp8'"):
+        diffattn.load_pipeline("tiny-sd", torch_dtype="fp8")
+
+
+def test_load_pipeline_from_local_folder_with_dtype(tmp_path):
+    folder = preset_path("tiny-sd")
+    pipe = diffattn.load_pipeline(str(folder), torch_dtype="bf16")
+    assert pipe.unet.dtype == torch.bfloat16
