@@ -4,6 +4,24 @@ Layouts are given at every boundary: `q: [B, H, N, D]` unless a function says ot
 """
 
 from .attention_probs import attention_with_probs
+from .block_sparse_attention import (
+    BACKENDS,
+    block_sparse_attention,
+    gather_block_sparse_attention,
+    merge_attention_outputs,
+    reference_block_sparse_attention,
+    resolve_backend,
+)
+from .block_sparse_layout import BlockSparseLayout
 
 
-__all__ = ["attention_with_probs"]
+__all__ = [
+    "attention_with_probs",
+    "BACKENDS",
+    "BlockSparseLayout",
+    "block_sparse_attention",
+    "gather_block_sparse_attention",
+    "merge_attention_outputs",
+    "reference_block_sparse_attention",
+    "resolve_backend",
+]
