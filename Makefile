@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffattn-installed
 OFFLINE := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 
-.PHONY: setup test lint demo app bench clean
+.PHONY: setup test lint demo app bench gpu clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ app: setup
 	$(OFFLINE) $(PY) app.py
 
 bench: setup
-	@if [ -f benchmarks/block_sparse_attention.py ]; then $(PY) benchmarks/block_sparse_attention.py; \
-	else echo "no benchmarks yet"; fi
+	$(PY) benchmarks/block_sparse_attention.py
+
+# On a machine with a CUDA GPU: the GPU tests (real Triton, fp16/bf16) and the full benchmark, results committed
+# under benchmarks/results/ with the GPU's name.
+gpu: setup
+	$(OFFLINE) $(PY) -m pytest -q -m gpu tests
+	$(PY) benchmarks/block_sparse_attention.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache build dist *.egg-info

@@ -87,7 +87,9 @@ def block_sparse_attention(
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        raise ValueError(f"q, k, v must share a dtype among fp16, bf16, fp32, fp64; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"q, k, v must share a dtype among fp16, bf16, fp32, fp64; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not isinstance(layout, BlockSparseLayout):
         raise ValueError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     if qkv_format == "bnhd":

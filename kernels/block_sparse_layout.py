@@ -131,8 +131,12 @@ class BlockSparseLayout:
         expanded = self.block_mask.repeat_interleave(self.block_q, 1).repeat_interleave(self.block_k, 2)
         return expanded[:, :num_queries, :num_keys]
 
-    def gather_groups(self, group_size: int = 8) -> list[GatherGroup]:
-        """Query blocks sorted by key count and grouped; each group padded only to its own largest count."""
+    def gather_groups(self, group_size: int = 1) -> list[GatherGroup]:
+        """Query blocks sorted by key count and grouped; each group padded only to its own largest count.
+
+        One query block per group is the default: measured on 2 CPU cores (N=8192, H=4, D=64), working sets that
+        stay in cache beat fewer, larger calls (10% density: 65 ms at 1, 89 at 4, 111 at 8, 260 at 64 blocks).
+        """
         if self._gather_groups is None:
             counts = self.kv_counts.max(0).values  # [Qb]: the widest head decides the padding
             order = torch.argsort(counts, stable=True)

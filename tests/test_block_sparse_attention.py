@@ -1,0 +1,355 @@
+"""Block-sparse attention against independent references (plain SDPA, per-block SDPA, hand-computed CSR)."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffattn.kernels import BlockSparseLayout, block_sparse_attention, merge_attention_outputs
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CPU_BACKENDS = ["gather"] + (["triton"] if INTERPRET else [])
+
+
+def random_mask(generator, heads, q_blocks, k_blocks, density):
+    shape = (q_blocks, k_blocks) if heads is None else (heads, q_blocks, k_blocks)
+    mask = torch.rand(shape, generator=generator) < density
+    # keep one random key block per query row so every row is valid
+    rows = torch.randint(0, k_blocks, shape[:-1], generator=generator)
+    mask.scatter_(-1, rows.unsqueeze(-1), True)
+    return mask
+
+
+def qkv(generator, b, h, n, d, dtype=torch.float32, requires_grad=False):
+    return [torch.randn(b, h, n, d, generator=generator, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+def plain_masked_attention(q, k, v, token_keep, scale):
+    """Independent spec: SDPA with the token mask, in float64."""
+    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=token_keep, scale=scale)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores.masked_fill(~token_keep, float("-inf")), dim=-1)
+    return out, lse
+
+
+def expand_mask(mask, block, n):
+    m = mask.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :n, :n]
+    return m if m.ndim == 3 else m.unsqueeze(0)
+
+
+# ---- layout ----------------------------------------------------------------------------------------------------
+
+
+def test_layout_csr_matches_hand_computed_case():
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    layout = BlockSparseLayout(mask, block_size=(64, 32))
+    assert (layout.block_q, layout.block_k) == (64, 32)
+    assert layout.kv_counts.tolist() == [[2, 1, 4]]
+    assert layout.kv_indices.tolist() == [[[0, 2, 2, 2], [3, 3, 3, 3], [0, 1, 2, 3]]]  # padded with the last valid
+    assert layout.q_counts.tolist() == [[2, 1, 2, 2]]
+    assert layout.q_indices[0, :, :2].tolist() == [[0, 2], [2, 2], [0, 2], [1, 2]]
+    assert layout.density == pytest.approx(7 / 12)
+    assert layout.kv_indices.dtype == torch.int32 and layout.kv_counts.dtype == torch.int32
+
+
+def test_layout_per_head_and_token_mask():
+    mask = torch.zeros(2, 2, 2, dtype=torch.bool)
+    mask[0] = torch.eye(2, dtype=torch.bool)
+    mask[1] = True
+    layout = BlockSparseLayout(mask, block_size=16)
+    assert layout.per_head and layout.num_heads == 2
+    assert layout.kv_counts.tolist() == [[1, 1], [2, 2]]
+    tokens = layout.token_mask(20, 20)
+    assert tokens.shape == (2, 20, 20)
+    assert tokens[0, :16, :16].all() and not tokens[0, :16, 16:].any() and tokens[0, 16:, 16:].all()
+    assert tokens[1].all()
+
+
+@pytest.mark.parametrize(
+    "mask, block_size, message",
+    [
+        (torch.ones(2, 2), 64, "block_mask must be a bool tensor"),
+        (torch.ones(2, dtype=torch.bool), 64, r"must be \[Qb, Kb\] or \[H, Qb, Kb\]"),
+        (torch.ones(2, 2, dtype=torch.bool), 48, r"block_size=48 is not allowed: expected one of \(16, 32, 64, 128\)"),
+        (torch.ones(2, 2, dtype=torch.bool), (64, 100), r"block_size=\(64, 100\) is not allowed"),
+        (torch.tensor([[True, False], [False, False]]), 64, "no key block for query block 1: every query block"),
+        (torch.tensor([[[True]], [[False]]]), 64, "no key block for query block 0 of head 1"),
+    ],
+)
+def test_layout_validation(mask, block_size, message):
+    with pytest.raises(ValueError, match=message):
+        BlockSparseLayout(mask, block_size)
+
+
+def test_sequence_and_input_validation():
+    layout = BlockSparseLayout(torch.ones(3, 3, dtype=torch.bool), 64)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = qkv(g, 1, 2, 150, 32)
+    with pytest.raises(ValueError, match=r"layout is 3x3 blocks of 64x64, but 100 queries and 100 keys need 2x2"):
+        block_sparse_attention(q[:, :, :100], k[:, :, :100], v[:, :, :100], layout)
+    with pytest.raises(ValueError, match="backend='cuda' is not allowed"):
+        block_sparse_attention(q, k, v, layout, backend="cuda")
+    with pytest.raises(ValueError, match="qkv_format='nhd' is not allowed"):
+        block_sparse_attention(q, k, v, layout, qkv_format="nhd")
+    with pytest.raises(ValueError, match="same shape|one shape"):
+        block_sparse_attention(q, k[:, :1], v, layout)
+    with pytest.raises(ValueError, match="share a dtype"):
+        block_sparse_attention(q, k.double(), v, layout)
+    with pytest.raises(ValueError, match="head dim 8 is not allowed"):
+        block_sparse_attention(q[..., :8], k[..., :8], v[..., :8], layout)
+    per_head = BlockSparseLayout(torch.ones(3, 3, 3, dtype=torch.bool), 64)
+    with pytest.raises(ValueError, match="layout has 3 heads, the inputs have 2"):
+        block_sparse_attention(q, k, v, per_head)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layout = BlockSparseLayout(torch.ones(1, 1, dtype=torch.bool), 64)
+    q = torch.randn(1, 1, 64, 32)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        block_sparse_attention(q, q, q, layout, backend="triton")
+
+
+# ---- the torch reference against independent computations ------------------------------------------------------
+
+
+def test_reference_with_full_mask_is_dense_sdpa():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = qkv(g, 2, 3, 150, 32)
+    layout = BlockSparseLayout(torch.ones(3, 3, dtype=torch.bool), 64)
+    out = block_sparse_attention(q, k, v, layout, backend="torch")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_with_block_diagonal_mask_is_per_block_attention():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = qkv(g, 1, 2, 96, 16)
+    layout = BlockSparseLayout(torch.eye(3, dtype=torch.bool), 32)
+    out = block_sparse_attention(q, k, v, layout, backend="torch")
+    for i in range(3):
+        s = slice(32 * i, 32 * (i + 1))
+        expected = F.scaled_dot_product_attention(q[:, :, s], k[:, :, s], v[:, :, s])
+        torch.testing.assert_close(out[:, :, s], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_gradcheck_fp64():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = qkv(g, 1, 2, 40, 16, dtype=torch.float64, requires_grad=True)
+    layout = BlockSparseLayout(random_mask(g, 2, 3, 3, 0.4), 16)
+
+    def fn(q, k, v):
+        out, lse = block_sparse_attention(q, k, v, layout, backend="torch", return_lse=True)
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+# ---- every backend against the reference -----------------------------------------------------------------------
+
+
+CASES = [
+    # (batch, heads, n, head_dim, block, per_head, density)
+    (2, 2, 200, 32, 64, False, 0.4),
+    (1, 3, 256, 40, 64, True, 0.3),
+    (1, 2, 100, 80, 32, False, 0.5),
+    (2, 1, 130, 64, (32, 64), True, 0.5),
+    (1, 2, 129, 128, 64, False, 0.6),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[f"n{c[2]}-d{c[3]}" for c in CASES])
+def test_forward_and_lse_match_reference(backend, case):
+    b, h, n, d, block, per_head, density = case
+    g = torch.Generator().manual_seed(n * d)
+    bq, bk = (block, block) if isinstance(block, int) else block
+    mask = random_mask(g, h if per_head else None, math.ceil(n / bq), math.ceil(n / bk), density)
+    layout = BlockSparseLayout(mask, block)
+    q, k, v = qkv(g, b, h, n, d)
+    token_keep = layout.token_mask(n, n).unsqueeze(0)
+    expected, expected_lse = plain_masked_attention(q, k, v, token_keep, d**-0.5)
+    out, lse = block_sparse_attention(q, k, v, layout, backend=backend, return_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (b, h, n) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-5, atol=1e-4)
+    plain = block_sparse_attention(q, k, v, layout, backend=backend, scale=0.3)
+    torch.testing.assert_close(
+        plain.double(), plain_masked_attention(q, k, v, token_keep, 0.3)[0], rtol=1e-4, atol=2e-5
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("per_head", [False, True])
+def test_gradients_match_reference(backend, per_head):
+    g = torch.Generator().manual_seed(7)
+    b, h, n, d = 2, 2, 150, 40
+    mask = random_mask(g, h if per_head else None, 3, 3, 0.5)
+    layout = BlockSparseLayout(mask, 64)
+    q, k, v = qkv(g, b, h, n, d, requires_grad=True)
+    grad_out, grad_lse = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, generator=g)
+
+    def grads(be):
+        out, lse = block_sparse_attention(q, k, v, layout, backend=be, return_lse=True)
+        return torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), (q, k, v))
+
+    for got, want in zip(grads(backend), grads("torch")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_bnhd_format_matches_bhnd(backend):
+    g = torch.Generator().manual_seed(11)
+    q, k, v = qkv(g, 1, 2, 96, 32)
+    layout = BlockSparseLayout(random_mask(g, None, 3, 3, 0.5), 32)
+    expected = block_sparse_attention(q, k, v, layout, backend="torch")
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # diffusers' [B, N, H, D]
+    out = block_sparse_attention(qt, kt, vt, layout, backend=backend, qkv_format="bnhd")
+    assert out.shape == qt.shape
+    torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_fp64_and_bf16():
+    g = torch.Generator().manual_seed(12)
+    layout = BlockSparseLayout(random_mask(g, None, 4, 4, 0.4), 32)
+    q, k, v = qkv(g, 1, 2, 110, 64, dtype=torch.float64)
+    token_keep = layout.token_mask(110, 110).unsqueeze(0)
+    expected, _ = plain_masked_attention(q, k, v, token_keep, 64**-0.5)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout, backend="gather"), expected)
+    out = block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, backend="gather")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_merging_two_key_sets_through_lse_equals_attention_over_both():
+    """Attention over keys A and keys B, merged by LSE, equals attention over A union B (text keys, context parallel)."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = qkv(g, 1, 2, 128, 32)
+    mask_a = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)
+    mask_b = torch.tensor([[0, 1], [1, 0]], dtype=torch.bool)
+    out_a, lse_a = block_sparse_attention(q, k, v, BlockSparseLayout(mask_a, 64), return_lse=True)
+    out_b, lse_b = block_sparse_attention(q, k, v, BlockSparseLayout(mask_b, 64), return_lse=True)
+    merged, lse = merge_attention_outputs(out_a, lse_a, out_b, lse_b)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(merged, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp((q @ k.transpose(-1, -2)) / math.sqrt(32), -1))
+
+
+def test_auto_is_gather_on_cpu_and_matches():
+    from diffattn.kernels import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "gather"
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+class _NoHostSync(torch.overrides.TorchFunctionMode):
+    """Fails on any op that reads tensor values back to the host."""
+
+    banned = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+              torch.Tensor.__float__, torch.Tensor.nonzero, torch.Tensor.any, torch.Tensor.all}  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.banned:
+            raise AssertionError(f"host read-back {func.__name__} in a repeated call")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_repeated_call_does_no_host_side_mask_work(backend):
+    g = torch.Generator().manual_seed(14)
+    layout = BlockSparseLayout(random_mask(g, 2, 4, 4, 0.4), 32)
+    q, k, v = qkv(g, 1, 2, 120, 32, requires_grad=True)
+    first = block_sparse_attention(q, k, v, layout, backend=backend)  # builds per-length plans once
+    with _NoHostSync():
+        again = block_sparse_attention(q, k, v, layout, backend=backend)
+        again.sum().backward()
+    torch.testing.assert_close(again, first)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel under TRITON_INTERPRET=1")
+def test_triton_op_traces_under_torch_compile():
+    g = torch.Generator().manual_seed(15)
+    layout = BlockSparseLayout(random_mask(g, None, 2, 2, 0.5), 32)
+    q, k, v = qkv(g, 1, 2, 64, 32, requires_grad=True)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(q, k, v):
+        return block_sparse_attention(q, k, v, layout, backend="triton").square().sum()
+
+    loss = step(q, k, v)
+    loss.backward()
+    expected = block_sparse_attention(q, k, v, layout, backend="torch").square().sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    dq = q.grad.clone()
+    q.grad = None
+    expected.backward()
+    torch.testing.assert_close(dq, q.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_flex_eager_matches_reference(monkeypatch):
+    """PyTorch's eager FlexAttention applies only mask_mod: this checks the mask_mod states the layout."""
+    monkeypatch.setenv("DIFFATTN_FLEX_EAGER", "1")
+    g = torch.Generator().manual_seed(16)
+    layout = BlockSparseLayout(random_mask(g, 2, 4, 4, 0.4), 32)
+    q, k, v = qkv(g, 1, 2, 100, 32)
+    out, lse = block_sparse_attention(q, k, v, layout, backend="flex", return_lse=True)
+    ref, ref_lse = block_sparse_attention(q, k, v, layout, backend="torch", return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_compiled_on_cpu_uses_the_block_lists():
+    """The compiled kernel reads the CSR block lists (as full blocks), not mask_mod: checked against the reference."""
+    g = torch.Generator().manual_seed(17)
+    layout = BlockSparseLayout(random_mask(g, None, 4, 4, 0.4), 64)
+    q, k, v = qkv(g, 1, 2, 230, 64)
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, layout, backend="flex")
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, layout, backend="torch"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no backward on the CPU"):
+        block_sparse_attention(q.requires_grad_(), k, v, layout, backend="flex")
+
+
+# ---- GPU (run when one is lent: pytest -m gpu) -----------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", ["triton", "flex", "gather"])
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_gpu_forward_backward_match_reference(dtype, backend, d):
+    g = torch.Generator().manual_seed(d)
+    b, h, n = 2, 4, 1000
+    layout = BlockSparseLayout(random_mask(g, h, 8, 8, 0.3), 128).to("cuda")
+    q, k, v = (t.to("cuda", dtype).requires_grad_() for t in qkv(g, b, h, n, d))
+    grad = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
+    ref = block_sparse_attention(q.float(), k.float(), v.float(), layout, backend="torch")
+    ref_grads = torch.autograd.grad((ref * grad.float()).sum(), (q, k, v))
+    out = block_sparse_attention(q, k, v, layout, backend=backend)
+    grads = torch.autograd.grad((out.float() * grad.float()).sum(), (q, k, v))
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol * 5, atol=tol * 5)
+
+
+def test_benchmark_smoke_run_writes_json(tmp_path):
+    """The benchmark runs end to end (quick shape, forward) and reports every backend beside dense."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import block_sparse_attention as bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--no-backward", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu") and report["torch"] == torch.__version__
+    backends = {r["backend"] for r in report["results"]}
+    assert backends == {"dense-sdpa", "gather", "flex"}
+    for row in report["results"]:
+        assert row["time_ms"] > 0
+        assert row["fraction_of_ideal"] == pytest.approx(row["speedup_vs_dense"] * row["density"], abs=2e-3)
