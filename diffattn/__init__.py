@@ -9,7 +9,15 @@ handle.remove()               # the exact original processors and hooks are back
 from .adapters import supported_families
 from .control import AttentionMethod, Handle, MethodConfig, applied, apply, remove
 from .loading import ModelLoadError, load_pipeline
-from .methods import AttentionMapConfig, AttentionMapProcessor, prompt_token_labels, render_attention_grid
+from .methods import (
+    AttentionMapConfig,
+    AttentionMapProcessor,
+    RadialAttentionConfig,
+    plot_radial_mask,
+    prompt_token_labels,
+    radial_block_mask,
+    render_attention_grid,
+)
 from .presets import PRESETS, preset_path
 from .state import DenoiserState
 
@@ -32,5 +40,8 @@ __all__ = [
     "AttentionMapProcessor",
     "prompt_token_labels",
     "render_attention_grid",
+    "RadialAttentionConfig",
+    "radial_block_mask",
+    "plot_radial_mask",
     "supported_families",
 ]

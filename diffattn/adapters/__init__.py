@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionLayer, LatentGeometry, ModelAdapter
-from .hunyuan_video import HunyuanVideoAdapter
+from .hunyuan_video import HunyuanVideoAdapter, HunyuanVideoJointAttnProcessor
 from .unet import UNetAdapter, UNetAttnProcessor
-from .wan import WanAdapter
+from .wan import WanAdapter, WanSelfAttnProcessor
 
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (UNetAdapter, WanAdapter, HunyuanVideoAdapter)

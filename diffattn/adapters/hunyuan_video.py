@@ -35,3 +35,71 @@ class HunyuanVideoAdapter(ModelAdapter):
         return LatentGeometry(
             batch, frames // config.patch_size_t, height // config.patch_size, width // config.patch_size
         )
+
+
+class HunyuanVideoJointAttnProcessor:
+    """The computation of diffusers' `HunyuanVideoAttnProcessor2_0`, with `attend` overridable.
+
+    `attend(attn, q, k, v, num_video, key_mask)` gets q, k, v: [B, N, H, D] over [video | text] tokens (video
+    first, `num_video` of them, rotary applied to the video part) and key_mask: bool [B, N] (text padding is False)
+    or None; it returns [B, N, H, D].
+    """
+
+    def attend(self, attn, query, key, value, num_video: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+        )
+        return out.transpose(1, 2)
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        num_video = hidden_states.shape[1]
+        num_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        joint_input = attn.add_q_proj is None and encoder_hidden_states is not None
+        if joint_input:  # single-stream blocks project video and text together
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = torch.cat(
+                [apply_rotary_emb(query[:, :num_video], image_rotary_emb, sequence_dim=1), query[:, num_video:]], 1
+            )
+            key = torch.cat(
+                [apply_rotary_emb(key[:, :num_video], image_rotary_emb, sequence_dim=1), key[:, num_video:]], 1
+            )
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                enc_query = attn.norm_added_q(enc_query)
+            if attn.norm_added_k is not None:
+                enc_key = attn.norm_added_k(enc_key)
+            query = torch.cat([query, enc_query], dim=1)
+            key = torch.cat([key, enc_key], dim=1)
+            value = torch.cat([value, enc_value], dim=1)
+        # diffusers passes [B, 1, 1, N] (bool, True = keep); keep it as [B, N].
+        key_mask = None if attention_mask is None else attention_mask.reshape(attention_mask.shape[0], -1).bool()
+        hidden_states = self.attend(attn, query, key, value, num_video, key_mask).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states, encoder_hidden_states
+        hidden_states, encoder_hidden_states = hidden_states[:, :-num_text], hidden_states[:, -num_text:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states

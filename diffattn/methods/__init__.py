@@ -7,3 +7,5 @@ from .attention_maps import (
     prompt_token_labels,
     render_attention_grid,
 )
+from .radial_attention import RadialAttentionConfig, radial_joint_attention
+from .radial_mask import plot_radial_mask, radial_block_mask, radial_density

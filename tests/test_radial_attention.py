@@ -1,0 +1,259 @@
+"""Radial attention: the mask against the published rule and table, the processors against plain masked attention."""
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffattn
+import diffattn.methods.radial_attention as radial
+from diffattn.methods.radial_mask import radial_density
+
+from helpers import load, run
+
+
+# ---- the mask ---------------------------------------------------------------------------------------------------
+
+
+def brute_force_radial_mask(f, s, block, decay, sink):
+    """The published rule at token level, one frame pair at a time, shrunk by counting (test-only derivation)."""
+    p = 2 ** s.bit_length()
+    nb = math.ceil(f * s / block)
+    out = torch.zeros(nb, nb, dtype=torch.bool)
+    idx = torch.arange(s)
+    for i in range(f):
+        for j in range(f):
+            d = abs(i - j)
+            if j < sink or d <= 1:
+                tokens = torch.ones(s, s, dtype=torch.bool)
+            else:
+                u = p / 2 ** d.bit_length()
+                if u < 128 and d % int(128 / u) != 0:
+                    continue
+                tokens = (idx[:, None] - idx[None, :]).abs() <= max(block, decay * u)
+            ro, co = (i * s) % block, (j * s) % block
+            rows, cols = math.ceil((ro + s) / block), math.ceil((co + s) / block)
+            canvas = torch.zeros(rows * block, cols * block)
+            canvas[ro : ro + s, co : co + s] = tokens.float()
+            col_density = canvas.view(rows, block, cols, block).sum(1) / block  # [rows, cols, block]
+            non_zero = (col_density > 0).sum(-1)
+            high = (col_density > 1 / 3).sum(-1)
+            keep = high / (non_zero + 1e-9) > 0.6
+            r0, c0 = (i * s) // block, (j * s) // block
+            r1, c1 = min(r0 + rows, nb), min(c0 + cols, nb)
+            out[r0:r1, c0:c1] |= keep[: r1 - r0, : c1 - c0]
+    return out
+
+
+@pytest.mark.parametrize(
+    "frames, per_frame, block, decay, sink",
+    [(7, 100, 64, 1.0, 1), (12, 200, 128, 0.5, 0), (9, 60, 64, 0.3, 1), (20, 130, 128, 1.0, 2), (5, 1000, 64, 0.2, 0)],
+)
+def test_mask_matches_token_level_derivation(frames, per_frame, block, decay, sink):
+    mask = diffattn.radial_block_mask(frames, per_frame, block_size=block, decay_factor=decay, sink_frames=sink)
+    expected = brute_force_radial_mask(frames, per_frame, block, decay, sink)
+    assert mask.shape == (math.ceil(frames * per_frame / block),) * 2 and mask.dtype == torch.bool
+    assert torch.equal(mask, expected)
+
+
+# reference notes §1.4: (frames, tokens per frame, sink, density at lambda=1, lambda, density at lambda)
+DENSITY_TABLE = [
+    (21, 1560, 1, 44.5, 0.2, 33.9),  # Wan2.1 480p 81f
+    (21, 3600, 1, 39.6, 0.2, 26.2),  # Wan2.1 720p 81f
+    (18, 3840, 1, 43.1, 0.2, 28.7),  # Wan 768x1280 69f
+    (41, 3600, 1, 26.0, 0.2, 17.6),  # Wan 720p 161f
+    (30, 3840, 0, 29.3, 0.95, 27.5),  # Hunyuan 768x1280 117f
+    (64, 3600, 0, 17.8, 0.95, 17.5),  # Hunyuan 720p 253f
+    (128, 3600, 0, 10.9, 0.95, 10.7),  # Hunyuan 720p 509f
+]
+
+
+@pytest.mark.parametrize("frames, per_frame, sink, dense_1, decay, dense_decay", DENSITY_TABLE)
+def test_densities_match_reference_table(frames, per_frame, sink, dense_1, decay, dense_decay):
+    full = diffattn.radial_block_mask(frames, per_frame, sink_frames=sink)
+    decayed = diffattn.radial_block_mask(frames, per_frame, sink_frames=sink, decay_factor=decay)
+    assert 100 * radial_density(full) == pytest.approx(dense_1, abs=1.5)
+    assert 100 * radial_density(decayed) == pytest.approx(dense_decay, abs=1.5)
+
+
+def test_mask_for_115k_tokens_builds_in_under_a_second():
+    from diffattn.methods import radial_mask
+
+    radial_mask._shrunk_pair.cache_clear()
+    start = time.perf_counter()
+    mask = diffattn.radial_block_mask(30, 3840, sink_frames=0, decay_factor=0.95)
+    assert time.perf_counter() - start < 1.0
+    assert mask.shape == (900, 900)
+    assert mask.any(-1).all()  # every query block keeps a key block
+
+
+def test_mask_validation_and_plot(tmp_path):
+    with pytest.raises(ValueError, match="num_frames=0 is not allowed"):
+        diffattn.radial_block_mask(0, 10)
+    with pytest.raises(ValueError, match="block_size=32 is not allowed: expected one of 64, 128"):
+        diffattn.radial_block_mask(3, 10, block_size=32)
+    with pytest.raises(ValueError, match="decay_factor=0 is not allowed"):
+        diffattn.radial_block_mask(3, 10, decay_factor=0)
+    mask = diffattn.radial_block_mask(12, 256, block_size=64)
+    image = diffattn.plot_radial_mask(mask, tmp_path / "mask.png", tokens_per_frame=256, block_size=64)
+    assert (tmp_path / "mask.png").is_file() and image.size[0] == image.size[1] >= mask.shape[0]
+    pixels = torch.tensor(list(image.convert("L").getdata())).view(image.size[1], image.size[0])
+    scale = image.size[0] // mask.shape[0]
+    assert pixels[scale // 2, scale // 2] > 200  # block (0, 0) is computed: bright
+    hole = (~mask).nonzero()[0]
+    assert pixels[hole[0] * scale + scale // 2, hole[1] * scale + scale // 2] < 60  # skipped: dark
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="dense_layers=-1 is not allowed"):
+        diffattn.RadialAttentionConfig(dense_layers=-1)
+    with pytest.raises(ValueError, match="block_size=256 is not allowed"):
+        diffattn.RadialAttentionConfig(block_size=256)
+    with pytest.raises(ValueError, match="backend='cuda' is not allowed"):
+        diffattn.RadialAttentionConfig(backend="cuda")
+    with pytest.raises(ValueError, match="decay_factor=-0.5 is not allowed"):
+        diffattn.RadialAttentionConfig(decay_factor=-0.5)
+    with pytest.raises(ValueError, match="sink_frames=-1 is not allowed"):
+        diffattn.RadialAttentionConfig(sink_frames=-1)
+
+
+def test_unsupported_family_and_too_many_dense_layers():
+    with pytest.raises(ValueError, match="does not support the stable-diffusion-unet family.*wan"):
+        diffattn.apply(load("tiny-sd"), diffattn.RadialAttentionConfig())
+    wan = load("tiny-wan")
+    with pytest.raises(ValueError, match="dense_layers=5 is not allowed: this WanTransformer3DModel has 2"):
+        diffattn.apply(wan, diffattn.RadialAttentionConfig(dense_layers=5))
+    assert not wan.transformer._forward_pre_hooks
+
+
+# ---- processors against plain masked attention ------------------------------------------------------------------
+
+VIDEO = {"num_frames": 33, "height": 96, "width": 160}  # 9 latent frames of 6x10 tokens: 540, not a block multiple
+
+
+def _token_mask(frames, per_frame, block, sink):
+    mask = diffattn.radial_block_mask(frames, per_frame, block_size=block, sink_frames=sink)
+    n = frames * per_frame
+    return mask.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :n]
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    original = getattr(radial, name)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+
+    monkeypatch.setattr(radial, name, spy)
+    return calls
+
+
+def test_wan_sparse_attention_equals_plain_masked_attention(monkeypatch):
+    pipe = load("tiny-wan")
+    calls = _spy(monkeypatch, "block_sparse_attention")
+    config = diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64)
+    handle = diffattn.apply(pipe, config)
+    run(pipe, "tiny-wan", steps=2, prompt=["a boat", "a dog", "a cat"], **VIDEO)  # batch 3
+    handle.remove()
+    assert len(calls) == 2 * 2 * 2  # layers x steps x (cond, uncond)
+    keep = _token_mask(9, 60, 64, sink=1)
+    assert 0.2 < keep.float().mean() < 0.9
+    for (q, k, v, _), kwargs, out in calls:
+        assert kwargs["qkv_format"] == "bnhd" and q.shape[0] == 3 and q.shape[1] == 540
+        expected = F.scaled_dot_product_attention(
+            q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(), attn_mask=keep
+        ).transpose(1, 2)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hunyuan_joint_attention_equals_plain_masked_attention(monkeypatch):
+    pipe = load("tiny-hunyuan-video")
+    calls = _spy(monkeypatch, "radial_joint_attention")
+    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64))
+    template = {"template": "{}", "crop_start": 0}  # a short template, so the shorter prompt leaves text padding
+    run(pipe, "tiny-hunyuan-video", steps=1, prompt=["a boat on the sea", "a dog"], prompt_template=template, **VIDEO)
+    handle.remove()
+    assert len(calls) == 2  # one double-stream and one single-stream block
+    video_keep = _token_mask(9, 60, 64, sink=0)
+    for (q, k, v, layout, video, key_mask, _), _, out in calls:
+        b, n = q.shape[:2]
+        assert video == slice(0, 540) and key_mask is not None and not key_mask.all()  # text padding present
+        keep = key_mask[:, None, :].expand(b, n, n).clone()  # every query: valid keys only ...
+        keep[:, :540, :540] &= video_keep  # ... and video-video restricted to the radial mask
+        expected = F.scaled_dot_product_attention(
+            q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(), attn_mask=keep[:, None]
+        ).transpose(1, 2)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-hunyuan-video"])
+def test_all_ones_mask_reproduces_dense_pipeline(name):
+    pipe = load(name)
+    geometry = {"num_frames": 5, "height": 128, "width": 128}  # 2 latent frames: neighbours, so all dense
+    dense = run(pipe, name, steps=2, **geometry)
+    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64))
+    sparse = run(pipe, name, steps=2, **geometry)
+    layout = next(iter(handle.methods[0].cache.layouts.values()))
+    handle.remove()
+    assert layout.density == 1.0
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-hunyuan-video"])
+def test_dense_steps_and_layers_run_the_original_path(name):
+    pipe = load(name)
+    dense = run(pipe, name, steps=3, **VIDEO)
+    all_dense = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_timesteps=3, block_size=64))
+    assert torch.equal(run(pipe, name, steps=3, **VIDEO), dense)  # every step dense: exactly the dense output
+    all_dense.remove()
+    originals = dict(pipe.transformer.attn_processors)
+    layers = diffattn.adapters.adapter_for(pipe.transformer).attention_layers()
+    video_keys = [layer.key for layer in layers if layer.kind in ("self", "joint")]
+    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=1, dense_timesteps=1, block_size=64))
+    installed = handle._installed[id(pipe.transformer)]
+    assert video_keys[0] not in installed  # the first video attention layer keeps its own processor object
+    assert pipe.transformer.attn_processors[video_keys[0]] is originals[video_keys[0]]
+    assert set(installed) == set(video_keys[1:])
+    sparse = run(pipe, name, steps=3, **VIDEO)
+    handle.remove()
+    assert not torch.allclose(sparse, dense, atol=1e-4)  # sparse steps change the result
+    assert torch.equal(run(pipe, name, steps=3, **VIDEO), dense)  # remove: bit-identical
+
+
+def test_schedule_counts_first_and_last_dense_steps(monkeypatch):
+    pipe = load("tiny-wan")
+    calls = _spy(monkeypatch, "block_sparse_attention")
+    steps_seen = []
+    handle = diffattn.apply(
+        pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=1, dense_last_timesteps=2, block_size=64)
+    )
+    original = radial._RadialSchedule.sparse_now
+
+    def record(self):
+        result = original(self)
+        steps_seen.append((self.state.step_index, result))
+        return result
+
+    monkeypatch.setattr(radial._RadialSchedule, "sparse_now", record)
+    run(pipe, "tiny-wan", steps=5, **VIDEO)
+    handle.remove()
+    sparse_steps = sorted({s for s, sparse in steps_seen if sparse})
+    assert sparse_steps == [1, 2]
+    assert len(calls) == 2 * 2 * 2  # 2 sparse steps x 2 layers x (cond, uncond)
+
+
+def test_mask_cache_follows_geometry_and_device():
+    pipe = load("tiny-wan")
+    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64))
+    run(pipe, "tiny-wan", steps=1, **VIDEO)
+    run(pipe, "tiny-wan", steps=1, num_frames=17, height=128, width=128)
+    run(pipe, "tiny-wan", steps=1, **VIDEO)
+    layouts = handle.methods[0].cache.layouts
+    handle.remove()
+    assert list(layouts) == [(5, 64, "cpu"), (9, 60, "cpu")]  # least recently used first
+    assert torch.equal(layouts[(5, 64, "cpu")].block_mask[0], diffattn.radial_block_mask(5, 64, block_size=64))
+    assert torch.equal(layouts[(9, 60, "cpu")].block_mask[0], diffattn.radial_block_mask(9, 60, block_size=64))
