@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .adapters import AttentionLayer, ModelAdapter, adapter_for
+from .adapters import AttentionLayer, ModelAdapter, adapter_for, attention_processors, set_attention_processors
 from .state import DenoiserState
 
 
@@ -147,7 +147,7 @@ class _DenoiserHook:
             state.cfg_batched = bool(cfg) if isinstance(cfg, bool) else None
         else:
             self._advance_by_timestep(timestep)
-        geometry = adapter.geometry(adapter.sample_from_call(args, kwargs))
+        geometry = adapter.geometry_from_call(args, kwargs)
         state.timestep = timestep if isinstance(timestep, torch.Tensor) else None
         state.batch_size = geometry.batch_size
         state.frames, state.height, state.width = geometry.frames, geometry.height, geometry.width
@@ -216,13 +216,13 @@ class Handle:
         for model in self.denoisers:
             installed = self._installed.get(id(model), {})
             originals = self._originals.get(id(model), {})
-            current = model.attn_processors
+            current = attention_processors(model)
             restore = dict(current)
             for key, processor in installed.items():
                 if current.get(key) is processor:
                     restore[key] = originals[key]
             if any(restore[k] is not current[k] for k in restore):
-                model.set_attn_processor(restore)
+                set_attention_processors(model, restore)
             handles = getattr(model, _HANDLES_ATTR, [])
             if self in handles:
                 handles.remove(self)
@@ -307,11 +307,11 @@ def apply(pipe_or_model: Any, *configs: MethodConfig) -> Handle:
         hook = _DenoiserHook(handle.state, pipe)
         handle._hook = hook
         for model, adapter, new_processors in plan.values():
-            originals = model.attn_processors
+            originals = attention_processors(model)
             handle._originals[id(model)] = originals
             handle._installed[id(model)] = new_processors
             if new_processors:
-                model.set_attn_processor({**originals, **new_processors})
+                set_attention_processors(model, {**originals, **new_processors})
 
             def pre_hook(module, args, kwargs, _adapter=adapter):
                 hook(_adapter, args, kwargs)

@@ -5,6 +5,7 @@ Faces layer: this module may use everything below it (pipelines, methods, the co
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import tempfile
@@ -37,7 +38,8 @@ def cached_pipeline(model: str, torch_dtype: str | None = None, device: str | No
 
 
 def is_video_pipeline(pipe: Any) -> bool:
-    return hasattr(pipe, "vae_scale_factor_temporal") or "Video" in type(pipe).__name__
+    """Video pipelines take `num_frames` (Wan, HunyuanVideo, CogVideoX, LTX, Mochi, ...)."""
+    return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
 def supports_attention_maps(pipe: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import diffattn
+from diffattn.adapters import attention_processors
 from diffattn.control import AttentionMethod, MethodConfig
 from diffattn.presets import PRESETS
 
@@ -60,7 +61,7 @@ class SpyMethod(AttentionMethod):
 
     def processors(self, adapter, layers, state):
         first = layers[0]
-        return {first.key: SpyProcessor(adapter.model.attn_processors[first.key], state, self.log)}
+        return {first.key: SpyProcessor(attention_processors(adapter.model)[first.key], state, self.log)}
 
 
 class SpyConfig(MethodConfig):

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from diffattn.cli import main
+from diffattn.presets import PRESETS
 
 
 def test_generate_writes_outputs_and_never_overwrites(tmp_path, capsys):
@@ -87,7 +88,7 @@ def test_demo_writes_report_with_every_preset(tmp_path, capsys):
     runs = list(tmp_path.glob("run-*"))
     assert len(runs) == 1
     report = json.loads((runs[0] / "report.json").read_text())
-    assert [r["preset"] for r in report["results"]] == ["tiny-sd", "tiny-sdxl", "tiny-wan", "tiny-hunyuan-video"]
+    assert [r["preset"] for r in report["results"]] == list(PRESETS)
     for row in report["results"]:
         assert row["generate_seconds"] > 0
         for f in row["files"]:

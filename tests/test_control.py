@@ -2,16 +2,18 @@ import pytest
 import torch
 
 import diffattn
+from diffattn.adapters import attention_processors
 from diffattn.control import AttentionMethod, MethodConfig
+from diffattn.presets import PRESETS
 
 from helpers import OtherSpyConfig, SpyConfig, SpyMethod, load, run
 
 
 def _snapshot(model):
-    return dict(model.attn_processors), dict(model._forward_pre_hooks)
+    return dict(attention_processors(model)), dict(model._forward_pre_hooks)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "tiny-wan", "tiny-hunyuan-video"])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_apply_then_remove_is_bit_identical(name):
     pipe = load(name)
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer

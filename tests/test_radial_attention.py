@@ -21,6 +21,7 @@ def brute_force_radial_mask(f, s, block, decay, sink):
     """The published rule at token level, one frame pair at a time, shrunk by counting (test-only derivation)."""
     p = 2 ** s.bit_length()
     nb = math.ceil(f * s / block)
+    n = f * s
     out = torch.zeros(nb, nb, dtype=torch.bool)
     idx = torch.arange(s)
     for i in range(f):
@@ -37,11 +38,13 @@ def brute_force_radial_mask(f, s, block, decay, sink):
             rows, cols = math.ceil((ro + s) / block), math.ceil((co + s) / block)
             canvas = torch.zeros(rows * block, cols * block)
             canvas[ro : ro + s, co : co + s] = tokens.float()
-            col_density = canvas.view(rows, block, cols, block).sum(1) / block  # [rows, cols, block]
+            r0, c0 = (i * s) // block, (j * s) // block
+            # rows each canvas row tile really has in the sequence (only the tail block is short)
+            real_rows = torch.tensor([min(block, n - (r0 + r) * block) for r in range(rows)]).float()
+            col_density = canvas.view(rows, block, cols, block).sum(1) / real_rows[:, None, None]
             non_zero = (col_density > 0).sum(-1)
             high = (col_density > 1 / 3).sum(-1)
             keep = high / (non_zero + 1e-9) > 0.6
-            r0, c0 = (i * s) // block, (j * s) // block
             r1, c1 = min(r0 + rows, nb), min(c0 + cols, nb)
             out[r0:r1, c0:c1] |= keep[: r1 - r0, : c1 - c0]
     return out
@@ -49,13 +52,21 @@ def brute_force_radial_mask(f, s, block, decay, sink):
 
 @pytest.mark.parametrize(
     "frames, per_frame, block, decay, sink",
-    [(7, 100, 64, 1.0, 1), (12, 200, 128, 0.5, 0), (9, 60, 64, 0.3, 1), (20, 130, 128, 1.0, 2), (5, 1000, 64, 0.2, 0)],
+    [
+        (7, 100, 64, 1.0, 1),
+        (12, 200, 128, 0.5, 0),
+        (9, 60, 64, 0.3, 1),
+        (20, 130, 128, 1.0, 2),
+        (5, 1000, 64, 0.2, 0),
+        (7, 240, 64, 1.0, 1),
+    ],  # fmt: skip
 )
 def test_mask_matches_token_level_derivation(frames, per_frame, block, decay, sink):
     mask = diffattn.radial_block_mask(frames, per_frame, block_size=block, decay_factor=decay, sink_frames=sink)
     expected = brute_force_radial_mask(frames, per_frame, block, decay, sink)
     assert mask.shape == (math.ceil(frames * per_frame / block),) * 2 and mask.dtype == torch.bool
     assert torch.equal(mask, expected)
+    assert mask.any(-1).all()  # every query block, the partial last one included, keeps a key block
 
 
 # reference notes §1.4: (frames, tokens per frame, sink, density at lambda=1, lambda, density at lambda)
@@ -152,48 +163,60 @@ def _spy(monkeypatch, name):
     return calls
 
 
-def test_wan_sparse_attention_equals_plain_masked_attention(monkeypatch):
-    pipe = load("tiny-wan")
-    calls = _spy(monkeypatch, "block_sparse_attention")
-    config = diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64)
-    handle = diffattn.apply(pipe, config)
-    run(pipe, "tiny-wan", steps=2, prompt=["a boat", "a dog", "a cat"], **VIDEO)  # batch 3
-    handle.remove()
-    assert len(calls) == 2 * 2 * 2  # layers x steps x (cond, uncond)
-    keep = _token_mask(9, 60, 64, sink=1)
-    assert 0.2 < keep.float().mean() < 0.9
-    for (q, k, v, _), kwargs, out in calls:
-        assert kwargs["qkv_format"] == "bnhd" and q.shape[0] == 3 and q.shape[1] == 540
-        expected = F.scaled_dot_product_attention(
-            q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(), attn_mask=keep
-        ).transpose(1, 2)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+# family preset -> (sink frames by default, extra call arguments, expected sparse calls per step, text padding)
+FAMILIES = {
+    "tiny-wan": (1, {}, 2 * 2, False),  # 2 layers x (cond, uncond): Wan runs CFG as two calls
+    "tiny-hunyuan-video": (0, {"prompt_template": {"template": "{}", "crop_start": 0}}, 2, True),
+    "tiny-cogvideox": (1, {}, 2, False),  # CFG in one batch
+    "tiny-ltx-video": (1, {}, 2, False),
+    "tiny-mochi": (1, {}, 2, True),
+}
+GEOMETRY = {
+    # frames, height, width of the call -> (latent frames, tokens per frame); none are multiples of the block
+    "tiny-wan": ({"num_frames": 33, "height": 96, "width": 160}, (9, 60)),
+    "tiny-hunyuan-video": ({"num_frames": 33, "height": 96, "width": 160}, (9, 60)),
+    "tiny-cogvideox": ({"num_frames": 33, "height": 96, "width": 160}, (9, 60)),
+    "tiny-ltx-video": ({"num_frames": 49, "height": 96, "width": 160}, (7, 240)),  # 8x temporal VAE, patch 1
+    "tiny-mochi": ({"num_frames": 31, "height": 96, "width": 160}, (6, 60)),  # 6x temporal VAE
+}
 
 
-def test_hunyuan_joint_attention_equals_plain_masked_attention(monkeypatch):
-    pipe = load("tiny-hunyuan-video")
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sparse_attention_equals_plain_masked_attention(monkeypatch, name):
+    """The radial layer output equals dense SDPA with the expanded block mask (and text rules), computed here."""
+    sink, extra, calls_per_step, padded = FAMILIES[name]
+    call, (frames, per_frame) = GEOMETRY[name]
+    pipe = load(name)
     calls = _spy(monkeypatch, "radial_joint_attention")
     handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64))
-    template = {"template": "{}", "crop_start": 0}  # a short template, so the shorter prompt leaves text padding
-    run(pipe, "tiny-hunyuan-video", steps=1, prompt=["a boat on the sea", "a dog"], prompt_template=template, **VIDEO)
+    prompts = ["a boat on the sea at sunset", "a dog", "a cat"]  # batch 3, prompts of different lengths
+    run(pipe, name, steps=2, prompt=prompts, **call, **extra)
     handle.remove()
-    assert len(calls) == 2  # one double-stream and one single-stream block
-    video_keep = _token_mask(9, 60, 64, sink=0)
+    assert len(calls) == 2 * calls_per_step
+    num_video = frames * per_frame
+    video_keep = _token_mask(frames, per_frame, 64, sink)
+    assert 0.1 < video_keep.float().mean() < 0.95  # really sparse
+    saw_padding = False
     for (q, k, v, layout, video, key_mask, _), _, out in calls:
         b, n = q.shape[:2]
-        assert video == slice(0, 540) and key_mask is not None and not key_mask.all()  # text padding present
-        keep = key_mask[:, None, :].expand(b, n, n).clone()  # every query: valid keys only ...
-        keep[:, :540, :540] &= video_keep  # ... and video-video restricted to the radial mask
+        assert b % 3 == 0 and video.stop - video.start == num_video
+        keep = torch.ones(b, n, n, dtype=torch.bool)
+        if key_mask is not None:
+            keep &= key_mask[:, None, :]  # padded text keys are never attended
+            saw_padding |= not bool(key_mask.all())
+        keep[:, video, video] &= video_keep  # video-video restricted to the radial mask; text rows and cols dense
         expected = F.scaled_dot_product_attention(
             q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(), attn_mask=keep[:, None]
         ).transpose(1, 2)
         torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    assert saw_padding == padded
 
 
-@pytest.mark.parametrize("name", ["tiny-wan", "tiny-hunyuan-video"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_all_ones_mask_reproduces_dense_pipeline(name):
     pipe = load(name)
-    geometry = {"num_frames": 5, "height": 128, "width": 128}  # 2 latent frames: neighbours, so all dense
+    frames = {"tiny-mochi": 7, "tiny-ltx-video": 9}.get(name, 5)  # 2 latent frames: all blocks computed
+    geometry = {"num_frames": frames, "height": 128, "width": 128}
     dense = run(pipe, name, steps=2, **geometry)
     handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64))
     sparse = run(pipe, name, steps=2, **geometry)
@@ -203,20 +226,21 @@ def test_all_ones_mask_reproduces_dense_pipeline(name):
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tiny-wan", "tiny-hunyuan-video"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_dense_steps_and_layers_run_the_original_path(name):
     pipe = load(name)
+    VIDEO = GEOMETRY[name][0]
     dense = run(pipe, name, steps=3, **VIDEO)
     all_dense = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_timesteps=3, block_size=64))
     assert torch.equal(run(pipe, name, steps=3, **VIDEO), dense)  # every step dense: exactly the dense output
     all_dense.remove()
-    originals = dict(pipe.transformer.attn_processors)
+    originals = dict(diffattn.adapters.attention_processors(pipe.transformer))
     layers = diffattn.adapters.adapter_for(pipe.transformer).attention_layers()
     video_keys = [layer.key for layer in layers if layer.kind in ("self", "joint")]
     handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=1, dense_timesteps=1, block_size=64))
     installed = handle._installed[id(pipe.transformer)]
     assert video_keys[0] not in installed  # the first video attention layer keeps its own processor object
-    assert pipe.transformer.attn_processors[video_keys[0]] is originals[video_keys[0]]
+    assert diffattn.adapters.attention_processors(pipe.transformer)[video_keys[0]] is originals[video_keys[0]]
     assert set(installed) == set(video_keys[1:])
     sparse = run(pipe, name, steps=3, **VIDEO)
     handle.remove()
@@ -226,7 +250,7 @@ def test_dense_steps_and_layers_run_the_original_path(name):
 
 def test_schedule_counts_first_and_last_dense_steps(monkeypatch):
     pipe = load("tiny-wan")
-    calls = _spy(monkeypatch, "block_sparse_attention")
+    calls = _spy(monkeypatch, "radial_joint_attention")
     steps_seen = []
     handle = diffattn.apply(
         pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=1, dense_last_timesteps=2, block_size=64)

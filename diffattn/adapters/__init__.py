@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionLayer, LatentGeometry, ModelAdapter
+from .base import AttentionLayer, LatentGeometry, ModelAdapter, attention_processors, set_attention_processors
+from .cogvideox import CogVideoXAdapter, CogVideoXJointAttnProcessor
 from .hunyuan_video import HunyuanVideoAdapter, HunyuanVideoJointAttnProcessor
+from .ltx_video import LTXVideoAdapter, LTXVideoSelfAttnProcessor
+from .mochi import MochiAdapter, MochiJointAttnProcessor
 from .unet import UNetAdapter, UNetAttnProcessor
 from .wan import WanAdapter, WanSelfAttnProcessor
 
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (UNetAdapter, WanAdapter, HunyuanVideoAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    UNetAdapter,
+    WanAdapter,
+    HunyuanVideoAdapter,
+    CogVideoXAdapter,
+    LTXVideoAdapter,
+    MochiAdapter,
+)
 
 
 def supported_families() -> str:

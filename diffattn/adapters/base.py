@@ -41,6 +41,32 @@ class LatentGeometry:
     width: int
 
 
+def attention_processors(model: torch.nn.Module) -> dict[str, Any]:
+    """`model.attn_processors`, or the same dict built by walking the modules for models without AttentionMixin
+    (Mochi's `MochiAttention` has a `processor` but no `set_processor`): keys are ``"<module path>.processor"``."""
+    if hasattr(model, "attn_processors"):
+        return model.attn_processors
+    return {
+        f"{name}.processor": module.processor
+        for name, module in model.named_modules()
+        if callable(getattr(module, "processor", None))
+    }
+
+
+def set_attention_processors(model: torch.nn.Module, processors: dict[str, Any]) -> None:
+    """Install a full {key: processor} dict, through the model's public `set_attn_processor` where it has one."""
+    if hasattr(model, "set_attn_processor"):
+        model.set_attn_processor(dict(processors))  # it consumes the dict it gets
+        return
+    modules = dict(model.named_modules())
+    for key, processor in processors.items():
+        module = modules[key[: -len(".processor")]]
+        if hasattr(module, "set_processor"):
+            module.set_processor(processor)
+        else:
+            module.processor = processor
+
+
 class ModelAdapter:
     """Knowledge of one model family. Subclasses fill the class attributes and the two methods."""
 
@@ -63,6 +89,10 @@ class ModelAdapter:
         """Latent geometry from the denoiser's sample tensor (shapes only: no device sync)."""
         raise NotImplementedError
 
+    def geometry_from_call(self, args: tuple, kwargs: dict[str, Any]) -> LatentGeometry:
+        """Latent geometry of one denoiser call (families whose forward gets packed tokens override this)."""
+        return self.geometry(self.sample_from_call(args, kwargs))
+
     def sample_from_call(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         if self.sample_argument in kwargs:
             return kwargs[self.sample_argument]
@@ -81,7 +111,7 @@ class ModelAdapter:
         modules = dict(self.model.named_modules())
         counters: dict[str, int] = {}
         layers = []
-        for key in self.model.attn_processors:
+        for key in attention_processors(self.model):
             path = key[: -len(".processor")]
             module = modules[path]
             found = classify(path, module)

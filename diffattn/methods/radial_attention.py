@@ -19,7 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import AttentionLayer, HunyuanVideoJointAttnProcessor, ModelAdapter, WanSelfAttnProcessor
+from ..adapters import (
+    AttentionLayer,
+    CogVideoXJointAttnProcessor,
+    HunyuanVideoJointAttnProcessor,
+    LTXVideoSelfAttnProcessor,
+    MochiJointAttnProcessor,
+    ModelAdapter,
+    WanSelfAttnProcessor,
+    attention_processors,
+)
 from ..config_checks import check_choice, check_int_range
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import BACKENDS, BlockSparseLayout, block_sparse_attention, merge_attention_outputs
@@ -30,7 +39,8 @@ from .radial_mask import radial_block_mask
 logger = logging.getLogger(__name__)
 
 # Upstream defaults by family: Wan keeps the first frame as an attention sink; HunyuanVideo dropped it.
-DEFAULT_SINK_FRAMES = {"wan": 1, "hunyuan-video": 0}
+# Upstream has no CogVideoX, LTX or Mochi version; they follow Wan (a sink on the first latent frame).
+DEFAULT_SINK_FRAMES = {"wan": 1, "hunyuan-video": 0, "cogvideox": 1, "ltx-video": 1, "mochi": 1}
 MASK_CACHE_SIZE = 8
 
 
@@ -161,14 +171,14 @@ def radial_joint_attention(
     or None. Video queries: sparse over video keys, merged by LSE with dense attention over the other (text) keys.
     Text queries: dense over all valid keys. Returns [B, N, H, D].
     """
+    n = query.shape[1]
+    if (video.start, video.stop) == (0, n):  # video only (Wan, LTX self-attention): no text to merge
+        return block_sparse_attention(query, key, value, layout, qkv_format="bnhd", backend=backend)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, N, D] views
     scale = q.shape[-1] ** -0.5
-    n = q.shape[2]
     text_idx = torch.cat([torch.arange(0, video.start), torch.arange(video.stop, n)]).to(q.device)
     qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
     out_video, lse_video = block_sparse_attention(qv, kv, vv, layout, return_lse=True, backend=backend)
-    if text_idx.numel() == 0:
-        return out_video.transpose(1, 2)
     kt, vt = k.index_select(2, text_idx), v.index_select(2, text_idx)
     text_mask = None if key_mask is None else key_mask.index_select(1, text_idx)
     out_text, lse_text = _dense_attention_with_lse(qv, kt, vt, text_mask, scale)
@@ -182,48 +192,85 @@ def radial_joint_attention(
     return out.transpose(1, 2)
 
 
-class RadialWanProcessor(WanSelfAttnProcessor):
-    """Radial attention on Wan's video self-attention (`attn1`); dense steps run the original processor."""
+class _Scheduled:
+    """Mixin: sparse steps run the family processor with a radial `attend`; dense steps run the original object."""
 
     def __init__(self, schedule: _RadialSchedule, original):
         self.schedule = schedule
         self.original = original
 
-    def __call__(self, attn, hidden_states, *args, **kwargs):
+    def _dispatch(self, *args, **kwargs):
         if not self.schedule.sparse_now():
-            return self.original(attn, hidden_states, *args, **kwargs)
-        return super().__call__(attn, hidden_states, *args, **kwargs)
+            return self.original(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _video_attention(self, query, key, value, video: slice, key_mask=None):
+        layout = self.schedule.layout(video.stop - video.start, query.device)
+        return radial_joint_attention(query, key, value, layout, video, key_mask, self.schedule.config.backend)
+
+
+# Each family keeps an explicit __call__ signature: legacy `Attention` drops keyword arguments a processor's
+# signature does not name.
+
+
+class RadialWanProcessor(_Scheduled, WanSelfAttnProcessor):
+    """Radial attention on Wan's video self-attention (`attn1`)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kw)
 
     def attend(self, attn, query, key, value):
-        layout = self.schedule.layout(query.shape[1], query.device)
-        return block_sparse_attention(
-            query, key, value, layout, qkv_format="bnhd", backend=self.schedule.config.backend
-        )
+        return self._video_attention(query, key, value, slice(0, query.shape[1]))
 
 
-class RadialHunyuanVideoProcessor(HunyuanVideoJointAttnProcessor):
-    """Radial attention on HunyuanVideo's joint attention ([video | text]); dense steps run the original."""
-
-    def __init__(self, schedule: _RadialSchedule, original):
-        self.schedule = schedule
-        self.original = original
+class RadialHunyuanVideoProcessor(_Scheduled, HunyuanVideoJointAttnProcessor):
+    """Radial attention on HunyuanVideo's joint attention ([video | text], text padding masked)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if not self.schedule.sparse_now():
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
     def attend(self, attn, query, key, value, num_video, key_mask):
-        layout = self.schedule.layout(num_video, query.device)
-        return radial_joint_attention(
-            query, key, value, layout, slice(0, num_video), key_mask, self.schedule.config.backend
-        )
+        return self._video_attention(query, key, value, slice(0, num_video), key_mask)
+
+
+class RadialCogVideoXProcessor(_Scheduled, CogVideoXJointAttnProcessor):
+    """Radial attention on CogVideoX's joint attention ([text | video])."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    def attend(self, attn, query, key, value, num_text):
+        return self._video_attention(query, key, value, slice(num_text, query.shape[1]))
+
+
+class RadialLTXVideoProcessor(_Scheduled, LTXVideoSelfAttnProcessor):
+    """Radial attention on LTX-Video's video self-attention (`attn1`)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    def attend(self, attn, query, key, value):
+        return self._video_attention(query, key, value, slice(0, query.shape[1]))
+
+
+class RadialMochiProcessor(_Scheduled, MochiJointAttnProcessor):
+    """Radial attention on Mochi's joint attention ([video | valid text]; padded text outputs are zero)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
+        return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    def attend(self, attn, query, key, value, num_video, key_mask):
+        out = self._video_attention(query, key, value, slice(0, num_video), key_mask)
+        return out * key_mask[:, :, None, None].to(out.dtype)
 
 
 # family -> (layer kind that carries video self-attention, processor class)
 _FAMILIES = {
     "wan": ("self", RadialWanProcessor),
     "hunyuan-video": ("joint", RadialHunyuanVideoProcessor),
+    "cogvideox": ("joint", RadialCogVideoXProcessor),
+    "ltx-video": ("self", RadialLTXVideoProcessor),
+    "mochi": ("joint", RadialMochiProcessor),
 }
 
 
@@ -242,7 +289,7 @@ class RadialAttentionMethod(AttentionMethod):
                 f"RadialAttentionConfig.dense_layers={self.config.dense_layers} is not allowed: this "
                 f"{type(adapter.model).__name__} has {len(video_layers)} video attention layers"
             )
-        originals = adapter.model.attn_processors
+        originals = attention_processors(adapter.model)
         return {
             layer.key: processor_cls(schedule, originals[layer.key])
             for layer in video_layers[self.config.dense_layers :]

@@ -11,7 +11,7 @@ d = |i - j|, with P = 2**bitlen(s) and g(d) = bitlen(d):
 
 Block conversion is conservative ("strict shrink"): each pair's token mask is laid on a canvas at its offsets
 (i*s mod block, j*s mod block); a block x block tile of it is kept when more than 60% of its non-empty columns are
-more than one third filled. Tiles are OR-ed into the global [ceil(n/block)]^2 grid (frames straddle blocks when s
+more than one third filled (a partial last block is measured against the rows it has). Tiles are OR-ed into the global [ceil(n/block)]^2 grid (frames straddle blocks when s
 is not a multiple of the block). Tile fills are computed in closed form per column, and pair results are cached by
 (window, offsets), so 115k tokens take well under a second.
 """
@@ -44,11 +44,14 @@ def pair_window(distance: int, tokens_per_frame: int, block_size: int, decay_fac
 
 
 @lru_cache(maxsize=4096)
-def _shrunk_pair(s: int, window: int, row_offset: int, col_offset: int, block: int) -> torch.Tensor:
+def _shrunk_pair(s: int, window: int, row_offset: int, col_offset: int, block: int, tail_rows: int) -> torch.Tensor:
     """Blocks kept for one frame pair: bool [row_blocks, col_blocks] of its canvas (offsets inside the first block).
 
     Row k of the pair sits at canvas row row_offset + k, column l at col_offset + l. For every canvas column and
     row tile, the number of rows kept in that tile is an interval length: no token-level mask is built.
+    `tail_rows` is how many rows the last row tile really has (less than a block only for the sequence's partial
+    last block, which upstream never meets because it needs n to be a multiple of the block): column densities
+    there are measured against those rows, so the tail keeps the blocks its frame pairs call for.
     """
     row_blocks = (row_offset + s + block - 1) // block
     col_blocks = (col_offset + s + block - 1) // block
@@ -62,7 +65,9 @@ def _shrunk_pair(s: int, window: int, row_offset: int, col_offset: int, block: i
     canvas[:, col_offset : col_offset + s] = filled
     tiles = canvas.view(row_blocks, col_blocks, block)
     non_empty = (tiles > 0).sum(-1)
-    dense_cols = (tiles * 3 > block).sum(-1)  # column density > 1/3
+    rows = torch.full((row_blocks, 1, 1), block)
+    rows[-1] = tail_rows
+    dense_cols = (tiles * 3 > rows).sum(-1)  # column density > 1/3
     return (dense_cols * 10 > non_empty * 6) & (non_empty > 0)  # more than 60% of the non-empty columns
 
 
@@ -91,14 +96,16 @@ def radial_block_mask(
         raise ValueError(f"decay_factor={decay_factor!r} is not allowed: expected a number > 0")
     f, s, b = num_frames, tokens_per_frame, block_size
     num_blocks = math.ceil(f * s / b)
+    tail = f * s - (num_blocks - 1) * b  # rows of the last (possibly partial) block
     mask = torch.zeros(num_blocks, num_blocks, dtype=torch.bool)
     for i in range(f):
         for j in range(f):
             window = FULL if j < sink_frames else pair_window(abs(i - j), s, b, float(decay_factor))
             if window is None:
                 continue
-            tiles = _shrunk_pair(s, window, (i * s) % b, (j * s) % b, b)
             r0, c0 = (i * s) // b, (j * s) // b
+            ends_at_tail = r0 + ((i * s) % b + s + b - 1) // b == num_blocks
+            tiles = _shrunk_pair(s, window, (i * s) % b, (j * s) % b, b, tail if ends_at_tail else b)
             r1, c1 = min(r0 + tiles.shape[0], num_blocks), min(c0 + tiles.shape[1], num_blocks)
             mask[r0:r1, c0:c1] |= tiles[: r1 - r0, : c1 - c0]
     return mask

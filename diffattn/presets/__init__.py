@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .image import build_tiny_sd, build_tiny_sdxl
-from .video import build_tiny_hunyuan_video, build_tiny_wan
+from .video import (
+    build_tiny_cogvideox,
+    build_tiny_hunyuan_video,
+    build_tiny_ltx_video,
+    build_tiny_mochi,
+    build_tiny_wan,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -74,6 +80,30 @@ PRESETS: dict[str, Preset] = {
             "HunyuanVideo-shaped joint-attention transformer, 9 frames of 128x128 px",
             build_tiny_hunyuan_video,
             {"height": 128, "width": 128, "num_frames": 9, "guidance_scale": 6.0, "max_sequence_length": 64},
+        ),
+        Preset(
+            "tiny-cogvideox",
+            "video",
+            "cogvideox",
+            "CogVideoX-shaped joint-attention transformer (text then video), 9 frames of 128x128 px",
+            build_tiny_cogvideox,
+            {"height": 128, "width": 128, "num_frames": 9, "guidance_scale": 6.0, "max_sequence_length": 32},
+        ),
+        Preset(
+            "tiny-ltx-video",
+            "video",
+            "ltx-video",
+            "LTX-Video-shaped transformer on packed tokens, 9 frames of 128x128 px",
+            build_tiny_ltx_video,
+            {"height": 128, "width": 128, "num_frames": 9, "guidance_scale": 3.0, "max_sequence_length": 32},
+        ),
+        Preset(
+            "tiny-mochi",
+            "video",
+            "mochi",
+            "Mochi-shaped asymmetric joint-attention transformer, 7 frames of 128x128 px",
+            build_tiny_mochi,
+            {"height": 128, "width": 128, "num_frames": 7, "guidance_scale": 4.5, "max_sequence_length": 32},
         ),
     )
 }

@@ -1,0 +1,81 @@
+"""CogVideoX (1.0 and 1.5): `CogVideoXTransformer3DModel` with legacy `Attention` and joint attention.
+
+`transformer_blocks.N.attn1` attends over one sequence: the text tokens first (226 for the released models), then
+the video tokens frame by frame in raster order, with rotary embeddings on the video part only. The denoiser's
+sample is `[B, F, C, H, W]` (frames before channels); patches are `patch_size` square and `patch_size_t` frames.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AttentionLayer, LatentGeometry, ModelAdapter
+
+
+class CogVideoXAdapter(ModelAdapter):
+    family = "cogvideox"
+    model_class_names = ("CogVideoXTransformer3DModel",)
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        def classify(path: str, module: torch.nn.Module):
+            return ("joint", "blocks") if path.endswith("attn1") else None
+
+        return self._layers_by_kind(classify)
+
+    def geometry(self, sample: torch.Tensor) -> LatentGeometry:
+        if sample.ndim != 5:
+            raise ValueError(f"CogVideoX sample must be [B, F, C, H, W], got shape {tuple(sample.shape)}")
+        config = self.model.config
+        pt = config.patch_size_t or 1
+        batch, frames, _, height, width = sample.shape
+        return LatentGeometry(batch, frames // pt, height // config.patch_size, width // config.patch_size)
+
+
+class CogVideoXJointAttnProcessor:
+    """The computation of diffusers' `CogVideoXAttnProcessor2_0`, with `attend` overridable.
+
+    `attend(attn, q, k, v, num_text)` gets q, k, v: [B, N, H, D] over [text | video] tokens (rotary applied to the
+    video part) and returns [B, N, H, D].
+    """
+
+    def attend(self, attn, query, key, value, num_text: int) -> torch.Tensor:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        )
+        return out.transpose(1, 2)
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attention_mask is not None:
+            raise ValueError(f"{type(self).__name__} does not take an attention mask (CogVideoX passes none)")
+        num_text = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = torch.cat(
+                [query[:, :num_text], apply_rotary_emb(query[:, num_text:], image_rotary_emb, sequence_dim=1)], 1
+            )
+            if not attn.is_cross_attention:
+                key = torch.cat(
+                    [key[:, :num_text], apply_rotary_emb(key[:, num_text:], image_rotary_emb, sequence_dim=1)], 1
+                )
+        hidden_states = self.attend(attn, query, key, value, num_text).flatten(2, 3)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [num_text, hidden_states.shape[1] - num_text], dim=1
+        )
+        return hidden_states, encoder_hidden_states

@@ -1,0 +1,78 @@
+"""LTX-Video: `LTXVideoTransformer3DModel` with `LTXAttention` modules.
+
+`transformer_blocks.N.attn1` is self-attention over the video tokens only (frame by frame, raster order);
+`attn2` is cross-attention to the T5 text tokens. The denoiser gets packed tokens `[B, N, C]` plus the latent
+`num_frames`, `height` and `width` as forward arguments, from which the geometry is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import AttentionLayer, LatentGeometry, ModelAdapter
+
+
+class LTXVideoAdapter(ModelAdapter):
+    family = "ltx-video"
+    model_class_names = ("LTXVideoTransformer3DModel",)
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        def classify(path: str, module: torch.nn.Module):
+            if path.endswith("attn1"):
+                return "self", "blocks"
+            if path.endswith("attn2"):
+                return "cross", "blocks"
+            return None
+
+        return self._layers_by_kind(classify)
+
+    def geometry_from_call(self, args: tuple, kwargs: dict[str, Any]) -> LatentGeometry:
+        sample = self.sample_from_call(args, kwargs)
+        missing = [k for k in ("num_frames", "height", "width") if kwargs.get(k) is None]
+        if missing:
+            raise ValueError(f"LTXVideoTransformer3DModel.forward needs {missing} as keywords for diffattn")
+        config = self.model.config
+        frames = kwargs["num_frames"] // config.patch_size_t
+        height, width = kwargs["height"] // config.patch_size, kwargs["width"] // config.patch_size
+        if frames * height * width != sample.shape[1]:
+            raise ValueError(f"{frames}x{height}x{width} tokens do not match the sample's {sample.shape[1]}")
+        return LatentGeometry(sample.shape[0], frames, height, width)
+
+
+class LTXVideoSelfAttnProcessor:
+    """The self-attention (`attn1`) computation of diffusers' `LTXVideoAttnProcessor`, `attend` overridable.
+
+    `attend(attn, q, k, v)` gets q, k, v: [B, N, H, D] (q/k RMS-normed, rotary applied) and returns [B, N, H, D].
+    """
+
+    def attend(self, attn, query, key, value) -> torch.Tensor:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        )
+        return out.transpose(1, 2)
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{type(self).__name__} is for LTX self-attention (attn1) without a mask")
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        hidden_states = self.attend(attn, query, key, value).flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))

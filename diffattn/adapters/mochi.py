@@ -1,0 +1,94 @@
+"""Mochi: `MochiTransformer3DModel` with `MochiAttention` and asymmetric joint attention.
+
+`transformer_blocks.N.attn1` projects video and text with separate weights and attends over [video | valid text]
+(video first, frame by frame, raster order; rotary on the video part). Text padding is dropped per sample and
+the padded text positions get zero output. The sample is `[B, C, F, H, W]` with `patch_size` square patches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AttentionLayer, LatentGeometry, ModelAdapter
+
+
+class MochiAdapter(ModelAdapter):
+    family = "mochi"
+    model_class_names = ("MochiTransformer3DModel",)
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        def classify(path: str, module: torch.nn.Module):
+            return ("joint", "blocks") if path.endswith("attn1") else None
+
+        return self._layers_by_kind(classify)
+
+    def geometry(self, sample: torch.Tensor) -> LatentGeometry:
+        if sample.ndim != 5:
+            raise ValueError(f"Mochi sample must be [B, C, F, H, W], got shape {tuple(sample.shape)}")
+        p = self.model.config.patch_size
+        batch, _, frames, height, width = sample.shape
+        return LatentGeometry(batch, frames, height // p, width // p)
+
+
+def _mochi_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Mochi's rotary embedding on x: [B, N, H, D] (interleaved pairs, computed in fp32)."""
+    x_even, x_odd = x[..., 0::2].float(), x[..., 1::2].float()
+    cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
+    sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
+    return torch.stack([cos, sin], dim=-1).flatten(-2)
+
+
+class MochiJointAttnProcessor:
+    """The computation of diffusers' `MochiAttnProcessor2_0`, with `attend` overridable.
+
+    `attend(attn, q, k, v, num_video, key_mask)` gets q, k, v: [B, N, H, D] over [video | text] and key_mask: bool
+    [B, N] (False for text padding); it returns [B, N, H, D] with zeros at padded text positions, as Mochi does.
+    """
+
+    def attend(self, attn, query, key, value, num_video: int, key_mask: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=key_mask[:, None, None, :]
+        ).transpose(1, 2)
+        return out * key_mask[:, :, None, None].to(out.dtype)
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        num_video, num_text = hidden_states.shape[1], encoder_hidden_states.shape[1]
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            enc_query = attn.norm_added_q(enc_query)
+        if attn.norm_added_k is not None:
+            enc_key = attn.norm_added_k(enc_key)
+        if image_rotary_emb is not None:
+            query = _mochi_rotary(query, *image_rotary_emb)
+            key = _mochi_rotary(key, *image_rotary_emb)
+        video_valid = torch.ones(hidden_states.shape[0], num_video, dtype=torch.bool, device=hidden_states.device)
+        key_mask = torch.cat([video_valid, attention_mask.bool()], dim=1)
+        out = self.attend(
+            attn,
+            torch.cat([query, enc_query], 1),
+            torch.cat([key, enc_key], 1),
+            torch.cat([value, enc_value], 1),
+            num_video,
+            key_mask,
+        ).flatten(2, 3)
+        hidden_states, encoder_hidden_states = out.split_with_sizes((num_video, num_text), dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if hasattr(attn, "to_add_out"):
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
