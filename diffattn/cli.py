@@ -38,6 +38,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -79,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     gen.add_argument("--fps", type=_positive_int, default=8, help="frames per second of saved videos")
     gen.add_argument("--no-maps", action="store_true", help="do not record and save attention-map heatmaps")
+    radial = gen.add_argument_group("radial attention (video models)")
+    radial.add_argument("--radial", action="store_true", help="apply radial attention to the video self-attention")
+    radial.add_argument("--decay-factor", type=float, default=None, help="band width factor lambda (default 1.0)")
+    radial.add_argument("--dense-timesteps", type=_nonnegative_int, default=None, help="first steps kept dense (12)")
+    radial.add_argument("--dense-last-timesteps", type=_nonnegative_int, default=None, help="last steps dense (0)")
+    radial.add_argument("--dense-layers", type=_nonnegative_int, default=None, help="first layers kept dense (1)")
+    radial.add_argument("--block-size", type=int, choices=[64, 128], default=None, help="kernel tile (128)")
+    radial.add_argument("--sink-frames", type=_nonnegative_int, default=None, help="attention-sink frames")
+    radial.add_argument(
+        "--attention-backend",
+        choices=["auto", "triton", "flex", "gather"],
+        default=None,
+        help="block-sparse backend (default auto)",
+    )
     gen.add_argument("--out", "-o", type=Path, default=Path("outputs/generate"), help="output folder")
 
     demo = sub.add_parser(
@@ -139,6 +163,29 @@ def _quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+_RADIAL_FLAGS = {
+    "decay_factor": "decay_factor",
+    "dense_timesteps": "dense_timesteps",
+    "dense_last_timesteps": "dense_last_timesteps",
+    "dense_layers": "dense_layers",
+    "block_size": "block_size",
+    "sink_frames": "sink_frames",
+    "attention_backend": "backend",
+}
+
+
+def radial_config_from_args(args: argparse.Namespace):
+    """A RadialAttentionConfig from the --radial flags (None without --radial; flags alone are an error)."""
+    from .methods.radial_attention import RadialAttentionConfig
+
+    given = {field: getattr(args, flag) for flag, field in _RADIAL_FLAGS.items() if getattr(args, flag) is not None}
+    if not args.radial:
+        if given:
+            raise ValueError(f"radial options {sorted(given)} need --radial")
+        return None
+    return RadialAttentionConfig(**given)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .generation import generate, save_result
 
@@ -155,8 +202,9 @@ def _generate(args: argparse.Namespace) -> int:
         torch_dtype=args.dtype,
         device=args.device,
         attention_maps=not args.no_maps,
+        radial=radial_config_from_args(args),
     )
-    stem = f"{Path(args.model).name}-seed{args.seed}"
+    stem = f"{Path(args.model).name}-seed{args.seed}" + ("-radial" if args.radial else "")
     for path in save_result(result, args.out, stem, fps=args.fps):
         print(path)
     return 0

@@ -13,12 +13,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .generation import generate, save_result
+from .methods.radial_attention import RadialAttentionConfig
 from .presets import PRESETS
 
 
 logger = logging.getLogger(__name__)
 
 DEMO_PROMPT = "a photo of a red cat sitting on a blue chair"
+# Radial comparison: longer clips than the presets' defaults, so the mask is really sparse (8-9 latent frames).
+RADIAL_FRAMES = {"tiny-mochi": 49, "tiny-ltx-video": 65}
+RADIAL_DEMO = RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64)
 
 
 def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str] | None = None) -> Path:
@@ -54,6 +58,25 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
             }
         )
         logger.info("demo: %s in %.2fs", name, result.seconds)
+    radial_rows = []
+    for name in tqdm([n for n in names if PRESETS[n].kind == "video"], desc="diffattn demo: radial"):
+        frames = RADIAL_FRAMES.get(name, 33)
+        dense = generate(name, DEMO_PROMPT, steps=steps, seed=seed, num_frames=frames)
+        sparse = generate(name, DEMO_PROMPT, steps=steps, seed=seed, num_frames=frames, radial=RADIAL_DEMO)
+        dense_files = save_result(dense, run_dir, f"{name}-long-dense")
+        sparse_files = save_result(sparse, run_dir, f"{name}-long-radial")
+        radial_rows.append(
+            {
+                "preset": name,
+                "num_frames": frames,
+                "config": repr(RADIAL_DEMO),
+                "density": None if sparse.radial_density is None else round(sparse.radial_density, 4),
+                "dense_seconds": round(dense.seconds, 3),
+                "radial_seconds": round(sparse.seconds, 3),
+                "dense_files": [str(p.relative_to(out_dir)) for p in dense_files],
+                "radial_files": [str(p.relative_to(out_dir)) for p in sparse_files],
+            }
+        )
     meta = {
         "prompt": DEMO_PROMPT,
         "steps": steps,
@@ -63,11 +86,21 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "results": rows,
+        "radial": radial_rows,
     }
     (run_dir / "report.json").write_text(json.dumps(meta, indent=2))
     index = out_dir / "index.html"
     index.write_text(_report_html(meta))
     return index
+
+
+def _media(path: str) -> str:
+    src = html.escape(path)
+    if path.endswith(".mp4"):
+        return f'<video src="{src}" controls loop muted autoplay width="192"></video>'
+    if path.endswith("-mask.png"):
+        return f'<figure><img src="{src}" width="192"><figcaption>radial mask</figcaption></figure>'
+    return f'<img src="{src}" width="96">'
 
 
 def _report_html(meta: dict) -> str:
@@ -90,6 +123,25 @@ def _report_html(meta: dict) -> str:
             f"<p>generate: <b>{row['generate_seconds']:.2f} s</b> (with load: {row['load_and_generate_seconds']:.2f} s)"
             f" &middot; {html.escape(json.dumps(row['call']))}</p>{''.join(media)}</section>"
         )
+    radial_cards = []
+    for row in meta.get("radial", []):
+        cells = []
+        for label, files, secs in (
+            ("dense", row["dense_files"], row["dense_seconds"]),
+            (f"radial (density {row['density']})", row["radial_files"], row["radial_seconds"]),
+        ):
+            media = "".join(_media(f) for f in files)
+            cells.append(f"<td><b>{label}</b>: {secs:.2f} s<br>{media}</td>")
+        radial_cards.append(
+            f"<tr><td>{html.escape(row['preset'])}<br>{row['num_frames']} frames</td>{''.join(cells)}</tr>"
+        )
+    radial_html = ""
+    if radial_cards:
+        radial_html = (
+            "<section><h2>Radial attention: dense vs radial, same seed</h2>"
+            f"<p>{html.escape(meta['radial'][0]['config'])}. The mask picture: white blocks are computed, red lines "
+            f"are frame boundaries.</p><table>{''.join(radial_cards)}</table></section>"
+        )
     table = "".join(
         f"<tr><td>{html.escape(r['preset'])}</td><td>{r['kind']}</td><td>{r['generate_seconds']:.2f}</td></tr>"
         for r in meta["results"]
@@ -105,5 +157,6 @@ The presets carry seeded random weights (no downloads here), so the pictures are
 each pipeline, its attention layers and diffattn's hooks run end to end.</p>
 <table><tr><th>preset</th><th>kind</th><th>seconds</th></tr>{table}</table>
 {"".join(cards)}
+{radial_html}
 </body></html>
 """

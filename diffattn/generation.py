@@ -21,6 +21,8 @@ from PIL import Image
 from .control import apply
 from .loading import load_pipeline
 from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, render_attention_grid
+from .methods.radial_attention import RadialAttentionConfig
+from .methods.radial_mask import plot_radial_mask
 from .presets import PRESETS
 
 
@@ -59,6 +61,8 @@ class GenerationResult:
     frames: list[Image.Image] = field(default_factory=list)
     seconds: float = 0.0
     attention_grid: Image.Image | None = None
+    radial_mask: Image.Image | None = None
+    radial_density: float | None = None
     call_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,9 +85,14 @@ def generate(
     torch_dtype: str | None = None,
     device: str | None = None,
     attention_maps: bool = True,
+    radial: RadialAttentionConfig | None = None,
     pipe: Any | None = None,
 ) -> GenerationResult:
-    """Generate one image or video; for SD-family models also the cross-attention heatmap grid."""
+    """Generate one image or video; for SD-family models also the cross-attention heatmap grid.
+
+    With `radial`, radial attention is applied for this call (video models) and the result carries the mask
+    picture and its density.
+    """
     if not prompt or not prompt.strip():
         raise ValueError("prompt='' is not allowed: give a non-empty prompt")
     if steps < 1:
@@ -98,18 +107,29 @@ def generate(
     if negative_prompt:
         kwargs["negative_prompt"] = negative_prompt
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    handle = apply(pipe, AttentionMapConfig()) if attention_maps and supports_attention_maps(pipe) else None
+    configs = []
+    if attention_maps and supports_attention_maps(pipe):
+        configs.append(AttentionMapConfig())
+    if radial is not None:
+        if not video:
+            raise ValueError(f"radial attention is for video models; {model!r} is an image model")
+        configs.append(radial)
+    handle = apply(pipe, *configs) if configs else None
+    grid = mask_image = density = None
     try:
         start = time.perf_counter()
         output = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pil", **kwargs)
         seconds = time.perf_counter() - start
-        grid = None
-        if handle is not None:
+        if handle is not None and isinstance(configs[0], AttentionMapConfig):
             grid = _attention_grid(pipe, handle.maps(conditional_only=True), prompt, output.images[0])
+        if radial is not None:
+            mask_image, density = _radial_mask_picture(handle)
     finally:
         if handle is not None:
             handle.remove()
     result = GenerationResult(model, prompt, seed, "video" if video else "image", seconds=seconds, call_kwargs=kwargs)
+    result.radial_mask = mask_image
+    result.radial_density = density
     if video:
         result.frames = [_to_pil(f) for f in output.frames[0]]
     else:
@@ -117,6 +137,17 @@ def generate(
     result.attention_grid = grid
     logger.info("generated %s with %s in %.2fs", result.kind, model, seconds)
     return result
+
+
+def _radial_mask_picture(handle) -> tuple[Image.Image | None, float | None]:
+    """The radial mask of the last geometry the handle's radial method built (None if every step was dense)."""
+    method = next((m for m in handle.methods if isinstance(m.config, RadialAttentionConfig)), None)
+    cache = getattr(method, "cache", None)
+    if cache is None or not cache.layouts:
+        return None, None
+    (frames, per_frame, _), layout = next(reversed(cache.layouts.items()))
+    image = plot_radial_mask(layout.block_mask, tokens_per_frame=per_frame, block_size=layout.block_q)
+    return image, layout.density
 
 
 def _to_pil(frame: Any) -> Image.Image:
@@ -180,6 +211,9 @@ def save_result(result: GenerationResult, directory: Path, stem: str, fps: int =
     if result.attention_grid is not None:
         grid = result.attention_grid
         paths.append(write_new_file(directory, f"{stem}-attention", ".png", lambda p: grid.save(p, format="PNG")))
+    if result.radial_mask is not None:
+        mask = result.radial_mask
+        paths.append(write_new_file(directory, f"{stem}-mask", ".png", lambda p: mask.save(p, format="PNG")))
     return paths
 
 

@@ -56,6 +56,16 @@ def test_generate_video_as_mp4(tmp_path, capsys):
         (["generate", "--prompt", "x", "--model", "nobody/nothing"], "cannot load 'nobody/nothing'"),
         (["demo", "--presets", "tiny-x"], "argument --presets: invalid choice: 'tiny-x'"),
         (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+        (
+            ["generate", "-p", "x", "-m", "tiny-wan", "--decay-factor", "0.5"],
+            "radial options ['decay_factor'] need --radial",
+        ),
+        (["generate", "-p", "x", "--radial"], "radial attention is for video models; 'tiny-sd' is an image model"),
+        (
+            ["generate", "-p", "x", "-m", "tiny-wan", "--radial", "--decay-factor", "-1"],
+            "decay_factor=-1.0 is not allowed",
+        ),
+        (["generate", "-p", "x", "--radial", "--block-size", "32"], "argument --block-size: invalid choice: 32"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
@@ -66,6 +76,16 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_generate_with_radial_attention_saves_video_and_mask(tmp_path, capsys):
+    args = ["generate", "-m", "tiny-wan", "-p", "a boat", "--steps", "2", "--num-frames", "33", "--radial",
+            "--block-size", "64", "--dense-timesteps", "1", "--dense-layers", "0", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out.split()
+    assert [p.rsplit("/", 1)[-1] for p in out] == ["tiny-wan-seed0-radial.mp4", "tiny-wan-seed0-radial-mask.png"]
+    mask = Image.open(out[1])
+    assert mask.size[0] == mask.size[1] >= 9  # 9 x 9 blocks of 64 for 9 latent frames of 64 tokens
 
 
 def test_help_everywhere():
@@ -95,5 +115,11 @@ def test_demo_writes_report_with_every_preset(tmp_path, capsys):
             assert (tmp_path / f).is_file() and f in html
     assert any(f.endswith("-attention.png") for r in report["results"] for f in r["files"])
     assert any(f.endswith(".mp4") for r in report["results"] for f in r["files"])
+    radial_rows = {r["preset"]: r for r in report["radial"]}
+    assert set(radial_rows) == {n for n, p in PRESETS.items() if p.kind == "video"}
+    for row in radial_rows.values():
+        assert 0 < row["density"] < 1 and row["dense_seconds"] > 0 and row["radial_seconds"] > 0
+        assert any(f.endswith("-mask.png") for f in row["radial_files"])
+        assert all((tmp_path / f).is_file() and f in html for f in row["dense_files"] + row["radial_files"])
     assert main(["demo", "--out", str(tmp_path), "--steps", "1", "--presets", "tiny-sd"]) == 0
     assert len(list(tmp_path.glob("run-*"))) == 2  # an earlier run is kept
