@@ -1,7 +1,7 @@
 """diffattn's Gradio UI: `python app.py` serves http://127.0.0.1:7860.
 
 Generate an image or a video from a preset (offline) or a model id, see the progress, and, for Stable Diffusion
-models, the cross-attention map of every prompt token.
+models, the cross-attention map of every prompt token; video models can run radial attention, with its mask shown.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from diffattn.generation import GenerationResult, generate, save_result
+from diffattn.methods.radial_attention import RadialAttentionConfig
 from diffattn.presets import DEFAULT_PRESET, PRESETS
 
 
@@ -29,13 +30,26 @@ def run_generation(
     height: int,
     width: int,
     num_frames: int,
+    radial: bool = False,
+    decay_factor: float = 1.0,
+    dense_timesteps: int = 12,
+    dense_layers: int = 1,
+    block_size: int = 128,
     progress=gr.Progress(track_tqdm=True),
 ):
-    """The UI's one event: returns (image, video, attention grid, info markdown)."""
+    """The UI's one event: returns (image, video, attention grid, radial mask, info markdown)."""
     model = (model or "").strip()
     if not model:
         raise gr.Error("Choose a preset or type a model id.")
     try:
+        radial_config = None
+        if radial:
+            radial_config = RadialAttentionConfig(
+                decay_factor=float(decay_factor),
+                dense_timesteps=int(dense_timesteps),
+                dense_layers=int(dense_layers),
+                block_size=int(block_size),
+            )
         result: GenerationResult = generate(
             model,
             prompt,
@@ -46,6 +60,7 @@ def run_generation(
             height=int(height) if height else None,
             width=int(width) if width else None,
             num_frames=int(num_frames) if num_frames else None,
+            radial=radial_config,
         )
     except (ValueError, RuntimeError) as exc:
         raise gr.Error(str(exc)) from None
@@ -53,7 +68,11 @@ def run_generation(
     video = next((str(p) for p in paths if p.suffix == ".mp4"), None)
     image = result.images[0] if result.images else (result.frames[0] if video is None and result.frames else None)
     info = f"**{result.kind}** from `{model}` in **{result.seconds:.2f} s** ({int(steps)} steps, seed {int(seed)})"
-    return image, video, result.attention_grid, info
+    if result.radial_density is not None:
+        info += f" · radial attention, mask density **{result.radial_density:.1%}**"
+    elif radial:
+        info += " · radial attention applied, but every step ran dense (dense timesteps >= steps)"
+    return image, video, result.attention_grid, result.radial_mask, info
 
 
 def _on_model_change(model: str):
@@ -88,17 +107,39 @@ def build_demo() -> gr.Blocks:
                     height = gr.Number(value=first.get("height", 512), precision=0, label="Height")
                     width = gr.Number(value=first.get("width", 512), precision=0, label="Width")
                     frames = gr.Number(value=9, precision=0, label="Frames (video models)")
+                with gr.Accordion("Radial attention (video models)", open=False):
+                    radial = gr.Checkbox(value=False, label="Use radial attention")
+                    decay = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Decay factor (band width)")
+                    dense_steps = gr.Slider(0, 50, value=1, step=1, label="Dense first steps")
+                    dense_layers = gr.Slider(0, 8, value=0, step=1, label="Dense first layers")
+                    block = gr.Radio([64, 128], value=64, label="Block size")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(label="Image", type="pil")
                 video = gr.Video(label="Video")
                 maps = gr.Image(label="Cross-attention maps per prompt token", type="pil")
+                mask = gr.Image(label="Radial mask (white: computed blocks)", type="pil")
                 info = gr.Markdown()
         model.change(_on_model_change, inputs=model, outputs=[height, width, frames, guidance])
         button.click(
             run_generation,
-            inputs=[model, prompt, negative, steps, seed, guidance, height, width, frames],
-            outputs=[image, video, maps, info],
+            inputs=[
+                model,
+                prompt,
+                negative,
+                steps,
+                seed,
+                guidance,
+                height,
+                width,
+                frames,
+                radial,
+                decay,
+                dense_steps,
+                dense_layers,
+                block,
+            ],  # fmt: skip
+            outputs=[image, video, maps, mask, info],
             api_name="generate",
             concurrency_id="gpu",
         )

@@ -18,8 +18,8 @@ def _load_app():
 
 def test_handler_generates_image_and_maps():
     app = _load_app()
-    image, video, grid, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9)
-    assert image.size == (128, 128) and video is None and grid is not None
+    image, video, grid, mask, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9)
+    assert image.size == (128, 128) and video is None and grid is not None and mask is None
     assert "tiny-sd" in info
 
 
@@ -27,8 +27,14 @@ def test_handler_generates_video_and_reports_bad_input():
     import gradio as gr
 
     app = _load_app()
-    image, video, grid, info = app.run_generation("tiny-wan", "a boat", "", 1, 0, 5.0, 64, 64, 5)
-    assert video.endswith(".mp4") and Path(video).is_file() and grid is None
+    image, video, grid, mask, info = app.run_generation("tiny-wan", "a boat", "", 1, 0, 5.0, 64, 64, 5)
+    assert video.endswith(".mp4") and Path(video).is_file() and grid is None and mask is None
+    _, video, _, mask, info = app.run_generation(
+        "tiny-wan", "a boat", "", 2, 0, 5.0, 128, 128, 33, True, 1.0, 1, 0, 64
+    )
+    assert Path(video).is_file() and mask is not None and "mask density" in info
+    with pytest.raises(gr.Error, match="radial attention is for video models"):
+        app.run_generation("tiny-sd", "x", "", 1, 0, 5.0, 64, 64, 5, True)
     with pytest.raises(gr.Error):
         app.run_generation("nobody/nothing", "x", "", 1, 0, 5.0, 64, 64, 5)
     with pytest.raises(gr.Error):
@@ -43,10 +49,10 @@ def test_served_page_generates_through_the_api():
     demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False)
-        image, video, grid, info = client.predict(
-            "tiny-sd", "a blue bird", "", 2, 0, 7.5, 128, 128, 9, api_name="/generate"
+        image, video, grid, mask, info = client.predict(
+            "tiny-sd", "a blue bird", "", 2, 0, 7.5, 128, 128, 9, False, 1.0, 1, 0, 64, api_name="/generate"
         )
-        assert Path(image).is_file() and Path(grid).is_file()
+        assert Path(image).is_file() and Path(grid).is_file() and mask is None
         assert "image" in info
     finally:
         demo.close()
