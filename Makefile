@@ -11,7 +11,7 @@ OFFLINE := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev,ui,video]"
+	$(PY) -m pip install --quiet -e ".[dev,ui,video,train]"
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -3,6 +3,7 @@
     diffattn generate --model tiny-sd --prompt "a red cat" --steps 4 --seed 0 --out outputs/gen
     diffattn demo                       # every preset, offline, report in outputs/demo/index.html
     diffattn presets                    # list the offline presets
+    diffattn train-lora --data clips/ --out lora/   # LoRA fine-tuning with radial attention (Wan)
 
 Bad arguments print one line and exit with code 2.
 """
@@ -115,6 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     demo.add_argument("--presets", nargs="+", choices=list(PRESETS), default=None, help="subset of presets")
 
+    train = sub.add_parser(
+        "train-lora",
+        help="fine-tune LoRA adapters with radial attention active (Wan)",
+        description="Fine-tune peft LoRA adapters on the attention projections of a Wan video transformer with "
+        "radial attention active, from a folder of clips (videos or cached .safetensors latents, each with a .txt "
+        "caption). The adapters load with pipe.load_lora_weights(OUT).",
+    )
+    train.add_argument("--model", "-m", default="tiny-wan", help="preset, local folder or hub id (default: tiny-wan)")
+    train.add_argument("--data", required=True, type=Path, help="folder of clips with .txt captions")
+    train.add_argument("--out", "-o", required=True, type=Path, help="where the adapters are saved")
+    train.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default: 100)")
+    train.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank (default: 16)")
+    train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    train.add_argument("--batch-size", type=_positive_int, default=1, help="clips per step (default: 1)")
+    train.add_argument("--num-frames", type=_positive_int, default=33, help="frames read from each video")
+    train.add_argument("--height", type=_positive_int, default=128, help="training height in pixels")
+    train.add_argument("--width", type=_positive_int, default=128, help="training width in pixels")
+    train.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    train.add_argument("--device", default=None, help="torch device (default: cpu)")
+    train.add_argument("--overwrite", action="store_true", help="replace adapters already in --out")
+    train.add_argument("--decay-factor", type=float, default=1.0, help="radial band width factor (default 1.0)")
+    train.add_argument("--dense-layers", type=_nonnegative_int, default=0, help="first layers kept dense (0)")
+    train.add_argument("--block-size", type=int, choices=[64, 128], default=128, help="kernel tile (128)")
+
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
 
@@ -135,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "generate":
             return _generate(args)
+        if args.command == "train-lora":
+            return _train_lora(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -152,6 +179,34 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         raise
     return EXIT_USAGE
+
+
+def _train_lora(args: argparse.Namespace) -> int:
+    from .methods.radial_attention import RadialAttentionConfig
+    from .training import train_radial_lora
+
+    radial = RadialAttentionConfig(
+        dense_layers=args.dense_layers, dense_timesteps=0, decay_factor=args.decay_factor, block_size=args.block_size
+    )
+    summary = train_radial_lora(
+        args.model,
+        args.data,
+        args.out,
+        steps=args.steps,
+        rank=args.rank,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        radial=radial,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    losses = summary["losses"]
+    print(f"{args.out} ({len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    return 0
 
 
 def _quiet_libraries() -> None:
