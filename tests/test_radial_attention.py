@@ -281,3 +281,70 @@ def test_mask_cache_follows_geometry_and_device():
     assert list(layouts) == [(5, 64, "cpu"), (9, 60, "cpu")]  # least recently used first
     assert torch.equal(layouts[(5, 64, "cpu")].block_mask[0], diffattn.radial_block_mask(5, 64, block_size=64))
     assert torch.equal(layouts[(9, 60, "cpu")].block_mask[0], diffattn.radial_block_mask(9, 60, block_size=64))
+
+
+def test_wan22_two_transformers_share_one_schedule(monkeypatch):
+    """Wan 2.2 switches from `transformer` to `transformer_2` mid-schedule: both get radial attention, one state."""
+    import copy
+
+    from diffusers import WanPipeline
+
+    base = load("tiny-wan")
+    second = copy.deepcopy(base.transformer)
+    pipe = WanPipeline(
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        transformer=base.transformer,
+        transformer_2=second,
+        boundary_ratio=0.5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    dense = run(pipe, "tiny-wan", steps=4, **GEOMETRY["tiny-wan"][0])
+    seen = []
+    original = radial._Scheduled._dispatch
+
+    def record(self, attn, *args, **kwargs):
+        owner = "transformer_2" if any(attn is m for m in second.modules()) else "transformer"
+        seen.append((owner, self.schedule.state.step_index, self.schedule.sparse_now()))
+        return original(self, attn, *args, **kwargs)
+
+    monkeypatch.setattr(radial._Scheduled, "_dispatch", record)
+    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64))
+    assert set(handle._installed) == {id(pipe.transformer), id(second)}
+    sparse = run(pipe, "tiny-wan", steps=4, **GEOMETRY["tiny-wan"][0])
+    handle.remove()
+    by_owner = {
+        owner: sorted({step for o, step, _ in seen if o == owner}) for owner in ("transformer", "transformer_2")
+    }
+    high_noise = [i for i, t in enumerate(pipe.scheduler.timesteps) if t >= 0.5 * 1000]  # WanPipeline's switch rule
+    assert 0 < len(high_noise) < 4
+    low_noise = [i for i in range(4) if i not in high_noise]
+    assert by_owner == {"transformer": high_noise, "transformer_2": low_noise}  # one step count across both
+    assert {(step, is_sparse) for _, step, is_sparse in seen} == {(0, False), (1, True), (2, True), (3, True)}
+    assert not torch.allclose(sparse, dense, atol=1e-4)
+    assert torch.equal(run(pipe, "tiny-wan", steps=4, **GEOMETRY["tiny-wan"][0]), dense)
+
+
+def test_wan_i2v_image_tokens_keep_their_dense_cross_attention(monkeypatch):
+    """Wan I2V: attn2 carries the image tokens (added k/v); radial replaces only attn1 and the model still runs."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, image_dim=24, added_kv_proj_dim=32, rope_max_seq_len=64,
+    )  # fmt: skip
+    originals = dict(model.attn_processors)
+    latents = torch.randn(1, 16, 9, 16, 16)  # 9 frames of 8x8 tokens
+    text, image = torch.randn(1, 512, 32), torch.randn(1, 257, 24)  # Wan assumes 512 text tokens before the image
+    calls = _spy(monkeypatch, "radial_joint_attention")
+    dense = model(latents, torch.tensor([500.0]), text, encoder_hidden_states_image=image).sample
+    handle = diffattn.apply(model, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64))
+    assert set(handle._installed[id(model)]) == {k for k in originals if "attn1" in k}
+    assert all(model.attn_processors[k] is v for k, v in originals.items() if "attn2" in k)
+    sparse = model(latents, torch.tensor([500.0]), text, encoder_hidden_states_image=image).sample
+    handle.remove()
+    assert len(calls) == 2 and calls[0][0][3].density < 1.0
+    assert torch.isfinite(sparse).all() and not torch.allclose(sparse, dense, atol=1e-5)
