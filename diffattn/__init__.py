@@ -10,6 +10,8 @@ from .adapters import supported_families
 from .control import AttentionMethod, Handle, MethodConfig, applied, apply, remove
 from .loading import ModelLoadError, load_pipeline
 from .methods import (
+    AgentAttentionConfig,
+    AgentAttentionProcessor,
     AttentionMapConfig,
     AttentionMapProcessor,
     RadialAttentionConfig,
@@ -41,6 +43,8 @@ __all__ = [
     "prompt_token_labels",
     "render_attention_grid",
     "RadialAttentionConfig",
+    "AgentAttentionConfig",
+    "AgentAttentionProcessor",
     "radial_block_mask",
     "plot_radial_mask",
     "supported_families",

@@ -3,6 +3,7 @@
 Layouts are given at every boundary: `q: [B, H, N, D]` unless a function says otherwise.
 """
 
+from .agent_attention import agent_attention
 from .attention_probs import attention_with_probs
 from .block_sparse_attention import (
     BACKENDS,
@@ -13,10 +14,17 @@ from .block_sparse_attention import (
     resolve_backend,
 )
 from .block_sparse_layout import BlockSparseLayout
+from .token_merge import TokenMatch, bipartite_matching, destination_grid, merge_tokens, unmerge_tokens
 
 
 __all__ = [
+    "agent_attention",
     "attention_with_probs",
+    "TokenMatch",
+    "bipartite_matching",
+    "destination_grid",
+    "merge_tokens",
+    "unmerge_tokens",
     "BACKENDS",
     "BlockSparseLayout",
     "block_sparse_attention",

@@ -1,5 +1,6 @@
 """One method per file, each readable beside its paper."""
 
+from .agent_attention import AgentAttentionConfig, AgentAttentionProcessor
 from .attention_maps import (
     AttentionMapConfig,
     AttentionMapMethod,
