@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from diffattn.generation import GenerationResult, generate, save_result
+from diffattn.methods.agent_attention import AgentAttentionConfig
 from diffattn.methods.radial_attention import RadialAttentionConfig
 from diffattn.presets import DEFAULT_PRESET, PRESETS
 
@@ -35,6 +36,7 @@ def run_generation(
     dense_timesteps: int = 12,
     dense_layers: int = 1,
     block_size: int = 128,
+    agent: bool = False,
     progress=gr.Progress(track_tqdm=True),
 ):
     """The UI's one event: returns (image, video, attention grid, radial mask, info markdown)."""
@@ -61,6 +63,7 @@ def run_generation(
             width=int(width) if width else None,
             num_frames=int(num_frames) if num_frames else None,
             radial=radial_config,
+            agent=AgentAttentionConfig() if agent else None,
         )
     except (ValueError, RuntimeError) as exc:
         raise gr.Error(str(exc)) from None
@@ -113,6 +116,8 @@ def build_demo() -> gr.Blocks:
                     dense_steps = gr.Slider(0, 50, value=1, step=1, label="Dense first steps")
                     dense_layers = gr.Slider(0, 8, value=0, step=1, label="Dense first layers")
                     block = gr.Radio([64, 128], value=64, label="Block size")
+                with gr.Accordion("Agent attention (Stable Diffusion models)", open=False):
+                    agent = gr.Checkbox(value=False, label="AgentSD: token merging + agent attention")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(label="Image", type="pil")
@@ -138,7 +143,8 @@ def build_demo() -> gr.Blocks:
                 dense_steps,
                 dense_layers,
                 block,
-            ],  # fmt: skip
+                agent,
+            ],
             outputs=[image, video, maps, mask, info],
             api_name="generate",
             concurrency_id="gpu",

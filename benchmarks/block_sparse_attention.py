@@ -12,9 +12,7 @@ Forward FLOPs are 4*N^2*D*H*B; forward+backward counts 3.5x that (the FlashAtten
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +24,10 @@ import torch.nn.functional as F
 from diffattn.kernels import BlockSparseLayout, block_sparse_attention
 
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import write_report  # noqa: E402
+
+
 GPU_SHAPES = [  # (name, batch, heads, tokens, head dim)
     ("wan-1.3b-480p", 1, 12, 32760, 128),
     ("wan-1.3b-720p", 1, 12, 75600, 128),
@@ -163,10 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "cuda":
         shapes, dtype = (QUICK_SHAPES if args.quick else GPU_SHAPES), torch.bfloat16
-        device_name = torch.cuda.get_device_name()
     else:
         shapes, dtype = (QUICK_SHAPES if args.quick else CPU_SHAPES), torch.float32
-        device_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     rows = run(shapes, device, dtype, DENSITIES, with_backward=not args.no_backward)
     try:
         import triton
@@ -174,23 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    report = {
-        "benchmark": "block_sparse_attention",
-        "device": device_name,
-        "torch": torch.__version__,
+    fields = {
         "triton": triton_version,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
         "notes": "random block masks (diagonal kept), block 128; dense = SDPA (flash backend on GPU); "
         "flex = FlexAttention compiled on the same BlockMask; CPU has no flex backward",
         "results": rows,
     }
-    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
-    slug = "-".join(filter(None, slug.split("-")))[:60]
-    out = args.out or RESULTS / f"block_sparse_attention-{'quick-' if args.quick else ''}{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report("block_sparse_attention", device, fields, quick=args.quick, out=args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +25,10 @@ import diffattn
 from diffattn.adapters import WanSelfAttnProcessor, attention_processors
 
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import write_report  # noqa: E402
+
+
 WAN_1_3B = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config
     "patch_size": (1, 2, 2),
     "num_attention_heads": 12,
@@ -136,30 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     config = dict(WAN_1_3B)
     if args.device == "cuda":
         geometries, dtype, repeats, block = GPU_GEOMETRIES, torch.bfloat16, 5, 128
-        device_name = torch.cuda.get_device_name()
     else:
         geometries, dtype, repeats, block = CPU_GEOMETRIES, torch.float32, 2, 64
         config["num_layers"] = 2
-        device_name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     if args.quick:
         geometries, repeats = QUICK_GEOMETRIES, 1
         config.update(num_layers=1, num_attention_heads=2, ffn_dim=256, text_dim=64)
     rows = run(geometries, config, args.device, dtype, args.decay_factor, block, repeats)
-    report = {
-        "benchmark": "radial_e2e",
-        "device": device_name,
-        "torch": torch.__version__,
+    fields = {
         "dtype": str(dtype).replace("torch.", ""),
         "model": "WanTransformer3DModel, Wan2.1-T2V-1.3B config, random weights"
         + ("" if args.device == "cuda" else f", {config['num_layers']} layers"),
-        "date": time.strftime("%Y-%m-%d"),
         "results": rows,
     }
-    slug = "-".join(filter(None, "".join(c if c.isalnum() else "-" for c in device_name.lower()).split("-")))[:60]
-    out = args.out or RESULTS / f"radial_e2e-{'quick-' if args.quick else ''}{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report("radial_e2e", args.device, fields, quick=args.quick, out=args.out)
     return 0
 
 

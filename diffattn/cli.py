@@ -29,34 +29,24 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(low: int, what: str):
+    """An argparse type: an int >= low, with a one-line message naming what was expected."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {text!r}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, "an integer >= 0")
+_seed = _int_at_least(0, "an integer seed >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     gen.add_argument("--fps", type=_positive_int, default=8, help="frames per second of saved videos")
     gen.add_argument("--no-maps", action="store_true", help="do not record and save attention-map heatmaps")
+    agent = gen.add_argument_group("agent attention / token merging (Stable Diffusion UNets)")
+    agent.add_argument("--agent", action="store_true", help="AgentSD: token merging plus agent attention")
+    agent.add_argument("--tome", action="store_true", help="plain token merging (tomesd's method)")
+    agent.add_argument("--merge-ratio", type=float, default=None, help="fraction of tokens merged (0.4 / 0.5)")
+    structured = gen.add_argument_group("structured diffusion guidance (Stable Diffusion UNets)")
+    structured.add_argument("--structured", action="store_true", help="noun-phrase-aware cross-attention")
+    structured.add_argument("--conjunction", action="store_true", help="with --structured: conjunction mode")
+    structured.add_argument("--phrase", action="append", default=None, help="a noun phrase to use (repeatable)")
     radial = gen.add_argument_group("radial attention (video models)")
     radial.add_argument("--radial", action="store_true", help="apply radial attention to the video self-attention")
     radial.add_argument("--decay-factor", type=float, default=None, help="band width factor lambda (default 1.0)")
@@ -241,6 +239,34 @@ def radial_config_from_args(args: argparse.Namespace):
     return RadialAttentionConfig(**given)
 
 
+def agent_config_from_args(args: argparse.Namespace):
+    """An AgentAttentionConfig from --agent / --tome (None with neither)."""
+    from .methods.agent_attention import AgentAttentionConfig
+
+    if args.agent and args.tome:
+        raise ValueError("--agent and --tome are alternatives: pass one")
+    if not (args.agent or args.tome):
+        if args.merge_ratio is not None:
+            raise ValueError("--merge-ratio needs --agent or --tome")
+        return None
+    if args.tome:
+        return AgentAttentionConfig(
+            agent_ratio=None, stride=2, ratio=0.5 if args.merge_ratio is None else args.merge_ratio
+        )
+    return AgentAttentionConfig() if args.merge_ratio is None else AgentAttentionConfig(ratio=args.merge_ratio)
+
+
+def structured_config_from_args(args: argparse.Namespace):
+    """A StructuredGuidanceConfig from --structured (None without it; its options alone are an error)."""
+    from .methods.structured_guidance import StructuredGuidanceConfig
+
+    if not args.structured:
+        if args.conjunction or args.phrase:
+            raise ValueError("--conjunction and --phrase need --structured")
+        return None
+    return StructuredGuidanceConfig(mode="conjunction" if args.conjunction else "default", phrases=args.phrase)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .generation import generate, save_result
 
@@ -258,8 +284,11 @@ def _generate(args: argparse.Namespace) -> int:
         device=args.device,
         attention_maps=not args.no_maps,
         radial=radial_config_from_args(args),
+        agent=agent_config_from_args(args),
+        structured=structured_config_from_args(args),
     )
-    stem = f"{Path(args.model).name}-seed{args.seed}" + ("-radial" if args.radial else "")
+    suffix = "".join(f"-{name}" for name in ("radial", "agent", "tome", "structured") if getattr(args, name))
+    stem = f"{Path(args.model).name}-seed{args.seed}{suffix}"
     for path in save_result(result, args.out, stem, fps=args.fps):
         print(path)
     return 0

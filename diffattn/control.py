@@ -52,6 +52,16 @@ class AttentionMethod:
     def begin_run(self) -> None:
         """Called when a pipeline run starts; reset per-run stores here."""
 
+    def attach(self, pipe: Any | None) -> None:
+        """Called by `apply` after the processors are planned, with the pipeline (None for a bare denoiser).
+
+        Methods that need pipeline-level data (the prompt, the text encoder) hook it here, on the instance only;
+        raise to refuse (apply then installs nothing).
+        """
+
+    def detach(self) -> None:
+        """Undo `attach` exactly (called by `remove`, also after a failed `apply`)."""
+
 
 class MethodConfig:
     """Base of the frozen config dataclasses. `build()` makes the method that `apply` installs."""
@@ -213,6 +223,8 @@ class Handle:
         self._hook_handles.clear()
         if self._hook is not None:
             self._hook.detach()
+        for method in self.methods:
+            method.detach()
         for model in self.denoisers:
             installed = self._installed.get(id(model), {})
             originals = self._originals.get(id(model), {})
@@ -306,6 +318,8 @@ def apply(pipe_or_model: Any, *configs: MethodConfig) -> Handle:
     try:
         hook = _DenoiserHook(handle.state, pipe)
         handle._hook = hook
+        for method in methods:
+            method.attach(pipe)
         for model, adapter, new_processors in plan.values():
             originals = attention_processors(model)
             handle._originals[id(model)] = originals

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .generation import generate, save_result
+from .methods.agent_attention import AgentAttentionConfig
 from .methods.radial_attention import RadialAttentionConfig
 from .presets import PRESETS
 
@@ -23,6 +24,8 @@ DEMO_PROMPT = "a photo of a red cat sitting on a blue chair"
 # Radial comparison: longer clips than the presets' defaults, so the mask is really sparse (8-9 latent frames).
 RADIAL_FRAMES = {"tiny-mochi": 49, "tiny-ltx-video": 65}
 RADIAL_DEMO = RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64)
+AGENT_DEMO = AgentAttentionConfig()
+AGENT_SIZE = {"tiny-sd": 256, "tiny-sdxl": 512}  # larger than the defaults, so merging has tokens to work on
 
 
 def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str] | None = None) -> Path:
@@ -77,6 +80,26 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
                 "radial_files": [str(p.relative_to(out_dir)) for p in sparse_files],
             }
         )
+    agent_rows = []
+    for name in [n for n in names if PRESETS[n].family == "stable-diffusion-unet"]:
+        size = AGENT_SIZE.get(name, 256)
+        plain = generate(name, DEMO_PROMPT, steps=steps, seed=seed, height=size, width=size, attention_maps=False)
+        merged = generate(
+            name, DEMO_PROMPT, steps=steps, seed=seed, height=size, width=size, attention_maps=False, agent=AGENT_DEMO
+        )
+        plain_files = save_result(plain, run_dir, f"{name}-{size}-sdpa")
+        agent_files = save_result(merged, run_dir, f"{name}-{size}-agent")
+        agent_rows.append(
+            {
+                "preset": name,
+                "pixels": size,
+                "config": repr(AGENT_DEMO),
+                "dense_seconds": round(plain.seconds, 3),
+                "agent_seconds": round(merged.seconds, 3),
+                "dense_files": [str(p.relative_to(out_dir)) for p in plain_files],
+                "agent_files": [str(p.relative_to(out_dir)) for p in agent_files],
+            }
+        )
     meta = {
         "prompt": DEMO_PROMPT,
         "steps": steps,
@@ -87,6 +110,7 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
         "threads": torch.get_num_threads(),
         "results": rows,
         "radial": radial_rows,
+        "agent": agent_rows,
     }
     (run_dir / "report.json").write_text(json.dumps(meta, indent=2))
     index = out_dir / "index.html"
@@ -100,7 +124,7 @@ def _media(path: str) -> str:
         return f'<video src="{src}" controls loop muted autoplay width="192"></video>'
     if path.endswith("-mask.png"):
         return f'<figure><img src="{src}" width="192"><figcaption>radial mask</figcaption></figure>'
-    return f'<img src="{src}" width="96">'
+    return f'<img src="{src}" width="{96 if "-frame" in path else 192}">'
 
 
 def _report_html(meta: dict) -> str:
@@ -141,6 +165,17 @@ def _report_html(meta: dict) -> str:
             "<section><h2>Radial attention: dense vs radial, same seed</h2>"
             f"<p>{html.escape(meta['radial'][0]['config'])}. The mask picture: white blocks are computed, red lines "
             f"are frame boundaries.</p><table>{''.join(radial_cards)}</table></section>"
+        )
+    agent_cards = [
+        f"<tr><td>{html.escape(row['preset'])}<br>{row['pixels']} px</td>"
+        f"<td><b>SDPA</b>: {row['dense_seconds']:.2f} s<br>{''.join(_media(f) for f in row['dense_files'])}</td>"
+        f"<td><b>AgentSD</b>: {row['agent_seconds']:.2f} s<br>{''.join(_media(f) for f in row['agent_files'])}</td></tr>"
+        for row in meta.get("agent", [])
+    ]
+    if agent_cards:
+        radial_html += (
+            "<section><h2>Agent attention (AgentSD): SDPA vs merged tokens with agents, same seed</h2>"
+            f"<p>{html.escape(meta['agent'][0]['config'])}</p><table>{''.join(agent_cards)}</table></section>"
         )
     table = "".join(
         f"<tr><td>{html.escape(r['preset'])}</td><td>{r['kind']}</td><td>{r['generate_seconds']:.2f}</td></tr>"

@@ -20,9 +20,11 @@ from PIL import Image
 
 from .control import apply
 from .loading import load_pipeline
+from .methods.agent_attention import AgentAttentionConfig
 from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, render_attention_grid
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.radial_mask import plot_radial_mask
+from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import PRESETS
 
 
@@ -86,12 +88,14 @@ def generate(
     device: str | None = None,
     attention_maps: bool = True,
     radial: RadialAttentionConfig | None = None,
+    agent: AgentAttentionConfig | None = None,
+    structured: StructuredGuidanceConfig | None = None,
     pipe: Any | None = None,
 ) -> GenerationResult:
     """Generate one image or video; for SD-family models also the cross-attention heatmap grid.
 
     With `radial`, radial attention is applied for this call (video models) and the result carries the mask
-    picture and its density.
+    picture and its density. With `agent`, AgentSD / token merging is applied (Stable Diffusion UNets).
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt='' is not allowed: give a non-empty prompt")
@@ -108,12 +112,21 @@ def generate(
         kwargs["negative_prompt"] = negative_prompt
     generator = torch.Generator(device="cpu").manual_seed(seed)
     configs = []
-    if attention_maps and supports_attention_maps(pipe):
+    # Structured guidance owns the cross-attention layers the map recorder would need; maps are skipped with it.
+    if attention_maps and supports_attention_maps(pipe) and structured is None:
         configs.append(AttentionMapConfig())
     if radial is not None:
         if not video:
             raise ValueError(f"radial attention is for video models; {model!r} is an image model")
         configs.append(radial)
+    if agent is not None:
+        if not supports_attention_maps(pipe):
+            raise ValueError(f"agent attention is for Stable Diffusion UNets; {model!r} is not one")
+        configs.append(agent)
+    if structured is not None:
+        if not supports_attention_maps(pipe):
+            raise ValueError(f"structured guidance is for Stable Diffusion UNets; {model!r} is not one")
+        configs.append(structured)
     handle = apply(pipe, *configs) if configs else None
     grid = mask_image = density = None
     try:

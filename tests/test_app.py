@@ -21,6 +21,10 @@ def test_handler_generates_image_and_maps():
     image, video, grid, mask, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9)
     assert image.size == (128, 128) and video is None and grid is not None and mask is None
     assert "tiny-sd" in info
+    merged, _, _, _, _ = app.run_generation(
+        "tiny-sd", "a red cat", "", 2, 1, 7.5, 256, 256, 9, False, 1.0, 1, 0, 64, True
+    )
+    assert merged.size == (256, 256)
 
 
 def test_handler_generates_video_and_reports_bad_input():
@@ -50,7 +54,7 @@ def test_served_page_generates_through_the_api():
     try:
         client = Client(demo.local_url, verbose=False)
         image, video, grid, mask, info = client.predict(
-            "tiny-sd", "a blue bird", "", 2, 0, 7.5, 128, 128, 9, False, 1.0, 1, 0, 64, api_name="/generate"
+            "tiny-sd", "a blue bird", "", 2, 0, 7.5, 128, 128, 9, False, 1.0, 1, 0, 64, False, api_name="/generate"
         )
         assert Path(image).is_file() and Path(grid).is_file() and mask is None
         assert "image" in info

@@ -66,6 +66,12 @@ def test_generate_video_as_mp4(tmp_path, capsys):
             "decay_factor=-1.0 is not allowed",
         ),
         (["generate", "-p", "x", "--radial", "--block-size", "32"], "argument --block-size: invalid choice: 32"),
+        (["generate", "-p", "x", "--agent", "--tome"], "--agent and --tome are alternatives"),
+        (["generate", "-p", "x", "--conjunction"], "--conjunction and --phrase need --structured"),
+        (["generate", "-p", "a cat", "--structured", "--phrase", "a dog"], "phrase='a dog' does not occur"),
+        (["generate", "-p", "x", "--merge-ratio", "0.3"], "--merge-ratio needs --agent or --tome"),
+        (["generate", "-p", "x", "--tome", "--merge-ratio", "2"], "ratio=2.0 is not allowed"),
+        (["generate", "-p", "x", "-m", "tiny-wan", "--agent"], "agent attention is for Stable Diffusion UNets"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
@@ -86,6 +92,28 @@ def test_generate_with_radial_attention_saves_video_and_mask(tmp_path, capsys):
     assert [p.rsplit("/", 1)[-1] for p in out] == ["tiny-wan-seed0-radial.mp4", "tiny-wan-seed0-radial-mask.png"]
     mask = Image.open(out[1])
     assert mask.size[0] == mask.size[1] >= 9  # 9 x 9 blocks of 64 for 9 latent frames of 64 tokens
+
+
+@pytest.mark.parametrize("flag", ["--agent", "--tome", "--structured"])
+def test_generate_with_token_merging(tmp_path, capsys, flag):
+    args = [
+        "generate",
+        "-p",
+        "a red cat",
+        "--steps",
+        "2",
+        "--height",
+        "256",
+        "--width",
+        "256",
+        flag,
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out.split()
+    assert out[0].endswith(f"tiny-sd-seed0-{flag.lstrip('-')}.png")
+    assert Image.open(out[0]).size == (256, 256)
 
 
 def test_help_everywhere():
@@ -121,5 +149,10 @@ def test_demo_writes_report_with_every_preset(tmp_path, capsys):
         assert 0 < row["density"] < 1 and row["dense_seconds"] > 0 and row["radial_seconds"] > 0
         assert any(f.endswith("-mask.png") for f in row["radial_files"])
         assert all((tmp_path / f).is_file() and f in html for f in row["dense_files"] + row["radial_files"])
+    agent_rows = {r["preset"]: r for r in report["agent"]}
+    assert set(agent_rows) == {"tiny-sd", "tiny-sdxl"}
+    for row in agent_rows.values():
+        assert row["dense_seconds"] > 0 and row["agent_seconds"] > 0
+        assert all((tmp_path / f).is_file() and f in html for f in row["dense_files"] + row["agent_files"])
     assert main(["demo", "--out", str(tmp_path), "--steps", "1", "--presets", "tiny-sd"]) == 0
     assert len(list(tmp_path.glob("run-*"))) == 2  # an earlier run is kept

@@ -67,6 +67,30 @@ def set_attention_processors(model: torch.nn.Module, processors: dict[str, Any])
             module.processor = processor
 
 
+def sdpa_bnhd(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SDPA on diffusers' [B, N, H, D] layout (views in, [B, N, H, D] out); key_mask: bool [B, Nk] or None."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+def project_heads(attn: torch.nn.Module, x: torch.Tensor, q: str, k: str, v: str, norm_q: str, norm_k: str):
+    """q, k, v projections of x by the named linear layers, split into heads [B, N, H, D], q/k normed if the module
+    has those norms (diffusers' legacy `Attention` keeps `norm_q`/`norm_k` and `norm_added_q`/`norm_added_k`)."""
+    query = getattr(attn, q)(x).unflatten(2, (attn.heads, -1))
+    key = getattr(attn, k)(x).unflatten(2, (attn.heads, -1))
+    value = getattr(attn, v)(x).unflatten(2, (attn.heads, -1))
+    if getattr(attn, norm_q, None) is not None:
+        query = getattr(attn, norm_q)(query)
+    if getattr(attn, norm_k, None) is not None:
+        key = getattr(attn, norm_k)(key)
+    return query, key, value
+
+
 class ModelAdapter:
     """Knowledge of one model family. Subclasses fill the class attributes and the two methods."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionLayer, LatentGeometry, ModelAdapter
+from .base import AttentionLayer, LatentGeometry, ModelAdapter, project_heads, sdpa_bnhd
 
 
 class CogVideoXAdapter(ModelAdapter):
@@ -39,10 +39,7 @@ class CogVideoXJointAttnProcessor:
     """
 
     def attend(self, attn, query, key, value, num_text: int) -> torch.Tensor:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        )
-        return out.transpose(1, 2)
+        return sdpa_bnhd(query, key, value)
 
     def __call__(
         self,
@@ -58,13 +55,7 @@ class CogVideoXJointAttnProcessor:
             raise ValueError(f"{type(self).__name__} does not take an attention mask (CogVideoX passes none)")
         num_text = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states, "to_q", "to_k", "to_v", "norm_q", "norm_k")
         if image_rotary_emb is not None:
             query = torch.cat(
                 [query[:, :num_text], apply_rotary_emb(query[:, num_text:], image_rotary_emb, sequence_dim=1)], 1

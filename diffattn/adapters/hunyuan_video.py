@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionLayer, LatentGeometry, ModelAdapter
+from .base import AttentionLayer, LatentGeometry, ModelAdapter, project_heads, sdpa_bnhd
 
 
 class HunyuanVideoAdapter(ModelAdapter):
@@ -46,11 +46,7 @@ class HunyuanVideoJointAttnProcessor:
     """
 
     def attend(self, attn, query, key, value, num_video: int, key_mask: torch.Tensor | None) -> torch.Tensor:
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
-        )
-        return out.transpose(1, 2)
+        return sdpa_bnhd(query, key, value, key_mask)
 
     def __call__(
         self,
@@ -67,13 +63,7 @@ class HunyuanVideoJointAttnProcessor:
         joint_input = attn.add_q_proj is None and encoder_hidden_states is not None
         if joint_input:  # single-stream blocks project video and text together
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states, "to_q", "to_k", "to_v", "norm_q", "norm_k")
         if image_rotary_emb is not None:
             query = torch.cat(
                 [apply_rotary_emb(query[:, :num_video], image_rotary_emb, sequence_dim=1), query[:, num_video:]], 1
@@ -82,13 +72,9 @@ class HunyuanVideoJointAttnProcessor:
                 [apply_rotary_emb(key[:, :num_video], image_rotary_emb, sequence_dim=1), key[:, num_video:]], 1
             )
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                enc_query = attn.norm_added_q(enc_query)
-            if attn.norm_added_k is not None:
-                enc_key = attn.norm_added_k(enc_key)
+            enc_query, enc_key, enc_value = project_heads(
+                attn, encoder_hidden_states, "add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"
+            )
             query = torch.cat([query, enc_query], dim=1)
             key = torch.cat([key, enc_key], dim=1)
             value = torch.cat([value, enc_value], dim=1)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import AttentionLayer, LatentGeometry, ModelAdapter
+from .base import AttentionLayer, LatentGeometry, ModelAdapter, sdpa_bnhd
 
 
 class LTXVideoAdapter(ModelAdapter):
@@ -48,10 +48,7 @@ class LTXVideoSelfAttnProcessor:
     """
 
     def attend(self, attn, query, key, value) -> torch.Tensor:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        )
-        return out.transpose(1, 2)
+        return sdpa_bnhd(query, key, value)
 
     def __call__(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionLayer, LatentGeometry, ModelAdapter
+from .base import AttentionLayer, LatentGeometry, ModelAdapter, project_heads, sdpa_bnhd
 
 
 class MochiAdapter(ModelAdapter):
@@ -46,9 +46,7 @@ class MochiJointAttnProcessor:
     """
 
     def attend(self, attn, query, key, value, num_video: int, key_mask: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=key_mask[:, None, None, :]
-        ).transpose(1, 2)
+        out = sdpa_bnhd(query, key, value, key_mask)
         return out * key_mask[:, :, None, None].to(out.dtype)
 
     def __call__(
@@ -60,20 +58,10 @@ class MochiJointAttnProcessor:
         image_rotary_emb: torch.Tensor | None = None,
     ):
         num_video, num_text = hidden_states.shape[1], encoder_hidden_states.shape[1]
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            enc_query = attn.norm_added_q(enc_query)
-        if attn.norm_added_k is not None:
-            enc_key = attn.norm_added_k(enc_key)
+        query, key, value = project_heads(attn, hidden_states, "to_q", "to_k", "to_v", "norm_q", "norm_k")
+        enc_query, enc_key, enc_value = project_heads(
+            attn, encoder_hidden_states, "add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"
+        )
         if image_rotary_emb is not None:
             query = _mochi_rotary(query, *image_rotary_emb)
             key = _mochi_rotary(key, *image_rotary_emb)

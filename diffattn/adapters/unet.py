@@ -53,6 +53,10 @@ class UNetAttnProcessor:
     (norms, projections, masks, residual) stays as diffusers does it, so the processor drops into any SD UNet.
     """
 
+    def value_states(self, attn: torch.nn.Module, context: torch.Tensor) -> torch.Tensor:
+        """The states the values are projected from: [B, Nk, C] (the keys' context unless a method changes it)."""
+        return context
+
     def attend(
         self,
         attn: torch.nn.Module,
@@ -99,7 +103,7 @@ class UNetAttnProcessor:
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(context)
-        value = attn.to_v(context)
+        value = attn.to_v(self.value_states(attn, context))
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionLayer, LatentGeometry, ModelAdapter
+from .base import AttentionLayer, LatentGeometry, ModelAdapter, sdpa_bnhd
 
 
 class WanAdapter(ModelAdapter):
@@ -54,10 +54,7 @@ class WanSelfAttnProcessor:
     """
 
     def attend(self, attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        )
-        return out.transpose(1, 2)
+        return sdpa_bnhd(query, key, value)
 
     def __call__(
         self,

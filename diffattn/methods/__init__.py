@@ -10,3 +10,4 @@ from .attention_maps import (
 )
 from .radial_attention import RadialAttentionConfig, radial_joint_attention
 from .radial_mask import plot_radial_mask, radial_block_mask, radial_density
+from .structured_guidance import StructuredCrossAttnProcessor, StructuredGuidanceConfig

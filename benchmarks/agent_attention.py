@@ -1,0 +1,164 @@
+"""Benchmark AgentSD and token merging against SDPA and tomesd, side by side in one run.
+
+    python benchmarks/agent_attention.py             # layer at 4,096 and 16,384 tokens; SD 1.5 UNet at 512 and 1024
+    python benchmarks/agent_attention.py --quick     # small smoke run
+
+Variants: the SDPA baseline (diffusers' AttnProcessor2_0), tomesd at the same merge ratio (installed with pip when
+missing, unless --no-install), diffattn's token merging (agent_ratio=None) and diffattn's agent mode (AgentSD's
+first-phase settings: stride 4, agent ratio 0.95). The UNet is the SD 1.5 config with random weights, batch 2;
+fp16 on a GPU, fp32 on the CPU. Results go to benchmarks/results/ with the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import diffattn
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import write_report  # noqa: E402
+
+
+MERGE_RATIO = 0.4  # AgentSD's ratio; tomesd and diffattn's ToMe mode use the same
+
+
+def sd15_unet(**overrides):
+    from diffusers import UNet2DConditionModel
+
+    config = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
+    config.update(overrides)
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**config)
+
+
+def tomesd_module(install: bool):
+    try:
+        return importlib.import_module("tomesd")
+    except ImportError:
+        if not install:
+            return None
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "tomesd"], check=False)
+        try:
+            return importlib.import_module("tomesd")
+        except ImportError:
+            return None
+
+
+def measure(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+VARIANTS = {
+    "tome": diffattn.AgentAttentionConfig(agent_ratio=None, ratio=MERGE_RATIO, stride=2),
+    "agent": diffattn.AgentAttentionConfig(ratio=MERGE_RATIO),
+}
+
+
+def bench_layer(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
+    """One SD 1.5 full-resolution self-attention layer (C=320, 8 heads of 40)."""
+    unet = sd15_unet(block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))  # fmt: skip
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to(device, dtype)
+    baseline = attn.processor
+    rows = []
+    for tokens in tokens_list:
+        x = torch.randn(2, tokens, 320, device=device, dtype=dtype)
+        with torch.no_grad():
+            t_sdpa = measure(lambda: baseline(attn, x), device, warmup, repeats)
+            row = {"bench": "layer", "tokens": tokens, "sdpa_ms": round(t_sdpa, 2)}
+            for name, config in VARIANTS.items():
+                processor = diffattn.AgentAttentionProcessor(config)  # no state: square grid, first phase
+                t = measure(lambda p=processor: p(attn, x), device, warmup, repeats)
+                row[f"{name}_ms"] = round(t, 2)
+                row[f"{name}_speedup"] = round(t_sdpa / t, 3)
+        rows.append(row)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_unet(sizes, device, dtype, warmup, repeats, tomesd) -> list[dict]:
+    unet = sd15_unet().to(device, dtype).eval()
+    rows = []
+    for pixels, warmup, repeats in sizes:
+        latents = torch.randn(2, 4, pixels // 8, pixels // 8, device=device, dtype=dtype)
+        text = torch.randn(2, 77, 768, device=device, dtype=dtype)
+        timestep = torch.tensor([500.0, 500.0], device=device)
+
+        def forward():
+            with torch.no_grad():
+                return unet(latents, timestep, text).sample
+
+        t_sdpa = measure(forward, device, warmup, repeats)
+        row = {"bench": "unet", "pixels": pixels, "batch": 2, "sdpa_ms": round(t_sdpa, 1)}
+        if tomesd is not None:
+            tomesd.apply_patch(unet, ratio=MERGE_RATIO)
+            try:
+                t = measure(forward, device, warmup, repeats)
+                row.update(tomesd_ms=round(t, 1), tomesd_speedup=round(t_sdpa / t, 3))
+            except Exception as exc:  # report a peer that breaks on this diffusers, do not hide it
+                row["tomesd_error"] = repr(exc)[:200]
+            finally:
+                tomesd.remove_patch(unet)
+        for name, config in VARIANTS.items():
+            handle = diffattn.apply(unet, config)
+            t = measure(forward, device, warmup, repeats)
+            handle.remove()
+            row.update({f"{name}_ms": round(t, 1), f"{name}_speedup": round(t_sdpa / t, 3)})
+        rows.append(row)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-install", action="store_true", help="do not pip-install tomesd when it is missing")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = args.device
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    tomesd = tomesd_module(install=not args.no_install)
+    # unet sizes: (pixels, warmup calls, timed calls); a CPU forward at 1024 px takes about a minute
+    if args.quick:
+        layer_tokens, unet_sizes, warmup, repeats = [1024], [(256, 1, 1)], 1, 1
+    elif device == "cuda":
+        layer_tokens, unet_sizes, warmup, repeats = [4096, 16384], [(512, 3, 10), (1024, 3, 10)], 3, 10
+    else:
+        layer_tokens, unet_sizes, warmup, repeats = [4096, 16384], [(512, 1, 2), (1024, 1, 1)], 1, 3
+    rows = bench_layer(layer_tokens, device, dtype, warmup, repeats)
+    rows += bench_unet(unet_sizes, device, dtype, warmup, repeats, tomesd)
+    fields = {
+        "dtype": str(dtype).replace("torch.", ""),
+        "tomesd": getattr(tomesd, "__version__", "installed") if tomesd is not None else None,
+        "merge_ratio": MERGE_RATIO,
+        "variants": {k: repr(v) for k, v in VARIANTS.items()},
+        "results": rows,
+    }
+    write_report("agent_attention", device, fields, quick=args.quick, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
