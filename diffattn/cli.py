@@ -84,10 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--agent", action="store_true", help="AgentSD: token merging plus agent attention")
     agent.add_argument("--tome", action="store_true", help="plain token merging (tomesd's method)")
     agent.add_argument("--merge-ratio", type=float, default=None, help="fraction of tokens merged (0.4 / 0.5)")
-    structured = gen.add_argument_group("structured diffusion guidance (Stable Diffusion UNets)")
+    structured = gen.add_argument_group("cross-attention editing (Stable Diffusion UNets)")
     structured.add_argument("--structured", action="store_true", help="noun-phrase-aware cross-attention")
     structured.add_argument("--conjunction", action="store_true", help="with --structured: conjunction mode")
     structured.add_argument("--phrase", action="append", default=None, help="a noun phrase to use (repeatable)")
+    structured.add_argument(
+        "--astar", nargs="?", const="astar", choices=["astar", "attend_and_excite", "both"], default=None,
+        help="A-STAR latent updates (optionally the Attend-and-Excite loss, or both)",
+    )  # fmt: skip
     radial = gen.add_argument_group("radial attention (video models)")
     radial.add_argument("--radial", action="store_true", help="apply radial attention to the video self-attention")
     radial.add_argument("--decay-factor", type=float, default=None, help="band width factor lambda (default 1.0)")
@@ -214,6 +218,9 @@ def _quiet_libraries() -> None:
 
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+    # Loading bars go too; the denoising progress bar (the pipeline's own tqdm) stays.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 _RADIAL_FLAGS = {
@@ -286,8 +293,9 @@ def _generate(args: argparse.Namespace) -> int:
         radial=radial_config_from_args(args),
         agent=agent_config_from_args(args),
         structured=structured_config_from_args(args),
+        astar=args.astar,
     )
-    suffix = "".join(f"-{name}" for name in ("radial", "agent", "tome", "structured") if getattr(args, name))
+    suffix = "".join(f"-{name}" for name in ("radial", "agent", "tome", "structured", "astar") if getattr(args, name))
     stem = f"{Path(args.model).name}-seed{args.seed}{suffix}"
     for path in save_result(result, args.out, stem, fps=args.fps):
         print(path)

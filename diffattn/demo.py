@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .generation import generate, save_result
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.radial_attention import RadialAttentionConfig
+from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import PRESETS
 
 
@@ -100,6 +101,25 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
                 "agent_files": [str(p.relative_to(out_dir)) for p in agent_files],
             }
         )
+    editing_rows = []
+    if "tiny-sd" in names:
+        prompt = "a red cat and a blue chair"
+        variants = {
+            "plain": {},
+            "structured": {"structured": StructuredGuidanceConfig()},
+            "a-star": {"astar": "astar"},
+        }
+        for label, extra in variants.items():
+            result = generate("tiny-sd", prompt, steps=steps, seed=seed, **extra)
+            files = save_result(result, run_dir, f"tiny-sd-editing-{label}")
+            editing_rows.append(
+                {
+                    "method": label,
+                    "prompt": prompt,
+                    "seconds": round(result.seconds, 3),
+                    "files": [str(p.relative_to(out_dir)) for p in files],
+                }  # fmt: skip
+            )
     meta = {
         "prompt": DEMO_PROMPT,
         "steps": steps,
@@ -111,6 +131,7 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
         "results": rows,
         "radial": radial_rows,
         "agent": agent_rows,
+        "editing": editing_rows,
     }
     (run_dir / "report.json").write_text(json.dumps(meta, indent=2))
     index = out_dir / "index.html"
@@ -176,6 +197,20 @@ def _report_html(meta: dict) -> str:
         radial_html += (
             "<section><h2>Agent attention (AgentSD): SDPA vs merged tokens with agents, same seed</h2>"
             f"<p>{html.escape(meta['agent'][0]['config'])}</p><table>{''.join(agent_cards)}</table></section>"
+        )
+    editing = meta.get("editing", [])
+    if editing:
+        cells = "".join(
+            f"<td><b>{html.escape(row['method'])}</b>: {row['seconds']:.2f} s<br>"
+            + "".join(f'<img src="{html.escape(f)}" style="max-width:380px"><br>' for f in row["files"])
+            + "</td>"
+            for row in editing
+        )
+        radial_html += (
+            "<section><h2>Cross-attention editing: plain, structured guidance, A-STAR</h2>"
+            f"<p>Prompt: <i>{html.escape(editing[0]['prompt'])}</i>. Heatmaps are the cross-attention maps per token "
+            "(none for structured guidance, which owns those layers).</p>"
+            f"<table><tr>{cells}</tr></table></section>"
         )
     table = "".join(
         f"<tr><td>{html.escape(r['preset'])}</td><td>{r['kind']}</td><td>{r['generate_seconds']:.2f}</td></tr>"

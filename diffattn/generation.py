@@ -90,12 +90,14 @@ def generate(
     radial: RadialAttentionConfig | None = None,
     agent: AgentAttentionConfig | None = None,
     structured: StructuredGuidanceConfig | None = None,
+    astar: str | None = None,
     pipe: Any | None = None,
 ) -> GenerationResult:
     """Generate one image or video; for SD-family models also the cross-attention heatmap grid.
 
     With `radial`, radial attention is applied for this call (video models) and the result carries the mask
-    picture and its density. With `agent`, AgentSD / token merging is applied (Stable Diffusion UNets).
+    picture and its density. With `agent`, AgentSD / token merging is applied (Stable Diffusion UNets). With
+    `astar` ("astar", "attend_and_excite" or "both"), the call runs `AStarPipeline` on the same components.
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt='' is not allowed: give a non-empty prompt")
@@ -111,6 +113,8 @@ def generate(
     if negative_prompt:
         kwargs["negative_prompt"] = negative_prompt
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    if astar is not None:
+        return _generate_astar(model, pipe, prompt, astar, steps, seed, generator, kwargs)
     configs = []
     # Structured guidance owns the cross-attention layers the map recorder would need; maps are skipped with it.
     if attention_maps and supports_attention_maps(pipe) and structured is None:
@@ -149,6 +153,29 @@ def generate(
         result.images = list(output.images)
     result.attention_grid = grid
     logger.info("generated %s with %s in %.2fs", result.kind, model, seconds)
+    return result
+
+
+def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs) -> GenerationResult:
+    from diffusers import StableDiffusionPipeline
+
+    from .pipelines import AStarPipeline
+
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise ValueError(f"A-STAR runs on Stable Diffusion 1.x/2.x pipelines; {model!r} is {type(pipe).__name__}")
+    astar_pipe = AStarPipeline(**pipe.components)
+    astar_pipe.set_progress_bar_config(leave=False)
+    call = {k: v for k, v in kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
+    start = time.perf_counter()
+    output = astar_pipe(
+        prompt, loss=loss, num_inference_steps=steps, max_iter_to_alter=max(1, steps // 2), generator=generator, **call
+    )
+    seconds = time.perf_counter() - start
+    result = GenerationResult(
+        model, prompt, seed, "image", images=list(output.images), seconds=seconds, call_kwargs=call
+    )
+    result.attention_grid = _attention_grid(pipe, output.maps, prompt, output.images[0])
+    result.radial_mask = result.radial_density = None
     return result
 
 

@@ -68,6 +68,8 @@ def test_generate_video_as_mp4(tmp_path, capsys):
         (["generate", "-p", "x", "--radial", "--block-size", "32"], "argument --block-size: invalid choice: 32"),
         (["generate", "-p", "x", "--agent", "--tome"], "--agent and --tome are alternatives"),
         (["generate", "-p", "x", "--conjunction"], "--conjunction and --phrase need --structured"),
+        (["generate", "-p", "a cat", "-m", "tiny-sdxl", "--astar"], "A-STAR runs on Stable Diffusion 1.x/2.x"),
+        (["generate", "-p", "a cat", "--astar", "iou"], "argument --astar: invalid choice: 'iou'"),
         (["generate", "-p", "a cat", "--structured", "--phrase", "a dog"], "phrase='a dog' does not occur"),
         (["generate", "-p", "x", "--merge-ratio", "0.3"], "--merge-ratio needs --agent or --tome"),
         (["generate", "-p", "x", "--tome", "--merge-ratio", "2"], "ratio=2.0 is not allowed"),
@@ -94,7 +96,7 @@ def test_generate_with_radial_attention_saves_video_and_mask(tmp_path, capsys):
     assert mask.size[0] == mask.size[1] >= 9  # 9 x 9 blocks of 64 for 9 latent frames of 64 tokens
 
 
-@pytest.mark.parametrize("flag", ["--agent", "--tome", "--structured"])
+@pytest.mark.parametrize("flag", ["--agent", "--tome", "--structured", "--astar"])
 def test_generate_with_token_merging(tmp_path, capsys, flag):
     args = [
         "generate",
@@ -154,5 +156,8 @@ def test_demo_writes_report_with_every_preset(tmp_path, capsys):
     for row in agent_rows.values():
         assert row["dense_seconds"] > 0 and row["agent_seconds"] > 0
         assert all((tmp_path / f).is_file() and f in html for f in row["dense_files"] + row["agent_files"])
+    editing = {r["method"]: r for r in report["editing"]}
+    assert set(editing) == {"plain", "structured", "a-star"}
+    assert any(f.endswith("-attention.png") for f in editing["a-star"]["files"])
     assert main(["demo", "--out", str(tmp_path), "--steps", "1", "--presets", "tiny-sd"]) == 0
     assert len(list(tmp_path.glob("run-*"))) == 2  # an earlier run is kept

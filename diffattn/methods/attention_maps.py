@@ -34,10 +34,13 @@ class AttentionMapConfig(MethodConfig):
         resolution: the attention level to record, as its size in tokens at the model's default sample size
             (int or (h, w)); None picks the level nearest 16x16.
         tokens: prompt token positions to keep (0 is the start token); None keeps every token.
+        keep_grad: keep the maps in the autograd graph when the forward runs with gradients (losses on attention,
+            as A-STAR and Attend-and-Excite optimise); otherwise maps are detached.
     """
 
     resolution: int | tuple[int, int] | None = None
     tokens: tuple[int, ...] | None = None
+    keep_grad: bool = False
 
     def __post_init__(self):
         if self.resolution is not None:
@@ -74,10 +77,17 @@ class AttentionMapProcessor(UNetAttnProcessor):
     and the level shape is taken as square.
     """
 
-    def __init__(self, store: MapStore, state: DenoiserState | None = None, tokens: Sequence[int] | None = None):
+    def __init__(
+        self,
+        store: MapStore,
+        state: DenoiserState | None = None,
+        tokens: Sequence[int] | None = None,
+        keep_grad: bool = False,
+    ):
         self.store = store
         self.state = state
         self.tokens = None if tokens is None else list(tokens)
+        self.keep_grad = keep_grad
 
     def attend(self, attn, query, key, value, attention_mask, is_cross):
         out, probs = attention_with_probs(query, key, value, scale=attn.scale, attn_mask=attention_mask)
@@ -88,7 +98,7 @@ class AttentionMapProcessor(UNetAttnProcessor):
     def _record(self, probs: torch.Tensor) -> None:
         # probs: [B, H, Nq, Nk] -> head mean [B, Nq, T] -> [B, T, h, w]
         batch, _, num_queries, num_keys = probs.shape
-        maps = probs.detach().mean(dim=1)
+        maps = (probs if self.keep_grad and probs.requires_grad else probs.detach()).mean(dim=1)
         if self.tokens is not None:
             if max(self.tokens) >= num_keys:
                 raise ValueError(
@@ -137,10 +147,21 @@ class AttentionMapMethod(AttentionMethod):
                     f"default size {sample_h}x{sample_w}; allowed: {allowed}"
                 )
         self.resolution = level
-        return {layer.key: AttentionMapProcessor(self.store, state, self.config.tokens) for layer in by_level[level]}
+        return {
+            layer.key: AttentionMapProcessor(self.store, state, self.config.tokens, self.config.keep_grad)
+            for layer in by_level[level]
+        }
 
     def begin_run(self) -> None:
         self.store.clear()
+
+    def current(self) -> torch.Tensor:
+        """Maps of the denoiser call that just ran, [batch, tokens, h, w], averaged over the level's layers (in the
+        autograd graph with keep_grad)."""
+        key = (self.state.step_index, self.state.call_index)
+        if key not in self.store.sums:
+            raise RuntimeError("no attention maps were recorded in the last denoiser call")
+        return self.store.sums[key] / self.store.counts[key]
 
     def maps(self, call: int = -1, conditional_only: bool = False) -> torch.Tensor:
         """Maps of the last run, `[steps, batch, tokens, h, w]` (float32, CPU), averaged over heads and layers.

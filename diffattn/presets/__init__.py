@@ -122,6 +122,19 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def _save_quietly(pipe: Any, folder: Path) -> None:
+    """save_pretrained without the per-shard progress bars of transformers and the hub client (a one-off build)."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # also the hub client's
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def preset_path(name: str, root: Path | None = None) -> Path:
     """The folder holding preset `name` in diffusers format, built and saved there on first use.
 
@@ -138,7 +151,7 @@ def preset_path(name: str, root: Path | None = None) -> Path:
     pipe = preset.build()
     tmp = Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=target.parent))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        _save_quietly(pipe, tmp)
         try:
             os.replace(tmp, target)
         except OSError:

@@ -1,0 +1,175 @@
+"""`AStarPipeline`: Stable Diffusion with A-STAR's test-time attention losses (and/or Attend-and-Excite's).
+
+For the first `max_iter_to_alter` steps, before the ordinary classifier-free-guidance step, the pipeline runs the
+UNet on the conditional branch with gradients, reads the concept tokens' cross-attention maps at one resolution
+(only those layers leave SDPA and store maps), computes the loss and moves the latents against its gradient:
+z <- z - alpha_t * grad_z L, alpha_t = scale_factor * sqrt(linspace(scale_range)). At the refinement steps
+(`thresholds`, Attend-and-Excite's iterative refinement, used with loss="attend_and_excite" or "both") the
+update repeats while the attend-and-excite part stays above 1 - threshold, at most `max_refinement_steps` times. Loads with `from_pretrained` like any pipeline:
+
+    pipe = AStarPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    out = pipe("a cat and a frog", loss="astar")       # out.images, out.losses (per step, per iteration)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from ..control import apply
+from ..methods.astar import (
+    attend_and_excite_loss,
+    binarize,
+    concept_maps,
+    retention_loss,
+    segregation_loss,
+)
+from ..methods.attention_maps import AttentionMapConfig, AttentionMapMethod
+from ..text import concept_words, token_spans
+
+
+LOSSES = ("astar", "attend_and_excite", "both")
+
+
+@dataclass
+class AStarPipelineOutput(BaseOutput):
+    """images: as StableDiffusionPipeline returns them; losses[i]: the loss of each update at step i (empty past
+    `max_iter_to_alter`); maps: the conditional cross-attention maps of the ordinary step, [steps, batch, tokens,
+    h, w] at the loss resolution."""
+
+    images: Any
+    losses: list[list[float]]
+    maps: torch.Tensor | None = None
+
+
+def concept_token_indices(tokenizer, prompt: str) -> list[int]:
+    """The last token position of each concept word (head noun) of the prompt, first occurrences in order."""
+    indices, used = [], set()
+    for word in concept_words(prompt):
+        for start, end in token_spans(tokenizer, prompt, word):
+            if end - 1 not in used:
+                indices.append(end - 1)
+                used.add(end - 1)
+                break
+    return indices
+
+
+class AStarPipeline(StableDiffusionPipeline):
+    """StableDiffusionPipeline whose denoising loop applies A-STAR / Attend-and-Excite latent updates."""
+
+    def _attention_losses(self, latents, t, cond_embeds, maps_method, indices, previous_binary, options):
+        latent_in = self.scheduler.scale_model_input(latents, t)
+        self.unet(latent_in, t, encoder_hidden_states=cond_embeds)
+        maps = concept_maps(maps_method.current(), indices, smooth=options["smooth"], sigma=options["sigma"])
+        parts = {"excite": attend_and_excite_loss(maps)}
+        if options["loss"] in ("astar", "both"):
+            parts["segregation"] = segregation_loss(maps)
+            if previous_binary is not None:
+                parts["retention"] = retention_loss(maps, previous_binary)
+        total = sum(v for k, v in parts.items() if options["loss"] != "astar" or k != "excite")
+        return total, parts, maps
+
+    def __call__(
+        self,
+        prompt: str,
+        token_indices: list[int] | None = None,
+        *,
+        loss: str = "astar",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        max_iter_to_alter: int = 25,
+        scale_factor: float = 20.0,
+        scale_range: tuple[float, float] = (1.0, 0.5),
+        thresholds: dict[int, float] | None = None,
+        max_refinement_steps: int = 20,
+        attention_resolution: int | None = None,
+        smooth: bool = True,
+        sigma: float = 0.5,
+        retention_threshold: float = 0.5,
+    ):
+        """Generate with attention-loss latent updates. `token_indices`: concept token positions (the start token
+        is 0); by default the concept words `diffattn.text.concept_words` finds. `loss`: "astar" (segregation +
+        retention), "attend_and_excite", or "both"."""
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is not allowed: expected one of {', '.join(LOSSES)}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be one non-empty string (batch with num_images_per_prompt)")
+        indices = list(token_indices) if token_indices is not None else concept_token_indices(self.tokenizer, prompt)
+        if not indices:
+            raise ValueError(f"found no concept tokens in prompt={prompt!r}: pass token_indices")
+        thresholds = {0: 0.05, 10: 0.5, 20: 0.8} if thresholds is None else thresholds
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        device = self._execution_device
+        self._guidance_scale = guidance_scale
+        do_cfg = guidance_scale > 1.0
+        cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, do_cfg, negative_prompt)
+        # Only the layers at the map resolution leave SDPA; they keep their maps in the graph for the losses.
+        handle = apply(self, AttentionMapConfig(resolution=attention_resolution, keep_grad=True))
+        maps_method = handle.method(AttentionMapMethod)
+        losses: list[list[float]] = []
+        previous_binary = None
+        try:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)  # starts the run diffattn tracks
+            timesteps = self.scheduler.timesteps
+            latents = self.prepare_latents(
+                num_images_per_prompt, self.unet.config.in_channels, height, width, cond.dtype, device, generator,
+                latents,
+            )  # fmt: skip
+            extra = self.prepare_extra_step_kwargs(generator, 0.0)
+            step_sizes = scale_factor * np.sqrt(np.linspace(scale_range[0], scale_range[1], len(timesteps)))
+            options = {"loss": loss, "smooth": smooth, "sigma": sigma}
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                step_losses: list[float] = []
+                if i < max_iter_to_alter:
+                    target = thresholds.get(i) if loss != "astar" else None  # refinement is Attend-and-Excite's
+                    for attempt in range(1 + (max_refinement_steps if target is not None else 0)):
+                        with torch.enable_grad():
+                            latents = latents.detach().requires_grad_(True)
+                            total, parts, maps = self._attention_losses(
+                                latents, t, cond, maps_method, indices, previous_binary, options
+                            )
+                            step_losses.append(float(total.detach()))
+                            if total.requires_grad and float(total.detach()) != 0.0:
+                                grad = torch.autograd.grad(total, latents)[0]
+                                latents = latents - step_sizes[i] * grad
+                        latents = latents.detach()
+                        if target is None or float(parts["excite"].detach()) / maps.shape[0] <= 1.0 - target:
+                            break
+                    previous_binary = binarize(maps.detach(), retention_threshold)
+                losses.append(step_losses)
+                with torch.no_grad():
+                    model_in = torch.cat([latents] * 2) if do_cfg else latents
+                    model_in = self.scheduler.scale_model_input(model_in, t)
+                    embeds = torch.cat([uncond, cond]) if do_cfg else cond
+                    noise = self.unet(model_in, t, encoder_hidden_states=embeds).sample
+                    if do_cfg:
+                        noise_uncond, noise_text = noise.chunk(2)
+                        noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                    latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            final_maps = maps_method.maps(conditional_only=do_cfg)
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            if output_type == "latent":
+                images = latents
+            else:
+                image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+                images = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, losses
+        return AStarPipelineOutput(images=images, losses=losses, maps=final_maps)
