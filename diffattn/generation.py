@@ -157,13 +157,16 @@ def generate(
 
 
 def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs) -> GenerationResult:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .pipelines import AStarPipeline
+    from .pipelines import AStarPipeline, AStarXLPipeline
 
-    if not isinstance(pipe, StableDiffusionPipeline):
-        raise ValueError(f"A-STAR runs on Stable Diffusion 1.x/2.x pipelines; {model!r} is {type(pipe).__name__}")
-    astar_pipe = AStarPipeline(**pipe.components)
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        astar_pipe = AStarXLPipeline(**pipe.components)
+    elif isinstance(pipe, StableDiffusionPipeline):
+        astar_pipe = AStarPipeline(**pipe.components)
+    else:
+        raise ValueError(f"A-STAR runs on Stable Diffusion 1.x/2.x/XL pipelines; {model!r} is {type(pipe).__name__}")
     astar_pipe.set_progress_bar_config(leave=False)
     call = {k: v for k, v in kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Pipelines that own their denoising loop (import name diffattn.pipelines)."""
 
-from .astar import AStarPipeline, AStarPipelineOutput, concept_token_indices
+from .astar import AStarPipeline, AStarPipelineOutput, AStarXLPipeline, concept_token_indices
 
 
-__all__ = ["AStarPipeline", "AStarPipelineOutput", "concept_token_indices"]
+__all__ = ["AStarPipeline", "AStarXLPipeline", "AStarPipelineOutput", "concept_token_indices"]

@@ -1,4 +1,5 @@
-"""`AStarPipeline`: Stable Diffusion with A-STAR's test-time attention losses (and/or Attend-and-Excite's).
+"""`AStarPipeline` / `AStarXLPipeline`: Stable Diffusion (1.x/2.x, SDXL) with A-STAR's test-time attention losses
+(and/or Attend-and-Excite's).
 
 For the first `max_iter_to_alter` steps, before the ordinary classifier-free-guidance step, the pipeline runs the
 UNet on the conditional branch with gradients, reads the concept tokens' cross-attention maps at one resolution
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 
 from ..control import apply
@@ -59,12 +60,18 @@ def concept_token_indices(tokenizer, prompt: str) -> list[int]:
     return indices
 
 
-class AStarPipeline(StableDiffusionPipeline):
-    """StableDiffusionPipeline whose denoising loop applies A-STAR / Attend-and-Excite latent updates."""
+class _AStarLoop:
+    """The A-STAR denoising loop, shared by the SD and SDXL pipelines; they differ only in their conditioning."""
 
-    def _attention_losses(self, latents, t, cond_embeds, maps_method, indices, previous_binary, options):
+    def _conditioning(self, prompt, negative_prompt, num_images, do_cfg, device, height, width):
+        """(cond, uncond, added_cond, added_uncond): text embeddings and, for SDXL, its added conditioning."""
+        cond, uncond = self.encode_prompt(prompt, device, num_images, do_cfg, negative_prompt)
+        return cond, uncond, None, None
+
+    def _attention_losses(self, latents, t, cond, maps_method, indices, previous_binary, options):
+        cond_embeds, added = cond
         latent_in = self.scheduler.scale_model_input(latents, t)
-        self.unet(latent_in, t, encoder_hidden_states=cond_embeds)
+        self.unet(latent_in, t, encoder_hidden_states=cond_embeds, added_cond_kwargs=added)
         maps = concept_maps(maps_method.current(), indices, smooth=options["smooth"], sigma=options["sigma"])
         parts = {"excite": attend_and_excite_loss(maps)}
         if options["loss"] in ("astar", "both"):
@@ -116,7 +123,10 @@ class AStarPipeline(StableDiffusionPipeline):
         device = self._execution_device
         self._guidance_scale = guidance_scale
         do_cfg = guidance_scale > 1.0
-        cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, do_cfg, negative_prompt)
+        with torch.no_grad():  # the text encoders stay out of the loss's graph
+            cond, uncond, added_cond, added_uncond = self._conditioning(
+                prompt, negative_prompt, num_images_per_prompt, do_cfg, device, height, width
+            )
         # Only the layers at the map resolution leave SDPA; they keep their maps in the graph for the losses.
         handle = apply(self, AttentionMapConfig(resolution=attention_resolution, keep_grad=True))
         maps_method = handle.method(AttentionMapMethod)
@@ -140,7 +150,7 @@ class AStarPipeline(StableDiffusionPipeline):
                         with torch.enable_grad():
                             latents = latents.detach().requires_grad_(True)
                             total, parts, maps = self._attention_losses(
-                                latents, t, cond, maps_method, indices, previous_binary, options
+                                latents, t, (cond, added_cond), maps_method, indices, previous_binary, options
                             )
                             step_losses.append(float(total.detach()))
                             if total.requires_grad and float(total.detach()) != 0.0:
@@ -155,7 +165,10 @@ class AStarPipeline(StableDiffusionPipeline):
                     model_in = torch.cat([latents] * 2) if do_cfg else latents
                     model_in = self.scheduler.scale_model_input(model_in, t)
                     embeds = torch.cat([uncond, cond]) if do_cfg else cond
-                    noise = self.unet(model_in, t, encoder_hidden_states=embeds).sample
+                    added = added_cond
+                    if do_cfg and added_cond is not None:
+                        added = {k: torch.cat([added_uncond[k], added_cond[k]]) for k in added_cond}
+                    noise = self.unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
                     if do_cfg:
                         noise_uncond, noise_text = noise.chunk(2)
                         noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
@@ -167,9 +180,39 @@ class AStarPipeline(StableDiffusionPipeline):
             if output_type == "latent":
                 images = latents
             else:
+                latents = latents.to(self.vae.dtype)
                 image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
                 images = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, losses
         return AStarPipelineOutput(images=images, losses=losses, maps=final_maps)
+
+
+class AStarPipeline(_AStarLoop, StableDiffusionPipeline):
+    """StableDiffusionPipeline (SD 1.x / 2.x) whose denoising loop applies A-STAR / Attend-and-Excite updates."""
+
+
+class AStarXLPipeline(_AStarLoop, StableDiffusionXLPipeline):
+    """StableDiffusionXLPipeline whose denoising loop applies A-STAR / Attend-and-Excite updates."""
+
+    def _conditioning(self, prompt, negative_prompt, num_images, do_cfg, device, height, width):
+        cond, uncond, pooled, pooled_uncond = self.encode_prompt(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompt,
+        )
+        time_ids = self._sdxl_time_ids(height, width, cond.dtype, device).repeat(cond.shape[0], 1)
+        added_cond = {"text_embeds": pooled, "time_ids": time_ids}
+        added_uncond = {"text_embeds": pooled_uncond, "time_ids": time_ids} if do_cfg else None
+        return cond, uncond, added_cond, added_uncond
+
+    def _sdxl_time_ids(self, height: int, width: int, dtype, device) -> torch.Tensor:
+        # diffusers' private _get_add_time_ids: SDXL's size and crop conditioning (isolated here).
+        projection = self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None else None
+        ids = self._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=projection
+        )
+        return ids.to(device)

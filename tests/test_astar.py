@@ -120,3 +120,22 @@ def test_astar_changes_the_result_and_errors():
         pipe("a cat", loss="iou")
     with pytest.raises(ValueError, match="found no concept tokens"):
         pipe("!!!")
+
+
+def test_sdxl_pipeline_runs_with_batch_two():
+    from diffattn.pipelines import AStarXLPipeline
+
+    pipe = AStarXLPipeline.from_pretrained(preset_path("tiny-sdxl"))
+    pipe.set_progress_bar_config(disable=True)
+    prompt, kwargs = "a red cat and a blue chair", {"num_inference_steps": 3, "num_images_per_prompt": 2}
+    plain = pipe(
+        prompt, max_iter_to_alter=0, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs
+    )
+    moved = pipe(
+        prompt, loss="both", max_iter_to_alter=2, thresholds={}, generator=torch.Generator().manual_seed(0),
+        output_type="latent", **kwargs,
+    )  # fmt: skip
+    assert [len(x) for x in moved.losses] == [1, 1, 0] and moved.maps.shape[1] == 2
+    assert (moved.images - plain.images).abs().max() > 1e-5  # the updates moved the latents
+    out = pipe("a red cat", max_iter_to_alter=1, output_type="pt", **kwargs)
+    assert out.images.shape == (2, 3, 256, 256) and torch.isfinite(out.images).all()

@@ -68,7 +68,7 @@ def test_generate_video_as_mp4(tmp_path, capsys):
         (["generate", "-p", "x", "--radial", "--block-size", "32"], "argument --block-size: invalid choice: 32"),
         (["generate", "-p", "x", "--agent", "--tome"], "--agent and --tome are alternatives"),
         (["generate", "-p", "x", "--conjunction"], "--conjunction and --phrase need --structured"),
-        (["generate", "-p", "a cat", "-m", "tiny-sdxl", "--astar"], "A-STAR runs on Stable Diffusion 1.x/2.x"),
+        (["generate", "-p", "a cat", "-m", "tiny-wan", "--astar"], "A-STAR runs on Stable Diffusion 1.x/2.x/XL"),
         (["generate", "-p", "a cat", "--astar", "iou"], "argument --astar: invalid choice: 'iou'"),
         (["generate", "-p", "a cat", "--structured", "--phrase", "a dog"], "phrase='a dog' does not occur"),
         (["generate", "-p", "x", "--merge-ratio", "0.3"], "--merge-ratio needs --agent or --tome"),
