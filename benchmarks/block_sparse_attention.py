@@ -22,12 +22,21 @@ import torch
 import torch.nn.functional as F
 
 from diffattn.kernels import BlockSparseLayout, block_sparse_attention
+from diffattn.methods.radial_mask import radial_block_mask
 
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import write_report  # noqa: E402
 
 
+# shape name -> (latent frames, tokens per frame, decay factor, sink frames) of the radial mask at that shape
+RADIAL = {
+    "wan-1.3b-480p": (21, 1560, 0.2, 1),
+    "wan-1.3b-720p": (21, 3600, 0.2, 1),
+    "hunyuan-720p": (30, 3840, 0.95, 0),
+    "cpu-reduced": (16, 512, 0.2, 1),
+    "quick": (8, 256, 1.0, 1),
+}
 GPU_SHAPES = [  # (name, batch, heads, tokens, head dim)
     ("wan-1.3b-480p", 1, 12, 32760, 128),
     ("wan-1.3b-720p", 1, 12, 75600, 128),
@@ -52,8 +61,8 @@ def timer(device: str):
 
         return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
 
-    def cpu_time(fn, warmup: int = 3, repeats: int = 7) -> float:
-        for _ in range(warmup):  # the allocator and caches settle over the first calls
+    def cpu_time(fn, warmup: int = 10, repeats: int = 7) -> float:
+        for _ in range(warmup):  # measured: the gather path settles only after ~10 calls (allocator, caches)
             fn()
         times = []
         for _ in range(repeats):
@@ -104,9 +113,14 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool)
                 _row(name, b, h, n, d, dtype, pass_name, "dense-sdpa", 1.0, t_dense, t_dense, flops * flop_factor)
             )
             print(_fmt(rows[-1]), flush=True)
-            for density in densities:
-                blocks = math.ceil(n / 128)
-                layout = BlockSparseLayout(random_block_mask(blocks, density, seed=blocks, device=device), 128)
+            blocks = math.ceil(n / 128)
+            masks = [(f"random-{d:.2f}", random_block_mask(blocks, d, seed=blocks, device=device)) for d in densities]
+            if name in RADIAL:
+                frames, per_frame, decay, sink = RADIAL[name]
+                radial = radial_block_mask(frames, per_frame, decay_factor=decay, sink_frames=sink)
+                masks.append((f"radial-{frames}x{per_frame}", radial.to(device)))
+            for mask_name, mask in masks:
+                layout = BlockSparseLayout(mask, 128)
                 for backend in sparse_backends:
                     if backend == "flex" and train and device != "cuda":
                         continue  # PyTorch has no FlexAttention backward on the CPU
@@ -119,7 +133,7 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool)
                         continue
                     rows.append(
                         _row(name, b, h, n, d, dtype, pass_name, backend, layout.density, t_sparse, t_dense,
-                             flops * flop_factor)
+                             flops * flop_factor) | {"mask": mask_name}
                     )  # fmt: skip
                     print(_fmt(rows[-1]), flush=True)
     return rows
@@ -148,7 +162,7 @@ def _row(name, b, h, n, d, dtype, pass_name, backend, density, t_ms, t_dense_ms,
 
 def _fmt(row: dict) -> str:
     return (
-        f"{row['shape']:>14} {row['pass']:>16} {row['backend']:>10} density {row['density']:.3f}  "
+        f"{row['shape']:>14} {row['pass']:>16} {row['backend']:>10} {row.get('mask', ''):>16} density {row['density']:.3f}  "
         f"{row['time_ms']:9.2f} ms  x{row['speedup_vs_dense']:6.2f}  ideal-frac {row['fraction_of_ideal']:.2f}  "
         f"{row['actual_tflops']:.2f} TFLOP/s"
     )
@@ -175,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = None
     fields = {
         "triton": triton_version,
-        "notes": "random block masks (diagonal kept), block 128; dense = SDPA (flash backend on GPU); "
+        "notes": "random block masks (diagonal kept) and the radial mask of the shape's geometry, block 128; "
+        "dense = SDPA (flash backend on GPU); "
         "flex = FlexAttention compiled on the same BlockMask; CPU has no flex backward",
         "results": rows,
     }

@@ -350,6 +350,7 @@ def test_benchmark_smoke_run_writes_json(tmp_path):
     assert report["device"].startswith("cpu") and report["torch"] == torch.__version__
     backends = {r["backend"] for r in report["results"]}
     assert backends == {"dense-sdpa", "gather", "flex"}
+    assert any(r.get("mask", "").startswith("radial-") for r in report["results"])
     for row in report["results"]:
         assert row["time_ms"] > 0
         assert row["fraction_of_ideal"] == pytest.approx(row["speedup_vs_dense"] * row["density"], abs=2e-3)
