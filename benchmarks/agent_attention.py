@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ import diffattn
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import write_report  # noqa: E402
+from _report import median_ms, write_report  # noqa: E402
 
 
 MERGE_RATIO = 0.4  # AgentSD's ratio; tomesd and diffattn's ToMe mode use the same
@@ -55,18 +53,7 @@ def tomesd_module(install: bool):
 
 
 def measure(fn, device: str, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, device, warmup, repeats)
 
 
 VARIANTS = {

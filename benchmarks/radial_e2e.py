@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ from diffattn.adapters import WanSelfAttnProcessor, attention_processors
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import write_report  # noqa: E402
+from _report import median_ms, write_report  # noqa: E402
 
 
 WAN_1_3B = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config
@@ -57,20 +55,7 @@ class _SkipAttention(WanSelfAttnProcessor):
 
 
 def _timer(device: str, repeats: int):
-    def measure(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return measure
+    return lambda fn: median_ms(fn, device, 1, repeats)
 
 
 def run(geometries: dict, config: dict, device: str, dtype: torch.dtype, decay: float, block: int, repeats: int):
