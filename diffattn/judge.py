@@ -1,0 +1,119 @@
+"""A programmatic judge for shape scenes: what objects an image holds, and how well it matches its caption.
+
+Detection: every pixel far enough from the white background is given the nearest scene colour (RGB distance);
+connected regions of one colour above `min_area` pixels are objects; the fill ratio of a region in its bounding
+box names the shape (rasterised at 14-24 px: square 1.0, circle 0.77, triangle 0.53, star 0.40). Metrics compare the detections
+with a scene's ground truth (or with the objects its caption names).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .scenes import COLORS, Scene, SceneObject, relation_holds
+
+
+# Fill-ratio boundaries between shapes (midpoints of their ideal ratios).
+SHAPE_BOUNDARIES = ((0.89, "square"), (0.64, "circle"), (0.46, "triangle"), (0.0, "star"))
+
+
+@dataclass(frozen=True)
+class Detection:
+    shape: str
+    color: str
+    box: tuple[int, int, int, int]
+    area: int
+    fill: float
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """4-connected components of a boolean [H, W] mask, as lists of (y, x)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    regions = []
+    height, width = mask.shape
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        queue, region = deque([(y, x)]), []
+        seen[y, x] = True
+        while queue:
+            cy, cx = queue.popleft()
+            region.append((cy, cx))
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        regions.append(region)
+    return regions
+
+
+def detect_objects(image: Image.Image, *, min_area: int = 20, background_distance: float = 90.0) -> list[Detection]:
+    """Objects in an image, largest first."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], dtype=np.float32)  # [K, 3]
+    foreground = np.linalg.norm(pixels - 255.0, axis=-1) > background_distance
+    nearest = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1).argmin(-1)  # [H, W]
+    detections = []
+    for k, name in enumerate(names):
+        for region in _components(foreground & (nearest == k)):
+            if len(region) < min_area:
+                continue
+            ys, xs = np.array(region).T
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            fill = len(region) / ((box[2] - box[0]) * (box[3] - box[1]))
+            shape = next(s for bound, s in SHAPE_BOUNDARIES if fill > bound)
+            detections.append(Detection(shape, name, box, len(region), fill))
+    return sorted(detections, key=lambda d: -d.area)
+
+
+def agrees(scene: Scene, detections: list[Detection]) -> bool:
+    """The detections are exactly the scene's (shape, colour) objects."""
+    return Counter((d.shape, d.color) for d in detections) == Counter((o.shape, o.color) for o in scene.objects)
+
+
+@dataclass
+class SceneScores:
+    object_recall: float  # ground-truth shapes found (any colour)
+    binding: float  # ground-truth objects found with the right colour on the right shape
+    count_correct: bool  # as many objects detected as the scene has
+    position_correct: bool | None  # the caption's relation holds between the detected objects (None: no relation)
+
+
+def score_scene(objects: list[SceneObject], relation: str | None, detections: list[Detection]) -> SceneScores:
+    """Scores of one image against what it should show."""
+    shapes_left = Counter(d.shape for d in detections)
+    pairs = {(d.shape, d.color): d for d in detections}
+    found = bound = 0
+    for obj in objects:
+        if shapes_left[obj.shape] > 0:
+            shapes_left[obj.shape] -= 1
+            found += 1
+        bound += (obj.shape, obj.color) in pairs
+    position = None
+    if relation is not None and len(objects) >= 2:
+        a = pairs.get((objects[0].shape, objects[0].color))
+        b = pairs.get((objects[1].shape, objects[1].color))
+        position = a is not None and b is not None and relation_holds(relation, a.center, b.center)
+    return SceneScores(found / len(objects), bound / len(objects), len(detections) == len(objects), position)
+
+
+def summarize(scores: list[SceneScores]) -> dict[str, float]:
+    """Mean metrics over images (position over the images whose caption has a relation)."""
+    positions = [s.position_correct for s in scores if s.position_correct is not None]
+    return {
+        "object_recall": float(np.mean([s.object_recall for s in scores])),
+        "attribute_binding": float(np.mean([s.binding for s in scores])),
+        "count_accuracy": float(np.mean([s.count_correct for s in scores])),
+        "position_accuracy": float(np.mean(positions)) if positions else float("nan"),
+        "images": len(scores),
+    }
