@@ -142,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dense-layers", type=_nonnegative_int, default=0, help="first layers kept dense (0)")
     train.add_argument("--block-size", type=int, choices=[64, 128], default=128, help="kernel tile (128)")
 
+    shapes = sub.add_parser(
+        "train-shapes",
+        help="train the small shapes model from scratch (resumable)",
+        description="Train an AutoencoderKL, then a UNet and CLIP text encoder, on procedurally generated scenes of "
+        "coloured shapes; resumes from OUT/checkpoint.pt; saves OUT/pipeline (fp16, from_pretrained-loadable).",
+    )
+    shapes.add_argument("--out", "-o", required=True, type=Path, help="run folder (checkpoint, log, pipeline)")
+    shapes.add_argument("--vae-steps", type=_nonnegative_int, default=2000, help="autoencoder steps (2000)")
+    shapes.add_argument("--unet-steps", type=_nonnegative_int, default=20000, help="UNet + text encoder steps")
+    shapes.add_argument("--batch-size", type=_positive_int, default=32, help="scenes per step (32)")
+    shapes.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the scene stream")
+    shapes.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
+    shapes.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    shapes.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
+
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
 
@@ -164,6 +179,16 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "train-lora":
             return _train_lora(args)
+        if args.command == "train-shapes":
+            from .shapes_training import ShapesTrainingConfig, train_shapes
+
+            config = ShapesTrainingConfig(
+                vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch_size=args.batch_size, seed=args.seed,
+                checkpoint_every=args.checkpoint_every, device=args.device,
+            )  # fmt: skip
+            state = train_shapes(args.out, config, resume=not args.fresh)
+            print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, unet step {state['unet_step']})")
+            return 0
         if args.command == "demo":
             from .demo import run_demo
 
