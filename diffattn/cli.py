@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
     shapes.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     shapes.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
+    shapes.add_argument("--init-from", type=Path, default=None,
+                        help="continue from an exported pipeline folder (e.g. the one kept in the repository)")  # fmt: skip
 
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch_size=args.batch_size, seed=args.seed,
                 checkpoint_every=args.checkpoint_every, device=args.device,
             )  # fmt: skip
-            state = train_shapes(args.out, config, resume=not args.fresh)
+            state = train_shapes(args.out, config, resume=not args.fresh, init_from=args.init_from)
             print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, unet step {state['unet_step']})")
             return 0
         if args.command == "demo":

@@ -107,8 +107,32 @@ def _save_checkpoint(path: Path, components, optimizers, state: dict) -> None:
     tmp.replace(path)  # a crash never leaves a half-written checkpoint
 
 
-def train_shapes(out: Path, config: ShapesTrainingConfig | None = None, *, resume: bool = True) -> dict[str, Any]:
-    """Run (or resume) both phases and export the pipeline. Returns the final state (steps and last losses)."""
+def _load_exported(components: dict[str, Any], folder: Path, device: torch.device) -> dict[str, int]:
+    """Weights of an exported pipeline folder into `components` (fp16 -> fp32); returns its step counters.
+
+    This is how training continues across sessions from weights kept in the repository (no optimizer state:
+    AdamW restarts its moments).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    loaders = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
+    for name, cls in loaders.items():
+        weights = cls.from_pretrained(folder, subfolder=name, torch_dtype=torch.float32).state_dict()
+        components[name].load_state_dict(weights)
+        components[name].to(device)
+    state = json.loads((folder / "training_state.json").read_text())
+    return {"vae_step": state["vae_step"], "unet_step": state["unet_step"]}
+
+
+def train_shapes(
+    out: Path, config: ShapesTrainingConfig | None = None, *, resume: bool = True, init_from: Path | None = None
+) -> dict[str, Any]:
+    """Run (or resume) both phases and export the pipeline. Returns the final state (steps and last losses).
+
+    `init_from`: an exported pipeline folder (with training_state.json) to continue from when `out` has no
+    checkpoint yet.
+    """
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     config = config or ShapesTrainingConfig()
@@ -134,6 +158,11 @@ def train_shapes(out: Path, config: ShapesTrainingConfig | None = None, *, resum
             optimizers[name].load_state_dict(opt_state)
         state.update({k: saved["state"][k] for k in ("vae_step", "unet_step")})
         logger.info("resumed from %s at vae step %d, unet step %d", checkpoint, state["vae_step"], state["unet_step"])
+    elif init_from is not None:
+        state.update(_load_exported(components, Path(init_from), device))
+        logger.info(
+            "continuing from %s at vae step %d, unet step %d", init_from, state["vae_step"], state["unet_step"]
+        )
     log = open(out / "train_log.jsonl", "a")
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -205,4 +234,7 @@ def train_shapes(out: Path, config: ShapesTrainingConfig | None = None, *, resum
     )
     pipe.to(torch.float16).save_pretrained(out / "pipeline", safe_serialization=True)
     pipe.to(torch.float32)
+    (out / "pipeline" / "training_state.json").write_text(
+        json.dumps({k: state.get(k) for k in ("vae_step", "unet_step", "vae_loss", "unet_loss", "config")}, indent=2)
+    )
     return state

@@ -37,3 +37,14 @@ def test_scene_stream_is_deterministic_and_cli(tmp_path, capsys):
             "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
     assert "unet step 1" in capsys.readouterr().out
+
+
+def test_continue_from_an_exported_pipeline(tmp_path):
+    config = ShapesTrainingConfig(vae_steps=1, unet_steps=1, batch_size=2, device="cpu")
+    train_shapes(tmp_path / "first", config)
+    exported = tmp_path / "first" / "pipeline"
+    assert json.loads((exported / "training_state.json").read_text())["unet_step"] == 1
+    more = ShapesTrainingConfig(vae_steps=1, unet_steps=2, batch_size=2, device="cpu")
+    state = train_shapes(tmp_path / "second", more, init_from=exported)
+    log = [json.loads(line) for line in (tmp_path / "second" / "train_log.jsonl").read_text().splitlines()]
+    assert state["unet_step"] == 2 and [(r["phase"], r["step"]) for r in log] == [("unet", 1)]
