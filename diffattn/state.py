@@ -25,7 +25,9 @@ class DenoiserState:
         timestep: the timestep tensor the denoiser was called with (kept on its device; never synced).
         batch_size: the denoiser's batch (with batched CFG this is twice the number of prompts).
         frames, height, width: latent geometry in tokens (images: frames == 1), after patching.
-        cfg_batched: True when the pipeline reported classifier-free guidance run as one doubled batch.
+        cfg_batched: the pipeline's `do_classifier_free_guidance` at this call (None without a pipeline). SD-family
+            pipelines run guidance as one doubled batch [uncond, cond], which is what the map and structured
+            methods rely on; video pipelines (Wan) run it as two calls, which the step tracking handles apart.
     """
 
     step_index: int = -1
