@@ -46,7 +46,7 @@ def is_video_pipeline(pipe: Any) -> bool:
     return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
-def supports_attention_maps(pipe: Any) -> bool:
+def has_sd_unet(pipe: Any) -> bool:
     unet = getattr(pipe, "unet", None)
     return unet is not None and type(unet).__name__ == "UNet2DConditionModel" and hasattr(pipe, "tokenizer")
 
@@ -117,18 +117,18 @@ def generate(
         return _generate_astar(model, pipe, prompt, astar, steps, seed, generator, kwargs)
     configs = []
     # Structured guidance owns the cross-attention layers the map recorder would need; maps are skipped with it.
-    if attention_maps and supports_attention_maps(pipe) and structured is None:
+    if attention_maps and has_sd_unet(pipe) and structured is None:
         configs.append(AttentionMapConfig())
     if radial is not None:
         if not video:
             raise ValueError(f"radial attention is for video models; {model!r} is an image model")
         configs.append(radial)
     if agent is not None:
-        if not supports_attention_maps(pipe):
+        if not has_sd_unet(pipe):
             raise ValueError(f"agent attention is for Stable Diffusion UNets; {model!r} is not one")
         configs.append(agent)
     if structured is not None:
-        if not supports_attention_maps(pipe):
+        if not has_sd_unet(pipe):
             raise ValueError(f"structured guidance is for Stable Diffusion UNets; {model!r} is not one")
         configs.append(structured)
     handle = apply(pipe, *configs) if configs else None
@@ -178,7 +178,6 @@ def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs) -
         model, prompt, seed, "image", images=list(output.images), seconds=seconds, call_kwargs=call
     )
     result.attention_grid = _attention_grid(pipe, output.maps, prompt, output.images[0])
-    result.radial_mask = result.radial_density = None
     return result
 
 
