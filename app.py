@@ -15,6 +15,7 @@ import gradio as gr
 from diffattn.generation import GenerationResult, generate, save_result
 from diffattn.methods.agent_attention import AgentAttentionConfig
 from diffattn.methods.radial_attention import RadialAttentionConfig
+from diffattn.methods.structured_guidance import StructuredGuidanceConfig
 from diffattn.presets import DEFAULT_PRESET, PRESETS
 
 
@@ -37,6 +38,7 @@ def run_generation(
     dense_layers: int = 1,
     block_size: int = 128,
     agent: bool = False,
+    editing: str = "none",
     progress=gr.Progress(track_tqdm=True),
 ):
     """The UI's one event: returns (image, video, attention grid, radial mask, info markdown)."""
@@ -64,6 +66,8 @@ def run_generation(
             num_frames=int(num_frames) if num_frames else None,
             radial=radial_config,
             agent=AgentAttentionConfig() if agent else None,
+            structured=StructuredGuidanceConfig() if editing == "structured guidance" else None,
+            astar="astar" if editing == "A-STAR" else None,
         )
     except (ValueError, RuntimeError) as exc:
         raise gr.Error(str(exc)) from None
@@ -116,8 +120,11 @@ def build_demo() -> gr.Blocks:
                     dense_steps = gr.Slider(0, 50, value=1, step=1, label="Dense first steps")
                     dense_layers = gr.Slider(0, 8, value=0, step=1, label="Dense first layers")
                     block = gr.Radio([64, 128], value=64, label="Block size")
-                with gr.Accordion("Agent attention (Stable Diffusion models)", open=False):
+                with gr.Accordion("Stable Diffusion methods", open=False):
                     agent = gr.Checkbox(value=False, label="AgentSD: token merging + agent attention")
+                    editing = gr.Radio(
+                        ["none", "structured guidance", "A-STAR"], value="none", label="Cross-attention editing"
+                    )
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(label="Image", type="pil")
@@ -144,6 +151,7 @@ def build_demo() -> gr.Blocks:
                 dense_layers,
                 block,
                 agent,
+                editing,
             ],
             outputs=[image, video, maps, mask, info],
             api_name="generate",

@@ -25,6 +25,10 @@ def test_handler_generates_image_and_maps():
         "tiny-sd", "a red cat", "", 2, 1, 7.5, 256, 256, 9, False, 1.0, 1, 0, 64, True
     )
     assert merged.size == (256, 256)
+    for editing in ("structured guidance", "A-STAR"):
+        edited, *_, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9, False, 1.0, 1, 0, 64,
+                                              False, editing)  # fmt: skip
+        assert edited.size == (128, 128) and "tiny-sd" in info
 
 
 def test_handler_generates_video_and_reports_bad_input():
@@ -54,7 +58,23 @@ def test_served_page_generates_through_the_api():
     try:
         client = Client(demo.local_url, verbose=False)
         image, video, grid, mask, info = client.predict(
-            "tiny-sd", "a blue bird", "", 2, 0, 7.5, 128, 128, 9, False, 1.0, 1, 0, 64, False, api_name="/generate"
+            "tiny-sd",
+            "a blue bird",
+            "",
+            2,
+            0,
+            7.5,
+            128,
+            128,
+            9,
+            False,
+            1.0,
+            1,
+            0,
+            64,
+            False,
+            "none",
+            api_name="/generate",
         )
         assert Path(image).is_file() and Path(grid).is_file() and mask is None
         assert "image" in info
