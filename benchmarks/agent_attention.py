@@ -30,13 +30,14 @@ from _report import median_ms, write_report  # noqa: E402
 MERGE_RATIO = 0.4  # AgentSD's ratio; tomesd and diffattn's ToMe mode use the same
 
 
-def sd15_unet(**overrides):
+def sd15_unet(device: str = "cpu", **overrides):
     from diffusers import UNet2DConditionModel
 
     config = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
     config.update(overrides)
     torch.manual_seed(0)
-    return UNet2DConditionModel(**config)
+    with torch.device(device):  # initialise where it runs (a CPU init of 860M parameters is slow)
+        return UNet2DConditionModel(**config)
 
 
 def tomesd_module(install: bool):
@@ -64,7 +65,7 @@ VARIANTS = {
 
 def bench_layer(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
     """One SD 1.5 full-resolution self-attention layer (C=320, 8 heads of 40)."""
-    unet = sd15_unet(block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    unet = sd15_unet(device, block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))  # fmt: skip
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to(device, dtype)
     baseline = attn.processor
@@ -85,7 +86,7 @@ def bench_layer(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
 
 
 def bench_unet(sizes, device, dtype, warmup, repeats, tomesd) -> list[dict]:
-    unet = sd15_unet().to(device, dtype).eval()
+    unet = sd15_unet(device).to(dtype).eval()
     rows = []
     for pixels, warmup, repeats in sizes:
         latents = torch.randn(2, 4, pixels // 8, pixels // 8, device=device, dtype=dtype)

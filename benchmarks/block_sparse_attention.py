@@ -12,6 +12,7 @@ Forward FLOPs are 4*N^2*D*H*B; forward+backward counts 3.5x that (the FlashAtten
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -86,7 +87,33 @@ def dense_sdpa(device: str):
     return flash
 
 
-def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool) -> list[dict]:
+def sweep_triton_launch(shape, device: str, dtype: torch.dtype) -> list[dict]:
+    """Time the Triton forward over num_warps x num_stages on the shape's radial mask (CUDA only): the data behind
+    the kernel's default launch configuration."""
+    from diffattn.kernels.block_sparse_triton import _launch_config, triton_forward
+
+    name, b, h, n, d = shape
+    frames, per_frame, decay, sink = RADIAL[name]
+    layout = BlockSparseLayout(radial_block_mask(frames, per_frame, decay_factor=decay, sink_frames=sink).to(device))
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
+    measure = timer(device)
+    default = _launch_config(layout.block_q, layout.block_k, d, q.element_size())
+    rows = []
+    for warps in (4, 8):
+        for stages in (1, 2, 3, 4):
+            launch = {"num_warps": warps, "num_stages": stages}
+            args = (q, k, v, layout.kv_counts, layout.kv_indices, layout.block_q, layout.block_k, d**-0.5)
+            try:
+                t = measure(lambda launch=launch, args=args: triton_forward(*args, launch=launch))
+            except Exception as exc:  # e.g. out of shared memory at this config
+                rows.append({"shape": name, "launch": launch, "error": repr(exc)[:200]})
+                continue
+            rows.append({"shape": name, "launch": launch, "default": launch == default, "time_ms": round(t, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool, backward_max_tokens=None):
     measure = timer(device)
     dense = dense_sdpa(device)
     sparse_backends = ["triton", "flex"] if device == "cuda" else ["gather", "flex"]
@@ -94,7 +121,8 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool)
     for name, b, h, n, d in shapes:
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
         flops = 4 * n * n * d * h * b
-        passes = [("forward", 1.0)] + ([("forward+backward", 3.5)] if with_backward else [])
+        backward = with_backward and (backward_max_tokens is None or n <= backward_max_tokens)
+        passes = [("forward", 1.0)] + ([("forward+backward", 3.5)] if backward else [])
         for pass_name, flop_factor in passes:
             train = pass_name != "forward"
             for t in (q, k, v):
@@ -173,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
     parser.add_argument("--no-backward", action="store_true", help="forward only")
+    parser.add_argument("--backward-max-tokens", type=int, default=None,
+                        help="forward+backward only at shapes of at most this many tokens (time budget)")  # fmt: skip
+    parser.add_argument("--sweep", action="store_true", help="CUDA: also time the Triton forward's launch configs")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
     device = args.device
@@ -180,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes, dtype = (QUICK_SHAPES if args.quick else GPU_SHAPES), torch.bfloat16
     else:
         shapes, dtype = (QUICK_SHAPES if args.quick else CPU_SHAPES), torch.float32
-    rows = run(shapes, device, dtype, DENSITIES, with_backward=not args.no_backward)
+    sweep = sweep_triton_launch(shapes[0], device, dtype) if args.sweep and device == "cuda" else None
+    rows = run(shapes, device, dtype, DENSITIES, not args.no_backward, args.backward_max_tokens)
     try:
         import triton
 
@@ -193,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense = SDPA (flash backend on GPU); "
         "flex = FlexAttention compiled on the same BlockMask; CPU has no flex backward",
         "results": rows,
+        **({"triton_launch_sweep": sweep} if sweep is not None else {}),
     }
     write_report("block_sparse_attention", device, fields, quick=args.quick, out=args.out)
     return 0

@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
     shapes.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     shapes.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
+    shapes.add_argument("--max-minutes", type=float, default=None,
+                        help="wall-clock budget: stop there, checkpoint and export (resume later)")  # fmt: skip
+    shapes.add_argument("--workers", type=_nonnegative_int, default=0,
+                        help="processes rendering scenes ahead of the training step (0)")  # fmt: skip
+    shapes.add_argument("--ema-decay", type=float, default=0.999,
+                        help="moving average of the UNet/text-encoder weights that is exported (0: off)")  # fmt: skip
     shapes.add_argument("--init-from", type=Path, default=None,
                         help="continue from an exported pipeline folder (e.g. the one kept in the repository)")  # fmt: skip
 
@@ -186,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
             config = ShapesTrainingConfig(
                 vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch_size=args.batch_size, seed=args.seed,
-                checkpoint_every=args.checkpoint_every, device=args.device,
+                checkpoint_every=args.checkpoint_every, device=args.device, max_minutes=args.max_minutes,
+                num_workers=args.workers, ema_decay=args.ema_decay,
             )  # fmt: skip
             state = train_shapes(args.out, config, resume=not args.fresh, init_from=args.init_from)
             print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, unet step {state['unet_step']})")

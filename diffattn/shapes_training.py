@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,28 @@ class ShapesTrainingConfig:
     checkpoint_every: int = 500
     caption_dropout: float = 0.1
     device: str | None = None
+    # Exponential moving average of the UNet and text-encoder weights (with the usual (1 + t) / (10 + t) warm-up);
+    # the export uses the averaged weights. 0 turns it off.
+    ema_decay: float = 0.999
+    # Wall-clock budget of this run in minutes: at the budget the run stops where it is, checkpoints and exports
+    # (a later run resumes). None: no budget.
+    max_minutes: float | None = None
+    # Processes that render scenes and tokenize captions ahead of the training step (0: in the training process).
+    num_workers: int = 0
+    # Steps between host syncs that write the per-step losses to the log (the GPU runs ahead in between).
+    log_every: int = 50
+
+    def __post_init__(self):
+        for name in ("vae_steps", "unet_steps", "num_workers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected an integer >= 0")
+        for name in ("batch_size", "checkpoint_every", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected an integer >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay!r} is not allowed: expected 0 <= ema_decay < 1")
+        if self.max_minutes is not None and not self.max_minutes >= 0:
+            raise ValueError(f"max_minutes={self.max_minutes!r} is not allowed: expected None or a number >= 0")
 
 
 def build_components(seed: int = 0) -> dict[str, Any]:
@@ -94,13 +117,94 @@ def scene_batch(start: int, size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in scenes]
 
 
-def _save_checkpoint(path: Path, components, optimizers, state: dict) -> None:
+class _VaeSteps(torch.utils.data.Dataset):
+    """Item `step`: the images [B, 3, 64, 64] of that autoencoder step (scenes [step * B, (step + 1) * B))."""
+
+    def __init__(self, config: ShapesTrainingConfig):
+        self.config = config
+
+    def __len__(self) -> int:
+        return self.config.vae_steps
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        batch = self.config.batch_size
+        return scene_batch(self.config.seed * 10**7 + step * batch, batch)[0]
+
+
+class _UnetSteps(torch.utils.data.Dataset):
+    """Item `step`: everything random about that UNet step, drawn from its own seed, so workers and resumed runs
+    see exactly what a single uninterrupted run would: images [B, 3, 64, 64], caption ids [B, 77] (10% emptied),
+    noise [B, 4, 16, 16] and timesteps [B]."""
+
+    def __init__(self, config: ShapesTrainingConfig, tokenizer, num_train_timesteps: int, latent_shape):
+        self.config, self.tokenizer = config, tokenizer
+        self.num_train_timesteps, self.latent_shape = num_train_timesteps, tuple(latent_shape)
+
+    def __len__(self) -> int:
+        return self.config.unet_steps
+
+    def __getitem__(self, step: int):
+        config, batch = self.config, self.config.batch_size
+        generator = torch.Generator().manual_seed(config.seed * 10**7 + 5 * 10**6 + step)
+        images, captions = scene_batch(config.seed * 10**7 + 5 * 10**6 + step * batch, batch)
+        drop = torch.rand(batch, generator=generator) < config.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        noise = torch.randn((batch, *self.latent_shape), generator=generator)
+        timesteps = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
+        return images, ids, noise, timesteps
+
+
+def _steps(dataset: torch.utils.data.Dataset, first: int, config: ShapesTrainingConfig, device: torch.device):
+    """Items first..len-1 of `dataset`, in order, rendered ahead by `config.num_workers` processes."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # each item already is a whole step
+        sampler=range(first, len(dataset)),
+        num_workers=config.num_workers,
+        prefetch_factor=4 if config.num_workers else None,
+        pin_memory=device.type == "cuda",
+    )
+
+
+class _LossLog:
+    """Per-step losses kept on the device and written to the jsonl log every `every` steps: one host sync per
+    flush instead of one per step."""
+
+    def __init__(self, file, every: int):
+        self.file, self.every, self.pending = file, max(1, every), []
+
+    def add(self, phase: str, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((phase, step, loss.detach()))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> float | None:
+        if not self.pending:
+            return None
+        values = torch.stack([loss.float() for _, _, loss in self.pending]).tolist()
+        for (phase, step, _), value in zip(self.pending, values):
+            self.file.write(json.dumps({"phase": phase, "step": step, "loss": value}) + "\n")
+        self.file.flush()
+        self.pending = []
+        return values[-1]
+
+
+def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float, step: int) -> None:
+    weight = 1.0 - min(decay, (1 + step) / (10 + step))
+    # One fused launch for all tensors (a Python loop is ~200 small kernels per step on a GPU).
+    torch._foreach_lerp_(ema, [p.detach() for p in params], weight)
+
+
+def _save_checkpoint(path: Path, components, optimizers, state: dict, ema: list[torch.Tensor] | None) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
             "state": state,
             "models": {k: components[k].state_dict() for k in ("vae", "unet", "text_encoder")},
             "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+            "ema": ema,
         },
         tmp,
     )
@@ -111,7 +215,7 @@ def _load_exported(components: dict[str, Any], folder: Path, device: torch.devic
     """Weights of an exported pipeline folder into `components` (fp16 -> fp32); returns its step counters.
 
     This is how training continues across sessions from weights kept in the repository (no optimizer state:
-    AdamW restarts its moments).
+    AdamW restarts its moments; the averaged weights that were exported become both the weights and the average).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -138,44 +242,56 @@ def train_shapes(
     config = config or ShapesTrainingConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     components = build_components(config.seed)
     for name in ("vae", "unet", "text_encoder"):
         components[name].to(device)
+    vae, unet, text_encoder, tokenizer = (components[k] for k in ("vae", "unet", "text_encoder", "tokenizer"))
+    denoiser_params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizers = {
-        "vae": torch.optim.AdamW(components["vae"].parameters(), lr=config.vae_lr),
-        "unet": torch.optim.AdamW(
-            list(components["unet"].parameters()) + list(components["text_encoder"].parameters()), lr=config.unet_lr
-        ),
+        "vae": torch.optim.AdamW(vae.parameters(), lr=config.vae_lr),
+        "unet": torch.optim.AdamW(denoiser_params, lr=config.unet_lr),
     }
     state = {"vae_step": 0, "unet_step": 0, "config": asdict(config)}
     checkpoint = out / "checkpoint.pt"
+    saved_ema = None
     if resume and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         for name, weights in saved["models"].items():
             components[name].load_state_dict(weights)
         for name, opt_state in saved["optimizers"].items():
             optimizers[name].load_state_dict(opt_state)
-        state.update({k: saved["state"][k] for k in ("vae_step", "unet_step")})
+        state.update(
+            {k: saved["state"][k] for k in ("vae_step", "unet_step", "vae_loss", "unet_loss") if k in saved["state"]}
+        )
+        saved_ema = saved.get("ema")
         logger.info("resumed from %s at vae step %d, unet step %d", checkpoint, state["vae_step"], state["unet_step"])
     elif init_from is not None:
         state.update(_load_exported(components, Path(init_from), device))
         logger.info(
             "continuing from %s at vae step %d, unet step %d", init_from, state["vae_step"], state["unet_step"]
         )
-    log = open(out / "train_log.jsonl", "a")
+    ema = None
+    if config.ema_decay > 0:
+        ema = saved_ema if saved_ema is not None else [p.detach().clone() for p in denoiser_params]
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
-    vae, unet, text_encoder, tokenizer = (components[k] for k in ("vae", "unet", "text_encoder", "tokenizer"))
     scheduler = components["scheduler"]
-    batch = config.batch_size
+    log = _LossLog(open(out / "train_log.jsonl", "a"), config.log_every)
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
     try:
         # Phase 1: the autoencoder. Data for step i is scenes [i * batch, (i + 1) * batch) of the stream.
-        for step in tqdm(range(state["vae_step"], config.vae_steps), desc="vae", initial=state["vae_step"],
-                         total=config.vae_steps):  # fmt: skip
-            images, _ = scene_batch(config.seed * 10**7 + step * batch, batch)
-            images = images.to(device)
+        batches = _steps(_VaeSteps(config), state["vae_step"], config, device)
+        progress = tqdm(batches, desc="vae", initial=state["vae_step"], total=config.vae_steps)
+        for step, images in enumerate(progress, start=state["vae_step"]):
+            if out_of_time():
+                break
+            images = images.to(device, non_blocking=True)
             with autocast:
                 posterior = vae.encode(images).latent_dist
                 recon = vae.decode(posterior.sample(generator=None)).sample
@@ -184,44 +300,50 @@ def train_shapes(
             loss.backward()
             optimizers["vae"].step()
             state["vae_step"] = step + 1
-            state["vae_loss"] = float(loss.detach())
-            log.write(json.dumps({"phase": "vae", "step": step, "loss": state["vae_loss"]}) + "\n")
+            log.add("vae", step, loss)
             if state["vae_step"] % config.checkpoint_every == 0:
-                _save_checkpoint(checkpoint, components, optimizers, state)
-        # Phase 2: UNet and text encoder on the frozen VAE's latents.
+                state["vae_loss"] = log.flush() or state.get("vae_loss")
+                _save_checkpoint(checkpoint, components, optimizers, state, ema)
+        state["vae_loss"] = log.flush() or state.get("vae_loss")
+        # Phase 2: UNet and text encoder on the frozen VAE's latents (once the autoencoder is done).
         vae.requires_grad_(False)
+        first_unet_step = state["unet_step"] if state["vae_step"] >= config.vae_steps else config.unet_steps
         scaling = vae.config.scaling_factor
-        generator = torch.Generator(device="cpu")
-        for step in tqdm(range(state["unet_step"], config.unet_steps), desc="unet", initial=state["unet_step"],
-                         total=config.unet_steps):  # fmt: skip
-            generator.manual_seed(config.seed * 10**7 + 5 * 10**6 + step)
-            images, captions = scene_batch(config.seed * 10**7 + 5 * 10**6 + step * batch, batch)
-            drop = torch.rand(batch, generator=generator) < config.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)  # fmt: skip
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        latent_shape = (vae.config.latent_channels, 64 // factor, 64 // factor)
+        data = _UnetSteps(config, tokenizer, scheduler.config.num_train_timesteps, latent_shape)
+        progress = tqdm(_steps(data, first_unet_step, config, device), desc="unet", initial=state["unet_step"],
+                        total=config.unet_steps)  # fmt: skip
+        for step, (images, ids, noise, timesteps) in enumerate(progress, start=first_unet_step):
+            if out_of_time():
+                break
+            images, ids, noise, timesteps = (t.to(device, non_blocking=True) for t in (images, ids, noise, timesteps))
             with torch.no_grad():
-                latents = vae.encode(images.to(device)).latent_dist.mode() * scaling
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(
-                device
-            )
+                latents = vae.encode(images).latent_dist.mode() * scaling
             noisy = scheduler.add_noise(latents, noise, timesteps)
             with autocast:
                 prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
                 loss = F.mse_loss(prediction.float(), noise)
             optimizers["unet"].zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+            torch.nn.utils.clip_grad_norm_(denoiser_params, 1.0)
             optimizers["unet"].step()
+            if ema is not None:
+                _ema_update(ema, denoiser_params, config.ema_decay, step)
             state["unet_step"] = step + 1
-            state["unet_loss"] = float(loss.detach())
-            log.write(json.dumps({"phase": "unet", "step": step, "loss": state["unet_loss"]}) + "\n")
+            log.add("unet", step, loss)
             if state["unet_step"] % config.checkpoint_every == 0:
-                _save_checkpoint(checkpoint, components, optimizers, state)
+                state["unet_loss"] = log.flush() or state.get("unet_loss")
+                _save_checkpoint(checkpoint, components, optimizers, state, ema)
+        state["unet_loss"] = log.flush() or state.get("unet_loss")
     finally:
-        log.close()
-    _save_checkpoint(checkpoint, components, optimizers, state)
+        log.flush()
+        log.file.close()
+    _save_checkpoint(checkpoint, components, optimizers, state, ema)
+    if ema is not None:  # export the averaged weights; the checkpoint above keeps the raw ones for resuming
+        with torch.no_grad():
+            for param, average in zip(denoiser_params, ema):
+                param.copy_(average)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

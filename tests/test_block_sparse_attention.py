@@ -240,8 +240,15 @@ def test_merging_two_key_sets_through_lse_equals_attention_over_both():
 def test_auto_is_gather_on_cpu_and_matches():
     from diffattn.kernels import resolve_backend
 
+    cuda = torch.device("cuda")
     assert resolve_backend("auto", torch.device("cpu")) == "gather"
-    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert resolve_backend("auto", cuda, dtype=torch.bfloat16, head_dim=128) == "triton"
+    assert resolve_backend("auto", cuda, dtype=torch.float16, head_dim=80) == "triton"
+    # the H100 measurements: training and fp32 go to FlexAttention, fp64 to the gather path
+    assert resolve_backend("auto", cuda, dtype=torch.bfloat16, needs_grad=True) == "flex"
+    assert resolve_backend("auto", cuda, dtype=torch.float32) == "flex"
+    assert resolve_backend("auto", cuda, dtype=torch.float16, head_dim=256) == "flex"
+    assert resolve_backend("auto", cuda, dtype=torch.float64) == "gather"
 
 
 class _NoHostSync(torch.overrides.TorchFunctionMode):
@@ -318,11 +325,12 @@ def test_flex_compiled_on_cpu_uses_the_block_lists():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("backend", ["triton", "flex", "gather"])
-@pytest.mark.parametrize("d", [64, 80, 128])
-def test_gpu_forward_backward_match_reference(dtype, backend, d):
+@pytest.mark.parametrize("d, block", [(40, 64), (64, 128), (80, 128), (128, 128)])
+def test_gpu_forward_backward_match_reference(dtype, backend, d, block):
     g = torch.Generator().manual_seed(d)
-    b, h, n = 2, 4, 1000
-    layout = BlockSparseLayout(random_mask(g, h, 8, 8, 0.3), 128).to("cuda")
+    b, h, n = 2, 4, 1000  # not a multiple of the block: the partial last block is masked
+    blocks = -(-n // block)
+    layout = BlockSparseLayout(random_mask(g, h, blocks, blocks, 0.3), block).to("cuda")
     q, k, v = (t.to("cuda", dtype).requires_grad_() for t in qkv(g, b, h, n, d))
     grad = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
     ref = block_sparse_attention(q.float(), k.float(), v.float(), layout, backend="torch")

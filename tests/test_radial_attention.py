@@ -184,20 +184,34 @@ GEOMETRY = {
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_sparse_attention_equals_plain_masked_attention(monkeypatch, name):
     """The radial layer output equals dense SDPA with the expanded block mask (and text rules), computed here."""
+    _check_layers_against_masked_sdpa(monkeypatch, name, "cpu", "auto", block=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_gpu_triton_radial_layers_equal_plain_masked_attention(monkeypatch, name):
+    """The same check with the pipeline on CUDA and the real (compiled) Triton kernel behind every layer."""
+    _check_layers_against_masked_sdpa(monkeypatch, name, "cuda", "triton", block=64)
+
+
+def _check_layers_against_masked_sdpa(monkeypatch, name, device, backend, block):
     sink, extra, calls_per_step, padded = FAMILIES[name]
     call, (frames, per_frame) = GEOMETRY[name]
-    pipe = load(name)
+    pipe = load(name).to(device)
     calls = _spy(monkeypatch, "radial_joint_attention")
-    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64))
+    config = diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=block, backend=backend)
+    handle = diffattn.apply(pipe, config)
     prompts = ["a boat on the sea at sunset", "a dog", "a cat"]  # batch 3, prompts of different lengths
     run(pipe, name, steps=2, prompt=prompts, **call, **extra)
     handle.remove()
     assert len(calls) == 2 * calls_per_step
     num_video = frames * per_frame
-    video_keep = _token_mask(frames, per_frame, 64, sink)
+    video_keep = _token_mask(frames, per_frame, block, sink)
     assert 0.1 < video_keep.float().mean() < 0.95  # really sparse
     saw_padding = False
     for (q, k, v, layout, video, key_mask, _), _, out in calls:
+        q, k, v, out = (t.cpu() for t in (q, k, v, out))
+        key_mask = None if key_mask is None else key_mask.cpu()
         b, n = q.shape[:2]
         assert b % 3 == 0 and video.stop - video.start == num_video
         keep = torch.ones(b, n, n, dtype=torch.bool)

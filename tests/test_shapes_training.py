@@ -48,3 +48,33 @@ def test_continue_from_an_exported_pipeline(tmp_path):
     state = train_shapes(tmp_path / "second", more, init_from=exported)
     log = [json.loads(line) for line in (tmp_path / "second" / "train_log.jsonl").read_text().splitlines()]
     assert state["unet_step"] == 2 and [(r["phase"], r["step"]) for r in log] == [("unet", 1)]
+
+
+def test_workers_see_the_same_stream_and_ema_is_exported(tmp_path):
+    """Scenes rendered by worker processes give the same losses as in-process ones; the export holds the moving
+    average 0.1 * initial + 0.9 * trained after one UNet step (warm-up weight 1 - min(decay, 1/10))."""
+    from diffattn.shapes_training import build_components
+
+    base = {"vae_steps": 1, "unet_steps": 1, "batch_size": 2, "device": "cpu", "log_every": 1}
+    train_shapes(tmp_path / "inline", ShapesTrainingConfig(**base, num_workers=0))
+    train_shapes(tmp_path / "workers", ShapesTrainingConfig(**base, num_workers=2))
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+            for run in ("inline", "workers")]  # fmt: skip
+    assert logs[0] == logs[1] and len(logs[0]) == 2
+
+    initial = build_components(0)["unet"].state_dict()
+    trained = torch.load(tmp_path / "inline" / "checkpoint.pt", weights_only=False)["models"]["unet"]
+    exported = StableDiffusionPipeline.from_pretrained(tmp_path / "inline" / "pipeline").unet.state_dict()
+    name = "conv_in.weight"
+    assert not torch.equal(initial[name], trained[name])
+    expected = 0.1 * initial[name] + 0.9 * trained[name]
+    torch.testing.assert_close(exported[name].float(), expected, rtol=2e-3, atol=2e-4)
+
+
+def test_time_budget_stops_and_exports(tmp_path):
+    config = ShapesTrainingConfig(vae_steps=50, unet_steps=50, batch_size=2, device="cpu", max_minutes=0.0)
+    state = train_shapes(tmp_path, config)
+    assert state["vae_step"] == 0 and state["unet_step"] == 0  # the budget was spent before the first step
+    assert (tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    resumed = train_shapes(tmp_path, ShapesTrainingConfig(vae_steps=1, unet_steps=1, batch_size=2, device="cpu"))
+    assert (resumed["vae_step"], resumed["unet_step"]) == (1, 1)
