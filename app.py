@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from diffattn.generation import GenerationResult, generate, save_result
+from diffattn.generation import GenerationResult, default_steps, generate, save_result
 from diffattn.methods.agent_attention import AgentAttentionConfig
 from diffattn.methods.radial_attention import RadialAttentionConfig
 from diffattn.methods.structured_guidance import StructuredGuidanceConfig
@@ -86,6 +86,7 @@ def _on_model_change(model: str):
     """Fill size fields with the preset's defaults when a preset is picked."""
     defaults = PRESETS[model].call_defaults if model in PRESETS else {}
     return (
+        gr.update(value=default_steps(model)),
         gr.update(value=defaults.get("height", 512)),
         gr.update(value=defaults.get("width", 512)),
         gr.update(value=defaults.get("num_frames", 9)),
@@ -97,7 +98,9 @@ def build_demo() -> gr.Blocks:
     first = PRESETS[DEFAULT_PRESET].call_defaults
     with gr.Blocks(title="diffattn") as demo:
         gr.Markdown(
-            "# diffattn\nAttention control for diffusers. Presets (`tiny-*`) run offline with random weights; "
+            "# diffattn\nAttention control for diffusers. `shapes-sd` is a small model trained by diffattn on "
+            "coloured-shape scenes (prompts like *a red circle and a blue square*); the `tiny-*` presets run offline "
+            "with random weights; "
             "type a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) to use a real model."
         )
         with gr.Row():
@@ -105,9 +108,11 @@ def build_demo() -> gr.Blocks:
                 model = gr.Dropdown(
                     choices=list(PRESETS), value=DEFAULT_PRESET, allow_custom_value=True, label="Model"
                 )
-                prompt = gr.Textbox(value="a photo of a red cat sitting on a blue chair", label="Prompt", lines=2)
+                prompt = gr.Textbox(
+                    value=PRESETS[DEFAULT_PRESET].demo_prompt or "a photo of a red cat", label="Prompt", lines=2
+                )
                 negative = gr.Textbox(value="", label="Negative prompt")
-                steps = gr.Slider(1, 100, value=4, step=1, label="Steps")
+                steps = gr.Slider(1, 100, value=default_steps(DEFAULT_PRESET), step=1, label="Steps")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                 with gr.Accordion("Advanced", open=False):
                     guidance = gr.Number(value=first.get("guidance_scale", 7.5), label="Guidance scale")
@@ -132,7 +137,7 @@ def build_demo() -> gr.Blocks:
                 maps = gr.Image(label="Cross-attention maps per prompt token", type="pil")
                 mask = gr.Image(label="Radial mask (white: computed blocks)", type="pil")
                 info = gr.Markdown()
-        model.change(_on_model_change, inputs=model, outputs=[height, width, frames, guidance])
+        model.change(_on_model_change, inputs=model, outputs=[steps, height, width, frames, guidance])
         button.click(
             run_generation,
             inputs=[

@@ -88,9 +88,9 @@ def dense_sdpa(device: str):
 
 
 def sweep_triton_launch(shape, device: str, dtype: torch.dtype) -> list[dict]:
-    """Time the Triton forward over num_warps x num_stages on the shape's radial mask (CUDA only): the data behind
-    the kernel's default launch configuration."""
-    from diffattn.kernels.block_sparse_triton import _launch_config, triton_forward
+    """Time the Triton forward over num_warps x num_stages, and the backward also over its slice size, on the
+    shape's radial mask (CUDA only): the data behind the kernels' default launch configurations."""
+    from diffattn.kernels.block_sparse_triton import _launch_config, triton_backward, triton_forward
 
     name, b, h, n, d = shape
     frames, per_frame, decay, sink = RADIAL[name]
@@ -108,8 +108,28 @@ def sweep_triton_launch(shape, device: str, dtype: torch.dtype) -> list[dict]:
             except Exception as exc:  # e.g. out of shared memory at this config
                 rows.append({"shape": name, "launch": launch, "error": repr(exc)[:200]})
                 continue
-            rows.append({"shape": name, "launch": launch, "default": launch == default, "time_ms": round(t, 3)})
+            rows.append({"shape": name, "pass": "forward", "launch": launch, "default": launch == default,
+                         "time_ms": round(t, 3)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
+    # the backward (both passes), over the slice each pass computes at once inside a block
+    out, lse = triton_forward(q, k, v, layout.kv_counts, layout.kv_indices, layout.block_q, layout.block_k, d**-0.5)
+    grad = torch.randn_like(out)
+    delta = (grad.float() * out.float()).sum(-1)
+    default = _launch_config(layout.block_q, layout.block_k, d, q.element_size(), backward=True)
+    for sub in (None, 64, 32):
+        for warps in (4, 8):
+            for stages in (2, 3):
+                launch = {"num_warps": warps, "num_stages": stages} | ({} if sub is None else {"sub": sub})
+                args = (grad, q, k, v, lse, delta, layout.kv_counts, layout.kv_indices, layout.q_counts,
+                        layout.q_indices, layout.block_q, layout.block_k, d**-0.5)  # fmt: skip
+                try:
+                    t = measure(lambda launch=launch, args=args: triton_backward(*args, launch=launch))
+                except Exception as exc:
+                    rows.append({"shape": name, "pass": "backward", "launch": launch, "error": repr(exc)[:200]})
+                    continue
+                rows.append({"shape": name, "pass": "backward", "launch": launch, "default": launch == default,
+                             "time_ms": round(t, 3)})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

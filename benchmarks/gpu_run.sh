@@ -5,6 +5,7 @@
 #
 #   OUT=/tmp/out benchmarks/gpu_run.sh install env tests train:3 sparse radial agent
 #
+# train:MINUTES continues from the shipped shapes-sd weights when runs/shapes has no checkpoint yet.
 # Stages: install (on a machine without network: the wheels in .whl/ -- diffusers, tomesd and diffattn itself,
 # built beforehand with `pip wheel --no-deps -w .whl .` -- into /tmp/site), env (versions, GPU), tests
 # (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), sparse (block-sparse benchmark),
@@ -27,7 +28,7 @@ for stage in "$@"; do
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
                 .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1 ;;
         env)
-            { nvidia-smi; python3 -c "import torch, triton, diffusers, transformers, diffattn; print(torch.__version__, triton.__version__, diffusers.__version__, transformers.__version__, diffattn.__file__, torch.cuda.get_device_name())"; } 2>&1 | tee logs/env.log ;;
+            { nvidia-smi; (cd /tmp && python3 -c "import torch, triton, diffusers, transformers, diffattn; print(torch.__version__, triton.__version__, diffusers.__version__, transformers.__version__, diffattn.__file__, torch.cuda.get_device_name())"); } 2>&1 | tee logs/env.log ;;
         tests)
             # from outside the checkout, so the installed diffattn (with its diffattn.kernels mapping) is the one
             # imported
@@ -39,6 +40,7 @@ for stage in "$@"; do
             repo=$PWD
             (cd /tmp && timeout $((minutes * 60 + 90)) python3 -m diffattn -v train-shapes --out "$repo/runs/shapes" --vae-steps 1500 \
                 --unet-steps 1000000 --batch-size 128 --checkpoint-every 1000 --workers 6 --max-minutes "$minutes" \
+                --init-from "$repo/diffattn/presets/shapes_sd" \
                 2>&1) | tr "\r" "\n" | tail -15 | tee -a logs/train.log
             # the rate, from tqdm's last line
             tail -c 2000 runs/shapes/train_log.jsonl | tail -1 | tee -a logs/train.log ;;

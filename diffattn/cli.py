@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", "-p", required=True, help="text prompt")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: 4)")
+    gen.add_argument("--steps", type=_positive_int, default=None,
+                     help="denoising steps (default: the preset's, 20 for shapes-sd, 4 for tiny-*; 30 otherwise)")  # fmt: skip
     gen.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     gen.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     gen.add_argument("--height", type=_positive_int, default=None, help="height in pixels")
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every tiny preset offline; write outputs, heatmaps and timings as HTML.",
     )
     demo.add_argument("--out", "-o", type=Path, default=Path("outputs/demo"), help="report folder")
-    demo.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: 4)")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: each preset's)")
     demo.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     demo.add_argument("--presets", nargs="+", choices=list(PRESETS), default=None, help="subset of presets")
 

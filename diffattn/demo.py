@@ -13,10 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .generation import generate, save_result
+from .judge import detect_objects, score_scene
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import PRESETS
+from .scenes import SceneObject
 
 
 logger = logging.getLogger(__name__)
@@ -27,12 +29,17 @@ RADIAL_FRAMES = {"tiny-mochi": 49, "tiny-ltx-video": 65}
 RADIAL_DEMO = RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64)
 AGENT_DEMO = AgentAttentionConfig()
 AGENT_SIZE = {"tiny-sd": 256, "tiny-sdxl": 512}  # larger than the defaults, so merging has tokens to work on
+# Editing methods on the trained model, where attribute binding is visible and the judge can score it.
+EDITING_PRESET = "shapes-sd"
+EDITING_PROMPT = "a red circle and a blue square"
+EDITING_SEEDS = 4
 
 
-def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str] | None = None) -> Path:
+def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets: list[str] | None = None) -> Path:
     """Generate with each preset into `out_dir` (a fresh run folder each time) and write `out_dir/index.html`.
 
     Earlier runs are kept: each run writes into `out_dir/run-<timestamp>/` and index.html points at the newest.
+    `steps`: None takes each preset's own (20 for the trained shapes-sd, 4 for the random tiny ones).
     """
     out_dir = Path(out_dir)
     names = presets or list(PRESETS)
@@ -47,7 +54,7 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
     rows = []
     for name in tqdm(names, desc="diffattn demo"):
         load_start = time.perf_counter()
-        result = generate(name, DEMO_PROMPT, steps=steps, seed=seed)
+        result = generate(name, PRESETS[name].demo_prompt or DEMO_PROMPT, steps=steps, seed=seed)
         total = time.perf_counter() - load_start
         paths = save_result(result, run_dir, name)
         rows.append(
@@ -55,6 +62,7 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
                 "preset": name,
                 "kind": result.kind,
                 "description": PRESETS[name].description,
+                "prompt": result.prompt,
                 "files": [str(p.relative_to(out_dir)) for p in paths],
                 "generate_seconds": round(result.seconds, 3),
                 "load_and_generate_seconds": round(total, 3),
@@ -82,7 +90,7 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
             }
         )
     agent_rows = []
-    for name in [n for n in names if PRESETS[n].family == "stable-diffusion-unet"]:
+    for name in [n for n in names if n in AGENT_SIZE]:
         size = AGENT_SIZE.get(name, 256)
         plain = generate(name, DEMO_PROMPT, steps=steps, seed=seed, height=size, width=size, attention_maps=False)
         merged = generate(
@@ -102,24 +110,27 @@ def run_demo(out_dir: Path, *, steps: int = 4, seed: int = 0, presets: list[str]
             }
         )
     editing_rows = []
-    if "tiny-sd" in names:
-        prompt = "a red cat and a blue chair"
+    if EDITING_PRESET in names:
         variants = {
             "plain": {},
             "structured": {"structured": StructuredGuidanceConfig()},
             "a-star": {"astar": "astar"},
         }
+        objects = [
+            SceneObject("circle", "red", "large", (0, 0, 1, 1)),
+            SceneObject("square", "blue", "large", (0, 0, 1, 1)),
+        ]
         for label, extra in variants.items():
-            result = generate("tiny-sd", prompt, steps=steps, seed=seed, **extra)
-            files = save_result(result, run_dir, f"tiny-sd-editing-{label}")
-            editing_rows.append(
-                {
-                    "method": label,
-                    "prompt": prompt,
-                    "seconds": round(result.seconds, 3),
-                    "files": [str(p.relative_to(out_dir)) for p in files],
-                }  # fmt: skip
-            )
+            cells = []
+            for s in range(seed, seed + EDITING_SEEDS):
+                result = generate(EDITING_PRESET, EDITING_PROMPT, steps=steps, seed=s, attention_maps=False, **extra)
+                files = save_result(result, run_dir, f"{EDITING_PRESET}-editing-{label}-seed{s}")
+                score = score_scene(objects, None, detect_objects(result.images[0]))
+                cells.append(
+                    {"seed": s, "seconds": round(result.seconds, 3), "binding": score.binding,
+                     "files": [str(p.relative_to(out_dir)) for p in files]}
+                )  # fmt: skip
+            editing_rows.append({"method": label, "prompt": EDITING_PROMPT, "images": cells})
     meta = {
         "prompt": DEMO_PROMPT,
         "steps": steps,
@@ -148,6 +159,11 @@ def _media(path: str) -> str:
     return f'<img src="{src}" width="{96 if "-frame" in path else 192}">'
 
 
+def _pixelated(path: str, width: int = 192) -> str:
+    """A small image shown large without blurring (shapes-sd draws 64x64)."""
+    return f'<img src="{html.escape(path)}" width="{width}" style="image-rendering:pixelated">'
+
+
 def _report_html(meta: dict) -> str:
     cards = []
     for row in meta["results"]:
@@ -158,13 +174,16 @@ def _report_html(meta: dict) -> str:
                 media.append(f'<video src="{src}" controls loop muted autoplay width="256"></video>')
             elif f.endswith(".png") and "-frame" in f:
                 media.append(f'<img src="{src}" width="96" title="{src}">')
+            elif not PRESETS[row["preset"]].build and "-attention" not in f:  # the trained 64 px model
+                media.append(f"<figure>{_pixelated(f)}<figcaption>output</figcaption></figure>")
             else:
                 label = "attention maps per prompt token" if "-attention" in f else "output"
                 media.append(
                     f'<figure><img src="{src}" style="max-width:100%"><figcaption>{label}</figcaption></figure>'
                 )
         cards.append(
-            f"<section><h2>{html.escape(row['preset'])}</h2><p>{html.escape(row['description'])}</p>"
+            f"<section><h2>{html.escape(row['preset'])}</h2><p>{html.escape(row['description'])}. "
+            f"Prompt: <i>{html.escape(row['prompt'])}</i></p>"
             f"<p>generate: <b>{row['generate_seconds']:.2f} s</b> (with load: {row['load_and_generate_seconds']:.2f} s)"
             f" &middot; {html.escape(json.dumps(row['call']))}</p>{''.join(media)}</section>"
         )
@@ -200,17 +219,24 @@ def _report_html(meta: dict) -> str:
         )
     editing = meta.get("editing", [])
     if editing:
-        cells = "".join(
-            f"<td><b>{html.escape(row['method'])}</b>: {row['seconds']:.2f} s<br>"
-            + "".join(f'<img src="{html.escape(f)}" style="max-width:380px"><br>' for f in row["files"])
-            + "</td>"
+        rows_html = "".join(
+            f"<tr><td><b>{html.escape(row['method'])}</b></td>"
+            + "".join(
+                f"<td>{_pixelated(cell['files'][0])}<br>"
+                + "".join(f'<img src="{html.escape(f)}" style="max-width:380px"><br>' for f in cell["files"][1:])
+                + f"{cell['seconds']:.2f} s &middot; judge: "
+                f"{cell['binding']:.0%} bound</td>"
+                for cell in row["images"]
+            )
+            + "</tr>"
             for row in editing
         )
         radial_html += (
-            "<section><h2>Cross-attention editing: plain, structured guidance, A-STAR</h2>"
-            f"<p>Prompt: <i>{html.escape(editing[0]['prompt'])}</i>. Heatmaps are the cross-attention maps per token "
-            "(none for structured guidance, which owns those layers).</p>"
-            f"<table><tr>{cells}</tr></table></section>"
+            f"<section><h2>Cross-attention editing on {EDITING_PRESET}: plain, structured guidance, A-STAR</h2>"
+            f"<p>Prompt: <i>{html.escape(editing[0]['prompt'])}</i>, seeds {editing[0]['images'][0]['seed']} to "
+            f"{editing[0]['images'][-1]['seed']}. 'bound' is the judge's share of the prompt's objects found with "
+            "the right colour on the right shape (diffattn.judge); benchmarks/compositional.py measures it over "
+            f"hundreds of prompts.</p><table>{rows_html}</table></section>"
         )
     table = "".join(
         f"<tr><td>{html.escape(r['preset'])}</td><td>{r['kind']}</td><td>{r['generate_seconds']:.2f}</td></tr>"
@@ -221,10 +247,12 @@ def _report_html(meta: dict) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}section{{border-top:1px solid #ccc;
 padding:1em 0}}figure{{display:inline-block;margin:0 1em 0 0}}td,th{{padding:2px 12px}}</style></head><body>
 <h1>diffattn demo</h1>
-<p>Prompt: <i>{html.escape(meta["prompt"])}</i> &middot; {meta["steps"]} steps &middot; seed {meta["seed"]}
+<p>{meta["steps"] or "each preset's"} steps &middot; seed {meta["seed"]}
 &middot; {meta["device"]}, torch {meta["torch"]}, {meta["threads"]} threads.
-The presets carry seeded random weights (no downloads here), so the pictures are noise; what they show is that
-each pipeline, its attention layers and diffattn's hooks run end to end.</p>
+<b>shapes-sd</b> is a real model diffattn trained on coloured-shape scenes, so its pictures (and the editing
+methods' effect on them) are meaningful. The <b>tiny-*</b> presets carry seeded random weights (no downloads
+here), so their pictures are noise; what they show is that each pipeline, its attention layers and diffattn's hooks
+run end to end.</p>
 <table><tr><th>preset</th><th>kind</th><th>seconds</th></tr>{table}</table>
 {"".join(cards)}
 {radial_html}

@@ -68,6 +68,12 @@ class GenerationResult:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def default_steps(model: str) -> int:
+    """Denoising steps when a call names none: the preset's (4 for the random tiny ones, 20 for shapes-sd), 30 for
+    other models (a diffusers-like default for real checkpoints)."""
+    return PRESETS[model].steps if model in PRESETS else 30
+
+
 def generation_defaults(model: str) -> dict[str, Any]:
     """Call arguments a model is meant to run with: the preset's, or none for other models."""
     return dict(PRESETS[model].call_defaults) if model in PRESETS else {}
@@ -78,7 +84,7 @@ def generate(
     prompt: str,
     *,
     negative_prompt: str | None = None,
-    steps: int = 4,
+    steps: int | None = None,
     seed: int = 0,
     guidance_scale: float | None = None,
     height: int | None = None,
@@ -101,6 +107,7 @@ def generate(
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt='' is not allowed: give a non-empty prompt")
+    steps = default_steps(model) if steps is None else steps
     if steps < 1:
         raise ValueError(f"steps={steps} is not allowed: expected an int >= 1")
     pipe = pipe if pipe is not None else cached_pipeline(model, torch_dtype, device)

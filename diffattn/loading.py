@@ -47,9 +47,10 @@ def load_pipeline(
     """Load a diffusers pipeline.
 
     Args:
-        name_or_path: a preset name (`tiny-sd`, `tiny-sdxl`, `tiny-wan`, `tiny-hunyuan-video`), a local folder
+        name_or_path: a preset name (`shapes-sd`, `tiny-sd`, `tiny-wan`, ...: `diffattn presets`), a local folder
             saved with `save_pretrained`, or a hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.
-        torch_dtype: e.g. torch.float16 or "bf16"; None keeps the saved dtype.
+        torch_dtype: e.g. torch.float16 or "bf16"; None keeps the saved dtype (shipped fp16 presets: fp32 on the
+            CPU).
         device: where to move the pipeline; None leaves it on the CPU.
 
     Safetensors weights only; remote code is never trusted. Raises ModelLoadError with a readable message when
@@ -61,6 +62,11 @@ def load_pipeline(
     name = str(name_or_path)
     if name in PRESETS:
         source = preset_path(name)
+        if dtype is None and PRESETS[name].shipped is not None:
+            # Shipped weights are fp16 to stay small; the CPU computes in fp32 (half matmuls there are slow and
+            # transformers and diffusers would otherwise disagree on the loaded dtype).
+            on_cpu = device is None or torch.device(device).type == "cpu"
+            dtype = torch.float32 if on_cpu else torch.float16
     elif Path(name).expanduser().exists():
         source = Path(name).expanduser()
         if not (source / "model_index.json").is_file():

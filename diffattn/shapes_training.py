@@ -191,6 +191,22 @@ class _LossLog:
         return values[-1]
 
 
+@torch.no_grad()
+def latent_scale(vae, config: ShapesTrainingConfig, device: torch.device, batches: int = 8) -> float:
+    """1 / std of the autoencoder's latents (posterior modes) over scenes the training stream never reaches.
+
+    Stable Diffusion's 0.18215 is this number for its own VAE; a fresh VAE needs its own, or the scaled latents are
+    far from unit variance and the noise schedule's signal-to-noise ratios are off (measured here: latent std 0.96,
+    so 0.18215 left the UNet training on signals ~5x weaker than the schedule assumes).
+    """
+    first = config.seed * 10**7 + 9 * 10**6  # beyond both phases' streams
+    latents = [
+        vae.encode(scene_batch(first + i * config.batch_size, config.batch_size)[0].to(device)).latent_dist.mode()
+        for i in range(batches)
+    ]
+    return float(1.0 / torch.cat(latents).float().std())
+
+
 def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float, step: int) -> None:
     weight = 1.0 - min(decay, (1 + step) / (10 + step))
     # One fused launch for all tensors (a Python loop is ~200 small kernels per step on a GPU).
@@ -211,7 +227,7 @@ def _save_checkpoint(path: Path, components, optimizers, state: dict, ema: list[
     tmp.replace(path)  # a crash never leaves a half-written checkpoint
 
 
-def _load_exported(components: dict[str, Any], folder: Path, device: torch.device) -> dict[str, int]:
+def _load_exported(components: dict[str, Any], folder: Path, device: torch.device) -> dict[str, Any]:
     """Weights of an exported pipeline folder into `components` (fp16 -> fp32); returns its step counters.
 
     This is how training continues across sessions from weights kept in the repository (no optimizer state:
@@ -226,7 +242,8 @@ def _load_exported(components: dict[str, Any], folder: Path, device: torch.devic
         components[name].load_state_dict(weights)
         components[name].to(device)
     state = json.loads((folder / "training_state.json").read_text())
-    return {"vae_step": state["vae_step"], "unet_step": state["unet_step"]}
+    # Exports from before the latent calibration have no latent_scale: it is measured when the UNet phase resumes.
+    return {k: state[k] for k in ("vae_step", "unet_step", "latent_scale") if state.get(k) is not None}
 
 
 def train_shapes(
@@ -262,9 +279,8 @@ def train_shapes(
             components[name].load_state_dict(weights)
         for name, opt_state in saved["optimizers"].items():
             optimizers[name].load_state_dict(opt_state)
-        state.update(
-            {k: saved["state"][k] for k in ("vae_step", "unet_step", "vae_loss", "unet_loss") if k in saved["state"]}
-        )
+        kept = ("vae_step", "unet_step", "vae_loss", "unet_loss", "latent_scale")
+        state.update({k: saved["state"][k] for k in kept if k in saved["state"]})
         saved_ema = saved.get("ema")
         logger.info("resumed from %s at vae step %d, unet step %d", checkpoint, state["vae_step"], state["unet_step"])
     elif init_from is not None:
@@ -308,7 +324,10 @@ def train_shapes(
         # Phase 2: UNet and text encoder on the frozen VAE's latents (once the autoencoder is done).
         vae.requires_grad_(False)
         first_unet_step = state["unet_step"] if state["vae_step"] >= config.vae_steps else config.unet_steps
-        scaling = vae.config.scaling_factor
+        if state.get("latent_scale") is None and state["vae_step"] >= config.vae_steps:
+            state["latent_scale"] = latent_scale(vae, config, device)
+            logger.info("latent scale: %.4f (1 / std of the autoencoder's latents)", state["latent_scale"])
+        scaling = state.get("latent_scale")
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         latent_shape = (vae.config.latent_channels, 64 // factor, 64 // factor)
         data = _UnetSteps(config, tokenizer, scheduler.config.num_train_timesteps, latent_shape)
@@ -344,6 +363,8 @@ def train_shapes(
         with torch.no_grad():
             for param, average in zip(denoiser_params, ema):
                 param.copy_(average)
+    if state.get("latent_scale") is not None:
+        vae.register_to_config(scaling_factor=state["latent_scale"])  # what the pipeline divides latents by
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -357,6 +378,9 @@ def train_shapes(
     pipe.to(torch.float16).save_pretrained(out / "pipeline", safe_serialization=True)
     pipe.to(torch.float32)
     (out / "pipeline" / "training_state.json").write_text(
-        json.dumps({k: state.get(k) for k in ("vae_step", "unet_step", "vae_loss", "unet_loss", "config")}, indent=2)
+        json.dumps(
+            {k: state.get(k) for k in ("vae_step", "unet_step", "vae_loss", "unet_loss", "latent_scale", "config")},
+            indent=2,
+        )
     )
     return state

@@ -50,8 +50,9 @@ def resolve_backend(
 ) -> str:
     """The concrete backend `auto` means for these inputs; validates explicit names.
 
-    On CUDA, `auto` takes the Triton kernel for fp16/bf16 inference with head dims up to 128 (H100: 1.02-1.19 of
-    ideal, ahead of FlexAttention on every forward measured) and FlexAttention otherwise: when gradients are needed
+    On CUDA, `auto` takes the Triton kernel for fp16/bf16 inference with head dims up to 128 (H100, bf16: 1.02-1.19
+    of ideal; ahead of FlexAttention on 10 of the 12 forwards measured, 2-6% behind on the other two) and
+    FlexAttention otherwise: when gradients are needed
     (H100 forward+backward: FlexAttention 1.06-1.11 of ideal, our Triton backward 0.53-0.58), for fp32 (Triton's
     128-wide fp32 tiles overflow shared memory when pipelined) and for head dims over 128. fp64 and every other
     device: the block-gather path.

@@ -86,7 +86,7 @@ def _bwd_dkdv_kernel(
     s_cnt_h, s_idx_h, s_idx_k,
     H, N, D, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SUB_M: tl.constexpr,
 ):  # fmt: skip
     kb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -94,7 +94,7 @@ def _bwd_dkdv_kernel(
     h = bh % H
     mh = h if PER_HEAD else 0
     offs_k = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, SUB_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     k_ok = offs_k < N
@@ -110,28 +110,30 @@ def _bwd_dkdv_kernel(
     index_row = Q_INDICES + mh * s_idx_h + kb * s_idx_k
     for i in range(count):
         qb = tl.load(index_row + i)
-        offs_m = qb * BLOCK_M + offs_m0
-        m_ok = offs_m < N
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=m_ok[:, None] & d_ok,
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
-            mask=m_ok[:, None] & d_ok,
-            other=0.0,
-        )
-        lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=m_ok, other=0.0)
-        # Transposed tile: s_t[key, query], so dk and dv accumulate without transposing p.
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
-        p_t = tl.where(k_ok[:, None] & m_ok[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        # SUB_M-row slices of the query block: smaller live tiles (registers) than the whole block at once
+        for j in tl.static_range(BLOCK_M // SUB_M):
+            offs_m = qb * BLOCK_M + j * SUB_M + offs_m0
+            m_ok = offs_m < N
+            q = tl.load(
+                Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok,
+                other=0.0,
+            )
+            do = tl.load(
+                DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
+                mask=m_ok[:, None] & d_ok,
+                other=0.0,
+            )
+            lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=m_ok, other=0.0)
+            # Transposed tile: s_t[key, query], so dk and dv accumulate without transposing p.
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            p_t = tl.exp2(s_t - lse[None, :])
+            p_t = tl.where(k_ok[:, None] & m_ok[None, :], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(
         DK + b * sdkb + h * sdkh + offs_k[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -153,7 +155,7 @@ def _bwd_dq_kernel(
     s_cnt_h, s_idx_h, s_idx_q,
     H, N, D, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SUB_N: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -161,7 +163,7 @@ def _bwd_dq_kernel(
     h = bh % H
     mh = h if PER_HEAD else 0
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, SUB_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     m_ok = offs_m < N
@@ -180,24 +182,26 @@ def _bwd_dq_kernel(
     index_row = KV_INDICES + mh * s_idx_h + qb * s_idx_q
     for i in range(count):
         kb = tl.load(index_row + i)
-        offs_k = kb * BLOCK_N + offs_n
-        k_ok = offs_k < N
-        k = tl.load(
-            K + b * skb + h * skh + offs_k[:, None] * skn + offs_d[None, :] * skd,
-            mask=k_ok[:, None] & d_ok,
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * svb + h * svh + offs_k[:, None] * svn + offs_d[None, :] * svd,
-            mask=k_ok[:, None] & d_ok,
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(k_ok[None, :] & m_ok[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        # SUB_N-key slices of the key block (see the dk/dv kernel)
+        for j in tl.static_range(BLOCK_N // SUB_N):
+            offs_k = kb * BLOCK_N + j * SUB_N + offs_n
+            k_ok = offs_k < N
+            k = tl.load(
+                K + b * skb + h * skh + offs_k[:, None] * skn + offs_d[None, :] * skd,
+                mask=k_ok[:, None] & d_ok,
+                other=0.0,
+            )
+            v = tl.load(
+                V + b * svb + h * svh + offs_k[:, None] * svn + offs_d[None, :] * svd,
+                mask=k_ok[:, None] & d_ok,
+                other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(k_ok[None, :] & m_ok[:, None], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(
         DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
@@ -272,8 +276,14 @@ def triton_backward(
     block_q: int,
     block_k: int,
     scale: float,
+    launch: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients dq, dk, dv ([B, H, N, D], input dtypes) of the forward above.
+
+    `launch` overrides `num_warps`, `num_stages` and `sub` (the slice, in rows, that each pass computes at once
+    inside a block: query rows in the dk/dv pass, key rows in the dq pass; a divisor of the block, at least 16).
+    The default `sub` is the whole block (what the H100 benchmark ran); FlashAttention-2's Triton backward uses
+    32-row slices, which the benchmark sweep (`--sweep`) times against it.
 
     delta: [B, H, N] float32 = rowsum(dO * O) - dLSE (FA2's preprocessing, plus the gradient reaching the LSE
     output when partial results were merged through it).
@@ -287,6 +297,11 @@ def triton_backward(
     block_d = max(16, triton.next_power_of_2(d))
     per_head = kv_counts.shape[0] > 1
     precision = _dot_precision(q.dtype)
+    config = _launch_config(block_q, block_k, d, q.element_size(), backward=True) | (launch or {})
+    sub = config.pop("sub", None)
+    sub_m, sub_n = (block_q, block_k) if sub is None else (sub, sub)
+    if block_q % sub_m or block_k % sub_n or min(sub_m, sub_n) < 16:
+        raise ValueError(f"launch sub={sub} is not allowed: expected a divisor of the block size ({block_q}) >= 16")
     common = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(grad_out), lse.stride(0), lse.stride(1))
     _bwd_dkdv_kernel[(q_counts.shape[1], batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, q_counts, q_indices,
@@ -294,7 +309,7 @@ def triton_backward(
         q_counts.stride(0), q_indices.stride(0), q_indices.stride(1),
         heads, n, d, scale * LOG2E, scale,
         BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PER_HEAD=per_head, DOT_PRECISION=precision,
-        **_launch_config(block_q, block_k, d, q.element_size(), backward=True),
+        SUB_M=sub_m, **config,
     )  # fmt: skip
     _bwd_dq_kernel[(kv_counts.shape[1], batch * heads)](
         q, k, v, grad_out, lse, delta, dq, kv_counts, kv_indices,
@@ -302,6 +317,6 @@ def triton_backward(
         kv_counts.stride(0), kv_indices.stride(0), kv_indices.stride(1),
         heads, n, d, scale * LOG2E, scale,
         BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PER_HEAD=per_head, DOT_PRECISION=precision,
-        **_launch_config(block_q, block_k, d, q.element_size(), backward=True),
+        SUB_N=sub_n, **config,
     )  # fmt: skip
     return dq, dk, dv

@@ -60,7 +60,7 @@ def test_generate_video_as_mp4(tmp_path, capsys):
             ["generate", "-p", "x", "-m", "tiny-wan", "--decay-factor", "0.5"],
             "radial options ['decay_factor'] need --radial",
         ),
-        (["generate", "-p", "x", "--radial"], "radial attention is for video models; 'tiny-sd' is an image model"),
+        (["generate", "-p", "x", "--radial"], "radial attention is for video models; 'shapes-sd' is an image model"),
         (
             ["generate", "-p", "x", "-m", "tiny-wan", "--radial", "--decay-factor", "-1"],
             "decay_factor=-1.0 is not allowed",
@@ -100,6 +100,8 @@ def test_generate_with_radial_attention_saves_video_and_mask(tmp_path, capsys):
 def test_generate_with_token_merging(tmp_path, capsys, flag):
     args = [
         "generate",
+        "-m",
+        "tiny-sd",
         "-p",
         "a red cat",
         "--steps",
@@ -158,6 +160,11 @@ def test_demo_writes_report_with_every_preset(tmp_path, capsys):
         assert all((tmp_path / f).is_file() and f in html for f in row["dense_files"] + row["agent_files"])
     editing = {r["method"]: r for r in report["editing"]}
     assert set(editing) == {"plain", "structured", "a-star"}
-    assert any(f.endswith("-attention.png") for f in editing["a-star"]["files"])
+    for row in editing.values():  # the trained preset, a few seeds each, every image scored by the judge
+        assert [cell["seed"] for cell in row["images"]] == [0, 1, 2, 3]
+        for cell in row["images"]:
+            assert cell["binding"] in (0.0, 0.5, 1.0) and cell["seconds"] > 0
+            assert all((tmp_path / f).is_file() and f in html for f in cell["files"])
+            assert Image.open(tmp_path / cell["files"][0]).size == (64, 64)
     assert main(["demo", "--out", str(tmp_path), "--steps", "1", "--presets", "tiny-sd"]) == 0
     assert len(list(tmp_path.glob("run-*"))) == 2  # an earlier run is kept

@@ -26,6 +26,10 @@ def test_wheel_ships_kernels_and_pipelines_inside_diffattn(wheel):
     assert "diffattn/kernels/__init__.py" in names
     assert "diffattn/pipelines/__init__.py" in names
     assert not any(n.startswith(("kernels/", "pipelines/", "tests/")) for n in names)
+    shipped = {n for n in names if n.startswith("diffattn/presets/shapes_sd/")}  # the trained preset's weights
+    for part in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json"):  # fmt: skip
+        assert f"diffattn/presets/shapes_sd/{part}" in shipped
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "diffattn = diffattn.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -10,7 +10,7 @@ from diffattn.presets import PRESETS, get_preset, preset_path
 from helpers import load, run
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.build is not None])
 def test_preset_saves_and_reloads_through_from_pretrained(name, tmp_path):
     folder = preset_path(name, root=tmp_path)
     assert (folder / "model_index.json").is_file()
@@ -109,3 +109,20 @@ def test_load_pipeline_from_local_folder_with_dtype(tmp_path):
     folder = preset_path("tiny-sd")
     pipe = diffattn.load_pipeline(str(folder), torch_dtype="bf16")
     assert pipe.unet.dtype == torch.bfloat16
+
+
+def test_shapes_sd_is_shipped_small_and_loads_in_fp32_on_cpu():
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = preset_path("shapes-sd")
+    assert folder.parent == Path(diffattn.presets.__file__).parent  # in the package, nothing built or cached
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 10 * 2**20
+    shipped = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(t.dtype == torch.float16 for t in shipped.values())
+    pipe = diffattn.load_pipeline("shapes-sd")
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    torch.testing.assert_close(
+        pipe.unet.state_dict()["conv_in.weight"], shipped["conv_in.weight"].float(), rtol=0, atol=0
+    )
