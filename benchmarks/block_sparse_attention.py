@@ -161,6 +161,14 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool,
                 _row(name, b, h, n, d, dtype, pass_name, "dense-sdpa", 1.0, t_dense, t_dense, flops * flop_factor)
             )
             print(_fmt(rows[-1]), flush=True)
+            t_default = None
+            if device == "cuda":  # PyTorch's default SDPA backend too (cuDNN on Hopper: faster than flash)
+                t_default = measure(call(lambda: F.scaled_dot_product_attention(q, k, v)))
+                rows.append(
+                    _row(name, b, h, n, d, dtype, pass_name, "dense-sdpa-default", 1.0, t_default, t_dense,
+                         flops * flop_factor)
+                )  # fmt: skip
+                print(_fmt(rows[-1]), flush=True)
             blocks = math.ceil(n / 128)
             masks = [(f"random-{d:.2f}", random_block_mask(blocks, d, seed=blocks, device=device)) for d in densities]
             if name in RADIAL:
@@ -182,6 +190,8 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool,
                     rows.append(
                         _row(name, b, h, n, d, dtype, pass_name, backend, layout.density, t_sparse, t_dense,
                              flops * flop_factor) | {"mask": mask_name}
+                        | ({} if t_default is None else
+                           {"fraction_of_ideal_vs_default_sdpa": round(t_default / t_sparse * layout.density, 3)})
                     )  # fmt: skip
                     print(_fmt(rows[-1]), flush=True)
     return rows
@@ -242,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     fields = {
         "triton": triton_version,
         "notes": "random block masks (diagonal kept) and the radial mask of the shape's geometry, block 128; "
-        "dense = SDPA (flash backend on GPU); "
+        "dense = SDPA (flash backend on GPU; dense-sdpa-default: the default backend, and each sparse row's "
+        "fraction_of_ideal_vs_default_sdpa against it); "
         "flex = FlexAttention compiled on the same BlockMask; CPU has no flex backward",
         "results": rows,
         **({"triton_launch_sweep": sweep} if sweep is not None else {}),

@@ -29,8 +29,22 @@ def test_held_out_pairs_are_multi_object_and_outside_the_training_stream():
 
 def test_smoke_run_writes_every_metric(tmp_path):
     out = tmp_path / "compositional.json"
-    assert bench.main(["--pairs", "2", "--steps", "2", "--methods", "plain", "structured", "--out", str(out)]) == 0
+    args = [
+        "--pairs",
+        "2",
+        "--steps",
+        "2",
+        "--methods",
+        "plain",
+        "structured",
+        "--single-seeds",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert bench.main(args) == 0
     report = json.loads(out.read_text())
+    assert report["single_object"]["right_colour_and_shape"]["n"] == 24  # 6 colours x 4 shapes, one seed
     assert report["pairs"] == 2 and set(report["results"]) == {"plain", "structured"}
     for method, row in report["results"].items():
         assert row["seconds_per_image"] > 0
