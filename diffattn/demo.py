@@ -123,7 +123,7 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
         for label, extra in variants.items():
             cells = []
             for s in range(seed, seed + EDITING_SEEDS):
-                result = generate(EDITING_PRESET, EDITING_PROMPT, steps=steps, seed=s, attention_maps=False, **extra)
+                result = generate(EDITING_PRESET, EDITING_PROMPT, steps=steps, seed=s, **extra)  # with heatmaps
                 files = save_result(result, run_dir, f"{EDITING_PRESET}-editing-{label}-seed{s}")
                 score = score_scene(objects, None, detect_objects(result.images[0]))
                 cells.append(
@@ -236,7 +236,8 @@ def _report_html(meta: dict) -> str:
             f"<p>Prompt: <i>{html.escape(editing[0]['prompt'])}</i>, seeds {editing[0]['images'][0]['seed']} to "
             f"{editing[0]['images'][-1]['seed']}. 'bound' is the judge's share of the prompt's objects found with "
             "the right colour on the right shape (diffattn.judge); benchmarks/compositional.py measures it over "
-            f"hundreds of prompts.</p><table>{rows_html}</table></section>"
+            "hundreds of prompts. Under each image, its cross-attention maps per prompt token (none for structured "
+            f"guidance, which owns those layers).</p><table>{rows_html}</table></section>"
         )
     table = "".join(
         f"<tr><td>{html.escape(r['preset'])}</td><td>{r['kind']}</td><td>{r['generate_seconds']:.2f}</td></tr>"

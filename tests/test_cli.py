@@ -166,5 +166,7 @@ def test_demo_writes_report_with_every_preset(tmp_path, capsys):
             assert cell["binding"] in (0.0, 0.5, 1.0) and cell["seconds"] > 0
             assert all((tmp_path / f).is_file() and f in html for f in cell["files"])
             assert Image.open(tmp_path / cell["files"][0]).size == (64, 64)
+    for method in ("plain", "a-star"):  # heatmaps before and after editing
+        assert all(any(f.endswith("-attention.png") for f in cell["files"]) for cell in editing[method]["images"])
     assert main(["demo", "--out", str(tmp_path), "--steps", "1", "--presets", "tiny-sd"]) == 0
     assert len(list(tmp_path.glob("run-*"))) == 2  # an earlier run is kept

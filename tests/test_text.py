@@ -58,3 +58,35 @@ def test_parser_errors():
         noun_phrases("a cat", backend="nltk")
     with pytest.raises(ValueError, match="has no words"):
         token_spans(build_clip_tokenizer(), "a cat", "!")
+
+
+def test_spacy_backend_aligns_noun_chunks_to_words(monkeypatch):
+    """spaCy is not installed here: a stand-in module with spaCy's interface (load -> nlp -> doc.noun_chunks with
+    .text and .root) checks how the backend maps chunks onto the prompt's words, against hand-written phrases."""
+    import sys
+    import types
+
+    from diffattn import text
+
+    class Chunk:
+        def __init__(self, chunk_text, root):
+            self.text, self.root = chunk_text, types.SimpleNamespace(text=root)
+
+    chunks = {"A red car, and a white Sheep!": [Chunk("A red car", "car"), Chunk("a white Sheep", "Sheep")]}
+    fake = types.ModuleType("spacy")
+    fake.load = lambda name: lambda prompt: types.SimpleNamespace(noun_chunks=chunks[prompt])
+    monkeypatch.setitem(sys.modules, "spacy", fake)
+    text._spacy_model.cache_clear()
+    try:
+        phrases = text.parse_noun_phrases("A red car, and a white Sheep!", backend="spacy")
+        assert [(p.text, p.start, p.end, p.head) for p in phrases] == [
+            ("a red car", 0, 3, "car"),
+            ("a white sheep", 5, 8, "sheep"),
+        ]
+        assert text.concept_words("A red car, and a white Sheep!", backend="spacy") == ["car", "sheep"]
+        fake.load = lambda name: (_ for _ in ()).throw(OSError(name))  # spaCy without an English model
+        text._spacy_model.cache_clear()
+        with pytest.raises(ValueError, match="found no English spaCy model"):
+            text.noun_phrases("a cat", backend="spacy")
+    finally:
+        text._spacy_model.cache_clear()
