@@ -370,7 +370,7 @@ def train_shapes(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(scheduler.config),
+        scheduler=EulerDiscreteScheduler.from_config(scheduler.config, steps_offset=1),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
