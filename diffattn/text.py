@@ -39,6 +39,8 @@ MODIFIERS = frozenset(
     "big small large tiny little huge giant tall short long old new young round square wooden metal metallic "
     "glass plastic stone leather paper furry fluffy shiny dark bright light colorful cute beautiful".split()
 )
+# Modifiers that are nouns too: one that ends a phrase is its head ("a blue square", "a glass on a stone").
+NOUN_MODIFIERS = frozenset("square glass stone metal paper leather light".split())
 BOUNDARIES = PREPOSITIONS | CONJUNCTIONS | VERBS
 _WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*|[^\sa-z0-9]", re.IGNORECASE)
 
@@ -69,6 +71,8 @@ def _base_phrases(tokens: list[str]) -> list[NounPhrase]:
         if i == len(tokens) or tokens[i] in BOUNDARIES or not _is_word(tokens[i]):
             chunk = list(range(start, i))
             while chunk and tokens[chunk[-1]] in DETERMINERS | MODIFIERS and len(chunk) > 1:
+                if tokens[chunk[-1]] in NOUN_MODIFIERS:
+                    break  # "a blue square": the last word is the noun
                 chunk.pop()  # "a big" before a boundary has no noun; keep only if nothing else is left
             if chunk and not (tokens[chunk[-1]] in DETERMINERS and len(chunk) == 1):
                 s, e = chunk[0], chunk[-1] + 1

@@ -15,6 +15,10 @@ PHRASES = [
     ("an astronaut riding a horse on the moon", ["an astronaut", "a horse", "the moon"], ["astronaut", "horse", "moon"]),
     ("a cat and a cat", ["a cat", "a cat"], ["cat", "cat"]),
     ("a brown leather bag next to a shiny metal lamp", ["a brown leather bag", "a shiny metal lamp"], ["bag", "lamp"]),
+    # modifiers that are nouns too, at the end of a phrase (the shapes-sd prompts)
+    ("a red circle and a blue square", ["a red circle", "a blue square"], ["circle", "square"]),
+    ("a blue square and a red square", ["a blue square", "a red square"], ["square", "square"]),
+    ("a glass on a stone", ["a glass", "a stone"], ["glass", "stone"]),
 ]  # fmt: skip
 
 
