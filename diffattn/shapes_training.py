@@ -117,6 +117,15 @@ def scene_batch(start: int, size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in scenes]
 
 
+# Where each stream of the seeded scene sequence starts (plus seed * 10**7): the phases never share scenes, and the
+# latent calibration reads scenes neither phase reaches.
+VAE_STREAM, UNET_STREAM, CALIBRATION_STREAM = 0, 5 * 10**6, 9 * 10**6
+
+
+def _stream_start(config: ShapesTrainingConfig, stream: int) -> int:
+    return config.seed * 10**7 + stream
+
+
 class _VaeSteps(torch.utils.data.Dataset):
     """Item `step`: the images [B, 3, 64, 64] of that autoencoder step (scenes [step * B, (step + 1) * B))."""
 
@@ -128,7 +137,7 @@ class _VaeSteps(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> torch.Tensor:
         batch = self.config.batch_size
-        return scene_batch(self.config.seed * 10**7 + step * batch, batch)[0]
+        return scene_batch(_stream_start(self.config, VAE_STREAM) + step * batch, batch)[0]
 
 
 class _UnetSteps(torch.utils.data.Dataset):
@@ -145,8 +154,9 @@ class _UnetSteps(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int):
         config, batch = self.config, self.config.batch_size
-        generator = torch.Generator().manual_seed(config.seed * 10**7 + 5 * 10**6 + step)
-        images, captions = scene_batch(config.seed * 10**7 + 5 * 10**6 + step * batch, batch)
+        start = _stream_start(config, UNET_STREAM)
+        generator = torch.Generator().manual_seed(start + step)
+        images, captions = scene_batch(start + step * batch, batch)
         drop = torch.rand(batch, generator=generator) < config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -199,7 +209,7 @@ def latent_scale(vae, config: ShapesTrainingConfig, device: torch.device, batche
     far from unit variance and the noise schedule's signal-to-noise ratios are off (measured here: latent std 0.96,
     so 0.18215 left the UNet training on signals ~5x weaker than the schedule assumes).
     """
-    first = config.seed * 10**7 + 9 * 10**6  # beyond both phases' streams
+    first = _stream_start(config, CALIBRATION_STREAM)
     latents = [
         vae.encode(scene_batch(first + i * config.batch_size, config.batch_size)[0].to(device)).latent_dist.mode()
         for i in range(batches)
@@ -300,6 +310,13 @@ def train_shapes(
     def out_of_time() -> bool:
         return deadline is not None and time.monotonic() > deadline
 
+    def finish_step(phase: str, step: int, loss: torch.Tensor) -> None:
+        state[f"{phase}_step"] = step + 1
+        log.add(phase, step, loss)
+        if state[f"{phase}_step"] % config.checkpoint_every == 0:
+            state[f"{phase}_loss"] = log.flush() or state.get(f"{phase}_loss")
+            _save_checkpoint(checkpoint, components, optimizers, state, ema)
+
     try:
         # Phase 1: the autoencoder. Data for step i is scenes [i * batch, (i + 1) * batch) of the stream.
         batches = _steps(_VaeSteps(config), state["vae_step"], config, device)
@@ -315,16 +332,13 @@ def train_shapes(
             optimizers["vae"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["vae"].step()
-            state["vae_step"] = step + 1
-            log.add("vae", step, loss)
-            if state["vae_step"] % config.checkpoint_every == 0:
-                state["vae_loss"] = log.flush() or state.get("vae_loss")
-                _save_checkpoint(checkpoint, components, optimizers, state, ema)
+            finish_step("vae", step, loss)
         state["vae_loss"] = log.flush() or state.get("vae_loss")
         # Phase 2: UNet and text encoder on the frozen VAE's latents (once the autoencoder is done).
         vae.requires_grad_(False)
-        first_unet_step = state["unet_step"] if state["vae_step"] >= config.vae_steps else config.unet_steps
-        if state.get("latent_scale") is None and state["vae_step"] >= config.vae_steps:
+        vae_done = state["vae_step"] >= config.vae_steps
+        first_unet_step = state["unet_step"] if vae_done else config.unet_steps
+        if state.get("latent_scale") is None and vae_done:
             state["latent_scale"] = latent_scale(vae, config, device)
             logger.info("latent scale: %.4f (1 / std of the autoencoder's latents)", state["latent_scale"])
         scaling = state.get("latent_scale")
@@ -349,11 +363,7 @@ def train_shapes(
             optimizers["unet"].step()
             if ema is not None:
                 _ema_update(ema, denoiser_params, config.ema_decay, step)
-            state["unet_step"] = step + 1
-            log.add("unet", step, loss)
-            if state["unet_step"] % config.checkpoint_every == 0:
-                state["unet_loss"] = log.flush() or state.get("unet_loss")
-                _save_checkpoint(checkpoint, components, optimizers, state, ema)
+            finish_step("unet", step, loss)
         state["unet_loss"] = log.flush() or state.get("unet_loss")
     finally:
         log.flush()
