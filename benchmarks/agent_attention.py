@@ -6,7 +6,9 @@
 Variants: the SDPA baseline (diffusers' AttnProcessor2_0), tomesd at the same merge ratio (installed with pip when
 missing, unless --no-install), diffattn's token merging (agent_ratio=None) and diffattn's agent mode (AgentSD's
 first-phase settings: stride 4, agent ratio 0.95). The UNet is the SD 1.5 config with random weights, batch 2;
-fp16 on a GPU, fp32 on the CPU. Results go to benchmarks/results/ with the device.
+fp16 on a GPU, fp32 on the CPU. A stage breakdown of the agent layer (matching on the torch and, on CUDA, the Triton
+backend; merge; agent attention; unmerge) shows where its time goes. Results go to benchmarks/results/ with the
+device.
 """
 
 from __future__ import annotations
@@ -85,6 +87,47 @@ def bench_layer(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
     return rows
 
 
+def bench_stages(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
+    """Where agent mode's layer time goes (AgentSD's first phase: stride 4, agent ratio 0.95, merge 0.4): each stage
+    alone, plus the bipartite matching on both backends (Triton on CUDA only) and dense SDPA at the full N."""
+    from diffattn.kernels import agent_attention, bipartite_matching, merge_tokens, unmerge_tokens
+
+    config = VARIANTS["agent"]
+    heads, channels = 8, 320
+    rows = []
+    for tokens in tokens_list:
+        side = int(tokens**0.5)
+        x = torch.randn(2, tokens, channels, device=device, dtype=dtype)
+        generator = torch.Generator(device=device).manual_seed(0)
+        row = {"bench": "stages", "tokens": tokens, "stride": 4, "agent_ratio": config.agent_ratio}
+        with torch.no_grad():
+            backends = ["torch", "triton"] if device == "cuda" else ["torch"]
+            for backend in backends:
+                row[f"matching_{backend}_ms"] = round(measure(
+                    lambda b=backend: bipartite_matching(x, side, side, 4, 4, generator=generator, backend=b),
+                    device, warmup, repeats), 3)  # fmt: skip
+            match = bipartite_matching(x, side, side, 4, 4, generator=generator)
+            r = min(int(tokens * config.ratio), match.num_src)
+            r_agents = min(int(tokens * config.agent_ratio), match.num_src)
+            merged = merge_tokens(x, match, r)
+            row["merge_ms"] = round(measure(lambda: merge_tokens(x, match, r), device, warmup, repeats), 3)
+            row["agent_merge_ms"] = round(
+                measure(lambda: merge_tokens(x, match, r_agents), device, warmup, repeats), 3
+            )
+            q = torch.randn(2, heads, merged.shape[1], channels // heads, device=device, dtype=dtype)
+            agents = torch.randn(2, heads, tokens - r_agents, channels // heads, device=device, dtype=dtype)
+            row["agent_attention_ms"] = round(measure(lambda: agent_attention(q, q, q, agents), device, warmup,
+                                                      repeats), 3)  # fmt: skip
+            row["unmerge_ms"] = round(measure(lambda: unmerge_tokens(merged, match, r, tokens), device, warmup,
+                                              repeats), 3)  # fmt: skip
+            full = torch.randn(2, heads, tokens, channels // heads, device=device, dtype=dtype)
+            row["dense_sdpa_ms"] = round(measure(lambda: torch.nn.functional.scaled_dot_product_attention(
+                full, full, full), device, warmup, repeats), 3)  # fmt: skip
+        rows.append(row)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def bench_unet(sizes, device, dtype, warmup, repeats, tomesd) -> list[dict]:
     unet = sd15_unet(device).to(dtype).eval()
     rows = []
@@ -136,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         layer_tokens, unet_sizes, warmup, repeats = [4096, 16384], [(512, 1, 2), (1024, 1, 1)], 1, 3
     rows = bench_layer(layer_tokens, device, dtype, warmup, repeats)
+    rows += bench_stages(layer_tokens, device, dtype, warmup, repeats)
     rows += bench_unet(unet_sizes, device, dtype, warmup, repeats, tomesd)
     fields = {
         "dtype": str(dtype).replace("torch.", ""),

@@ -8,6 +8,7 @@ handle.remove()               # the exact original processors and hooks are back
 
 from .adapters import supported_families
 from .control import AttentionMethod, Handle, MethodConfig, applied, apply, remove
+from .guidance import GuidanceInterval
 from .loading import ModelLoadError, load_pipeline
 from .methods import (
     AgentAttentionConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "AgentAttentionConfig",
     "AgentAttentionProcessor",
     "StructuredGuidanceConfig",
+    "GuidanceInterval",
     "radial_block_mask",
     "plot_radial_mask",
     "supported_families",

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .control import apply
+from .guidance import GuidanceInterval, as_guidance_interval
 from .loading import load_pipeline
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, render_attention_grid
@@ -74,6 +75,11 @@ def default_steps(model: str) -> int:
     return PRESETS[model].steps if model in PRESETS else 30
 
 
+def default_interval(model: str) -> tuple[float, float] | None:
+    """The guidance interval a model is meant to run with (`GuidanceInterval`): the preset's, else every step."""
+    return PRESETS[model].guidance_interval if model in PRESETS else None
+
+
 def generation_defaults(model: str) -> dict[str, Any]:
     """Call arguments a model is meant to run with: the preset's, or none for other models."""
     return dict(PRESETS[model].call_defaults) if model in PRESETS else {}
@@ -97,6 +103,7 @@ def generate(
     agent: AgentAttentionConfig | None = None,
     structured: StructuredGuidanceConfig | None = None,
     astar: str | None = None,
+    guidance_interval: GuidanceInterval | tuple[float, float] | None = None,
     pipe: Any | None = None,
 ) -> GenerationResult:
     """Generate one image or video; for SD-family models also the cross-attention heatmap grid.
@@ -104,6 +111,8 @@ def generate(
     With `radial`, radial attention is applied for this call (video models) and the result carries the mask
     picture and its density. With `agent`, AgentSD / token merging is applied (Stable Diffusion UNets). With
     `astar` ("astar", "attend_and_excite" or "both"), the call runs `AStarPipeline` on the same components.
+    `guidance_interval` (start, stop): guide only those fractions of the steps (`GuidanceInterval`); None takes the
+    model's default (shapes-sd: (0.3, 1.0)), (0, 1) guides every step.
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt='' is not allowed: give a non-empty prompt")
@@ -114,6 +123,12 @@ def generate(
     kwargs = generation_defaults(model)
     overrides = {"guidance_scale": guidance_scale, "height": height, "width": width, "num_frames": num_frames}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    interval = as_guidance_interval(guidance_interval if guidance_interval is not None else default_interval(model))
+    if interval is not None:
+        if not has_sd_unet(pipe):  # the step callback sets the scale the SD-family pipelines read at every step
+            raise ValueError(f"guidance_interval is for Stable Diffusion pipelines; {model!r} is not one")
+        kwargs.setdefault("guidance_scale", inspect.signature(pipe.__call__).parameters["guidance_scale"].default)
+        kwargs["guidance_interval"] = (interval.start, interval.stop)  # recorded; the call gets a step callback
     video = is_video_pipeline(pipe)
     if not video:
         kwargs.pop("num_frames", None)
@@ -121,7 +136,7 @@ def generate(
         kwargs["negative_prompt"] = negative_prompt
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if astar is not None:
-        return _generate_astar(model, pipe, prompt, astar, steps, seed, generator, kwargs)
+        return _generate_astar(model, pipe, prompt, astar, steps, seed, generator, kwargs, interval)
     configs = []
     # Structured guidance owns the cross-attention layers the map recorder would need; maps are skipped with it.
     if attention_maps and has_sd_unet(pipe) and structured is None:
@@ -142,7 +157,10 @@ def generate(
     grid = mask_image = density = None
     try:
         start = time.perf_counter()
-        output = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pil", **kwargs)
+        call = {k: v for k, v in kwargs.items() if k != "guidance_interval"}
+        if interval is not None:
+            call.update(interval.pipeline_kwargs(call["guidance_scale"], steps))
+        output = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pil", **call)
         seconds = time.perf_counter() - start
         if handle is not None and isinstance(configs[0], AttentionMapConfig):
             grid = _attention_grid(pipe, handle.maps(conditional_only=True), prompt, output.images[0])
@@ -163,7 +181,7 @@ def generate(
     return result
 
 
-def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs) -> GenerationResult:
+def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs, interval) -> GenerationResult:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .pipelines import AStarPipeline, AStarXLPipeline
@@ -176,13 +194,15 @@ def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs) -
         raise ValueError(f"A-STAR runs on Stable Diffusion 1.x/2.x/XL pipelines; {model!r} is {type(pipe).__name__}")
     astar_pipe.set_progress_bar_config(leave=False)
     call = {k: v for k, v in kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
+    recorded = {**call, "guidance_interval": kwargs["guidance_interval"]} if interval is not None else call
     start = time.perf_counter()
     output = astar_pipe(
-        prompt, loss=loss, num_inference_steps=steps, max_iter_to_alter=max(1, steps // 2), generator=generator, **call
-    )
+        prompt, loss=loss, num_inference_steps=steps, max_iter_to_alter=max(1, steps // 2), generator=generator,
+        guidance_interval=interval, **call,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     result = GenerationResult(
-        model, prompt, seed, "image", images=list(output.images), seconds=seconds, call_kwargs=call
+        model, prompt, seed, "image", images=list(output.images), seconds=seconds, call_kwargs=recorded
     )
     result.attention_grid = _attention_grid(pipe, output.maps, prompt, output.images[0])
     return result

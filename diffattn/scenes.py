@@ -74,7 +74,8 @@ def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]
     raise ValueError(f"relation={relation!r} is not allowed: expected one of {', '.join(RELATIONS)}")
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb) -> None:
+    """Draw `shape` filled with `rgb` in `box` = (x0, y0, x1, y1), x1/y1 exclusive (the scenes' and the judge's outline)."""
     x0, y0, x1, y1 = box
     if shape == "square":
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=rgb)
@@ -117,7 +118,7 @@ def render_scene(seed: int, *, size: int = 64, max_objects: int = 3, relation_pr
             break  # no room: keep the scene smaller
         used.add((shape, color))
         objects.append(SceneObject(shape, color, size_name, box))
-        _draw(draw, shape, box, COLORS[color])
+        draw_shape(draw, shape, box, COLORS[color])
     relation = None
     if len(objects) == 2 and rng.random() < relation_probability:
         holding = [r for r in RELATIONS if relation_holds(r, objects[0].center, objects[1].center)]

@@ -264,7 +264,7 @@ def train_shapes(
     `init_from`: an exported pipeline folder (with training_state.json) to continue from when `out` has no
     checkpoint yet.
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     config = config or ShapesTrainingConfig()
     out = Path(out)
@@ -380,7 +380,7 @@ def train_shapes(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(scheduler.config, steps_offset=1),
+        scheduler=DPMSolverMultistepScheduler.from_config(scheduler.config, steps_offset=1),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -12,6 +12,7 @@ No host syncs: every index is computed on the device with static shapes (r, grid
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,9 @@ def destination_grid(
     return (rows * w + cols).reshape(-1)
 
 
+MATCHING_BACKENDS = ("auto", "torch", "triton")
+
+
 def bipartite_matching(
     metric: torch.Tensor,
     h: int,
@@ -67,33 +71,54 @@ def bipartite_matching(
     *,
     generator: torch.Generator | None = None,
     chunk: int = 2048,
+    backend: str = "auto",
 ) -> TokenMatch:
     """Match every source token of `metric: [B, N, C]` to its most similar destination (cosine similarity).
 
-    The similarity is computed in chunks of sources, so the full [Ns, Nd] score matrix is never stored.
+    backend: "torch" computes the similarity in chunks of `chunk` sources, so the full [Ns, Nd] score matrix is
+    never stored; "triton" (`token_match_triton`, CUDA, or the CPU under TRITON_INTERPRET=1) never stores even a
+    chunk. "auto" takes the torch path everywhere until a GPU measurement (benchmarks/agent_attention.py) shows the
+    kernel ahead.
     """
+    if backend not in MATCHING_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not allowed: expected one of {', '.join(map(repr, MATCHING_BACKENDS))}"
+        )
     batch, n, _ = metric.shape
     if n != h * w:
         raise ValueError(f"metric has {n} tokens, the grid is {h}x{w}")
     device = metric.device
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); got {device}")
     dst = destination_grid(h, w, sx, sy, generator=generator, device=device)
     is_dst = torch.zeros(n, dtype=torch.bool, device=device)
     is_dst[dst] = True
     # Static size: N - Nd sources; boolean indexing would read the count back to the host, so compute it instead.
     src = torch.argsort(is_dst.to(torch.int8), stable=True)[: n - dst.shape[0]]
     with torch.no_grad():
-        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        dst_unit = unit[:, dst]  # [B, Nd, C]
-        best_score, best_dst = [], []
-        for start in range(0, src.shape[0], chunk):
-            scores = torch.matmul(unit[:, src[start : start + chunk]], dst_unit.transpose(1, 2))  # [B, c, Nd]
-            value, index = scores.max(dim=-1)
-            best_score.append(value)
-            best_dst.append(index)
-        best_score = torch.cat(best_score, dim=1)
-        best = torch.cat(best_dst, dim=1)
+        if backend == "triton":
+            from .token_match_triton import triton_best_destination
+
+            best_score, best = triton_best_destination(metric, src, dst)
+        else:
+            best_score, best = _best_destination_torch(metric, src, dst, chunk)
         order = torch.argsort(best_score, dim=1, descending=True, stable=True)
     return TokenMatch(dst, src, order, best)
+
+
+def _best_destination_torch(
+    metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best cosine similarity [B, Ns], its destination [B, Ns]) in chunks of `chunk` sources."""
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    dst_unit = unit[:, dst]  # [B, Nd, C]
+    best_score, best_dst = [], []
+    for start in range(0, src.shape[0], chunk):
+        scores = torch.matmul(unit[:, src[start : start + chunk]], dst_unit.transpose(1, 2))  # [B, c, Nd]
+        value, index = scores.max(dim=-1)
+        best_score.append(value)
+        best_dst.append(index)
+    return torch.cat(best_score, dim=1), torch.cat(best_dst, dim=1)
 
 
 def merge_tokens(x: torch.Tensor, match: TokenMatch, r: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 
 from ..control import apply
+from ..guidance import GuidanceInterval, as_guidance_interval
 from ..methods.astar import (
     attend_and_excite_loss,
     binarize,
@@ -106,10 +107,12 @@ class _AStarLoop:
         smooth: bool = True,
         sigma: float = 0.5,
         retention_threshold: float = 0.5,
+        guidance_interval: GuidanceInterval | tuple[float, float] | None = None,
     ):
         """Generate with attention-loss latent updates. `token_indices`: concept token positions (the start token
         is 0); by default the concept words `diffattn.text.concept_words` finds. `loss`: "astar" (segregation +
-        retention), "attend_and_excite", or "both"."""
+        retention), "attend_and_excite", or "both". `guidance_interval`: guide only the steps in it (see
+        `diffattn.GuidanceInterval`); None guides every step."""
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is not allowed: expected one of {', '.join(LOSSES)}")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -123,6 +126,7 @@ class _AStarLoop:
         device = self._execution_device
         self._guidance_scale = guidance_scale
         do_cfg = guidance_scale > 1.0
+        interval = as_guidance_interval(guidance_interval)
         with torch.no_grad():  # the text encoders stay out of the loss's graph
             cond, uncond, added_cond, added_uncond = self._conditioning(
                 prompt, negative_prompt, num_images_per_prompt, do_cfg, device, height, width
@@ -171,7 +175,10 @@ class _AStarLoop:
                     noise = self.unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
                     if do_cfg:
                         noise_uncond, noise_text = noise.chunk(2)
-                        noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                        scale = (
+                            guidance_scale if interval is None else interval.scale(i, len(timesteps), guidance_scale)
+                        )
+                        noise = noise_uncond + scale * (noise_text - noise_uncond)
                     latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
             final_maps = maps_method.maps(conditional_only=do_cfg)
         finally:

@@ -1,6 +1,7 @@
 """AgentSD: token matching/merging against a loop re-implementation, agent attention against its formula."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -52,6 +53,53 @@ def test_merge_and_unmerge_match_loop_reimplementation(h, w, sx, r):
         rows.update({d: len(kept) + k for k, d in enumerate(dst)})
         rows.update({s: len(kept) + best[s][1] for s in merged_src})
         torch.testing.assert_close(out[b], torch.stack([y[b, rows[t]] for t in range(h * w)]))
+
+
+TRITON_ONLY = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("h, w, sx, r, block", [(8, 8, 2, 20, 64), (12, 10, 2, 40, 16), (8, 12, 4, 50, 16)])
+def test_triton_matching_matches_loop_reimplementation(h, w, sx, r, block):
+    """One or several destination tiles (block 16: a partial last tile too): the best score, its destination and
+    the merge built on them agree with the loop re-implementation."""
+    from diffattn.kernels.token_match_triton import triton_best_destination
+
+    x = torch.randn(2, h * w, 20, generator=torch.Generator().manual_seed(h * w + r))
+    match = bipartite_matching(x, h, w, sx, sx, backend="triton")
+    score, best_dst = triton_best_destination(x, match.src_index, match.dst_index, block_m=block, block_n=block,
+                                              block_c=16)  # fmt: skip
+    assert torch.equal(best_dst, match.best_dst)
+    for b in range(2):
+        expected, _, _, _, best = loop_tome(x[b], h, w, sx, sx, r)
+        sources = match.src_index.tolist()
+        assert best_dst[b].tolist() == [best[s][1] for s in sources]
+        torch.testing.assert_close(score[b], torch.tensor([best[s][0] for s in sources]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merge_tokens(x, match, r)[b], expected, rtol=1e-5, atol=1e-5)
+
+
+@TRITON_ONLY
+def test_triton_matching_with_identical_destinations_picks_a_best_one():
+    """Flat regions make identical destination rows; whichever the kernel picks scores the maximum."""
+    from diffattn.kernels.token_match_triton import triton_best_destination
+
+    x = torch.randn(1, 64, 20, generator=torch.Generator().manual_seed(0))
+    dst = destination_grid(8, 8, 2, 2)
+    x[:, dst[5]] = x[:, dst[1]]
+    x[:, dst[-1]] = x[:, dst[0]]
+    src = torch.tensor([t for t in range(64) if t not in dst.tolist()])
+    score, best_dst = triton_best_destination(x, src, dst, block_m=16, block_n=16, block_c=16)
+    unit = x[0] / x[0].norm(dim=-1, keepdim=True)
+    sims = unit[src] @ unit[dst].T  # [Ns, Nd]
+    chosen = sims.gather(1, best_dst[0].unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(chosen, sims.max(1).values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(score[0], sims.max(1).values, rtol=0, atol=1e-6)
+
+
+def test_matching_backend_validation():
+    x = torch.randn(1, 16, 4)
+    with pytest.raises(ValueError, match="backend='cuda' is not allowed"):
+        bipartite_matching(x, 4, 4, backend="cuda")
 
 
 def test_random_destinations_one_per_window_and_seeded():
