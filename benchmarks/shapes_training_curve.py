@@ -19,9 +19,11 @@ from pathlib import Path
 def windows(log: Path, every: int) -> list[dict]:
     """Mean loss per `every` steps of each phase: [{phase, first_step, last_step, mean_loss}]."""
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    # A resumed run repeats the steps since its last checkpoint (the same data, seeded per step): keep the last.
+    latest = {(line["phase"], line["step"]): line for line in lines}
     out = []
     for phase in ("vae", "unet"):
-        steps = [line for line in lines if line["phase"] == phase]
+        steps = sorted((line for (p, _), line in latest.items() if p == phase), key=lambda line: line["step"])
         for i in range(0, len(steps), every):
             chunk = steps[i : i + every]
             out.append({"phase": phase, "first_step": chunk[0]["step"], "last_step": chunk[-1]["step"],

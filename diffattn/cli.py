@@ -75,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     gen.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "STOP"), default=None,
-                     help="guide only the steps in this fraction of the run, e.g. 0.3 1 (default: the model's; "
-                          "shapes-sd 0.3 1, others 0 1)")  # fmt: skip
+                     help="guide only the steps in this fraction of the run, e.g. 0.3 1 (default: every step)")  # fmt: skip
     gen.add_argument("--height", type=_positive_int, default=None, help="height in pixels")
     gen.add_argument("--width", type=_positive_int, default=None, help="width in pixels")
     gen.add_argument("--num-frames", type=_positive_int, default=None, help="frames (video models)")

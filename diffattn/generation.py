@@ -75,11 +75,6 @@ def default_steps(model: str) -> int:
     return PRESETS[model].steps if model in PRESETS else 30
 
 
-def default_interval(model: str) -> tuple[float, float] | None:
-    """The guidance interval a model is meant to run with (`GuidanceInterval`): the preset's, else every step."""
-    return PRESETS[model].guidance_interval if model in PRESETS else None
-
-
 def generation_defaults(model: str) -> dict[str, Any]:
     """Call arguments a model is meant to run with: the preset's, or none for other models."""
     return dict(PRESETS[model].call_defaults) if model in PRESETS else {}
@@ -111,8 +106,8 @@ def generate(
     With `radial`, radial attention is applied for this call (video models) and the result carries the mask
     picture and its density. With `agent`, AgentSD / token merging is applied (Stable Diffusion UNets). With
     `astar` ("astar", "attend_and_excite" or "both"), the call runs `AStarPipeline` on the same components.
-    `guidance_interval` (start, stop): guide only those fractions of the steps (`GuidanceInterval`); None takes the
-    model's default (shapes-sd: (0.3, 1.0)), (0, 1) guides every step.
+    `guidance_interval` (start, stop): guide only those fractions of the steps (`GuidanceInterval`); None guides
+    every step.
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt='' is not allowed: give a non-empty prompt")
@@ -123,7 +118,7 @@ def generate(
     kwargs = generation_defaults(model)
     overrides = {"guidance_scale": guidance_scale, "height": height, "width": width, "num_frames": num_frames}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    interval = as_guidance_interval(guidance_interval if guidance_interval is not None else default_interval(model))
+    interval = as_guidance_interval(guidance_interval)
     if interval is not None:
         if not has_sd_unet(pipe):  # the step callback sets the scale the SD-family pipelines read at every step
             raise ValueError(f"guidance_interval is for Stable Diffusion pipelines; {model!r} is not one")

@@ -39,6 +39,8 @@ def test_smoke_run_writes_every_metric(tmp_path):
         "structured",
         "--single-seeds",
         "1",
+        "--workers",
+        "1",
         "--out",
         str(out),
     ]
@@ -54,3 +56,18 @@ def test_smoke_run_writes_every_metric(tmp_path):
             assert "attribute_binding_vs_plain" in row
     with pytest.raises(SystemExit):
         bench.main(["--pairs", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--workers", "0"])
+
+
+def test_worker_processes_give_the_in_process_results(tmp_path):
+    """Two spawned one-thread workers score the same images as the run in this process (same seeds, same model)."""
+    reports = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}.json"
+        args = ["--pairs", "2", "--steps", "2", "--methods", "plain", "--single-seeds", "0", "--workers", workers]
+        assert bench.main([*args, "--out", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    metrics = ("object_recall", "attribute_binding", "count_accuracy")
+    assert [reports[0]["results"]["plain"][m] for m in metrics] == [reports[1]["results"]["plain"][m] for m in metrics]
+    assert reports[1]["workers"] == 2 and reports[1]["threads_per_worker"] == 1

@@ -128,15 +128,20 @@ def test_shapes_sd_is_shipped_small_and_loads_in_fp32_on_cpu():
     )
 
 
+MIN_HITS = 20  # of 24; the shipped weights (11,194 UNet steps) score 23 here, the 7,250-step ones (Euler) 18
+
+
 def test_shapes_sd_draws_the_prompted_shape_in_the_prompted_colour():
-    """The judge (itself tested against scene ground truth) finds the prompted object in a good share of the 24
-    single-object prompts; the same architecture with the H100 leg's uncalibrated weights scored 6%, noise 0%."""
+    """The judge (itself tested against scene ground truth) finds the prompted object in most of the 24
+    single-object prompts, at the preset's settings (its DPM-Solver++ scheduler, 20 steps, guidance 5). Noise scores
+    0; the H100 leg's uncalibrated weights scored 6% (fill-ratio judge)."""
     from diffattn.judge import detect_objects
     from diffattn.scenes import COLORS, SHAPES
 
     pipe = load("shapes-sd")
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     prompts = [(color, shape) for color in COLORS for shape in SHAPES]
     images = pipe([f"a {c} {s}" for c, s in prompts], num_inference_steps=20, guidance_scale=5.0, height=64, width=64,
                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     hits = [any(d.color == c and d.shape == s for d in detect_objects(im)) for (c, s), im in zip(prompts, images)]
-    assert sum(hits) >= 8, f"{sum(hits)} of 24"
+    assert sum(hits) >= MIN_HITS, f"{sum(hits)} of 24"

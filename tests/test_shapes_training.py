@@ -78,3 +78,21 @@ def test_time_budget_stops_and_exports(tmp_path):
     assert (tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     resumed = train_shapes(tmp_path, ShapesTrainingConfig(vae_steps=1, unet_steps=1, batch_size=2, device="cpu"))
     assert (resumed["vae_step"], resumed["unet_step"]) == (1, 1)
+
+
+def test_training_curve_keeps_the_last_record_of_a_repeated_step(tmp_path):
+    """A resumed run logs the steps since its checkpoint again; the curve counts each step once (hand-computed)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from shapes_training_curve import windows
+
+    records = [("vae", 0, 1.0), ("unet", 0, 0.4), ("unet", 1, 0.2), ("unet", 1, 0.3), ("unet", 2, 0.5)]
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"phase": p, "step": s, "loss": x}) + "\n" for p, s, x in records))
+    assert windows(log, every=2) == [
+        {"phase": "vae", "first_step": 0, "last_step": 0, "mean_loss": 1.0},
+        {"phase": "unet", "first_step": 0, "last_step": 1, "mean_loss": 0.35},  # (0.4 + 0.3) / 2: step 1's last
+        {"phase": "unet", "first_step": 2, "last_step": 2, "mean_loss": 0.5},
+    ]

@@ -49,7 +49,6 @@ class Preset:
     steps: int = 4  # denoising steps a call takes when it names none
     shipped: str | None = None  # a trained pipeline shipped inside this package (folder name), instead of `build`
     demo_prompt: str | None = None  # a prompt in the preset's vocabulary (None: the demo's general prompt)
-    guidance_interval: tuple[float, float] | None = None  # guided fraction of the steps (None: all; GuidanceInterval)
 
 
 SHIPPED = Path(__file__).parent
@@ -67,7 +66,6 @@ PRESETS: dict[str, Preset] = {
             steps=20,
             shipped="shapes_sd",
             demo_prompt="a red circle and a blue square",
-            guidance_interval=(0.3, 1.0),
         ),
         Preset(
             "tiny-sd",
