@@ -66,7 +66,7 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
                 "files": [str(p.relative_to(out_dir)) for p in paths],
                 "generate_seconds": round(result.seconds, 3),
                 "load_and_generate_seconds": round(total, 3),
-                "call": {k: v for k, v in result.call_kwargs.items() if isinstance(v, (int, float, str, tuple))},
+                "call": {k: v for k, v in result.call_kwargs.items() if isinstance(v, (int, float, str))},
             }
         )
         logger.info("demo: %s in %.2fs", name, result.seconds)

@@ -123,7 +123,6 @@ def generate(
         if not has_sd_unet(pipe):  # the step callback sets the scale the SD-family pipelines read at every step
             raise ValueError(f"guidance_interval is for Stable Diffusion pipelines; {model!r} is not one")
         kwargs.setdefault("guidance_scale", inspect.signature(pipe.__call__).parameters["guidance_scale"].default)
-        kwargs["guidance_interval"] = (interval.start, interval.stop)  # recorded; the call gets a step callback
     video = is_video_pipeline(pipe)
     if not video:
         kwargs.pop("num_frames", None)
@@ -152,9 +151,7 @@ def generate(
     grid = mask_image = density = None
     try:
         start = time.perf_counter()
-        call = {k: v for k, v in kwargs.items() if k != "guidance_interval"}
-        if interval is not None:
-            call.update(interval.pipeline_kwargs(call["guidance_scale"], steps))
+        call = kwargs if interval is None else {**kwargs, **interval.pipeline_kwargs(kwargs["guidance_scale"], steps)}
         output = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pil", **call)
         seconds = time.perf_counter() - start
         if handle is not None and isinstance(configs[0], AttentionMapConfig):
@@ -164,7 +161,9 @@ def generate(
     finally:
         if handle is not None:
             handle.remove()
-    result = GenerationResult(model, prompt, seed, "video" if video else "image", seconds=seconds, call_kwargs=kwargs)
+    result = GenerationResult(
+        model, prompt, seed, "video" if video else "image", seconds=seconds, call_kwargs=_recorded(kwargs, interval)
+    )
     result.radial_mask = mask_image
     result.radial_density = density
     if video:
@@ -189,18 +188,23 @@ def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs, i
         raise ValueError(f"A-STAR runs on Stable Diffusion 1.x/2.x/XL pipelines; {model!r} is {type(pipe).__name__}")
     astar_pipe.set_progress_bar_config(leave=False)
     call = {k: v for k, v in kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
-    recorded = {**call, "guidance_interval": kwargs["guidance_interval"]} if interval is not None else call
     start = time.perf_counter()
     output = astar_pipe(
         prompt, loss=loss, num_inference_steps=steps, max_iter_to_alter=max(1, steps // 2), generator=generator,
         guidance_interval=interval, **call,
     )  # fmt: skip
     seconds = time.perf_counter() - start
+    recorded = _recorded(call, interval)
     result = GenerationResult(
         model, prompt, seed, "image", images=list(output.images), seconds=seconds, call_kwargs=recorded
     )
     result.attention_grid = _attention_grid(pipe, output.maps, prompt, output.images[0])
     return result
+
+
+def _recorded(call: dict[str, Any], interval: GuidanceInterval | None) -> dict[str, Any]:
+    """The call's arguments as a result records them: the guidance interval as its (start, stop), not a callback."""
+    return call if interval is None else {**call, "guidance_interval": (interval.start, interval.stop)}
 
 
 def _radial_mask_picture(handle) -> tuple[Image.Image | None, float | None]:

@@ -24,6 +24,7 @@ import os
 import torch
 
 from .block_sparse_layout import BlockSparseLayout
+from .triton_support import triton_usable
 
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,6 @@ BACKENDS = ("auto", "triton", "flex", "gather", "torch")
 QKV_FORMATS = ("bhnd", "bnhd")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_MAX_HEAD_DIM = 128
-
-
-def _triton_usable(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(
@@ -65,7 +60,7 @@ def resolve_backend(
         if dtype in (torch.float16, torch.bfloat16) and head_dim <= TRITON_MAX_HEAD_DIM and not needs_grad:
             return "triton"
         return "flex"
-    if backend == "triton" and not _triton_usable(device):
+    if backend == "triton" and not triton_usable(device):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); got device {device}. "
             "Use backend='auto', 'gather' or 'flex' on the CPU."

@@ -12,10 +12,11 @@ No host syncs: every index is computed on the device with static shapes (r, grid
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from .triton_support import triton_usable
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def bipartite_matching(
     if n != h * w:
         raise ValueError(f"metric has {n} tokens, the grid is {h}x{w}")
     device = metric.device
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if backend == "triton" and not triton_usable(device):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); got {device}")
     dst = destination_grid(h, w, sx, sy, generator=generator, device=device)
     is_dst = torch.zeros(n, dtype=torch.bool, device=device)
