@@ -7,8 +7,10 @@ Variants: the SDPA baseline (diffusers' AttnProcessor2_0), tomesd at the same me
 missing, unless --no-install), diffattn's token merging (agent_ratio=None) and diffattn's agent mode (AgentSD's
 first-phase settings: stride 4, agent ratio 0.95). The UNet is the SD 1.5 config with random weights, batch 2;
 fp16 on a GPU, fp32 on the CPU. A stage breakdown of the agent layer (matching on the torch and, on CUDA, the Triton
-backend; merge; agent attention; unmerge) shows where its time goes. Results go to benchmarks/results/ with the
-device.
+backend; merge; agent attention; unmerge) shows where its time goes; on CUDA the layer is also timed captured in a
+CUDA graph (no launch or Python cost). Each UNet row also times the UNet with the agent layers' attention removed
+(projections kept): 1 - that / SDPA is their attention share f, and SDPA / that the ceiling of any speedup there.
+Results go to benchmarks/results/ with the device.
 """
 
 from __future__ import annotations
@@ -27,19 +29,10 @@ import diffattn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import median_ms, write_report  # noqa: E402
+from _sd15 import sd15_unet  # noqa: E402
 
 
 MERGE_RATIO = 0.4  # AgentSD's ratio; tomesd and diffattn's ToMe mode use the same
-
-
-def sd15_unet(device: str = "cpu", **overrides):
-    from diffusers import UNet2DConditionModel
-
-    config = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
-    config.update(overrides)
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise where it runs (a CPU init of 860M parameters is slow)
-        return UNet2DConditionModel(**config)
 
 
 def tomesd_module(install: bool):
@@ -85,6 +78,56 @@ def bench_layer(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def cuda_graph_replay(fn):
+    """`fn` captured in a CUDA graph (after warm-up on a side stream): the replay, without Python and launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_layer_graphed(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
+    """The layer benchmark with every variant captured in a CUDA graph: how much of agent mode's time is launch and
+    Python overhead (its stages are many small kernels) rather than GPU work."""
+    unet = sd15_unet(device, block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))  # fmt: skip
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to(device, dtype)
+    # use_rand=False: the random destinations draw from the processor's own CUDA generator, which a graph can only
+    # capture once registered with it (torch.cuda.CUDAGraph.register_generator_state); the kernels are the same
+    variants = {"sdpa": attn.processor, "agent_no_rand": diffattn.AgentAttentionProcessor(
+                    diffattn.AgentAttentionConfig(ratio=MERGE_RATIO, use_rand=False))}  # fmt: skip
+    rows = []
+    for tokens in tokens_list:
+        x = torch.randn(2, tokens, 320, device=device, dtype=dtype)
+        row = {"bench": "layer_cuda_graph", "tokens": tokens}
+        with torch.no_grad():
+            for name, processor in variants.items():
+                try:
+                    replay = cuda_graph_replay(lambda p=processor: p(attn, x))
+                    row[f"{name}_ms"] = round(measure(replay, device, warmup, repeats * 5), 3)
+                except Exception as exc:  # e.g. a generator that cannot be captured: report it
+                    row[f"{name}_error"] = repr(exc)[:200]
+        if "agent_no_rand_ms" in row and "sdpa_ms" in row:
+            row["agent_no_rand_speedup"] = round(row["sdpa_ms"] / row["agent_no_rand_ms"], 3)
+        rows.append(row)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+class _NoAttentionCore:
+    """Stand-in processor with the layer's value and output projections but no attention: the UNet time left when
+    those layers' attention costs nothing."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        return attn.to_out[0](attn.to_v(hidden_states))
 
 
 def bench_stages(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
@@ -151,11 +194,22 @@ def bench_unet(sizes, device, dtype, warmup, repeats, tomesd) -> list[dict]:
                 row["tomesd_error"] = repr(exc)[:200]
             finally:
                 tomesd.remove_patch(unet)
+        agent_layers = []
         for name, config in VARIANTS.items():
             handle = diffattn.apply(unet, config)
+            agent_layers = [
+                k for k, p in unet.attn_processors.items() if isinstance(p, diffattn.AgentAttentionProcessor)
+            ]
             t = measure(forward, device, warmup, repeats)
             handle.remove()
             row.update({f"{name}_ms": round(t, 1), f"{name}_speedup": round(t_sdpa / t, 3)})
+        # the ceiling: the same layers with no attention at all (Amdahl's bound on any attention speedup there)
+        original = unet.attn_processors
+        unet.set_attn_processor({k: _NoAttentionCore() if k in agent_layers else p for k, p in original.items()})
+        t_free = measure(forward, device, warmup, repeats)
+        unet.set_attn_processor(original)
+        row.update(agent_layers=len(agent_layers), no_attention_ms=round(t_free, 1),
+                   attention_share_f=round(1 - t_free / t_sdpa, 4), speedup_ceiling=round(t_sdpa / t_free, 3))  # fmt: skip
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -180,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         layer_tokens, unet_sizes, warmup, repeats = [4096, 16384], [(512, 1, 2), (1024, 1, 1)], 1, 3
     rows = bench_layer(layer_tokens, device, dtype, warmup, repeats)
     rows += bench_stages(layer_tokens, device, dtype, warmup, repeats)
+    if device == "cuda":
+        rows += bench_layer_graphed(layer_tokens, device, dtype, warmup, repeats)
     rows += bench_unet(unet_sizes, device, dtype, warmup, repeats, tomesd)
     fields = {
         "dtype": str(dtype).replace("torch.", ""),

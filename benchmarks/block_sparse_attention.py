@@ -87,50 +87,75 @@ def dense_sdpa(device: str):
     return flash
 
 
-def sweep_triton_launch(shape, device: str, dtype: torch.dtype) -> list[dict]:
-    """Time the Triton forward over num_warps x num_stages, and the backward also over its slice size, on the
-    shape's radial mask (CUDA only): the data behind the kernels' default launch configurations."""
-    from diffattn.kernels.block_sparse_triton import _launch_config, triton_backward, triton_forward
+FORWARD_SWEEP = [{"num_warps": w, "num_stages": st} for w in (4, 8) for st in (2, 3)]
+# per backward pass: whole-block programs in slices, and half-block programs (tile 64)
+BACKWARD_SWEEP = [
+    {"tile": 128, "sub": sub, "num_warps": 8, "num_stages": st} for sub in (128, 64, 32) for st in (2, 3)
+]
+BACKWARD_SWEEP += [{"tile": 64, "sub": sub, "num_warps": w, "num_stages": st}
+                   for sub in (128, 64, 32) for w in (4, 8) for st in (2, 3)]  # fmt: skip
+
+
+def sweep_triton_launch(shape, device: str, dtype: torch.dtype) -> tuple[list[dict], dict[str, dict]]:
+    """Time the Triton forward and each backward pass over their launch configurations on the shape's radial mask
+    (CUDA only). The two backward passes are separate kernels, so each is varied with the other at its default
+    and the fastest of each is taken. Returns the rows and {config key: fastest launch} for `launch_configs.json`."""
+    import triton.testing
+
+    from diffattn.kernels import block_sparse_triton as bst
 
     name, b, h, n, d = shape
     frames, per_frame, decay, sink = RADIAL[name]
     layout = BlockSparseLayout(radial_block_mask(frames, per_frame, decay_factor=decay, sink_frames=sink).to(device))
     q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
-    measure = timer(device)
-    default = _launch_config(layout.block_q, layout.block_k, d, q.element_size())
-    rows = []
-    for warps in (4, 8):
-        for stages in (1, 2, 3, 4):
-            launch = {"num_warps": warps, "num_stages": stages}
-            args = (q, k, v, layout.kv_counts, layout.kv_indices, layout.block_q, layout.block_k, d**-0.5)
-            try:
-                t = measure(lambda launch=launch, args=args: triton_forward(*args, launch=launch))
-            except Exception as exc:  # e.g. out of shared memory at this config
-                rows.append({"shape": name, "launch": launch, "error": repr(exc)[:200]})
-                continue
-            rows.append({"shape": name, "pass": "forward", "launch": launch, "default": launch == default,
-                         "time_ms": round(t, 3)})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-    # the backward (both passes), over the slice each pass computes at once inside a block
-    out, lse = triton_forward(q, k, v, layout.kv_counts, layout.kv_indices, layout.block_q, layout.block_k, d**-0.5)
+    bq, bk, scale = layout.block_q, layout.block_k, d**-0.5
+    measure = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)  # noqa: E731
+    rows, best = [], {}
+
+    def time_config(pass_name, launch, fn):
+        try:
+            t = measure(fn)
+        except Exception as exc:  # e.g. out of shared memory at this config
+            rows.append({"shape": name, "pass": pass_name, "launch": launch, "error": repr(exc)[:200]})
+            return
+        rows.append({"shape": name, "pass": pass_name, "launch": launch, "time_ms": round(t, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+        key = bst._config_key(pass_name, bq, bk, d, q.element_size())
+        if key not in best or t < best[key][1]:
+            best[key] = (launch, t)
+
+    fwd_args = (q, k, v, layout.kv_counts, layout.kv_indices, bq, bk, scale)
+    for launch in FORWARD_SWEEP:
+        time_config("forward", launch, lambda launch=launch: bst.triton_forward(*fwd_args, launch=launch))
+    out, lse = bst.triton_forward(*fwd_args)
     grad = torch.randn_like(out)
     delta = (grad.float() * out.float()).sum(-1)
-    default = _launch_config(layout.block_q, layout.block_k, d, q.element_size(), backward=True)
-    for sub in (None, 64, 32):
-        for warps in (4, 8):
-            for stages in (2, 3):
-                launch = {"num_warps": warps, "num_stages": stages} | ({} if sub is None else {"sub": sub})
-                args = (grad, q, k, v, lse, delta, layout.kv_counts, layout.kv_indices, layout.q_counts,
-                        layout.q_indices, layout.block_q, layout.block_k, d**-0.5)  # fmt: skip
-                try:
-                    t = measure(lambda launch=launch, args=args: triton_backward(*args, launch=launch))
-                except Exception as exc:
-                    rows.append({"shape": name, "pass": "backward", "launch": launch, "error": repr(exc)[:200]})
-                    continue
-                rows.append({"shape": name, "pass": "backward", "launch": launch, "default": launch == default,
-                             "time_ms": round(t, 3)})  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
-    return rows
+    bwd_args = (grad, q, k, v, lse, delta, layout.kv_counts, layout.kv_indices, layout.q_counts, layout.q_indices,
+                bq, bk, scale)  # fmt: skip
+    for pass_name in ("dkdv", "dq"):
+        for launch in BACKWARD_SWEEP:
+            time_config(pass_name, launch,
+                        lambda p=pass_name, launch=launch: bst.triton_backward(*bwd_args, launch={p: launch}))  # fmt: skip
+    # the two passes together: the default rule vs the fastest of each
+    picked = {p: best[bst._config_key(p, bq, bk, d, q.element_size())][0] for p in ("dkdv", "dq")}
+    for label, launch in (("backward-default", None), ("backward-fastest", picked)):
+        t = measure(lambda launch=launch: bst.triton_backward(*bwd_args, launch=launch))
+        rows.append({"shape": name, "pass": label, "launch": launch, "time_ms": round(t, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows, {key: launch for key, (launch, _) in best.items()}
+
+
+def write_launch_configs(paths: list[Path], device_name: str, entries: dict[str, dict]) -> None:
+    """Merge this GPU model's measured launch configurations into each launch_configs.json (the repository's and the
+    imported package's), so the benchmark runs after the sweep -- and users of this GPU -- take them."""
+    from diffattn.kernels import block_sparse_triton as bst
+
+    for path in dict.fromkeys(paths):
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table.setdefault(device_name, {}).update(entries)
+        path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {path}")
+    bst._tuned_launch_table.cache_clear()
 
 
 def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool, backward_max_tokens=None):
@@ -197,6 +222,16 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool,
     return rows
 
 
+def triton_launch_configs(device: str, dtype: torch.dtype) -> dict | None:
+    """The launch configuration each Triton pass ran with at block 128, D=128 (the GPU shapes)."""
+    if device != "cuda":
+        return None
+    from diffattn.kernels import block_sparse_triton as bst
+
+    size = torch.empty((), dtype=dtype).element_size()
+    return {p: bst.launch_config(p, 128, 128, 128, size, torch.device(device)) for p in bst.PASSES}
+
+
 def _row(name, b, h, n, d, dtype, pass_name, backend, density, t_ms, t_dense_ms, dense_flops) -> dict:
     seconds = t_ms / 1e3
     return {
@@ -233,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--backward-max-tokens", type=int, default=None,
                         help="forward+backward only at shapes of at most this many tokens (time budget)")  # fmt: skip
-    parser.add_argument("--sweep", action="store_true", help="CUDA: also time the Triton forward's launch configs")
+    parser.add_argument("--sweep", action="store_true", help="CUDA: first time the Triton kernels' launch configs")
+    parser.add_argument("--write-launch-configs", type=Path, default=None, metavar="JSON",
+                        help="with --sweep: store the fastest configs for this GPU in JSON and in the imported "
+                        "package's launch_configs.json (used from then on)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
     device = args.device
@@ -241,7 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         shapes, dtype = (QUICK_SHAPES if args.quick else GPU_SHAPES), torch.bfloat16
     else:
         shapes, dtype = (QUICK_SHAPES if args.quick else CPU_SHAPES), torch.float32
-    sweep = sweep_triton_launch(shapes[0], device, dtype) if args.sweep and device == "cuda" else None
+    sweep = None
+    if args.sweep and device == "cuda":
+        from diffattn.kernels import block_sparse_triton as bst
+
+        sweep, fastest = sweep_triton_launch(shapes[0], device, dtype)
+        if args.write_launch_configs is not None:
+            write_launch_configs([args.write_launch_configs, bst.LAUNCH_CONFIGS_FILE], torch.cuda.get_device_name(),
+                                 fastest)  # fmt: skip
     rows = run(shapes, device, dtype, DENSITIES, not args.no_backward, args.backward_max_tokens)
     try:
         import triton
@@ -256,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "fraction_of_ideal_vs_default_sdpa against it); "
         "flex = FlexAttention compiled on the same BlockMask; CPU has no flex backward",
         "results": rows,
+        "triton_launch_configs": triton_launch_configs(device, dtype),
         **({"triton_launch_sweep": sweep} if sweep is not None else {}),
     }
     write_report("block_sparse_attention", device, fields, quick=args.quick, out=args.out)

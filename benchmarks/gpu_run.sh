@@ -3,12 +3,14 @@
 # shapes-model training. Everything a stage produces is packed into $OUT/gpu_results.tar.gz after it, so a stage
 # cut off by its limit still leaves the earlier ones' results.
 #
-#   OUT=/tmp/out benchmarks/gpu_run.sh install env tests train:3 sparse radial agent
+#   OUT=/tmp/out benchmarks/gpu_run.sh install env sparse tests editing radial agent
 #
 # train:MINUTES continues from the shipped shapes-sd weights when runs/shapes has no checkpoint yet.
 # Stages: install (on a machine without network: the wheels in .whl/ -- diffusers, tomesd and diffattn itself,
 # built beforehand with `pip wheel --no-deps -w .whl .` -- into /tmp/site), env (versions, GPU), tests
-# (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), sparse (block-sparse benchmark),
+# (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), sparse (the Triton launch sweep, whose
+# fastest configs go to kernels/launch_configs.json and the installed package, then the block-sparse benchmark:
+# run it before tests so they check the configs it picked), editing (editing.py on the SD 1.5 config),
 # radial (radial_e2e), agent (agent_attention).
 set -u
 OUT=${OUT:-outputs/gpu}
@@ -18,7 +20,8 @@ if [ -d /tmp/site ]; then
     export PYTHONPATH=/tmp/site
 fi
 pack() {
-    tar czf "$OUT/gpu_results.tar.gz" logs benchmarks/results runs/shapes/pipeline runs/shapes/train_log.jsonl \
+    tar czf "$OUT/gpu_results.tar.gz" logs benchmarks/results kernels/launch_configs.json runs/shapes/pipeline \
+        runs/shapes/train_log.jsonl \
         2>/dev/null || true
 }
 for stage in "$@"; do
@@ -32,7 +35,7 @@ for stage in "$@"; do
         tests)
             # from outside the checkout, so the installed diffattn (with its diffattn.kernels mapping) is the one
             # imported
-            (cd /tmp && timeout 240 python3 -m pytest -q -m gpu -n 6 -p no:cacheprovider "$OLDPWD/tests") 2>&1 \
+            (cd /tmp && timeout 130 python3 -m pytest -q -m gpu -n 6 -p no:cacheprovider "$OLDPWD/tests") 2>&1 \
                 | tee logs/gpu_tests.log | tail -40 ;;
         train:*)
             minutes=${stage#train:}
@@ -45,12 +48,14 @@ for stage in "$@"; do
             # the rate, from tqdm's last line
             tail -c 2000 runs/shapes/train_log.jsonl | tail -1 | tee -a logs/train.log ;;
         sparse)
-            timeout 250 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 2>&1 \
-                | tee logs/bench_sparse.log | tail -60 ;;
+            timeout 240 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 \
+                --write-launch-configs kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;
+        editing)
+            timeout 120 python3 benchmarks/editing.py --model sd15-config 2>&1 | tee logs/bench_editing.log | tail -14 ;;
         radial)
-            timeout 200 python3 benchmarks/radial_e2e.py 2>&1 | tee logs/bench_radial.log | tail -20 ;;
+            timeout 80 python3 benchmarks/radial_e2e.py 2>&1 | tee logs/bench_radial.log | tail -20 ;;
         agent)
-            timeout 150 python3 benchmarks/agent_attention.py --no-install 2>&1 | tee logs/bench_agent.log | tail -20 ;;
+            timeout 90 python3 benchmarks/agent_attention.py --no-install 2>&1 | tee logs/bench_agent.log | tail -20 ;;
         *)
             echo "unknown stage $stage"; exit 2 ;;
     esac

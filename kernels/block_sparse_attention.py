@@ -12,8 +12,8 @@ Backends:
 - "flex": PyTorch FlexAttention with a `BlockMask` made from the same layout (compiled on first use).
 - "gather": block-gather in plain torch (CPU and GPU): each group of query blocks gathers only its key blocks and
   runs batched matmuls; autograd comes from torch. The fast CPU path.
-- "auto": on CUDA triton for fp16/bf16 inference, flex for training, fp32 and head dims over 128 (measured on an
-  H100, see `resolve_backend`); gather elsewhere.
+- "auto": on CUDA triton for fp16/bf16 with head dims up to 128 (inference and training), flex for fp32 and head
+  dims over 128 (measured on an H100 and an H200, see `resolve_backend`); gather elsewhere.
 """
 
 from __future__ import annotations
@@ -41,23 +41,21 @@ def resolve_backend(
     *,
     dtype: torch.dtype = torch.bfloat16,
     head_dim: int = 128,
-    needs_grad: bool = False,
 ) -> str:
     """The concrete backend `auto` means for these inputs; validates explicit names.
 
-    On CUDA, `auto` takes the Triton kernel for fp16/bf16 inference with head dims up to 128 (H100, bf16: 1.02-1.19
-    of ideal; ahead of FlexAttention on 10 of the 12 forwards measured, 2-6% behind on the other two) and
-    FlexAttention otherwise: when gradients are needed
-    (H100 forward+backward: FlexAttention 1.06-1.11 of ideal, our Triton backward 0.53-0.58), for fp32 (Triton's
-    128-wide fp32 tiles overflow shared memory when pipelined) and for head dims over 128. fp64 and every other
-    device: the block-gather path.
+    On CUDA, `auto` takes the Triton kernel for fp16/bf16 with head dims up to 128, for inference and training
+    (H200, bf16, block 128, D=128: forward 1.16-1.22 of ideal, ahead of FlexAttention on all 12 shapes and masks;
+    forward+backward 1.04-1.12, ahead of FlexAttention on 3 of 4 masks and 0.6% behind on the fourth), and
+    FlexAttention for fp32 (Triton's 128-wide fp32 tiles run unpipelined) and head dims over 128. fp64 and every
+    other device: the block-gather path.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not allowed: expected one of {', '.join(map(repr, BACKENDS))}")
     if backend == "auto":
         if device.type != "cuda" or dtype == torch.float64:
             return "gather"
-        if dtype in (torch.float16, torch.bfloat16) and head_dim <= TRITON_MAX_HEAD_DIM and not needs_grad:
+        if dtype in (torch.float16, torch.bfloat16) and head_dim <= TRITON_MAX_HEAD_DIM:
             return "triton"
         return "flex"
     if backend == "triton" and not triton_usable(device):
@@ -116,8 +114,7 @@ def block_sparse_attention(
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}: build it there (layout.to(device))")
     layout.check_sequence(n, n, heads)
     scale = d**-0.5 if scale is None else float(scale)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    chosen = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=d, needs_grad=needs_grad)
+    chosen = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=d)
     if chosen == "triton" and (d > TRITON_MAX_HEAD_DIM or q.dtype == torch.float64):
         raise ValueError(f"backend='triton' supports head dims up to {TRITON_MAX_HEAD_DIM} in fp16/bf16/fp32")
 

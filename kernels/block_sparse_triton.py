@@ -10,6 +10,10 @@ The torch reference is `block_sparse_attention(..., backend="torch")`; tests com
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
@@ -86,14 +90,17 @@ def _bwd_dkdv_kernel(
     s_cnt_h, s_idx_h, s_idx_k,
     H, N, D, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SUB_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TILE_N: tl.constexpr, SUB_M: tl.constexpr,
 ):  # fmt: skip
-    kb = tl.program_id(0)
+    # Each program owns TILE_N keys of one key block (the block's list of query blocks is shared by its tiles):
+    # a smaller dk/dv accumulator than the whole block, and more programs.
+    kb = tl.program_id(0) // (BLOCK_N // TILE_N)
+    part = tl.program_id(0) % (BLOCK_N // TILE_N)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     mh = h if PER_HEAD else 0
-    offs_k = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = kb * BLOCK_N + part * TILE_N + tl.arange(0, TILE_N)
     offs_m0 = tl.arange(0, SUB_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
@@ -104,8 +111,8 @@ def _bwd_dkdv_kernel(
     v = tl.load(
         V + b * svb + h * svh + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=k_ok[:, None] & d_ok, other=0.0
     )
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([TILE_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([TILE_N, BLOCK_D], tl.float32)
     count = tl.load(Q_COUNTS + mh * s_cnt_h + kb)
     index_row = Q_INDICES + mh * s_idx_h + kb * s_idx_k
     for i in range(count):
@@ -155,14 +162,16 @@ def _bwd_dq_kernel(
     s_cnt_h, s_idx_h, s_idx_q,
     H, N, D, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SUB_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TILE_M: tl.constexpr, SUB_N: tl.constexpr,
 ):  # fmt: skip
-    qb = tl.program_id(0)
+    # Each program owns TILE_M queries of one query block (see the dk/dv kernel).
+    qb = tl.program_id(0) // (BLOCK_M // TILE_M)
+    part = tl.program_id(0) % (BLOCK_M // TILE_M)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     mh = h if PER_HEAD else 0
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = qb * BLOCK_M + part * TILE_M + tl.arange(0, TILE_M)
     offs_n = tl.arange(0, SUB_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
@@ -177,7 +186,7 @@ def _bwd_dq_kernel(
     )
     lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=m_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([TILE_M, BLOCK_D], tl.float32)
     count = tl.load(KV_COUNTS + mh * s_cnt_h + qb)
     index_row = KV_INDICES + mh * s_idx_h + qb * s_idx_q
     for i in range(count):
@@ -210,16 +219,73 @@ def _bwd_dq_kernel(
     )
 
 
-def _launch_config(
-    block_q: int, block_k: int, head_dim: int, element_size: int = 2, backward: bool = False
+PASSES = ("forward", "dkdv", "dq")
+# Launch configurations measured per GPU model (`benchmarks/block_sparse_attention.py --sweep --write-launch-configs`),
+# keyed by `torch.cuda.get_device_name()` and then by `_config_key`. Entries missing for a GPU or a shape fall back to
+# the rule in `_default_launch`.
+LAUNCH_CONFIGS_FILE = Path(__file__).with_name("launch_configs.json")
+
+
+def _config_key(pass_name: str, block_q: int, block_k: int, head_dim: int, element_size: int) -> str:
+    return f"{pass_name}:e{element_size}:d{max(16, triton.next_power_of_2(head_dim))}:b{block_q}x{block_k}"
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_launch_table(device_name: str) -> dict[str, dict[str, int]]:
+    if not LAUNCH_CONFIGS_FILE.exists():
+        return {}
+    return json.loads(LAUNCH_CONFIGS_FILE.read_text()).get(device_name, {})
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str | None:
+    # a host-side driver query, cached: no device sync on the hot path
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def _default_launch(
+    pass_name: str, block_q: int, block_k: int, head_dim: int, element_size: int = 2
 ) -> dict[str, int]:
-    # Forward, H100, bf16, 128x128 tiles, D=128 (benchmark sweep): 8 warps and 3 stages is the fastest (5.2 ms vs
-    # 5.5 at 2 stages, 8.6+ at 4 warps); 4 stages overflows shared memory. The backward keeps 2 stages above D=64
-    # (what its H100 tests ran with). fp32 tiles are twice the bytes: 3 stages at D=64 asked for 256 KiB of the
-    # 227 KiB, so fp32 runs unpipelined.
+    # Forward, H100 and H200, bf16, 128x128 tiles, D=128 (benchmark sweeps): 8 warps and 3 stages is the fastest
+    # (H200: 5.2 ms vs 5.5 at 2 stages, 8.8+ at 4 warps); 4 stages overflows shared memory. The backward passes run 2
+    # stages above D=64 (3 overflow at 128-row tiles). dk/dv pass, H200 sweep: a whole 128x128 key block per
+    # program computed in 64-query-row slices, 15.5 ms vs 35.1 ms at whole 128-row slices (their fp32 tiles spill)
+    # and 19.0+ ms at 64-key programs; the dq pass is fastest with whole blocks (35.1 ms, every other config
+    # 35.6-57 ms). fp32 tiles are twice the bytes: 3 stages at D=64 asked for 256 KiB of the 227 KiB, so fp32 runs
+    # unpipelined.
     big = block_q * block_k >= 128 * 64 or head_dim > 64
+    backward = pass_name != "forward"
     stages = 1 if element_size > 2 else (2 if backward and head_dim > 64 else 3)
-    return {"num_warps": 8 if big else 4, "num_stages": stages}
+    config = {"num_warps": 8 if big else 4, "num_stages": stages}
+    if pass_name == "dkdv":  # a program's keys (tile) and the query rows it computes at once (sub)
+        config |= {"tile": block_k, "sub": min(block_q, 64)}
+    elif pass_name == "dq":  # a program's queries (tile) and the key rows it computes at once (sub)
+        config |= {"tile": block_q, "sub": block_k}
+    return config
+
+
+def launch_config(
+    pass_name: str, block_q: int, block_k: int, head_dim: int, element_size: int, device: torch.device
+) -> dict[str, int]:
+    """The launch configuration of one pass ("forward", "dkdv" or "dq"): the measured one for this GPU model and
+    shape from `launch_configs.json` where there is one, else the default rule."""
+    if pass_name not in PASSES:
+        raise ValueError(f"pass_name={pass_name!r} is not allowed: expected one of {PASSES}")
+    config = _default_launch(pass_name, block_q, block_k, head_dim, element_size)
+    name = _device_name(device)
+    if name is not None:
+        config |= _tuned_launch_table(name).get(_config_key(pass_name, block_q, block_k, head_dim, element_size), {})
+    return config
+
+
+def _check_slices(pass_name: str, tile: int, sub: int, tile_of: int, sub_of: int) -> None:
+    # tile: rows per program, a divisor of its block; sub: rows of the other block computed at once
+    for field, value, block in (("tile", tile, tile_of), ("sub", sub, sub_of)):
+        if block % value or value < 16:
+            raise ValueError(
+                f"launch {pass_name} {field}={value} is not allowed: expected a divisor of the block size ({block}) "
+                ">= 16"
+            )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -244,7 +310,7 @@ def triton_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v: [B, H, N, D] (any strides) -> out [B, H, N, D] (q's dtype), lse [B, H, N] float32.
 
-    `launch` overrides `num_warps` / `num_stages` (the benchmark's sweep uses it to pick the defaults).
+    `launch` overrides `num_warps` / `num_stages` (the benchmark's sweep times the choices).
     """
     batch, heads, n, d = q.shape
     out = torch.empty((batch, heads, n, d), device=q.device, dtype=q.dtype)
@@ -257,7 +323,7 @@ def triton_forward(
         heads, n, d, scale * LOG2E,
         BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=max(16, triton.next_power_of_2(d)),
         PER_HEAD=kv_counts.shape[0] > 1, DOT_PRECISION=_dot_precision(q.dtype),
-        **(_launch_config(block_q, block_k, d, q.element_size()) | (launch or {})),
+        **(launch_config("forward", block_q, block_k, d, q.element_size(), q.device) | (launch or {})),
     )  # fmt: skip
     return out, lse
 
@@ -276,14 +342,15 @@ def triton_backward(
     block_q: int,
     block_k: int,
     scale: float,
-    launch: dict[str, int] | None = None,
+    launch: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients dq, dk, dv ([B, H, N, D], input dtypes) of the forward above.
 
-    `launch` overrides `num_warps`, `num_stages` and `sub` (the slice, in rows, that each pass computes at once
-    inside a block: query rows in the dk/dv pass, key rows in the dq pass; a divisor of the block, at least 16).
-    The default `sub` is the whole block (what the H100 benchmark ran); FlashAttention-2's Triton backward uses
-    32-row slices, which the benchmark sweep (`--sweep`) times against it.
+    `launch` overrides the launch configuration: flat keys apply to both passes, and "dkdv" / "dq" hold one pass's
+    own (`num_warps`, `num_stages`, `tile`, `sub`). `tile` is the rows of its own block one program owns (keys in the
+    dk/dv pass, queries in the dq pass; a divisor of the block, at least 16) and `sub` the rows of the other block
+    it computes at once (query rows in dk/dv, key rows in dq). By default each pass takes the measured
+    configuration for this GPU (`launch_config`), else the default rule.
 
     delta: [B, H, N] float32 = rowsum(dO * O) - dLSE (FA2's preprocessing, plus the gradient reaching the LSE
     output when partial results were merged through it).
@@ -297,26 +364,32 @@ def triton_backward(
     block_d = max(16, triton.next_power_of_2(d))
     per_head = kv_counts.shape[0] > 1
     precision = _dot_precision(q.dtype)
-    config = _launch_config(block_q, block_k, d, q.element_size(), backward=True) | (launch or {})
-    sub = config.pop("sub", None)
-    sub_m, sub_n = (block_q, block_k) if sub is None else (sub, sub)
-    if block_q % sub_m or block_k % sub_n or min(sub_m, sub_n) < 16:
-        raise ValueError(f"launch sub={sub} is not allowed: expected a divisor of the block size ({block_q}) >= 16")
+    launch = dict(launch or {})
+    per_pass = {name: launch.pop(name, {}) for name in ("dkdv", "dq")}
+    configs = {
+        name: launch_config(name, block_q, block_k, d, q.element_size(), q.device) | launch | per_pass[name]
+        for name in ("dkdv", "dq")
+    }
+    dkdv, dq_config = configs["dkdv"], configs["dq"]
+    tile_n, sub_m = dkdv.pop("tile"), dkdv.pop("sub")
+    tile_m, sub_n = dq_config.pop("tile"), dq_config.pop("sub")
+    _check_slices("dkdv", tile_n, sub_m, block_k, block_q)
+    _check_slices("dq", tile_m, sub_n, block_q, block_k)
     common = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(grad_out), lse.stride(0), lse.stride(1))
-    _bwd_dkdv_kernel[(q_counts.shape[1], batch * heads)](
+    _bwd_dkdv_kernel[(q_counts.shape[1] * (block_k // tile_n), batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, q_counts, q_indices,
         *common, *_strides4(dk), *_strides4(dv),
         q_counts.stride(0), q_indices.stride(0), q_indices.stride(1),
         heads, n, d, scale * LOG2E, scale,
         BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PER_HEAD=per_head, DOT_PRECISION=precision,
-        SUB_M=sub_m, **config,
+        TILE_N=tile_n, SUB_M=sub_m, **dkdv,
     )  # fmt: skip
-    _bwd_dq_kernel[(kv_counts.shape[1], batch * heads)](
+    _bwd_dq_kernel[(kv_counts.shape[1] * (block_q // tile_m), batch * heads)](
         q, k, v, grad_out, lse, delta, dq, kv_counts, kv_indices,
         *common, *_strides4(dq),
         kv_counts.stride(0), kv_indices.stride(0), kv_indices.stride(1),
         heads, n, d, scale * LOG2E, scale,
         BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PER_HEAD=per_head, DOT_PRECISION=precision,
-        SUB_N=sub_n, **config,
+        TILE_M=tile_m, SUB_N=sub_n, **dq_config,
     )  # fmt: skip
     return dq, dk, dv

@@ -96,6 +96,20 @@ def test_triton_matching_with_identical_destinations_picks_a_best_one():
     torch.testing.assert_close(score[0], sims.max(1).values, rtol=0, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_triton_matching_picks_the_most_similar_destination(dtype):
+    """On CUDA at SD's full-resolution size (64x64 tokens, 320 channels): every source's chosen destination has the
+    highest cosine similarity of its candidates (plain fp32 torch in the test), and the score is that similarity."""
+    x = torch.randn(2, 4096, 320, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
+    match = bipartite_matching(x, 64, 64, 4, 4, backend="triton")
+    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    sims = unit[:, match.src_index] @ unit[:, match.dst_index].transpose(1, 2)  # [B, Ns, Nd]
+    chosen = sims.gather(2, match.best_dst.unsqueeze(2)).squeeze(2)
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(chosen, sims.max(2).values, rtol=0, atol=tol)
+
+
 def test_matching_backend_validation():
     x = torch.randn(1, 16, 4)
     with pytest.raises(ValueError, match="backend='cuda' is not allowed"):
@@ -231,3 +245,36 @@ def test_config_validation():
         diffattn.AgentAttentionConfig(levels=(3,))
     with pytest.raises(ValueError, match="does not support the wan family"):
         diffattn.apply(load("tiny-wan"), diffattn.AgentAttentionConfig())
+
+
+def test_agent_layer_creates_no_host_tensors():
+    """CUDA graphs forbid host-to-device copies: the agent layer (matching, merges, agent attention, unmerge) must
+    not build a tensor from a Python scalar (`x[idx] = True` makes a host scalar tensor and copies it) nor copy
+    between devices. Run on the meta device, where every op is seen and none computes."""
+    from diffusers.models.attention_processor import Attention
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bad = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, torch.Tensor)]
+            if func is torch.ops.aten.scalar_tensor.default or any(a.device.type != "meta" for a in inputs):
+                self.bad.append(str(func))
+            return out
+
+    attn = Attention(320, heads=8, dim_head=40).to("meta")
+    x = torch.empty(2, 4096, 320, device="meta")
+    configs = (
+        diffattn.AgentAttentionConfig(use_rand=False),
+        diffattn.AgentAttentionConfig(agent_ratio=None, use_rand=False),
+    )
+    for config in configs:
+        with torch.no_grad(), Recorder() as recorder:
+            out = diffattn.AgentAttentionProcessor(config)(attn, x)
+        assert out.shape == x.shape
+        assert recorder.bad == []

@@ -244,8 +244,7 @@ def test_auto_is_gather_on_cpu_and_matches():
     assert resolve_backend("auto", torch.device("cpu")) == "gather"
     assert resolve_backend("auto", cuda, dtype=torch.bfloat16, head_dim=128) == "triton"
     assert resolve_backend("auto", cuda, dtype=torch.float16, head_dim=80) == "triton"
-    # the H100 measurements: training and fp32 go to FlexAttention, fp64 to the gather path
-    assert resolve_backend("auto", cuda, dtype=torch.bfloat16, needs_grad=True) == "flex"
+    # the H100/H200 measurements: fp32 and head dims over 128 go to FlexAttention, fp64 to the gather path
     assert resolve_backend("auto", cuda, dtype=torch.float32) == "flex"
     assert resolve_backend("auto", cuda, dtype=torch.float16, head_dim=256) == "flex"
     assert resolve_backend("auto", cuda, dtype=torch.float64) == "gather"
@@ -343,6 +342,36 @@ def test_gpu_forward_backward_match_reference(dtype, backend, d, block):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol * 5, atol=tol * 5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "launch",
+    [
+        {"dkdv": {"tile": 64, "sub": 32}, "dq": {"tile": 64, "sub": 32}},
+        # (H200 sweep: 3 stages of 128-row tiles overflow shared memory, so those configs keep 2)
+        {"dkdv": {"tile": 64, "sub": 128, "num_warps": 4, "num_stages": 3}, "dq": {"tile": 128, "sub": 64}},
+        {"dkdv": {"tile": 128, "sub": 32}, "dq": {"tile": 64, "sub": 128, "num_warps": 4, "num_stages": 3}},
+    ],
+)
+def test_gpu_triton_backward_launch_configs_match_reference(launch):
+    """The backward's tile/slice launch configurations the sweep chooses from are exact at D=128, bf16."""
+    from diffattn.kernels.block_sparse_triton import triton_backward, triton_forward
+
+    g = torch.Generator().manual_seed(7)
+    b, h, n, d = 1, 4, 1000, 128
+    layout = BlockSparseLayout(random_mask(g, h, 8, 8, 0.4), 128).to("cuda")
+    q, k, v = (t.to("cuda", torch.bfloat16).requires_grad_() for t in qkv(g, b, h, n, d))
+    grad = torch.randn(b, h, n, d, generator=g).to("cuda", torch.bfloat16)
+    ref = block_sparse_attention(q.float(), k.float(), v.float(), layout, backend="torch")
+    want = torch.autograd.grad(ref, (q, k, v), grad.float())
+    with torch.no_grad():
+        out, lse = triton_forward(q, k, v, layout.kv_counts, layout.kv_indices, 128, 128, d**-0.5)
+        delta = (grad.float() * out.float()).sum(-1)
+        got = triton_backward(grad, q, k, v, lse, delta, layout.kv_counts, layout.kv_indices, layout.q_counts,
+                              layout.q_indices, 128, 128, d**-0.5, launch=launch)  # fmt: skip
+    for name, a, w in zip("qkv", got, want):
+        torch.testing.assert_close(a.float(), w.float(), rtol=0.1, atol=0.1, msg=f"d{name}")
+
+
 def test_benchmark_smoke_run_writes_json(tmp_path):
     """The benchmark runs end to end (quick shape, forward) and reports every backend beside dense."""
     import json
@@ -365,9 +394,18 @@ def test_benchmark_smoke_run_writes_json(tmp_path):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel under TRITON_INTERPRET=1")
-@pytest.mark.parametrize("sub", [None, 16])
-def test_triton_backward_in_slices_matches_reference_gradients(sub):
-    """The backward kernels computing each block in 16-row slices give the reference's dq, dk, dv."""
+@pytest.mark.parametrize(
+    "launch",
+    [
+        None,
+        {"sub": 16},  # both passes: 16-row slices of the other block
+        {"dkdv": {"tile": 16, "sub": 16}, "dq": {"tile": 16, "sub": 16}},  # two programs per block, in slices
+        {"dkdv": {"tile": 16}, "dq": {"sub": 16}},
+    ],
+)
+def test_triton_backward_in_slices_matches_reference_gradients(launch):
+    """The backward kernels splitting each block over programs (tile) and computing it in slices (sub) give the
+    reference's dq, dk, dv."""
     from diffattn.kernels.block_sparse_triton import triton_backward, triton_forward
 
     g = torch.Generator().manual_seed(5)
@@ -380,9 +418,39 @@ def test_triton_backward_in_slices_matches_reference_gradients(sub):
         out, lse = triton_forward(q, k, v, layout.kv_counts, layout.kv_indices, 32, 32, 32**-0.5)
         delta = (grad * out).sum(-1)
         got = triton_backward(grad, q, k, v, lse, delta, layout.kv_counts, layout.kv_indices, layout.q_counts,
-                              layout.q_indices, 32, 32, 32**-0.5, launch=None if sub is None else {"sub": sub})  # fmt: skip
+                              layout.q_indices, 32, 32, 32**-0.5, launch=launch)  # fmt: skip
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"d{name}")
     with pytest.raises(ValueError, match="sub=24 is not allowed"):
         triton_backward(grad, q, k, v, lse, delta, layout.kv_counts, layout.kv_indices, layout.q_counts,
                         layout.q_indices, 32, 32, 32**-0.5, launch={"sub": 24})  # fmt: skip
+    with pytest.raises(ValueError, match="dq tile=8 is not allowed"):
+        triton_backward(grad, q, k, v, lse, delta, layout.kv_counts, layout.kv_indices, layout.q_counts,
+                        layout.q_indices, 32, 32, 32**-0.5, launch={"dq": {"tile": 8}})  # fmt: skip
+
+
+def test_launch_config_takes_the_measured_table_for_the_gpu_model(tmp_path, monkeypatch):
+    """A GPU model with an entry in launch_configs.json gets it (over the default rule); other models and shapes
+    keep the rule."""
+    import json
+
+    from diffattn.kernels import block_sparse_triton as bst
+
+    table = {"Fake GPU": {"dkdv:e2:d128:b128x128": {"num_warps": 4, "tile": 64, "sub": 32}}}
+    (tmp_path / "launch_configs.json").write_text(json.dumps(table))
+    monkeypatch.setattr(bst, "LAUNCH_CONFIGS_FILE", tmp_path / "launch_configs.json")
+    monkeypatch.setattr(bst, "_device_name", lambda device: "Fake GPU" if device.type == "cuda" else None)
+    bst._tuned_launch_table.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        assert bst.launch_config("dkdv", 128, 128, 128, 2, cuda) == {"num_warps": 4, "num_stages": 2, "tile": 64,
+                                                                     "sub": 32}  # fmt: skip
+        # head dim 80 pads to 128: the same tiles
+        assert bst.launch_config("dkdv", 128, 128, 80, 2, cuda)["tile"] == 64
+        assert bst.launch_config("dq", 128, 128, 128, 2, cuda) == {"num_warps": 8, "num_stages": 2, "tile": 128,
+                                                                   "sub": 128}  # fmt: skip
+        assert bst.launch_config("dkdv", 128, 128, 128, 2, torch.device("cpu"))["tile"] == 128
+        with pytest.raises(ValueError, match="pass_name='bwd' is not allowed"):
+            bst.launch_config("bwd", 128, 128, 128, 2, cuda)
+    finally:
+        bst._tuned_launch_table.cache_clear()
