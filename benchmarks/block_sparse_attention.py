@@ -2,6 +2,9 @@
 
     python benchmarks/block_sparse_attention.py            # GPU if present, else the reduced CPU set
     python benchmarks/block_sparse_attention.py --quick    # one small shape (smoke run)
+    python benchmarks/block_sparse_attention.py --sweep --write-launch-configs kernels/launch_configs.json
+        # CUDA: first time the Triton kernels' launch configurations on the first shape's radial mask and store the
+        # fastest for this GPU model, which the benchmark (and every later use of the kernel) then runs with
 
 Reports per shape, mask and backend: time, dense-equivalent TFLOP/s (the dense FLOPs over the sparse time), actual
 TFLOP/s (the FLOPs really computed) and fraction of ideal = (t_dense / t_sparse) x density, where 1.0 means the

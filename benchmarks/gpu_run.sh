@@ -35,7 +35,7 @@ for stage in "$@"; do
         tests)
             # from outside the checkout, so the installed diffattn (with its diffattn.kernels mapping) is the one
             # imported
-            (cd /tmp && timeout 130 python3 -m pytest -q -m gpu -n 6 -p no:cacheprovider "$OLDPWD/tests") 2>&1 \
+            (cd /tmp && timeout 200 python3 -m pytest -q -m gpu -n 6 -p no:cacheprovider "$OLDPWD/tests") 2>&1 \
                 | tee logs/gpu_tests.log | tail -40 ;;
         train:*)
             minutes=${stage#train:}
