@@ -23,9 +23,10 @@ def sd15_unet(device: str = "cpu", **overrides):
 
 def sd15_pipeline(device: str = "cpu", dtype: torch.dtype = torch.float32, **unet_overrides):
     """A StableDiffusionPipeline with SD 1.5's architecture and random weights, on `device` in `dtype`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModel
 
+    from diffattn.presets.image import clip_text_config, stable_diffusion_pipeline
     from diffattn.presets.text_tokenizers import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
@@ -40,32 +41,11 @@ def sd15_pipeline(device: str = "cpu", dtype: torch.dtype = torch.float32, **une
             latent_channels=4,
             sample_size=512,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=tokenizer.model_max_length,
-                hidden_act="quick_gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        # CLIP ViT-L/14's text tower
+        config = clip_text_config(tokenizer, 768, layers=12, heads=12, intermediate_size=3072)
+        text_encoder = CLIPTextModel(config)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
         set_alpha_to_one=False,
     )  # fmt: skip
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe.to(device, dtype)
+    return stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler).to(device, dtype)

@@ -13,21 +13,41 @@ import torch
 from .text_tokenizers import build_clip_tokenizer
 
 
-def _clip_text_config(tokenizer, hidden_size: int = 32, projection_dim: int | None = None):
+def clip_text_config(
+    tokenizer, hidden_size: int = 32, projection_dim: int | None = None, *, layers: int = 2, heads: int = 2,
+    intermediate_size: int | None = None,
+):  # fmt: skip
+    """A CLIP text encoder config sized for `tokenizer` (its vocabulary, length and special tokens)."""
     from transformers import CLIPTextConfig
 
     kwargs = {} if projection_dim is None else {"projection_dim": projection_dim}
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_attention_heads=2,
-        num_hidden_layers=2,
+        intermediate_size=intermediate_size or hidden_size * 2,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         **kwargs,
+    )
+
+
+def stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline of these components, without the safety checker (random or local weights)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -49,7 +69,7 @@ def _vae():
 
 
 def build_tiny_sd():
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = build_clip_tokenizer()
@@ -69,20 +89,11 @@ def build_tiny_sd():
     torch.manual_seed(1)
     vae = _vae()
     torch.manual_seed(2)
-    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
 
 
 def build_tiny_sdxl():
@@ -113,9 +124,9 @@ def build_tiny_sdxl():
     torch.manual_seed(1)
     vae = _vae()
     torch.manual_seed(2)
-    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_1))
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden_1))
     torch.manual_seed(3)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, hidden_2, projection_dim=hidden_2))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2, hidden_2, projection_dim=hidden_2))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
     )
