@@ -248,11 +248,11 @@ def _default_launch(
 ) -> dict[str, int]:
     # Forward, H100 and H200, bf16, 128x128 tiles, D=128 (benchmark sweeps): 8 warps and 3 stages is the fastest
     # (H200: 5.2 ms vs 5.5 at 2 stages, 8.8+ at 4 warps); 4 stages overflows shared memory. The backward passes run 2
-    # stages above D=64 (3 overflow at 128-row tiles). dk/dv pass, H200 sweep: a whole 128x128 key block per
-    # program computed in 64-query-row slices, 15.5 ms vs 35.1 ms at whole 128-row slices (their fp32 tiles spill)
-    # and 19.0+ ms at 64-key programs; the dq pass is fastest with whole blocks (35.1 ms, every other config
-    # 35.6-57 ms). fp32 tiles are twice the bytes: 3 stages at D=64 asked for 256 KiB of the 227 KiB, so fp32 runs
-    # unpipelined.
+    # stages above D=64 (3 overflow at 128-row tiles). H200 sweep, whole backward times with the other pass at its
+    # old default: dk/dv with a whole 128-key block per program computed in 64-query-row slices, 15.5 ms vs 35.1 ms
+    # in whole 128-row slices (their fp32 tiles spill) and 19.0+ ms with 64-key programs; dq fastest with whole
+    # blocks (35.1 ms, every other config 35.6-57 ms). fp32 tiles are twice the bytes: 3 stages at D=64 asked for
+    # 256 KiB of the 227 KiB, so fp32 runs unpipelined.
     big = block_q * block_k >= 128 * 64 or head_dim > 64
     backward = pass_name != "forward"
     stages = 1 if element_size > 2 else (2 if backward and head_dim > 64 else 3)
