@@ -59,11 +59,16 @@ VARIANTS = {
 }
 
 
-def bench_layer(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
-    """One SD 1.5 full-resolution self-attention layer (C=320, 8 heads of 40)."""
+def sd15_self_attention(device: str, dtype: torch.dtype):
+    """SD 1.5's full-resolution self-attention layer (C=320, 8 heads of 40), from a UNet cut to two levels."""
     unet = sd15_unet(device, block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))  # fmt: skip
-    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to(device, dtype)
+    return unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to(device, dtype)
+
+
+def bench_layer(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
+    """One SD 1.5 full-resolution self-attention layer (C=320, 8 heads of 40)."""
+    attn = sd15_self_attention(device, dtype)
     baseline = attn.processor
     rows = []
     for tokens in tokens_list:
@@ -98,9 +103,7 @@ def cuda_graph_replay(fn):
 def bench_layer_graphed(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
     """The layer benchmark with every variant captured in a CUDA graph: how much of agent mode's time is launch and
     Python overhead (its stages are many small kernels) rather than GPU work."""
-    unet = sd15_unet(device, block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))  # fmt: skip
-    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to(device, dtype)
+    attn = sd15_self_attention(device, dtype)
     # use_rand=False: the random destinations draw from the processor's own CUDA generator, which a graph can only
     # capture once registered with it (torch.cuda.CUDAGraph.register_generator_state); the kernels are the same
     variants = {"sdpa": attn.processor, "agent_no_rand": diffattn.AgentAttentionProcessor(

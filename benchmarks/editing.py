@@ -25,7 +25,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import write_report  # noqa: E402
+from _report import median_ms, write_report  # noqa: E402
 
 
 PROMPT = "a red cat and a blue chair"
@@ -66,16 +66,8 @@ def run_variant(variant: str, model: str, steps: int, repeats: int, device: str)
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    first = once()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        once()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    first = once()  # the warm-up; its losses are reported
+    seconds = median_ms(once, device, 0, repeats) / 1e3
     if handle is not None:
         handle.remove()
     if device == "cuda":
@@ -83,7 +75,7 @@ def run_variant(variant: str, model: str, steps: int, repeats: int, device: str)
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     row = {"variant": variant, "model": model, "steps": steps, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-           "seconds_per_image": round(statistics.median(times), 4), "peak_memory_mb": round(peak_mb, 1)}  # fmt: skip
+           "seconds_per_image": round(seconds, 4), "peak_memory_mb": round(peak_mb, 1)}  # fmt: skip
     if isinstance(pipe, AStarPipeline):  # random weights can overflow; a non-finite loss ends refinement early
         values = [x for step in first.losses for x in step]
         row.update(updates=len(values), losses_finite=all(x == x and abs(x) != float("inf") for x in values))

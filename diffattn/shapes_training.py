@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .presets.image import clip_text_config, stable_diffusion_pipeline
 from .presets.text_tokenizers import build_clip_tokenizer
 from .scenes import render_scene
 
@@ -69,7 +70,7 @@ class ShapesTrainingConfig:
 def build_components(seed: int = 0) -> dict[str, Any]:
     """The untrained model: the standard diffusers/transformers classes at small width."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed)
@@ -93,19 +94,7 @@ def build_components(seed: int = 0) -> dict[str, Any]:
         attention_head_dim=4,
         norm_num_groups=16,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 64, heads=4))
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
@@ -264,7 +253,7 @@ def train_shapes(
     `init_from`: an exported pipeline folder (with training_state.json) to continue from when `out` has no
     checkpoint yet.
     """
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
     config = config or ShapesTrainingConfig()
     out = Path(out)
@@ -375,16 +364,8 @@ def train_shapes(
                 param.copy_(average)
     if state.get("latent_scale") is not None:
         vae.register_to_config(scaling_factor=state["latent_scale"])  # what the pipeline divides latents by
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(scheduler.config, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    sampler = DPMSolverMultistepScheduler.from_config(scheduler.config, steps_offset=1)
+    pipe = stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, sampler)
     pipe.to(torch.float16).save_pretrained(out / "pipeline", safe_serialization=True)
     pipe.to(torch.float32)
     (out / "pipeline" / "training_state.json").write_text(
