@@ -1,6 +1,8 @@
 """The `diffattn` command.
 
     diffattn generate --model tiny-sd --prompt "a red cat" --steps 4 --seed 0 --out outputs/gen
+    diffattn batch prompts.jsonl --out outputs/job --seeds 0 1 2   # a batch job (resumable)
+    accelerate launch -m diffattn batch prompts.jsonl --out outputs/job   # the same job on every GPU / machine
     diffattn demo                       # every preset, offline, report in outputs/demo/index.html
     diffattn presets                    # list the offline presets
     diffattn train-lora --data clips/ --out lora/   # LoRA fine-tuning with radial attention (Wan)
@@ -111,6 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--out", "-o", type=Path, default=Path("outputs/generate"), help="output folder")
 
+    batch = sub.add_parser(
+        "batch",
+        help="run a batch job: a file of prompts, one output per prompt and seed (resumable, multi-GPU)",
+        description=(
+            "Generate every line of JOB (.jsonl: one JSON object per line with `prompt` and optional name, seed(s), "
+            "model, steps, size and methods, see diffattn.jobs; other files: one prompt per line) into OUT. "
+            "Under `accelerate launch -m diffattn batch ...` the work is split over all processes. Finished outputs "
+            "are recorded in OUT/manifest-rank*.jsonl; rerunning the same job skips them. Nothing is overwritten."
+        ),
+    )
+    batch.add_argument("job", type=Path, help="job file (.jsonl or one prompt per line)")
+    batch.add_argument("--out", "-o", type=Path, required=True, help="output folder (resumes a job already there)")
+    batch.add_argument(
+        "--model", "-m", default=DEFAULT_PRESET, help=f"model of lines that name none ({DEFAULT_PRESET})"
+    )
+    batch.add_argument("--steps", type=_positive_int, default=None, help="steps of lines that name none")
+    batch.add_argument("--seeds", type=_seed, nargs="+", default=[0], help="seeds of lines that name none (0)")
+    batch.add_argument("--maps", action="store_true", help="also save attention-map heatmaps (SD-family models)")
+    batch.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype")
+    batch.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
+
     demo = sub.add_parser(
         "demo",
         help="run every preset offline and write outputs/demo/index.html",
@@ -188,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "generate":
             return _generate(args)
+        if args.command == "batch":
+            return _batch(args)
         if args.command == "train-lora":
             return _train_lora(args)
         if args.command == "train-shapes":
@@ -245,6 +270,22 @@ def _train_lora(args: argparse.Namespace) -> int:
     )
     losses = summary["losses"]
     print(f"{args.out} ({len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .jobs import JobDefaults, missing_units, read_job, run_job
+
+    defaults = JobDefaults(model=args.model, steps=args.steps, seeds=tuple(args.seeds), maps=args.maps)
+    units = read_job(args.job, defaults)
+    report = run_job(units, args.out, device=args.device, torch_dtype=args.dtype)
+    if report.process_index != 0:
+        return 1 if report.failed else 0
+    missing = missing_units(units, args.out)
+    print(f"{args.out}: {len(units) - len(missing)} of {len(units)} outputs done ({len(report.generated)} now)")
+    if missing:
+        sys.stderr.write(f"diffattn batch: {len(missing)} not done (see {args.out}/failures-rank*.jsonl): {missing}\n")
+        return 1
     return 0
 
 

@@ -121,7 +121,7 @@ def test_generate_with_token_merging(tmp_path, capsys, flag):
 
 
 def test_help_everywhere():
-    for argv in ([], ["generate"], ["demo"], ["presets"]):
+    for argv in ([], ["generate"], ["batch"], ["demo"], ["presets"]):
         proc = subprocess.run([sys.executable, "-m", "diffattn.cli", *argv, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: diffattn" in proc.stdout
 

@@ -1,0 +1,187 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffattn.cli import main
+from diffattn.jobs import JobDefaults, JobFileError, read_job, read_manifests, run_job, shard
+from diffattn.loading import load_pipeline
+from diffattn.methods.agent_attention import AgentAttentionConfig
+from diffattn.presets import PRESETS
+
+
+def write_job(tmp_path, lines, name="job.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_read_job_expands_seeds_and_applies_defaults(tmp_path):
+    path = write_job(
+        tmp_path,
+        [
+            {"prompt": "a red circle", "name": "circle"},
+            "# comment",
+            "",
+            {"prompt": "a blue square", "seeds": [4, 7], "steps": 2, "model": "tiny-sd", "tome": {"ratio": 0.3}},
+            {"prompt": "a cat", "seed": 9, "agent": True, "maps": True},
+        ],
+    )
+    units = read_job(path, JobDefaults(model="shapes-sd", steps=5, seeds=(0, 1)))
+    assert [u.name for u in units] == ["circle-seed0", "circle-seed1", "00004-seed4", "00004-seed7", "00005-seed9"]
+    assert [u.seed for u in units] == [0, 1, 4, 7, 9]
+    assert [u.model for u in units] == ["shapes-sd", "shapes-sd", "tiny-sd", "tiny-sd", "shapes-sd"]
+    assert units[0].options == {"steps": 5, "attention_maps": False}
+    assert units[2].options["steps"] == 2
+    assert units[2].options["agent"] == AgentAttentionConfig(agent_ratio=None, stride=2, ratio=0.3)
+    assert units[4].options["agent"] == AgentAttentionConfig() and units[4].options["attention_maps"] is True
+
+
+def test_plain_text_job_is_one_prompt_per_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle\n\n# skipped\na blue square  \n")
+    units = read_job(path)
+    assert [(u.name, u.prompt, u.seed) for u in units] == [
+        ("00001-seed0", "a red circle", 0),
+        ("00004-seed0", "a blue square", 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"prompt": "x", "colour": 1}, "job.jsonl line 1: unknown key 'colour'; allowed: prompt"),
+        ({"prompt": ""}, "prompt='' is not allowed"),
+        ({"name": "x"}, "prompt='' is not allowed"),
+        ({"prompt": "x", "steps": "4"}, "steps='4' is not allowed: expected int"),
+        ({"prompt": "x", "steps": 0}, "steps=0 is not allowed: expected an int >= 1"),
+        ({"prompt": "x", "seeds": [1, 1]}, "seeds=[1, 1] is not allowed: expected distinct ints >= 0"),
+        ({"prompt": "x", "seeds": []}, "seeds=[] is not allowed"),
+        ({"prompt": "x", "seed": 1, "seeds": [2]}, "give seed or seeds, not both"),
+        ({"prompt": "x", "name": "../up"}, "name='../up' is not allowed"),
+        ({"prompt": "x", "agent": {"ratio": 2}}, "job.jsonl line 1: agent: ratio=2 is not allowed"),
+        ({"prompt": "x", "radial": {"decay": 1}}, "job.jsonl line 1: radial: "),
+        ({"prompt": "x", "tome": {"stride": 4}}, "tome takes only 'ratio'"),
+        ({"prompt": "x", "agent": True, "tome": True}, "agent and tome are alternatives"),
+        ({"prompt": "x", "astar": "iou"}, "astar='iou' is not allowed"),
+        ({"prompt": "x", "guidance_interval": [0.5]}, "guidance_interval=[0.5] is not allowed"),
+        ("{not json", "job.jsonl line 1: not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got list"),
+    ],
+)
+def test_bad_job_lines_name_the_line_and_the_key(tmp_path, line, message):
+    with pytest.raises(JobFileError) as info:
+        read_job(write_job(tmp_path, [line]))
+    assert message in str(info.value)
+
+
+def test_duplicate_output_names_are_refused(tmp_path):
+    path = write_job(tmp_path, [{"prompt": "a", "name": "same"}, {"prompt": "b", "name": "same"}])
+    with pytest.raises(JobFileError, match="output name 'same-seed0' is already used by line 1"):
+        read_job(path)
+
+
+def test_shard_covers_every_unit_once():
+    units = list(range(11))
+    shards = [shard(units, r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == units and shards[1] == [1, 4, 7, 10]
+    with pytest.raises(ValueError, match="process_index=3 is not in"):
+        shard(units, 3, 3)
+
+
+def _png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_run_job_outputs_match_the_plain_pipeline_and_resume_without_overwriting(tmp_path):
+    job = write_job(tmp_path, [{"prompt": "a red cat", "seeds": [3, 5]}, {"prompt": "a green dog", "name": "dog"}])
+    units = read_job(job, JobDefaults(model="tiny-sd", steps=2))
+    out = tmp_path / "out"
+    report = run_job(units, out, process_index=0, num_processes=1)
+    assert report.generated == ["00001-seed3", "00001-seed5", "dog-seed0"] and not report.skipped
+    # Independent reference: diffusers' own pipeline call with the same seed and the preset's call arguments.
+    pipe = load_pipeline("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    for name, prompt, seed in [("00001-seed3", "a red cat", 3), ("dog-seed0", "a green dog", 0)]:
+        expected = pipe(
+            prompt,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(seed),
+            **PRESETS["tiny-sd"].call_defaults,
+        ).images[0]
+        np.testing.assert_array_equal(_png(out / f"{name}.png"), np.asarray(expected))
+    records = read_manifests(out)
+    assert set(records) == {"00001-seed3", "00001-seed5", "dog-seed0"}
+    assert records["dog-seed0"]["files"] == ["dog-seed0.png"] and records["dog-seed0"]["spec"]["seed"] == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.png")}
+
+    again = run_job(units, out, process_index=0, num_processes=1)  # a rerun finds everything done
+    assert again.skipped == [u.name for u in units] and not again.generated
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before
+
+    # A crash after the image was written but before its record: the unit runs again, next to the old file.
+    manifest = out / "manifest-rank0.jsonl"
+    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:2]) + '{"name": "dog-seed0", "cut')
+    third = run_job(units, out, process_index=0, num_processes=1)
+    assert third.generated == ["dog-seed0"]
+    assert (out / "dog-seed0.png").read_bytes() == before["dog-seed0.png"]  # never overwritten
+    assert read_manifests(out)["dog-seed0"]["files"] == ["dog-seed0-1.png"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_run_job_refuses_a_folder_holding_other_settings(tmp_path):
+    out = tmp_path / "out"
+    run_job(
+        read_job(write_job(tmp_path, ["a red cat"], "a.txt"), JobDefaults("tiny-sd", 1)),
+        out,
+        process_index=0,
+        num_processes=1,
+    )
+    changed = read_job(write_job(tmp_path, ["a red cat"], "a.txt"), JobDefaults("tiny-sd", 2))
+    with pytest.raises(JobFileError, match="already holds '00001-seed0' made with other settings"):
+        run_job(changed, out, process_index=0, num_processes=1)
+
+
+def test_processes_split_the_job_and_a_failed_unit_does_not_stop_it(tmp_path, capsys):
+    lines = [{"prompt": f"a cat {i}", "model": "tiny-sd", "steps": 1} for i in range(3)]
+    lines.insert(1, {"prompt": "a dog", "model": str(tmp_path / "no-such-model"), "name": "broken"})
+    units = read_job(write_job(tmp_path, lines))
+    out = tmp_path / "out"
+    reports = [run_job(units, out, process_index=r, num_processes=2) for r in range(2)]
+    assert reports[0].generated == ["00001-seed0", "00003-seed0"]
+    assert reports[1].generated == ["00004-seed0"] and reports[1].failed == ["broken-seed0"]
+    failure = json.loads((out / "failures-rank1.jsonl").read_text())
+    assert failure["name"] == "broken-seed0" and "no-such-model" in failure["error"]
+    assert set(read_manifests(out)) == {"00001-seed0", "00003-seed0", "00004-seed0"}
+
+
+def test_batch_command_under_torchrun_with_two_processes(tmp_path):
+    job = write_job(tmp_path, [{"prompt": f"a cat {i}", "name": f"cat{i}"} for i in range(3)])
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffattn", "batch",
+               str(job), "--out", str(out), "--model", "tiny-sd", "--steps", "1"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{out}: 3 of 3 outputs done (2 now)" in proc.stdout  # process 0 made 2 of the 3
+    processes = {r["name"]: r["process"] for r in read_manifests(out).values()}
+    assert processes == {"cat0-seed0": 0, "cat1-seed0": 1, "cat2-seed0": 0}
+    # Same images as one process makes (up to PNG rounding of thread-count-dependent float sums).
+    single = tmp_path / "single"
+    assert main(["batch", str(job), "--out", str(single), "--model", "tiny-sd", "--steps", "1"]) == 0
+    for name in processes:
+        a, b = _png(out / f"{name}.png").astype(int), _png(single / f"{name}.png").astype(int)
+        assert np.abs(a - b).max() <= 1
+
+
+def test_batch_command_reports_missing_outputs_and_exits_1(tmp_path, capsys):
+    job = write_job(tmp_path, [{"prompt": "a dog", "model": str(tmp_path / "nothing")}])
+    assert main(["batch", str(job), "--out", str(tmp_path / "out")]) == 1
+    assert "1 not done" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
