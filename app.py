@@ -1,7 +1,9 @@
 """diffattn's Gradio UI: `python app.py` serves http://127.0.0.1:7860.
 
 Generate an image or a video from a preset (offline) or a model id, see the progress, and, for Stable Diffusion
-models, the cross-attention map of every prompt token; video models can run radial attention, with its mask shown.
+models, the cross-attention map of every prompt token, AgentSD, structured guidance, A-STAR, or IR-Diffusion (one
+subject prompt per line: the references, their masks and the scene); video models can run radial attention, with
+its mask shown.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def run_generation(
     block_size: int = 128,
     agent: bool = False,
     editing: str = "none",
+    subjects: str = "",
     progress=gr.Progress(track_tqdm=True),
 ):
-    """The UI's one event: returns (image, video, attention grid, radial mask, info markdown)."""
+    """The UI's one event: returns (image, video, attention grid, radial mask, IR-Diffusion picture, info markdown)."""
     model = (model or "").strip()
     if not model:
         raise gr.Error("Choose a preset or type a model id.")
@@ -68,6 +71,7 @@ def run_generation(
             agent=AgentAttentionConfig() if agent else None,
             structured=StructuredGuidanceConfig() if editing == "structured guidance" else None,
             astar="astar" if editing == "A-STAR" else None,
+            subjects=[line.strip() for line in (subjects or "").splitlines() if line.strip()] or None,
         )
     except (ValueError, RuntimeError) as exc:
         raise gr.Error(str(exc)) from None
@@ -79,7 +83,9 @@ def run_generation(
         info += f" · radial attention, mask density **{result.radial_density:.1%}**"
     elif radial:
         info += " · radial attention applied, but every step ran dense (dense timesteps >= steps)"
-    return image, video, result.attention_grid, result.radial_mask, info
+    if result.subject_grid is not None:
+        info += f" · IR-Diffusion with {len(result.reference_images)} subject references"
+    return image, video, result.attention_grid, result.radial_mask, result.subject_grid, info
 
 
 def _on_model_change(model: str):
@@ -130,12 +136,16 @@ def build_demo() -> gr.Blocks:
                     editing = gr.Radio(
                         ["none", "structured guidance", "A-STAR"], value="none", label="Cross-attention editing"
                     )
+                    subjects = gr.Textbox(
+                        value="", lines=2, label="IR-Diffusion subjects: one prompt per line, e.g. 'a red circle'"
+                    )
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(label="Image", type="pil")
                 video = gr.Video(label="Video")
                 maps = gr.Image(label="Cross-attention maps per prompt token", type="pil")
                 mask = gr.Image(label="Radial mask (white: computed blocks)", type="pil")
+                subject_view = gr.Image(label="IR-Diffusion: references with masks, plain scene, IR scene", type="pil")
                 info = gr.Markdown()
         model.change(_on_model_change, inputs=model, outputs=[steps, height, width, frames, guidance])
         button.click(
@@ -157,8 +167,9 @@ def build_demo() -> gr.Blocks:
                 block,
                 agent,
                 editing,
+                subjects,
             ],
-            outputs=[image, video, maps, mask, info],
+            outputs=[image, video, maps, mask, subject_view, info],
             api_name="generate",
             concurrency_id="gpu",
         )

@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--astar", nargs="?", const="astar", choices=["astar", "attend_and_excite", "both"], default=None,
         help="A-STAR latent updates (optionally the Attend-and-Excite loss, or both)",
     )  # fmt: skip
+    ir = gen.add_argument_group("IR-Diffusion: consistent subjects in a scene (Stable Diffusion UNets)")
+    ir.add_argument("--subject", action="append", default=None, metavar="PROMPT",
+                    help="a subject's own prompt, e.g. 'a red circle' (repeat per subject); runs IR-Diffusion")  # fmt: skip
+    ir.add_argument("--ir-masks", choices=["auto", "attention", "segmenter"], default=None,
+                    help="where subject masks come from (auto: the model's segmenter, else attention)")  # fmt: skip
+    ir.add_argument("--mask-dropout", type=float, default=None, help="IR-Diffusion query-mask dropout (0.5)")
     radial = gen.add_argument_group("radial attention (video models)")
     radial.add_argument("--radial", action="store_true", help="apply radial attention to the video self-attention")
     radial.add_argument("--decay-factor", type=float, default=None, help="band width factor lambda (default 1.0)")
@@ -352,6 +358,17 @@ def structured_config_from_args(args: argparse.Namespace):
     return StructuredGuidanceConfig(mode="conjunction" if args.conjunction else "default", phrases=args.phrase)
 
 
+def ir_config_from_args(args: argparse.Namespace):
+    """An IRDiffusionConfig from --subject / --mask-dropout (None without --subject; its options alone are an error)."""
+    from .methods.ir_diffusion import IRDiffusionConfig
+
+    if not args.subject:
+        if args.ir_masks is not None or args.mask_dropout is not None:
+            raise ValueError("--ir-masks and --mask-dropout need --subject")
+        return None
+    return IRDiffusionConfig() if args.mask_dropout is None else IRDiffusionConfig(mask_dropout=args.mask_dropout)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .generation import generate, save_result
 
@@ -373,8 +390,12 @@ def _generate(args: argparse.Namespace) -> int:
         agent=agent_config_from_args(args),
         structured=structured_config_from_args(args),
         astar=args.astar,
+        ir=ir_config_from_args(args),
+        subjects=args.subject,
+        masks=args.ir_masks or "auto",
     )
-    suffix = "".join(f"-{name}" for name in ("radial", "agent", "tome", "structured", "astar") if getattr(args, name))
+    names = ("radial", "agent", "tome", "structured", "astar", "subject")
+    suffix = "".join(f"-{'ir' if name == 'subject' else name}" for name in names if getattr(args, name))
     stem = f"{Path(args.model).name}-seed{args.seed}{suffix}"
     for path in save_result(result, args.out, stem, fps=args.fps):
         print(path)

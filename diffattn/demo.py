@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .generation import generate, save_result
-from .judge import detect_objects, score_scene
+from .judge import detect_objects, score_scene, subjects_kept
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
@@ -33,6 +33,7 @@ AGENT_SIZE = {"tiny-sd": 256, "tiny-sdxl": 512}  # larger than the defaults, so 
 EDITING_PRESET = "shapes-sd"
 EDITING_PROMPT = "a red circle and a blue square"
 EDITING_SEEDS = 4
+SUBJECTS = ["a red circle", "a blue square"]  # IR-Diffusion's subjects of EDITING_PROMPT
 
 
 def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets: list[str] | None = None) -> Path:
@@ -131,6 +132,17 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
                      "files": [str(p.relative_to(out_dir)) for p in files]}
                 )  # fmt: skip
             editing_rows.append({"method": label, "prompt": EDITING_PROMPT, "images": cells})
+    subject_rows = []
+    if EDITING_PRESET in names:
+        for s in range(seed, seed + EDITING_SEEDS):
+            result = generate(EDITING_PRESET, EDITING_PROMPT, steps=steps, seed=s, subjects=SUBJECTS)
+            files = save_result(result, run_dir, f"{EDITING_PRESET}-ir-seed{s}")
+            subject_rows.append(
+                {"seed": s, "seconds": round(result.seconds, 3),
+                 "kept_plain": subjects_kept(result.reference_images, result.plain_images[0]),
+                 "kept_ir": subjects_kept(result.reference_images, result.images[0]),
+                 "grid": next(str(p.relative_to(out_dir)) for p in files if p.name.endswith("-subjects.png"))}
+            )  # fmt: skip
     meta = {
         "prompt": DEMO_PROMPT,
         "steps": steps,
@@ -143,6 +155,7 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
         "radial": radial_rows,
         "agent": agent_rows,
         "editing": editing_rows,
+        "subjects": {"prompt": EDITING_PROMPT, "subjects": SUBJECTS, "images": subject_rows} if subject_rows else None,
     }
     (run_dir / "report.json").write_text(json.dumps(meta, indent=2))
     index = out_dir / "index.html"
@@ -238,6 +251,22 @@ def _report_html(meta: dict) -> str:
             "the right colour on the right shape (diffattn.judge); benchmarks/compositional.py measures it over "
             "hundreds of prompts. Under each image, its cross-attention maps per prompt token (none for structured "
             f"guidance, which owns those layers).</p><table>{rows_html}</table></section>"
+        )
+    subjects = meta.get("subjects")
+    if subjects:
+        rows_html = "".join(
+            f'<tr><td>seed {row["seed"]}</td><td><img src="{html.escape(row["grid"])}" style="max-width:800px"></td>'
+            f"<td>{row['seconds']:.2f} s<br>subjects kept: plain {row['kept_plain']:.0%}, IR {row['kept_ir']:.0%}</td></tr>"
+            for row in subjects["images"]
+        )
+        radial_html += (
+            f"<section><h2>IR-Diffusion on {EDITING_PRESET}: the same subjects in a scene</h2>"
+            f"<p>Scene: <i>{html.escape(subjects['prompt'])}</i>; subjects: "
+            f"{', '.join('<i>' + html.escape(p) + '</i>' for p in subjects['subjects'])}. Each row: the references "
+            "with their masks, the scene with plain attention from the same noise (and the scene masks, from "
+            "diffattn.judge.subject_mask), and the scene with isolation and reposition attention. 'kept': the share "
+            "of references whose shape and colour the scene shows (the judge).</p>"
+            f"<table>{rows_html}</table></section>"
         )
     table = "".join(
         f"<tr><td>{html.escape(r['preset'])}</td><td>{r['kind']}</td><td>{r['generate_seconds']:.2f}</td></tr>"

@@ -20,9 +20,11 @@ from PIL import Image
 
 from .control import apply
 from .guidance import GuidanceInterval, as_guidance_interval
+from .judge import subject_mask
 from .loading import load_pipeline
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, render_attention_grid
+from .methods.ir_diffusion import IRDiffusionConfig, render_subject_grid
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.radial_mask import plot_radial_mask
 from .methods.structured_guidance import StructuredGuidanceConfig
@@ -32,6 +34,9 @@ from .presets import PRESETS
 logger = logging.getLogger(__name__)
 
 _PIPELINES: dict[tuple[str, str | None, str | None], Any] = {}
+# Models whose pictures a segmenter can read, for IR-Diffusion's subject masks (others: masks from attention).
+SUBJECT_SEGMENTERS = {"shapes-sd": subject_mask}
+MASK_SOURCES = ("auto", "attention", "segmenter")
 
 
 def cached_pipeline(model: str, torch_dtype: str | None = None, device: str | None = None) -> Any:
@@ -66,6 +71,9 @@ class GenerationResult:
     attention_grid: Image.Image | None = None
     radial_mask: Image.Image | None = None
     radial_density: float | None = None
+    reference_images: list[Image.Image] = field(default_factory=list)  # IR-Diffusion: one per subject
+    subject_grid: Image.Image | None = None  # IR-Diffusion: references, masks, plain and IR scene
+    plain_images: list[Image.Image] = field(default_factory=list)  # IR-Diffusion: the scene with plain attention
     call_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,6 +107,9 @@ def generate(
     structured: StructuredGuidanceConfig | None = None,
     astar: str | None = None,
     guidance_interval: GuidanceInterval | tuple[float, float] | None = None,
+    subjects: list[str] | None = None,
+    ir: IRDiffusionConfig | None = None,
+    masks: str = "auto",
     pipe: Any | None = None,
 ) -> GenerationResult:
     """Generate one image or video; for SD-family models also the cross-attention heatmap grid.
@@ -107,7 +118,10 @@ def generate(
     picture and its density. With `agent`, AgentSD / token merging is applied (Stable Diffusion UNets). With
     `astar` ("astar", "attend_and_excite" or "both"), the call runs `AStarPipeline` on the same components.
     `guidance_interval` (start, stop): guide only those fractions of the steps (`GuidanceInterval`); None guides
-    every step.
+    every step. With `subjects` (one prompt per subject, each naming a subject of `prompt`), the call runs
+    `IRDiffusionPipeline` (config `ir`, default upstream's): the result holds the scene, each subject's reference and
+    a picture of them with their masks; `masks` says where the masks come from ("auto": the model's segmenter in
+    SUBJECT_SEGMENTERS if it has one, else attention).
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt='' is not allowed: give a non-empty prompt")
@@ -129,6 +143,16 @@ def generate(
     if negative_prompt:
         kwargs["negative_prompt"] = negative_prompt
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    if ir is not None and not subjects:
+        raise ValueError("ir (IR-Diffusion) needs subjects: one prompt per subject of the scene")
+    if subjects:
+        others = {"radial": radial, "agent": agent, "structured": structured, "astar": astar}
+        clash = [name for name, value in others.items() if value is not None]
+        if clash or interval is not None:
+            raise ValueError(
+                f"subjects (IR-Diffusion) runs its own pipeline; it does not combine with {clash or ['guidance_interval']}"
+            )
+        return _generate_ir(model, pipe, prompt, list(subjects), ir, masks, steps, seed, generator, kwargs)
     if astar is not None:
         return _generate_astar(model, pipe, prompt, astar, steps, seed, generator, kwargs, interval)
     configs = []
@@ -199,6 +223,45 @@ def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs, i
         model, prompt, seed, "image", images=list(output.images), seconds=seconds, call_kwargs=recorded
     )
     result.attention_grid = _attention_grid(pipe, output.maps, prompt, output.images[0])
+    return result
+
+
+def _generate_ir(model, pipe, prompt, subjects, config, masks, steps, seed, generator, kwargs) -> GenerationResult:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .pipelines import IRDiffusionPipeline, IRDiffusionXLPipeline
+
+    if masks not in MASK_SOURCES:
+        raise ValueError(f"masks={masks!r} is not allowed: expected one of {', '.join(MASK_SOURCES)}")
+    segmenter = SUBJECT_SEGMENTERS.get(model) if masks != "attention" else None
+    if masks == "segmenter" and segmenter is None:
+        raise ValueError(
+            f"masks='segmenter': no segmenter for {model!r} (models with one: {', '.join(SUBJECT_SEGMENTERS)})"
+        )
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        ir_pipe = IRDiffusionXLPipeline(**pipe.components)
+    elif isinstance(pipe, StableDiffusionPipeline):
+        ir_pipe = IRDiffusionPipeline(**pipe.components)
+    else:
+        raise ValueError(
+            f"IR-Diffusion runs on Stable Diffusion 1.x/2.x/XL pipelines; {model!r} is {type(pipe).__name__}"
+        )
+    ir_pipe.set_progress_bar_config(leave=False)
+    call = {k: v for k, v in kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
+    start = time.perf_counter()
+    output = ir_pipe(
+        prompt, subjects, config=config, segmenter=segmenter, num_inference_steps=steps, generator=generator, **call
+    )
+    seconds = time.perf_counter() - start
+    result = GenerationResult(
+        model, prompt, seed, "image", images=list(output.images), seconds=seconds, call_kwargs=call
+    )
+    result.reference_images = list(output.reference_images)
+    plain = output.rehearsal_images[0] if output.rehearsal_images is not None else None
+    result.plain_images = [] if plain is None else [plain]
+    result.subject_grid = render_subject_grid(
+        result.reference_images, output.reference_masks, output.images[0], output.target_masks, plain
+    )
     return result
 
 
@@ -279,6 +342,13 @@ def save_result(result: GenerationResult, directory: Path, stem: str, fps: int =
     if result.attention_grid is not None:
         grid = result.attention_grid
         paths.append(write_new_file(directory, f"{stem}-attention", ".png", lambda p: grid.save(p, format="PNG")))
+    for i, reference in enumerate(result.reference_images):
+        paths.append(
+            write_new_file(directory, f"{stem}-ref{i + 1}", ".png", lambda p, im=reference: im.save(p, "PNG"))
+        )
+    if result.subject_grid is not None:
+        subject_grid = result.subject_grid
+        paths.append(write_new_file(directory, f"{stem}-subjects", ".png", lambda p: subject_grid.save(p, "PNG")))
     if result.radial_mask is not None:
         mask = result.radial_mask
         paths.append(write_new_file(directory, f"{stem}-mask", ".png", lambda p: mask.save(p, format="PNG")))

@@ -8,6 +8,7 @@ Lines (one object per line, `.jsonl`), whose keys are:
     radial: true | {RadialAttentionConfig fields}     agent: true | {AgentAttentionConfig fields}
     tome: true | {"ratio": r}                         structured: true | {StructuredGuidanceConfig fields}
     astar: true | "astar" | "attend_and_excite" | "both"
+    subjects: ["a red circle", ...] (IR-Diffusion)    ir: {IRDiffusionConfig fields}    ir_masks: "auto" | ...
 
 Every line is validated before anything runs; an error names the file, the line, the key and what is allowed. Each
 line expands into one *unit* per seed, named `<name>-seed<seed>` (`name` defaults to the line number, `00003`).
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .generation import cached_pipeline, generate, save_result
 from .methods.agent_attention import AgentAttentionConfig
+from .methods.ir_diffusion import IRDiffusionConfig
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import DEFAULT_PRESET
@@ -60,9 +62,10 @@ _SCALARS = {
     "width": int,
     "num_frames": int,
     "maps": bool,
+    "ir_masks": str,
 }
-_METHODS = ("radial", "agent", "tome", "structured", "astar")
-ALLOWED_KEYS = tuple(_SCALARS) + ("seed", "seeds", "guidance_interval") + _METHODS
+_METHODS = ("radial", "agent", "tome", "structured", "astar", "ir")
+ALLOWED_KEYS = tuple(_SCALARS) + ("seed", "seeds", "guidance_interval", "subjects") + _METHODS
 ASTAR_LOSSES = ("astar", "attend_and_excite", "both")
 
 
@@ -119,6 +122,8 @@ def _method_config(where: str, key: str, value: Any):
             return RadialAttentionConfig(**fields)
         if key == "agent":
             return AgentAttentionConfig(**fields)
+        if key == "ir":
+            return IRDiffusionConfig(**fields)
         if key == "tome":
             unknown = set(fields) - {"ratio"}
             if unknown:
@@ -169,6 +174,15 @@ def _line_units(where: str, index: int, line: dict[str, Any], defaults: JobDefau
         ):
             raise JobFileError(f"{where}: guidance_interval={interval!r} is not allowed: expected [start, stop]")
         options["guidance_interval"] = tuple(float(v) for v in interval)
+    if "subjects" in line:
+        subjects = line["subjects"]
+        if not (isinstance(subjects, list) and subjects and all(isinstance(p, str) and p.strip() for p in subjects)):
+            raise JobFileError(f"{where}: subjects={subjects!r} is not allowed: expected a list of subject prompts")
+        options["subjects"] = subjects
+    elif "ir" in line or "ir_masks" in line:
+        raise JobFileError(f"{where}: ir and ir_masks need subjects (one prompt per subject)")
+    if "ir_masks" in values:
+        options["masks"] = values["ir_masks"]
     configs = {key: _method_config(where, key, line.get(key)) for key in _METHODS}
     if configs["agent"] is not None and configs["tome"] is not None:
         raise JobFileError(f"{where}: agent and tome are alternatives: give one")

@@ -11,7 +11,7 @@ best. Metrics compare the detections with a scene's ground truth (or with the ob
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -57,6 +57,7 @@ class Detection:
     box: tuple[int, int, int, int]
     area: int
     fill: float
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)  # bool [y1-y0, x1-x0] in the box
 
     @property
     def center(self) -> tuple[float, float]:
@@ -103,8 +104,36 @@ def detect_objects(image: Image.Image, *, min_area: int = 20, background_distanc
             mask = np.zeros((box[3] - box[1], box[2] - box[0]), dtype=bool)
             mask[ys - box[1], xs - box[0]] = True
             shape, _ = classify_shape(mask)
-            detections.append(Detection(shape, name, box, len(region), fill))
+            detections.append(Detection(shape, name, box, len(region), fill, mask))
     return sorted(detections, key=lambda d: -d.area)
+
+
+def subject_mask(image: Image.Image, subject: str) -> np.ndarray:
+    """A segmenter for shape scenes: float [H, W] mask (1 inside) of the object that best matches `subject` ("a red
+    circle": shape and colour, else shape, else colour; the largest among equals); all zeros when none matches. IR-Diffusion's pipeline takes
+    it as `segmenter` for the shapes model, in place of upstream's GroundingDINO + SAM for photographs."""
+    said = set(subject.lower().replace(",", " ").split())
+    out = np.zeros((image.height, image.width), dtype=np.float32)
+    best, best_score = None, 0
+    for detection in detect_objects(image):  # largest first: among equal matches the largest wins
+        score = 2 * (detection.shape in said) + (detection.color in said)
+        if score > best_score:
+            best, best_score = detection, score
+    if best is not None:
+        x0, y0, x1, y1 = best.box
+        out[y0:y1, x0:x1] = best.pixels
+    return out
+
+
+def subjects_kept(references: list[Image.Image], scene: Image.Image) -> float:
+    """Share of the references whose object (the largest detected in each) appears in `scene` with the same shape
+    and colour: how consistent a multi-subject scene is with its subjects' references (IR-Diffusion's goal)."""
+    found = {(d.shape, d.color) for d in detect_objects(scene)}
+    kept = 0
+    for reference in references:
+        objects = detect_objects(reference)
+        kept += bool(objects) and (objects[0].shape, objects[0].color) in found
+    return kept / len(references) if references else 0.0
 
 
 def agrees(scene: Scene, detections: list[Detection]) -> bool:

@@ -18,26 +18,30 @@ def _load_app():
 
 def test_handler_generates_image_and_maps():
     app = _load_app()
-    image, video, grid, mask, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9)
-    assert image.size == (128, 128) and video is None and grid is not None and mask is None
+    image, video, grid, mask, subjects, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9)
+    assert image.size == (128, 128) and video is None and grid is not None and mask is None and subjects is None
     assert "tiny-sd" in info
-    merged, _, _, _, _ = app.run_generation(
-        "tiny-sd", "a red cat", "", 2, 1, 7.5, 256, 256, 9, False, 1.0, 1, 0, 64, True
-    )
+    merged, *_ = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 256, 256, 9, False, 1.0, 1, 0, 64, True)
     assert merged.size == (256, 256)
     for editing in ("structured guidance", "A-STAR"):
         edited, *_, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9, False, 1.0, 1, 0, 64,
                                               False, editing)  # fmt: skip
         assert edited.size == (128, 128) and "tiny-sd" in info
+    scene, _, _, _, subjects, info = app.run_generation(
+        "shapes-sd", "a red circle and a blue square", "", 2, 0, 5.0, 64, 64, 9, False, 1.0, 1, 0, 64, False, "none",
+        "a red circle\n\na blue square\n",
+    )  # fmt: skip
+    assert scene.size == (64, 64) and subjects.width > 3 * subjects.height  # 2 references, plain and IR scenes
+    assert "IR-Diffusion with 2 subject references" in info
 
 
 def test_handler_generates_video_and_reports_bad_input():
     import gradio as gr
 
     app = _load_app()
-    image, video, grid, mask, info = app.run_generation("tiny-wan", "a boat", "", 1, 0, 5.0, 64, 64, 5)
+    image, video, grid, mask, _, info = app.run_generation("tiny-wan", "a boat", "", 1, 0, 5.0, 64, 64, 5)
     assert video.endswith(".mp4") and Path(video).is_file() and grid is None and mask is None
-    _, video, _, mask, info = app.run_generation(
+    _, video, _, mask, _, info = app.run_generation(
         "tiny-wan", "a boat", "", 2, 0, 5.0, 128, 128, 33, True, 1.0, 1, 0, 64
     )
     assert Path(video).is_file() and mask is not None and "mask density" in info
@@ -57,7 +61,7 @@ def test_served_page_generates_through_the_api():
     demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False)
-        image, video, grid, mask, info = client.predict(
+        image, video, grid, mask, subjects, info = client.predict(
             "tiny-sd",
             "a blue bird",
             "",
@@ -74,9 +78,10 @@ def test_served_page_generates_through_the_api():
             64,
             False,
             "none",
+            "",
             api_name="/generate",
         )
-        assert Path(image).is_file() and Path(grid).is_file() and mask is None
+        assert Path(image).is_file() and Path(grid).is_file() and mask is None and subjects is None
         assert "image" in info
     finally:
         demo.close()

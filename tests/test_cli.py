@@ -74,6 +74,17 @@ def test_generate_video_as_mp4(tmp_path, capsys):
         (["generate", "-p", "x", "--merge-ratio", "0.3"], "--merge-ratio needs --agent or --tome"),
         (["generate", "-p", "x", "--tome", "--merge-ratio", "2"], "ratio=2.0 is not allowed"),
         (["generate", "-p", "x", "-m", "tiny-wan", "--agent"], "agent attention is for Stable Diffusion UNets"),
+        (["generate", "-p", "x", "--ir-masks", "attention"], "--ir-masks and --mask-dropout need --subject"),
+        (["generate", "-p", "a cat", "--subject", "a cat", "--agent"], "it does not combine with ['agent']"),
+        (["generate", "-p", "a cat", "--subject", "a cat", "--mask-dropout", "2"], "mask_dropout=2.0 is not allowed"),
+        (
+            ["generate", "-p", "a cat", "-m", "tiny-sd", "--subject", "a cat", "--ir-masks", "segmenter"],
+            "masks='segmenter': no segmenter for 'tiny-sd'",
+        ),
+        (
+            ["generate", "-p", "a boat", "-m", "tiny-wan", "--subject", "a boat"],
+            "IR-Diffusion runs on Stable Diffusion",
+        ),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
@@ -118,6 +129,16 @@ def test_generate_with_token_merging(tmp_path, capsys, flag):
     out = capsys.readouterr().out.split()
     assert out[0].endswith(f"tiny-sd-seed0-{flag.lstrip('-')}.png")
     assert Image.open(out[0]).size == (256, 256)
+
+
+def test_generate_with_subjects_saves_scene_references_and_grid(tmp_path, capsys):
+    args = ["generate", "-p", "a red circle and a blue square", "--subject", "a red circle", "--subject",
+            "a blue square", "--steps", "2", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    out = [p.rsplit("/", 1)[-1] for p in capsys.readouterr().out.split()]
+    assert out == ["shapes-sd-seed0-ir.png", "shapes-sd-seed0-ir-ref1.png", "shapes-sd-seed0-ir-ref2.png",
+                   "shapes-sd-seed0-ir-subjects.png"]  # fmt: skip
+    assert Image.open(tmp_path / out[0]).size == (64, 64)
 
 
 def test_help_everywhere():
@@ -166,6 +187,11 @@ def test_demo_writes_report_with_every_preset(tmp_path, capsys):
             assert cell["binding"] in (0.0, 0.5, 1.0) and cell["seconds"] > 0
             assert all((tmp_path / f).is_file() and f in html for f in cell["files"])
             assert Image.open(tmp_path / cell["files"][0]).size == (64, 64)
+    subjects = report["subjects"]
+    assert [row["seed"] for row in subjects["images"]] == [0, 1, 2, 3]
+    for row in subjects["images"]:
+        assert row["kept_plain"] in (0.0, 0.5, 1.0) and row["kept_ir"] in (0.0, 0.5, 1.0)
+        assert (tmp_path / row["grid"]).is_file() and row["grid"] in html
     for method in ("plain", "a-star"):  # heatmaps before and after editing
         assert all(any(f.endswith("-attention.png") for f in cell["files"]) for cell in editing[method]["images"])
     assert main(["demo", "--out", str(tmp_path), "--steps", "1", "--presets", "tiny-sd"]) == 0

@@ -12,6 +12,7 @@ from diffattn.cli import main
 from diffattn.jobs import JobDefaults, JobFileError, read_job, read_manifests, run_job, shard
 from diffattn.loading import load_pipeline
 from diffattn.methods.agent_attention import AgentAttentionConfig
+from diffattn.methods.ir_diffusion import IRDiffusionConfig
 from diffattn.presets import PRESETS
 
 
@@ -30,12 +31,21 @@ def test_read_job_expands_seeds_and_applies_defaults(tmp_path):
             "",
             {"prompt": "a blue square", "seeds": [4, 7], "steps": 2, "model": "tiny-sd", "tome": {"ratio": 0.3}},
             {"prompt": "a cat", "seed": 9, "agent": True, "maps": True},
+            {
+                "prompt": "a cat and a dog",
+                "subjects": ["a cat", "a dog"],
+                "ir": {"mask_dropout": 0.2},
+                "ir_masks": "attention",
+            },
         ],
     )
     units = read_job(path, JobDefaults(model="shapes-sd", steps=5, seeds=(0, 1)))
-    assert [u.name for u in units] == ["circle-seed0", "circle-seed1", "00004-seed4", "00004-seed7", "00005-seed9"]
-    assert [u.seed for u in units] == [0, 1, 4, 7, 9]
-    assert [u.model for u in units] == ["shapes-sd", "shapes-sd", "tiny-sd", "tiny-sd", "shapes-sd"]
+    assert [u.name for u in units][:5] == ["circle-seed0", "circle-seed1", "00004-seed4", "00004-seed7", "00005-seed9"]
+    assert [u.seed for u in units][:5] == [0, 1, 4, 7, 9]
+    assert [u.model for u in units][:5] == ["shapes-sd", "shapes-sd", "tiny-sd", "tiny-sd", "shapes-sd"]
+    ir = units[-1].options
+    assert ir["subjects"] == ["a cat", "a dog"] and ir["masks"] == "attention"
+    assert ir["ir"] == IRDiffusionConfig(mask_dropout=0.2)
     assert units[0].options == {"steps": 5, "attention_maps": False}
     assert units[2].options["steps"] == 2
     assert units[2].options["agent"] == AgentAttentionConfig(agent_ratio=None, stride=2, ratio=0.3)
@@ -70,6 +80,9 @@ def test_plain_text_job_is_one_prompt_per_line(tmp_path):
         ({"prompt": "x", "agent": True, "tome": True}, "agent and tome are alternatives"),
         ({"prompt": "x", "astar": "iou"}, "astar='iou' is not allowed"),
         ({"prompt": "x", "guidance_interval": [0.5]}, "guidance_interval=[0.5] is not allowed"),
+        ({"prompt": "x", "ir": True}, "ir and ir_masks need subjects"),
+        ({"prompt": "x", "subjects": "a cat"}, "subjects='a cat' is not allowed"),
+        ({"prompt": "x", "subjects": ["x"], "ir": {"seed": "1"}}, "ir: seed='1' is not allowed"),
         ("{not json", "job.jsonl line 1: not valid JSON"),
         ("[1, 2]", "expected a JSON object, got list"),
     ],
