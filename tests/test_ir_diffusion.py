@@ -396,3 +396,12 @@ def test_xl_pipeline_runs_with_masks_from_attention():
     assert out.reference_masks.ndim == 3 and out.reference_masks.shape[0] == 2 and out.target_masks.shape[0] == 2
     assert np.isfinite(out.images).all()
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_pipeline_loads_with_from_pretrained():
+    from diffattn.presets import preset_path
+
+    pipe = IRDiffusionPipeline.from_pretrained(str(preset_path("tiny-sd")))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a cat and a dog", ["a cat", "a dog"], num_inference_steps=1, output_type="np")
+    assert isinstance(pipe, StableDiffusionPipeline) and out.images.shape == (1, 128, 128, 3)
