@@ -405,3 +405,20 @@ def test_pipeline_loads_with_from_pretrained():
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a cat and a dog", ["a cat", "a dog"], num_inference_steps=1, output_type="np")
     assert isinstance(pipe, StableDiffusionPipeline) and out.images.shape == (1, 128, 128, 3)
+
+
+@pytest.mark.gpu
+def test_gpu_processors_match_the_formula_in_fp16():
+    """On CUDA in fp16 (SDPA's fused kernels with a boolean mask, the dropout generator on the device): the target
+    rows against the written-out formula in fp32 on the CPU."""
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8).eval()
+    ref, tgt = _masks()
+    hidden = torch.randn(6, N, 16)
+    with torch.no_grad():
+        expected = _reference_self_attention(attn, hidden, ref, tgt, 2)
+        processor = IRSelfAttnProcessor(_method(IRDiffusionConfig(mask_dropout=0.0), ref, tgt), reposition=True)
+        got = processor(attn.to("cuda", torch.float16), hidden.to("cuda", torch.float16)).float().cpu()
+    torch.testing.assert_close(got.view(2, 3, N, 16)[:, 2], expected, atol=2e-2, rtol=2e-2)
+    keep = _method(IRDiffusionConfig(mask_dropout=0.5), ref, tgt).keep_queries((2, 4096), torch.device("cuda"))
+    assert keep.is_cuda and abs(float(keep.float().mean()) - 0.5) < 0.03
