@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--steps", type=_positive_int, default=None, help="steps of lines that name none")
     batch.add_argument("--seeds", type=_seed, nargs="+", default=[0], help="seeds of lines that name none (0)")
     batch.add_argument("--maps", action="store_true", help="also save attention-map heatmaps (SD-family models)")
+    batch.add_argument("--batch-size", type=_positive_int, default=1,
+                       help="prompts per pipeline call, for lines with the same settings (default: 1)")  # fmt: skip
     batch.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype")
     batch.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
 
@@ -284,7 +286,7 @@ def _batch(args: argparse.Namespace) -> int:
 
     defaults = JobDefaults(model=args.model, steps=args.steps, seeds=tuple(args.seeds), maps=args.maps)
     units = read_job(args.job, defaults)
-    report = run_job(units, args.out, device=args.device, torch_dtype=args.dtype)
+    report = run_job(units, args.out, device=args.device, torch_dtype=args.dtype, batch_size=args.batch_size)
     if report.process_index != 0:
         return 1 if report.failed else 0
     missing = missing_units(units, args.out)

@@ -88,13 +88,28 @@ def generation_defaults(model: str) -> dict[str, Any]:
     return dict(PRESETS[model].call_defaults) if model in PRESETS else {}
 
 
-def generate(
+def generate(model: str, prompt: str, *, seed: int = 0, **options: Any) -> GenerationResult:
+    """Generate one image or video; for SD-family models also the cross-attention heatmap grid.
+
+    With `radial`, radial attention is applied for this call (video models) and the result carries the mask
+    picture and its density. With `agent`, AgentSD / token merging is applied (Stable Diffusion UNets). With
+    `astar` ("astar", "attend_and_excite" or "both"), the call runs `AStarPipeline` on the same components.
+    `guidance_interval` (start, stop): guide only those fractions of the steps (`GuidanceInterval`); None guides
+    every step. With `subjects` (one prompt per subject, each naming a subject of `prompt`), the call runs
+    `IRDiffusionPipeline` (config `ir`, default upstream's): the result holds the scene, each subject's reference and
+    a picture of them with their masks; `masks` says where the masks come from ("auto": the model's segmenter in
+    SUBJECT_SEGMENTERS if it has one, else attention). Other options: see `generate_batch`.
+    """
+    return generate_batch(model, [prompt], [seed], **options)[0]
+
+
+def generate_batch(
     model: str,
-    prompt: str,
+    prompts: list[str],
+    seeds: list[int],
     *,
     negative_prompt: str | None = None,
     steps: int | None = None,
-    seed: int = 0,
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -111,20 +126,21 @@ def generate(
     ir: IRDiffusionConfig | None = None,
     masks: str = "auto",
     pipe: Any | None = None,
-) -> GenerationResult:
-    """Generate one image or video; for SD-family models also the cross-attention heatmap grid.
-
-    With `radial`, radial attention is applied for this call (video models) and the result carries the mask
-    picture and its density. With `agent`, AgentSD / token merging is applied (Stable Diffusion UNets). With
-    `astar` ("astar", "attend_and_excite" or "both"), the call runs `AStarPipeline` on the same components.
-    `guidance_interval` (start, stop): guide only those fractions of the steps (`GuidanceInterval`); None guides
-    every step. With `subjects` (one prompt per subject, each naming a subject of `prompt`), the call runs
-    `IRDiffusionPipeline` (config `ir`, default upstream's): the result holds the scene, each subject's reference and
-    a picture of them with their masks; `masks` says where the masks come from ("auto": the model's segmenter in
-    SUBJECT_SEGMENTERS if it has one, else attention).
-    """
-    if not prompt or not prompt.strip():
-        raise ValueError("prompt='' is not allowed: give a non-empty prompt")
+) -> list[GenerationResult]:
+    """`generate` for several prompts in one pipeline call (one seed each: prompt i's noise comes from its own
+    generator, as alone); a result per prompt, each with the call's time divided evenly. A-STAR and IR-Diffusion
+    (their own pipelines), and structured guidance, take one prompt per call."""
+    if not prompts or len(prompts) != len(seeds):
+        raise ValueError(
+            f"generate_batch needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds"
+        )
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt='' is not allowed: give a non-empty prompt")
+    single = len(prompts) == 1
+    if not single and (astar is not None or subjects or structured is not None):
+        raise ValueError("A-STAR, IR-Diffusion (subjects) and structured guidance take one prompt per call")
+    prompt, seed = prompts[0], seeds[0]
     steps = default_steps(model) if steps is None else steps
     if steps < 1:
         raise ValueError(f"steps={steps} is not allowed: expected an int >= 1")
@@ -140,9 +156,10 @@ def generate(
     video = is_video_pipeline(pipe)
     if not video:
         kwargs.pop("num_frames", None)
-    if negative_prompt:
-        kwargs["negative_prompt"] = negative_prompt
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if negative_prompt:  # diffusers wants a list beside a list of prompts
+        kwargs["negative_prompt"] = negative_prompt if single else [negative_prompt] * len(prompts)
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    generator = generators[0]
     if ir is not None and not subjects:
         raise ValueError("ir (IR-Diffusion) needs subjects: one prompt per subject of the scene")
     if subjects:
@@ -152,9 +169,9 @@ def generate(
             raise ValueError(
                 f"subjects (IR-Diffusion) runs its own pipeline; it does not combine with {clash or ['guidance_interval']}"
             )
-        return _generate_ir(model, pipe, prompt, list(subjects), ir, masks, steps, seed, generator, kwargs)
+        return [_generate_ir(model, pipe, prompt, list(subjects), ir, masks, steps, seed, generator, kwargs)]
     if astar is not None:
-        return _generate_astar(model, pipe, prompt, astar, steps, seed, generator, kwargs, interval)
+        return [_generate_astar(model, pipe, prompt, astar, steps, seed, generator, kwargs, interval)]
     configs = []
     # Structured guidance owns the cross-attention layers the map recorder would need; maps are skipped with it.
     if attention_maps and has_sd_unet(pipe) and structured is None:
@@ -172,31 +189,39 @@ def generate(
             raise ValueError(f"structured guidance is for Stable Diffusion UNets; {model!r} is not one")
         configs.append(structured)
     handle = apply(pipe, *configs) if configs else None
-    grid = mask_image = density = None
+    mask_image = density = None
     try:
         start = time.perf_counter()
         call = kwargs if interval is None else {**kwargs, **interval.pipeline_kwargs(kwargs["guidance_scale"], steps)}
-        output = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pil", **call)
-        seconds = time.perf_counter() - start
-        if handle is not None and isinstance(configs[0], AttentionMapConfig):
-            grid = _attention_grid(pipe, handle.maps(conditional_only=True), prompt, output.images[0])
+        output = pipe(
+            prompt if single else list(prompts), num_inference_steps=steps, generator=generator if single else generators,
+            output_type="pil", **call,
+        )  # fmt: skip
+        seconds = (time.perf_counter() - start) / len(prompts)
+        grids = [None] * len(prompts)
+        if handle is not None and isinstance(configs[0], AttentionMapConfig) and not video:
+            maps = handle.maps(conditional_only=True)  # [steps, batch, tokens, h, w]
+            grids = [_attention_grid(pipe, maps[:, i : i + 1], p, output.images[i]) for i, p in enumerate(prompts)]
         if radial is not None:
             mask_image, density = _radial_mask_picture(handle)
     finally:
         if handle is not None:
             handle.remove()
-    result = GenerationResult(
-        model, prompt, seed, "video" if video else "image", seconds=seconds, call_kwargs=_recorded(kwargs, interval)
-    )
-    result.radial_mask = mask_image
-    result.radial_density = density
-    if video:
-        result.frames = [_to_pil(f) for f in output.frames[0]]
-    else:
-        result.images = list(output.images)
-    result.attention_grid = grid
-    logger.info("generated %s with %s in %.2fs", result.kind, model, seconds)
-    return result
+    results = []
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        result = GenerationResult(
+            model, p, s, "video" if video else "image", seconds=seconds, call_kwargs=_recorded(kwargs, interval)
+        )
+        result.radial_mask = mask_image
+        result.radial_density = density
+        if video:
+            result.frames = [_to_pil(f) for f in output.frames[i]]
+        else:
+            result.images = [output.images[i]]
+        result.attention_grid = grids[i]
+        results.append(result)
+    logger.info("generated %d %s(s) with %s in %.2fs each", len(results), results[0].kind, model, seconds)
+    return results
 
 
 def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs, interval) -> GenerationResult:

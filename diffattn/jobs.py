@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .generation import cached_pipeline, generate, save_result
+from .generation import cached_pipeline, generate_batch, save_result
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.ir_diffusion import IRDiffusionConfig
 from .methods.radial_attention import RadialAttentionConfig
@@ -275,6 +275,28 @@ class JobReport:
     failed: list[str] = field(default_factory=list)
 
 
+def _batch_key(unit: JobUnit) -> str | None:
+    """Units with equal keys may share a pipeline call; None: this unit runs alone (its own pipeline or one prompt
+    per call: A-STAR, IR-Diffusion, structured guidance)."""
+    options = unit.options
+    if options.get("astar") or options.get("subjects") or options.get("structured") is not None:
+        return None
+    return json.dumps([unit.model, sorted((k, repr(v)) for k, v in options.items())])
+
+
+def batches(units: list[JobUnit], batch_size: int) -> list[list[JobUnit]]:
+    """Consecutive units with the same settings (all but prompt and seed) in groups of at most `batch_size`."""
+    groups: list[list[JobUnit]] = []
+    for unit in units:
+        key = _batch_key(unit)
+        last = groups[-1] if groups else None
+        if last and key is not None and _batch_key(last[0]) == key and len(last) < batch_size:
+            last.append(unit)
+        else:
+            groups.append([unit])
+    return groups
+
+
 def run_job(
     units: list[JobUnit],
     out: str | Path,
@@ -283,12 +305,16 @@ def run_job(
     num_processes: int | None = None,
     device: str | None = None,
     torch_dtype: str | None = None,
+    batch_size: int = 1,
 ) -> JobReport:
     """Run this process's share of `units` into `out`, skipping the ones its manifests record as done.
 
     Without `process_index`/`num_processes` they come from accelerate's `PartialState` (one process when not
-    launched), and the device defaults to that process's device. Returns this process's `JobReport`.
+    launched), and the device defaults to that process's device. `batch_size`: prompts per pipeline call, for
+    consecutive units with the same settings (each keeps its own seed's noise). Returns this process's `JobReport`.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not allowed: expected an int >= 1")
     out = Path(out)
     state = None
     if process_index is None or num_processes is None:
@@ -310,32 +336,46 @@ def run_job(
     manifest = out / f"manifest-rank{process_index}.jsonl"
     failures = out / f"failures-rank{process_index}.jsonl"
     report = JobReport(process_index, num_processes)
-    bar = tqdm(mine, desc=f"batch {process_index + 1}/{num_processes}", position=process_index, unit="image")
-    for unit in bar:
+    pending = []
+    for unit in mine:
         if unit.name in done:
             report.skipped.append(unit.name)
-            continue
+        else:
+            pending.append(unit)
+    bar = tqdm(total=len(mine), initial=len(report.skipped), desc=f"batch {process_index + 1}/{num_processes}",
+               position=process_index, unit="image")  # fmt: skip
+    for group in batches(pending, batch_size):
+        first = group[0]
         try:
-            pipe = cached_pipeline(unit.model, torch_dtype, device)
-            pipe.set_progress_bar_config(disable=True)  # the job's bar is the progress; one per unit would flood
-            result = generate(unit.model, unit.prompt, seed=unit.seed, pipe=pipe, **unit.options)
-            files = save_result(result, out, unit.name)
-        except Exception as exc:  # one bad unit (out of memory, a model that does not load) must not stop the job
-            logger.exception("unit %s failed", unit.name)
-            _append_record(failures, {"name": unit.name, "error": f"{type(exc).__name__}: {exc}", "time": time.time()})
-            report.failed.append(unit.name)
+            pipe = cached_pipeline(first.model, torch_dtype, device)
+            pipe.set_progress_bar_config(disable=True)  # the job's bar is the progress; one per call would flood
+            results = generate_batch(
+                first.model, [u.prompt for u in group], [u.seed for u in group], pipe=pipe, **first.options
+            )
+            saved = [save_result(result, out, unit.name) for result, unit in zip(results, group)]
+        except Exception as exc:  # one bad call (out of memory, a model that does not load) must not stop the job
+            logger.exception("units %s failed", [u.name for u in group])
+            for unit in group:
+                error = {"name": unit.name, "error": f"{type(exc).__name__}: {exc}", "time": time.time()}
+                _append_record(failures, error)
+                report.failed.append(unit.name)
+            bar.update(len(group))
             continue
-        record = {
-            "name": unit.name,
-            "prompt": unit.prompt,
-            "seed": unit.seed,
-            "files": [p.name for p in files],
-            "seconds": round(result.seconds, 4),
-            "process": process_index,
-            "spec": unit.spec,
-        }
-        _append_record(manifest, record)
-        report.generated.append(unit.name)
+        for unit, result, files in zip(group, results, saved):
+            record = {
+                "name": unit.name,
+                "prompt": unit.prompt,
+                "seed": unit.seed,
+                "files": [p.name for p in files],
+                "seconds": round(result.seconds, 4),
+                "batch": len(group),
+                "process": process_index,
+                "spec": unit.spec,
+            }
+            _append_record(manifest, record)
+            report.generated.append(unit.name)
+        bar.update(len(group))
+    bar.close()
     logger.info(
         "process %d/%d: %d generated, %d already done, %d failed",
         process_index, num_processes, len(report.generated), len(report.skipped), len(report.failed),

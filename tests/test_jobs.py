@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from diffattn.cli import main
-from diffattn.jobs import JobDefaults, JobFileError, read_job, read_manifests, run_job, shard
+from diffattn.jobs import JobDefaults, JobFileError, batches, read_job, read_manifests, run_job, shard
 from diffattn.loading import load_pipeline
 from diffattn.methods.agent_attention import AgentAttentionConfig
 from diffattn.methods.ir_diffusion import IRDiffusionConfig
@@ -198,3 +198,50 @@ def test_batch_command_reports_missing_outputs_and_exits_1(tmp_path, capsys):
     assert "1 not done" in capsys.readouterr().err
     assert main(["batch", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_batches_group_consecutive_units_with_the_same_settings(tmp_path):
+    lines = [
+        {"prompt": "a", "seeds": [0, 1, 2]},
+        {"prompt": "b"},
+        {"prompt": "c", "steps": 3},
+        {"prompt": "d", "astar": True},
+        {"prompt": "e"},
+    ]
+    units = read_job(write_job(tmp_path, lines), JobDefaults("tiny-sd", 2))
+    groups = [[u.name for u in g] for g in batches(units, 2)]
+    assert groups == [
+        ["00001-seed0", "00001-seed1"],
+        ["00001-seed2", "00002-seed0"],
+        ["00003-seed0"],  # other steps
+        ["00004-seed0"],  # A-STAR runs one prompt per call
+        ["00005-seed0"],
+    ]
+    assert [len(g) for g in batches(units, 1)] == [1] * 7
+
+
+def test_batched_calls_keep_each_seeds_image(tmp_path):
+    job = write_job(tmp_path, [{"prompt": "a red cat", "seeds": [3, 5]}, {"prompt": "a green dog", "name": "dog"}])
+    units = read_job(job, JobDefaults(model="tiny-sd", steps=2))
+    out = tmp_path / "out"
+    report = run_job(units, out, process_index=0, num_processes=1, batch_size=3)
+    assert report.generated == ["00001-seed3", "00001-seed5", "dog-seed0"]
+    assert {r["batch"] for r in read_manifests(out).values()} == {3}
+    pipe = load_pipeline("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    for name, prompt, seed in [("00001-seed5", "a red cat", 5), ("dog-seed0", "a green dog", 0)]:
+        alone = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed),
+                     **PRESETS["tiny-sd"].call_defaults).images[0]  # fmt: skip
+        diff = np.abs(_png(out / f"{name}.png").astype(int) - np.asarray(alone).astype(int))
+        assert diff.max() <= 2  # the same noise; batched matmuls round differently
+
+
+def test_generate_batch_refuses_what_takes_one_prompt():
+    from diffattn.generation import generate_batch
+
+    with pytest.raises(ValueError, match="one seed per prompt, got 2 prompts and 1 seeds"):
+        generate_batch("tiny-sd", ["a", "b"], [0])
+    with pytest.raises(
+        ValueError, match="A-STAR, IR-Diffusion \\(subjects\\) and structured guidance take one prompt"
+    ):
+        generate_batch("tiny-sd", ["a cat", "a dog"], [0, 1], astar="astar")
