@@ -14,8 +14,8 @@ Subject masks (each subject in its reference and in the scene) are the user's (`
 with plain attention, then either `segmenter(image, subject_prompt) -> [H, W]` run on its images (upstream runs
 GroundingDINO + SAM there; `diffattn.judge.subject_mask` does it for the shapes model) or, without a segmenter,
 where each subject word attends ((SA + ... + SA^4) CA / 4 recorded by `SubjectMaskConfig`, Otsu threshold).
-Upstream retries seeds whose scene misses a subject; here such a subject gets an empty scene mask (a warning) and
-is left alone. The references of the final pass are the rehearsal's (plain attention on their rows, same noise),
+Like upstream, a scene whose found masks miss a subject can be redrawn with new scene noise (`scene_retries`); a
+subject still missing gets an empty scene mask (a warning) and is left alone. The references of the final pass are the rehearsal's (plain attention on their rows, same noise),
 so their masks stay valid.
 """
 
@@ -92,6 +92,22 @@ def default_subject_words(prompt: str, subject_prompts: list[str]) -> list[str]:
 class _IRDiffusionCalls:
     """The IR-Diffusion procedure on top of the parent pipeline's own `__call__` (SD or SDXL)."""
 
+    def _rehearse(self, latents, call, subject_prompts, segmenter, reference_tokens, scene_tokens, mask_resolution):
+        """The batch with plain attention: (output, soft masks [2n, h, w]: references', then the scene's)."""
+        n = len(subject_prompts)
+        if segmenter is not None:
+            rehearsal = super().__call__(latents=latents.clone(), **{**call, "output_type": "pil"})
+            found = [segmenter(image, p) for image, p in zip(rehearsal.images, subject_prompts)]
+            found += [segmenter(rehearsal.images[n], p) for p in subject_prompts]
+            return rehearsal, torch.stack([torch.as_tensor(np.asarray(m, dtype=np.float32)) for m in found])
+        maps = [(i, t) for i, t in enumerate(reference_tokens)] + [(n, t) for t in scene_tokens]
+        handle = apply(self, SubjectMaskConfig(maps=tuple(maps), resolution=mask_resolution))
+        try:
+            rehearsal = super().__call__(latents=latents.clone(), **call)
+            return rehearsal, handle.method(SubjectMaskRecorder).soft_masks()
+        finally:
+            handle.remove()
+
     def __call__(
         self,
         prompt: str,
@@ -103,6 +119,7 @@ class _IRDiffusionCalls:
         config: IRDiffusionConfig | None = None,
         segmenter: Callable[[Any, str], Any] | None = None,
         mask_resolution: int | None = None,
+        scene_retries: int = 0,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -117,7 +134,9 @@ class _IRDiffusionCalls:
         prompt (default: the subject prompt's first noun that the scene contains). `config`: IRDiffusionConfig
         (default: upstream's settings). `segmenter(pil_image, subject_prompt) -> [H, W]` finds the masks the user
         did not give on the rehearsal's images; without it, attention does (`mask_resolution`: its level, default
-        the one nearest 32x32). Other keyword arguments go to the parent pipeline's call."""
+        the one nearest 32x32). `scene_retries`: when the found scene masks miss a subject, draw new scene noise and
+        rehearse again, up to this many times (upstream retries up to 20 seeds). Other keyword arguments go to the
+        parent pipeline's call."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be one non-empty string: the scene")
         if isinstance(subject_prompts, str) or not subject_prompts:
@@ -136,6 +155,8 @@ class _IRDiffusionCalls:
                 "generator must be one torch.Generator: the references share one noise, the scene another"
             )
         config = config or IRDiffusionConfig()
+        if not isinstance(scene_retries, int) or isinstance(scene_retries, bool) or scene_retries < 0:
+            raise ValueError(f"scene_retries={scene_retries!r} is not allowed: expected an int >= 0")
         reference_tokens = [
             subject_token_positions(self.tokenizer, p, [w])[0] for p, w in zip(subject_prompts, subject_words)
         ]
@@ -156,24 +177,21 @@ class _IRDiffusionCalls:
 
         rehearsal_images = None
         if reference_masks is None or target_masks is None:
-            if segmenter is not None:
-                rehearsal = super().__call__(latents=latents.clone(), **{**call, "output_type": "pil"})
-                found = [segmenter(image, p) for image, p in zip(rehearsal.images, subject_prompts)]
-                found += [segmenter(rehearsal.images[n], p) for p in subject_prompts]
-                soft = torch.stack([torch.as_tensor(np.asarray(m, dtype=np.float32)) for m in found])
-            else:
-                maps = [(i, t) for i, t in enumerate(reference_tokens)] + [(n, t) for t in scene_tokens]
-                handle = apply(self, SubjectMaskConfig(maps=tuple(maps), resolution=mask_resolution))
-                try:
-                    rehearsal = super().__call__(latents=latents.clone(), **call)
-                    soft = handle.method(SubjectMaskRecorder).soft_masks()
-                finally:
-                    handle.remove()
+            for attempt in range(scene_retries + 1):
+                rehearsal, soft = self._rehearse(latents, call, subject_prompts, segmenter, reference_tokens,
+                                                 scene_tokens, mask_resolution)  # fmt: skip
+                found = binary_subject_masks(soft[n:], exclusive=True)
+                missing = [i for i in range(n) if not bool(found[i].any())]
+                if not missing or target_masks is not None or attempt == scene_retries:
+                    break
+                logger.info("scene misses subjects %s: new scene noise (retry %d of %d)", missing, attempt + 1,
+                            scene_retries)  # fmt: skip
+                latents[n:] = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             rehearsal_images = rehearsal.images[n:]
             if reference_masks is None:
                 reference_masks = binary_subject_masks(soft[:n], exclusive=False).float()
             if target_masks is None:
-                target_masks = binary_subject_masks(soft[n:], exclusive=True).float()
+                target_masks = found.float()
         handle = apply(self, config)
         try:
             method = handle.method(IRDiffusionMethod)

@@ -422,3 +422,43 @@ def test_gpu_processors_match_the_formula_in_fp16():
     torch.testing.assert_close(got.view(2, 3, N, 16)[:, 2], expected, atol=2e-2, rtol=2e-2)
     keep = _method(IRDiffusionConfig(mask_dropout=0.5), ref, tgt).keep_queries((2, 4096), torch.device("cuda"))
     assert keep.is_cuda and abs(float(keep.float().mean()) - 0.5) < 0.03
+
+
+def test_pipeline_redraws_a_scene_that_misses_a_subject(ir_pipe):
+    scenes = []
+
+    def segmenter(image, subject):  # finds the dog in the scene only from the second rehearsal on
+        mask = np.zeros((image.height, image.width), dtype=np.float32)
+        is_scene = len(scenes) % 4 >= 2
+        scenes.append(np.asarray(image).copy())
+        if not (is_scene and subject == "a dog" and len(scenes) <= 4):
+            mask[10:40, 10:40] = 1.0 if subject == "a cat" else 0.0
+            mask[60:90, 60:90] = 1.0 if subject == "a dog" else 0.0
+        return mask
+
+    out = ir_pipe("a cat and a dog", ["a cat", "a dog"], num_inference_steps=1, segmenter=segmenter, scene_retries=3,
+                  generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
+    assert len(scenes) == 8  # two rehearsals: the first scene missed the dog
+    assert not np.array_equal(scenes[2], scenes[6])  # new scene noise
+    np.testing.assert_array_equal(scenes[0], scenes[4])  # the references keep theirs
+    assert bool(out.target_masks[1].any())
+    with pytest.raises(ValueError, match="scene_retries=-1 is not allowed"):
+        ir_pipe("a cat and a dog", ["a cat", "a dog"], num_inference_steps=1, scene_retries=-1)
+
+
+def test_apply_with_set_masks_on_a_plain_pipeline_is_the_pipelines_final_pass(ir_pipe):
+    """Script users: apply the config, set the masks, call any SD pipeline with [references..., scene]."""
+    ref, tgt = _masks()
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn((2, 4, 16, 16), generator=g)
+    latents = torch.cat([z[:1], z[:1], z[1:]])
+    expected = ir_pipe("a cat and a dog", ["a cat", "a dog"], num_inference_steps=2, reference_masks=ref,
+                       target_masks=tgt, generator=torch.Generator().manual_seed(7), output_type="np")  # fmt: skip
+    plain = StableDiffusionPipeline(**ir_pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    with diffattn.apply(plain, IRDiffusionConfig()) as handle:
+        handle.method(IRDiffusionMethod).set_masks(ref, tgt)
+        got = plain(["a cat", "a dog", "a cat and a dog"], num_inference_steps=2, latents=latents, guidance_scale=7.0,
+                    output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(got[2], expected.images[0], atol=1e-5)
+    np.testing.assert_allclose(got[:2], expected.reference_images, atol=1e-5)
