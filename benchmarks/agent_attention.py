@@ -8,7 +8,7 @@ missing, unless --no-install), diffattn's token merging (agent_ratio=None) and d
 first-phase settings: stride 4, agent ratio 0.95). The UNet is the SD 1.5 config with random weights, batch 2;
 fp16 on a GPU, fp32 on the CPU. A stage breakdown of the agent layer (matching on the torch and, on CUDA, the Triton
 backend; merge; agent attention; unmerge) shows where its time goes; on CUDA the layer is also timed captured in a
-CUDA graph (no launch or Python cost). Each UNet row also times the UNet with the agent layers' attention removed
+CUDA graph (no launch or Python cost) and, with --compile, compiled by torch.compile. Each UNet row also times the UNet with the agent layers' attention removed
 (projections kept): 1 - that / SDPA is their attention share f, and SDPA / that the ceiling of any speedup there.
 Results go to benchmarks/results/ with the device.
 """
@@ -126,6 +126,34 @@ def bench_layer_graphed(tokens_list, device, dtype, warmup, repeats) -> list[dic
     return rows
 
 
+def bench_layer_compiled(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
+    """The layer with each variant's call compiled by torch.compile (inductor, no CUDA graphs): what fusing the
+    agent layer's small ops buys beside the CUDA-graph rows (which remove launch cost only). The agent layer
+    compiles as one graph (tests/test_agent_attention.py checks it on the CPU)."""
+    attn = sd15_self_attention(device, dtype)
+    variants = {"sdpa": attn.processor, "agent_no_rand": diffattn.AgentAttentionProcessor(
+                    diffattn.AgentAttentionConfig(ratio=MERGE_RATIO, use_rand=False))}  # fmt: skip
+    rows = []
+    for tokens in tokens_list:
+        x = torch.randn(2, tokens, 320, device=device, dtype=dtype)
+        row = {"bench": "layer_compiled", "tokens": tokens, "mode": "max-autotune-no-cudagraphs"}
+        with torch.no_grad():
+            for name, processor in variants.items():
+                try:
+                    compiled = torch.compile(lambda h, p=processor: p(attn, h), mode="max-autotune-no-cudagraphs")
+                    start = time.perf_counter()
+                    compiled(x)
+                    row[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
+                    row[f"{name}_ms"] = round(measure(lambda c=compiled: c(x), device, warmup, repeats * 5), 3)
+                except Exception as exc:  # a compiler failure is a result too
+                    row[f"{name}_error"] = repr(exc)[:200]
+        if "agent_no_rand_ms" in row and "sdpa_ms" in row:
+            row["agent_no_rand_speedup"] = round(row["sdpa_ms"] / row["agent_no_rand_ms"], 3)
+        rows.append(row)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 class _NoAttentionCore:
     """Stand-in processor with the layer's value and output projections but no attention: the UNet time left when
     those layers' attention costs nothing."""
@@ -231,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-install", action="store_true", help="do not pip-install tomesd when it is missing")
+    parser.add_argument("--compile", action="store_true", help="also time the layer compiled with torch.compile")
+    parser.add_argument("--layer-only", action="store_true", help="the layer rows only (no stages, no UNet)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = args.device
@@ -244,10 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         layer_tokens, unet_sizes, warmup, repeats = [4096, 16384], [(512, 1, 2), (1024, 1, 1)], 1, 3
     rows = bench_layer(layer_tokens, device, dtype, warmup, repeats)
-    rows += bench_stages(layer_tokens, device, dtype, warmup, repeats)
+    if not args.layer_only:
+        rows += bench_stages(layer_tokens, device, dtype, warmup, repeats)
     if device == "cuda":
         rows += bench_layer_graphed(layer_tokens, device, dtype, warmup, repeats)
-    rows += bench_unet(unet_sizes, device, dtype, warmup, repeats, tomesd)
+    if args.compile:
+        rows += bench_layer_compiled(layer_tokens, device, dtype, warmup, repeats)
+    if not args.layer_only:
+        rows += bench_unet(unet_sizes, device, dtype, warmup, repeats, tomesd)
     fields = {
         "dtype": str(dtype).replace("torch.", ""),
         "tomesd": getattr(tomesd, "__version__", "installed") if tomesd is not None else None,
@@ -255,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         "variants": {k: repr(v) for k, v in VARIANTS.items()},
         "results": rows,
     }
-    write_report("agent_attention", device, fields, quick=args.quick, out=args.out)
+    name = "agent_attention_layer" if args.layer_only else "agent_attention"
+    write_report(name, device, fields, quick=args.quick, out=args.out)
     return 0
 
 

@@ -11,7 +11,7 @@
 # (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), sparse (the Triton launch sweep, whose
 # fastest configs go to kernels/launch_configs.json and the installed package, then the block-sparse benchmark:
 # run it before tests so they check the configs it picked), editing (editing.py on the SD 1.5 config),
-# radial (radial_e2e), agent (agent_attention).
+# radial (radial_e2e), agent (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
 set -u
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT" logs runs
@@ -56,6 +56,9 @@ for stage in "$@"; do
             timeout 80 python3 benchmarks/radial_e2e.py 2>&1 | tee logs/bench_radial.log | tail -20 ;;
         agent)
             timeout 90 python3 benchmarks/agent_attention.py --no-install 2>&1 | tee logs/bench_agent.log | tail -20 ;;
+        agentlayer)  # the agent layer eager, in a CUDA graph and compiled (torch.compile), against SDPA the same ways
+            timeout 180 python3 benchmarks/agent_attention.py --no-install --layer-only --compile 2>&1 \
+                | tee logs/bench_agent_layer.log | tail -10 ;;
         *)
             echo "unknown stage $stage"; exit 2 ;;
     esac

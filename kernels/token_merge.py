@@ -44,15 +44,25 @@ class TokenMatch:
 
 
 def destination_grid(
-    h: int, w: int, sx: int, sy: int, *, generator: torch.Generator | None = None, device=None
+    h: int,
+    w: int,
+    sx: int,
+    sy: int,
+    *,
+    generator: torch.Generator | None = None,
+    device=None,
+    global_rng: bool = False,
 ) -> torch.Tensor:
-    """Token positions [Nd] of one destination per sy x sx window (random within the window with a generator,
-    else the top-left). Rows and columns past the last whole window hold only sources."""
+    """Token positions [Nd] of one destination per sy x sx window (random within the window with a generator, or
+    from torch's global RNG with `global_rng`, which torch.compile can trace; else the top-left). Rows and columns
+    past the last whole window hold only sources."""
     wh, ww = h // sy, w // sx
     if wh == 0 or ww == 0:
         raise ValueError(f"a {h}x{w} grid has no whole {sy}x{sx} window")
     if generator is not None:
         pick = torch.randint(sy * sx, (wh, ww), generator=generator, device=generator.device).to(device)
+    elif global_rng:
+        pick = torch.randint(sy * sx, (wh, ww), device=device)
     else:
         pick = torch.zeros(wh, ww, dtype=torch.long, device=device)
     rows = torch.arange(wh, device=device).view(-1, 1) * sy + pick // sx
@@ -71,6 +81,7 @@ def bipartite_matching(
     sy: int = 2,
     *,
     generator: torch.Generator | None = None,
+    global_rng: bool = False,
     chunk: int = 2048,
     backend: str = "auto",
 ) -> TokenMatch:
@@ -93,7 +104,7 @@ def bipartite_matching(
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); got {device}")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
-    dst = destination_grid(h, w, sx, sy, generator=generator, device=device)
+    dst = destination_grid(h, w, sx, sy, generator=generator, device=device, global_rng=global_rng)
     is_dst = torch.zeros(n, dtype=torch.bool, device=device)
     is_dst.index_fill_(0, dst, True)  # a scalar fill: `is_dst[dst] = True` copies a CPU tensor (no CUDA graphs)
     # Static size: N - Nd sources; boolean indexing would read the count back to the host, so compute it instead.

@@ -278,3 +278,32 @@ def test_agent_layer_creates_no_host_tensors():
             out = diffattn.AgentAttentionProcessor(config)(attn, x)
         assert out.shape == x.shape
         assert recorder.bad == []
+
+
+def test_agent_layer_compiles_as_one_graph():
+    """torch.compile(mode="reduce-overhead") and CUDA graphs need the layer in one graph: no graph breaks
+    (fullgraph=True), and the compiled layer gives the eager layer's output, in agent and in ToMe mode."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, heads=4, dim_head=16).eval()
+    x = torch.randn(2, 256, 64)
+    for agent_ratio in (0.95, None):
+        processor = diffattn.AgentAttentionProcessor(
+            diffattn.AgentAttentionConfig(agent_ratio=agent_ratio, use_rand=False)
+        )
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda h, p=processor: p(attn, h), fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), processor(attn, x))
+        # random destinations: drawn from torch's global RNG under compile, so torch.manual_seed reproduces them
+        processor = diffattn.AgentAttentionProcessor(diffattn.AgentAttentionConfig(agent_ratio=agent_ratio))
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda h, p=processor: p(attn, h), fullgraph=True, backend="aot_eager")
+        outs = []
+        for _ in range(2):
+            torch.manual_seed(5)
+            with torch.no_grad():
+                outs.append(compiled(x))
+        assert outs[0].shape == x.shape and torch.isfinite(outs[0]).all()
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

@@ -54,7 +54,9 @@ class AgentAttentionConfig(MethodConfig):
         levels: UNet downsample factors to apply at (1 = the full-resolution level); None: the highest-resolution
             level that has self-attention (SD 1.x: 64x64 at 512 px; SDXL: 64x64 at 1024 px).
         use_rand: random destination in each window (the window's top-left otherwise, and always for odd batches).
-        seed: seeds the destination draws, once per pipeline run, so runs are reproducible.
+        seed: seeds the destination draws, once per pipeline run, so runs are reproducible. Under torch.compile the
+            draws come from torch's global RNG instead (dynamo cannot trace a Generator): seed it with
+            torch.manual_seed.
         attn_precision: "fp32" runs the agent softmaxes in float32 (AgentSD's setting for SD 2.1), or None.
     """
 
@@ -113,14 +115,17 @@ class AgentAttentionProcessor:
         self._generator: torch.Generator | None = None
         self._run = -1
 
-    def _destination_generator(self, device: torch.device, batch: int) -> torch.Generator | None:
+    def _destinations_rng(self, device: torch.device, batch: int) -> tuple[torch.Generator | None, bool]:
+        """(generator, use torch's global RNG) for the random destinations."""
         if not self.config.use_rand or batch % 2 == 1:  # odd batches: top-left, as tomesd does
-            return None
+            return None, False
+        if torch.compiler.is_compiling():  # dynamo cannot hold a Generator object: draw from the global RNG
+            return None, True
         run = self.state.run_index if self.state is not None else 0
         if self._generator is None or self._generator.device != device or run != self._run:
             self._generator = torch.Generator(device=device).manual_seed(self.config.seed)
             self._run = run
-        return self._generator
+        return self._generator, False
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         mergeable = (
@@ -142,9 +147,8 @@ class AgentAttentionProcessor:
             h = w = math.isqrt(n)
             stride, agent_ratio = self.config.phase(0, None)
         residual = hidden_states
-        match = bipartite_matching(
-            hidden_states, h, w, stride, stride, generator=self._destination_generator(hidden_states.device, batch)
-        )
+        generator, global_rng = self._destinations_rng(hidden_states.device, batch)
+        match = bipartite_matching(hidden_states, h, w, stride, stride, generator=generator, global_rng=global_rng)
         r = min(int(n * self.config.ratio), match.num_src)
         merged = merge_tokens(hidden_states, match, r)
         heads = attn.heads
