@@ -100,9 +100,9 @@ def cuda_graph_replay(fn):
     return graph.replay
 
 
-def bench_layer_graphed(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
-    """The layer benchmark with every variant captured in a CUDA graph: how much of agent mode's time is launch and
-    Python overhead (its stages are many small kernels) rather than GPU work."""
+def _bench_layer_prepared(tokens_list, device, dtype, warmup, repeats, bench: str, prepare) -> list[dict]:
+    """The layer's SDPA and agent calls, each turned by `prepare(call, x) -> (timed fn, extra fields)` (a CUDA graph
+    replay, a compiled function) before timing; a variant that cannot be prepared reports its error."""
     attn = sd15_self_attention(device, dtype)
     # use_rand=False: the random destinations draw from the processor's own CUDA generator, which a graph can only
     # capture once registered with it (torch.cuda.CUDAGraph.register_generator_state); the kernels are the same
@@ -111,47 +111,43 @@ def bench_layer_graphed(tokens_list, device, dtype, warmup, repeats) -> list[dic
     rows = []
     for tokens in tokens_list:
         x = torch.randn(2, tokens, 320, device=device, dtype=dtype)
-        row = {"bench": "layer_cuda_graph", "tokens": tokens}
+        row = {"bench": bench, "tokens": tokens}
         with torch.no_grad():
             for name, processor in variants.items():
                 try:
-                    replay = cuda_graph_replay(lambda p=processor: p(attn, x))
-                    row[f"{name}_ms"] = round(measure(replay, device, warmup, repeats * 5), 3)
-                except Exception as exc:  # e.g. a generator that cannot be captured: report it
+                    fn, fields = prepare(lambda h, p=processor: p(attn, h), x)
+                    row.update({f"{name}_{key}": value for key, value in fields.items()})
+                    row[f"{name}_ms"] = round(measure(fn, device, warmup, repeats * 5), 3)
+                except Exception as exc:  # e.g. a generator that cannot be captured, a compiler failure: report it
                     row[f"{name}_error"] = repr(exc)[:200]
         if "agent_no_rand_ms" in row and "sdpa_ms" in row:
             row["agent_no_rand_speedup"] = round(row["sdpa_ms"] / row["agent_no_rand_ms"], 3)
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def bench_layer_graphed(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
+    """The layer benchmark with every variant captured in a CUDA graph: how much of agent mode's time is launch and
+    Python overhead (its stages are many small kernels) rather than GPU work."""
+    return _bench_layer_prepared(
+        tokens_list, device, dtype, warmup, repeats, "layer_cuda_graph",
+        lambda call, x: (cuda_graph_replay(lambda: call(x)), {}),
+    )  # fmt: skip
 
 
 def bench_layer_compiled(tokens_list, device, dtype, warmup, repeats) -> list[dict]:
-    """The layer with each variant's call compiled by torch.compile (inductor, no CUDA graphs): what fusing the
-    agent layer's small ops buys beside the CUDA-graph rows (which remove launch cost only). The agent layer
-    compiles as one graph (tests/test_agent_attention.py checks it on the CPU)."""
-    attn = sd15_self_attention(device, dtype)
-    variants = {"sdpa": attn.processor, "agent_no_rand": diffattn.AgentAttentionProcessor(
-                    diffattn.AgentAttentionConfig(ratio=MERGE_RATIO, use_rand=False))}  # fmt: skip
-    rows = []
-    for tokens in tokens_list:
-        x = torch.randn(2, tokens, 320, device=device, dtype=dtype)
-        row = {"bench": "layer_compiled", "tokens": tokens, "mode": "max-autotune-no-cudagraphs"}
-        with torch.no_grad():
-            for name, processor in variants.items():
-                try:
-                    compiled = torch.compile(lambda h, p=processor: p(attn, h), mode="max-autotune-no-cudagraphs")
-                    start = time.perf_counter()
-                    compiled(x)
-                    row[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
-                    row[f"{name}_ms"] = round(measure(lambda c=compiled: c(x), device, warmup, repeats * 5), 3)
-                except Exception as exc:  # a compiler failure is a result too
-                    row[f"{name}_error"] = repr(exc)[:200]
-        if "agent_no_rand_ms" in row and "sdpa_ms" in row:
-            row["agent_no_rand_speedup"] = round(row["sdpa_ms"] / row["agent_no_rand_ms"], 3)
-        rows.append(row)
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+    """The layer with each variant's call compiled by torch.compile (inductor, max-autotune without CUDA graphs):
+    what fusing the agent layer's small ops buys beside the CUDA-graph rows (which remove launch cost only). The
+    agent layer compiles as one graph (tests/test_agent_attention.py checks it on the CPU)."""
+
+    def prepare(call, x):
+        compiled = torch.compile(call, mode="max-autotune-no-cudagraphs")
+        start = time.perf_counter()
+        compiled(x)
+        return (lambda: compiled(x)), {"compile_s": round(time.perf_counter() - start, 1)}
+
+    return _bench_layer_prepared(tokens_list, device, dtype, warmup, repeats, "layer_compiled", prepare)
 
 
 class _NoAttentionCore:
