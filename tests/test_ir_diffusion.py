@@ -462,3 +462,40 @@ def test_apply_with_set_masks_on_a_plain_pipeline_is_the_pipelines_final_pass(ir
                     output_type="np").images  # fmt: skip
     np.testing.assert_allclose(got[2], expected.images[0], atol=1e-5)
     np.testing.assert_allclose(got[:2], expected.reference_images, atol=1e-5)
+
+
+def test_attention_masks_follow_the_upstream_formula():
+    """SubjectMaskRecorder against (SA + SA^2 + SA^3 + SA^4) CA / 4 with numpy matrix powers: per step, SA and CA
+    averaged over heads and layers, the conditional rows of a batched-CFG batch, then averaged over steps and
+    min-max normalised."""
+    from diffattn.methods.ir_diffusion import SubjectMaskConfig, SubjectMaskRecorder
+    from diffattn.state import DenoiserState
+
+    rng = np.random.default_rng(0)
+    state = DenoiserState(cfg_batched=True)
+    recorder = SubjectMaskRecorder(SubjectMaskConfig(maps=((0, 2), (1, 4))))
+    recorder.state, recorder.grid = state, (4, 4)
+    recorder.begin_run()
+
+    def probs(rows, keys):
+        p = rng.random((rows, 2, 16, keys)) ** 3
+        return torch.from_numpy(p / p.sum(-1, keepdims=True)).float()
+
+    expected = np.zeros((2, 16))
+    for step in range(3):
+        state.step_index = step
+        sa = [probs(4, 16) for _ in range(2)]  # 2 layers; batch [uncond x2, cond x2]
+        ca = [probs(4, 6) for _ in range(2)]
+        for s, c in zip(sa, ca):
+            recorder.record(s, is_cross=False)
+            recorder.record(c, is_cross=True)
+        sa_mean = np.mean([s.numpy()[2:].mean(1) for s in sa], axis=0)  # [2 cond rows, 16, 16]
+        ca_mean = np.mean([c.numpy()[2:].mean(1) for c in ca], axis=0)
+        for m, (row, token) in enumerate([(0, 2), (1, 4)]):
+            powers = sum(np.linalg.matrix_power(sa_mean[row], k) for k in range(1, 5))
+            expected[m] += powers @ ca_mean[row][:, token] / 4
+    expected /= 3
+    expected = (expected - expected.min(1, keepdims=True)) / (
+        expected.max(1, keepdims=True) - expected.min(1, keepdims=True)
+    )
+    np.testing.assert_allclose(recorder.soft_masks().numpy().reshape(2, 16), expected, atol=1e-5)
