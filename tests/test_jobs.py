@@ -245,3 +245,16 @@ def test_generate_batch_refuses_what_takes_one_prompt():
         ValueError, match="A-STAR, IR-Diffusion \\(subjects\\) and structured guidance take one prompt"
     ):
         generate_batch("tiny-sd", ["a cat", "a dog"], [0, 1], astar="astar")
+
+
+def test_batched_calls_save_each_images_attention_maps(tmp_path, capsys):
+    job = write_job(tmp_path, ["a red cat", "a blue dog"], "prompts.txt")
+    out = tmp_path / "out"
+    args = ["batch", str(job), "--out", str(out), "-m", "tiny-sd", "--steps", "1", "--maps", "--batch-size", "2"]
+    assert main(args) == 0
+    records = read_manifests(out)
+    assert {r["batch"] for r in records.values()} == {2}
+    for name in ("00001-seed0", "00002-seed0"):
+        assert records[name]["files"] == [f"{name}.png", f"{name}-attention.png"]
+    # each grid shows its own prompt's tokens: the two differ
+    assert not np.array_equal(_png(out / "00001-seed0-attention.png"), _png(out / "00002-seed0-attention.png"))
