@@ -281,9 +281,8 @@ class IRCrossAttnProcessor(UNetAttnProcessor):
         per_subject = F.scaled_dot_product_attention(q[:, None].expand(-1, n, -1, -1, -1), k, v)  # [g, n, H, N, D]
         weights = masks.target.to(out.dtype)  # [n, N]
         inside = masks.target.any(dim=0)
-        mutual = (per_subject * weights[None, :, None, :, None]).sum(1) / weights.sum(0).clamp_min(1)[
-            None, None, :, None
-        ]
+        owners = weights.sum(0).clamp_min(1)[None, None, :, None]  # subjects claiming each pixel (>= 1)
+        mutual = (per_subject * weights[None, :, None, :, None]).sum(1) / owners
         out = out.view(groups, n + 1, heads, tokens, dim).clone()
         target = out[:, n]
         out[:, n] = torch.where(inside[None, None, :, None], (1 - lam) * target + lam * mutual, target)
