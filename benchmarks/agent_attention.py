@@ -54,7 +54,7 @@ def measure(fn, device: str, warmup: int, repeats: int) -> float:
 
 
 VARIANTS = {
-    "tome": diffattn.AgentAttentionConfig(agent_ratio=None, ratio=MERGE_RATIO, stride=2),
+    "tome": diffattn.AgentAttentionConfig.tome(MERGE_RATIO),
     "agent": diffattn.AgentAttentionConfig(ratio=MERGE_RATIO),
 }
 

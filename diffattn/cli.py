@@ -343,9 +343,7 @@ def agent_config_from_args(args: argparse.Namespace):
             raise ValueError("--merge-ratio needs --agent or --tome")
         return None
     if args.tome:
-        return AgentAttentionConfig(
-            agent_ratio=None, stride=2, ratio=0.5 if args.merge_ratio is None else args.merge_ratio
-        )
+        return AgentAttentionConfig.tome() if args.merge_ratio is None else AgentAttentionConfig.tome(args.merge_ratio)
     return AgentAttentionConfig() if args.merge_ratio is None else AgentAttentionConfig(ratio=args.merge_ratio)
 
 

@@ -37,3 +37,12 @@ def check_int_range(field: str, value: Any, low: int, high: int | None = None) -
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{field}={value!r} is not allowed: expected an int {bound}")
     return value
+
+
+def check_number(field: str, value: Any, low: float, high: float, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high  # NaN fails too
+    if not ok:
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{field}={value!r} is not allowed: expected a number in [{low}, {high}]{none}")

@@ -224,18 +224,24 @@ def generate_batch(
     return results
 
 
-def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs, interval) -> GenerationResult:
+def _same_components(pipe: Any, model: str, method: str, sd_class: type, xl_class: type) -> Any:
+    """A method's own pipeline class (SD 1.x/2.x or SDXL flavour) built on `pipe`'s components (no copy, no load)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        method_pipe = xl_class(**pipe.components)
+    elif isinstance(pipe, StableDiffusionPipeline):
+        method_pipe = sd_class(**pipe.components)
+    else:
+        raise ValueError(f"{method} runs on Stable Diffusion 1.x/2.x/XL pipelines; {model!r} is {type(pipe).__name__}")
+    method_pipe.set_progress_bar_config(leave=False)
+    return method_pipe
+
+
+def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs, interval) -> GenerationResult:
     from .pipelines import AStarPipeline, AStarXLPipeline
 
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        astar_pipe = AStarXLPipeline(**pipe.components)
-    elif isinstance(pipe, StableDiffusionPipeline):
-        astar_pipe = AStarPipeline(**pipe.components)
-    else:
-        raise ValueError(f"A-STAR runs on Stable Diffusion 1.x/2.x/XL pipelines; {model!r} is {type(pipe).__name__}")
-    astar_pipe.set_progress_bar_config(leave=False)
+    astar_pipe = _same_components(pipe, model, "A-STAR", AStarPipeline, AStarXLPipeline)
     call = {k: v for k, v in kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
     start = time.perf_counter()
     output = astar_pipe(
@@ -252,8 +258,6 @@ def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs, i
 
 
 def _generate_ir(model, pipe, prompt, subjects, config, masks, steps, seed, generator, kwargs) -> GenerationResult:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     from .pipelines import IRDiffusionPipeline, IRDiffusionXLPipeline
 
     if masks not in MASK_SOURCES:
@@ -263,15 +267,7 @@ def _generate_ir(model, pipe, prompt, subjects, config, masks, steps, seed, gene
         raise ValueError(
             f"masks='segmenter': no segmenter for {model!r} (models with one: {', '.join(SUBJECT_SEGMENTERS)})"
         )
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        ir_pipe = IRDiffusionXLPipeline(**pipe.components)
-    elif isinstance(pipe, StableDiffusionPipeline):
-        ir_pipe = IRDiffusionPipeline(**pipe.components)
-    else:
-        raise ValueError(
-            f"IR-Diffusion runs on Stable Diffusion 1.x/2.x/XL pipelines; {model!r} is {type(pipe).__name__}"
-        )
-    ir_pipe.set_progress_bar_config(leave=False)
+    ir_pipe = _same_components(pipe, model, "IR-Diffusion", IRDiffusionPipeline, IRDiffusionXLPipeline)
     call = {k: v for k, v in kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
     start = time.perf_counter()
     output = ir_pipe(

@@ -128,7 +128,7 @@ def _method_config(where: str, key: str, value: Any):
             unknown = set(fields) - {"ratio"}
             if unknown:
                 raise ValueError(f"tome takes only 'ratio', got {sorted(unknown)}")
-            return AgentAttentionConfig(agent_ratio=None, stride=2, ratio=fields.get("ratio", 0.5))
+            return AgentAttentionConfig.tome(**fields)
         phrases = fields.get("phrases")
         return StructuredGuidanceConfig(**{**fields, **({"phrases": tuple(phrases)} if phrases else {})})
     except (TypeError, ValueError) as exc:  # unknown field (TypeError) or a bad value (ValueError, names the field)

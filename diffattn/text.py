@@ -159,3 +159,17 @@ def token_spans(tokenizer, prompt: str, phrase: str) -> list[tuple[int, int]]:
     if limit and spans[0][0] >= limit - 1:
         raise ValueError(f"phrase={phrase!r} lies past the tokenizer's {limit}-token limit")
     return spans
+
+
+def word_token_positions(tokenizer, prompt: str, words_: list[str]) -> list[int]:
+    """The last token position of each word in `prompt` (its head token, where a concept's attention is read); a word
+    named twice takes its next occurrence. Raises if a word is missing or named more often than it occurs."""
+    positions, used = [], {}
+    for word in words_:
+        spans = token_spans(tokenizer, prompt, word)
+        occurrence = used.get(word, 0)
+        if occurrence >= len(spans):
+            raise ValueError(f"word {word!r} occurs {len(spans)} time(s) in prompt={prompt!r}, named more often")
+        used[word] = occurrence + 1
+        positions.append(spans[occurrence][1] - 1)
+    return positions

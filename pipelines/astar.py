@@ -32,7 +32,7 @@ from ..methods.astar import (
     segregation_loss,
 )
 from ..methods.attention_maps import AttentionMapConfig, AttentionMapMethod
-from ..text import concept_words, token_spans
+from ..text import concept_words, word_token_positions
 
 
 LOSSES = ("astar", "attend_and_excite", "both")
@@ -50,15 +50,8 @@ class AStarPipelineOutput(BaseOutput):
 
 
 def concept_token_indices(tokenizer, prompt: str) -> list[int]:
-    """The last token position of each concept word (head noun) of the prompt, first occurrences in order."""
-    indices, used = [], set()
-    for word in concept_words(prompt):
-        for start, end in token_spans(tokenizer, prompt, word):
-            if end - 1 not in used:
-                indices.append(end - 1)
-                used.add(end - 1)
-                break
-    return indices
+    """The last token position of each concept word (head noun) of the prompt, in order."""
+    return word_token_positions(tokenizer, prompt, concept_words(prompt))
 
 
 class _AStarLoop:

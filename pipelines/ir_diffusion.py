@@ -40,7 +40,7 @@ from ..methods.ir_diffusion import (
     SubjectMaskRecorder,
     binary_subject_masks,
 )
-from ..text import concept_words, token_spans, words
+from ..text import concept_words, word_token_positions, words
 
 
 logger = logging.getLogger(__name__)
@@ -57,21 +57,6 @@ class IRDiffusionPipelineOutput(BaseOutput):
     reference_masks: torch.Tensor
     target_masks: torch.Tensor
     rehearsal_images: Any = None
-
-
-def subject_token_positions(tokenizer, prompt: str, subject_words: list[str]) -> list[int]:
-    """Last token position of each subject word in `prompt`; a word named twice takes its next occurrence."""
-    positions, used = [], {}
-    for word in subject_words:
-        spans = token_spans(tokenizer, prompt, word)
-        occurrence = used.get(word, 0)
-        if occurrence >= len(spans):
-            raise ValueError(
-                f"subject word {word!r} occurs {len(spans)} time(s) in prompt={prompt!r}, named more often"
-            )
-        used[word] = occurrence + 1
-        positions.append(spans[occurrence][1] - 1)
-    return positions
 
 
 def default_subject_words(prompt: str, subject_prompts: list[str]) -> list[str]:
@@ -158,9 +143,9 @@ class _IRDiffusionCalls:
         if not isinstance(scene_retries, int) or isinstance(scene_retries, bool) or scene_retries < 0:
             raise ValueError(f"scene_retries={scene_retries!r} is not allowed: expected an int >= 0")
         reference_tokens = [
-            subject_token_positions(self.tokenizer, p, [w])[0] for p, w in zip(subject_prompts, subject_words)
+            word_token_positions(self.tokenizer, p, [w])[0] for p, w in zip(subject_prompts, subject_words)
         ]
-        scene_tokens = subject_token_positions(self.tokenizer, prompt, list(subject_words))
+        scene_tokens = word_token_positions(self.tokenizer, prompt, list(subject_words))
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)

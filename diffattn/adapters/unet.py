@@ -6,6 +6,8 @@ to the 77 text tokens). Tokens are the level's pixels in raster order: `hidden_s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,16 @@ class UNetAdapter(ModelAdapter):
         if parts[0] == "mid_block":
             return 2 ** (num_down - 1)
         return 2 ** (len(self.model.up_blocks) - 1 - int(parts[1]))
+
+    def sample_size(self) -> tuple[int, int]:
+        """(h, w) of the latent at the model's default size (config.sample_size, an int or a pair)."""
+        size = self.model.config.sample_size
+        return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+    def level_size(self, layer: AttentionLayer) -> tuple[int, int]:
+        """(h, w) in tokens of `layer`'s level at the model's default size (stride-2 downsampling rounds up)."""
+        factor, (h, w) = self.level_factor(layer), self.sample_size()
+        return math.ceil(h / factor), math.ceil(w / factor)
 
     def geometry(self, sample: torch.Tensor) -> LatentGeometry:
         # sample: [B, C, H, W] latents; the first attention level sees them unpatched.

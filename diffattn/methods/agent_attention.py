@@ -25,18 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import AttentionLayer, ModelAdapter, attention_processors
-from ..config_checks import check_choice, check_int_range
+from ..config_checks import check_choice, check_int_range, check_number
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import agent_attention, bipartite_matching, merge_tokens, unmerge_tokens
 from ..state import DenoiserState
-
-
-def _check_fraction(field: str, value, allow_none: bool = False, high: float = 1.0) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
-        none = " or None" if allow_none else ""
-        raise ValueError(f"{field}={value!r} is not allowed: expected a number in [0, {high}]{none}")
 
 
 @dataclass(frozen=True)
@@ -74,14 +66,14 @@ class AgentAttentionConfig(MethodConfig):
     attn_precision: str | None = None
 
     def __post_init__(self):
-        _check_fraction("ratio", self.ratio, high=0.99)
-        _check_fraction("agent_ratio", self.agent_ratio, allow_none=True)
-        _check_fraction("late_agent_ratio", self.late_agent_ratio, allow_none=True)
-        _check_fraction("agent_steps", self.agent_steps)
+        check_number("ratio", self.ratio, 0, 0.99)
+        check_number("agent_ratio", self.agent_ratio, 0, 1, allow_none=True)
+        check_number("late_agent_ratio", self.late_agent_ratio, 0, 1, allow_none=True)
+        check_number("agent_steps", self.agent_steps, 0, 1)
         check_int_range("stride", self.stride, 1, 16)
         check_int_range("late_stride", self.late_stride, 1, 16)
         check_int_range("seed", self.seed, 0)
-        _check_fraction("shortcut", self.shortcut, high=10.0)
+        check_number("shortcut", self.shortcut, 0, 10)
         if isinstance(self.agent_scale_power, bool) or not isinstance(self.agent_scale_power, (int, float)):
             raise ValueError(f"agent_scale_power={self.agent_scale_power!r} is not allowed: expected a number")
         if not isinstance(self.use_rand, bool):
@@ -92,6 +84,11 @@ class AgentAttentionConfig(MethodConfig):
             if not levels or any(isinstance(v, bool) or v not in (1, 2, 4, 8) for v in levels):
                 raise ValueError(f"levels={self.levels!r} is not allowed: expected downsample factors from 1, 2, 4, 8")
             object.__setattr__(self, "levels", levels)
+
+    @classmethod
+    def tome(cls, ratio: float = 0.5, **fields) -> "AgentAttentionConfig":
+        """Plain token merging, tomesd's method: no agents, 2x2 destination windows, `ratio` of the tokens merged."""
+        return cls(agent_ratio=None, stride=2, ratio=ratio, **fields)
 
     def phase(self, step: int, num_steps: int | None) -> tuple[int, float | None]:
         """(stride, agent ratio) for a step. Unknown step count (a bare UNet): the first phase throughout."""

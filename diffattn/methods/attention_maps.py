@@ -126,12 +126,10 @@ class AttentionMapMethod(AttentionMethod):
     def processors(self, adapter: ModelAdapter, layers: list[AttentionLayer], state: DenoiserState):
         self.state = state
         cross = [layer for layer in layers if layer.kind == "cross"]
-        sample_size = adapter.model.config.sample_size
-        sample_h, sample_w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        sample_h, sample_w = adapter.sample_size()
         by_level: dict[tuple[int, int], list[AttentionLayer]] = {}
         for layer in cross:
-            factor = adapter.level_factor(layer)
-            by_level.setdefault((math.ceil(sample_h / factor), math.ceil(sample_w / factor)), []).append(layer)
+            by_level.setdefault(adapter.level_size(layer), []).append(layer)
         if not by_level:
             raise ValueError(f"{type(adapter.model).__name__} has no cross-attention layers to record")
         wanted = self.config.resolution

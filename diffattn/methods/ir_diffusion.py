@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..adapters import AttentionLayer, ModelAdapter, UNetAttnProcessor
+from ..config_checks import check_int_range, check_number
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import attention_with_probs
 from ..state import DenoiserState
@@ -45,13 +46,6 @@ from ..state import DenoiserState
 
 UPSTREAM_START_LAYER = 36 / 70  # upstream: start_layer=36 of SDXL's 70 self-attention layers (the decoder side)
 _FORWARD_ORDER = {"down": 0, "mid": 1, "up": 2}
-
-
-def _check_number(field: str, value, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
-    if not ok or (high is not None and value > high) or (isinstance(value, float) and math.isnan(value)):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{field}={value!r} is not allowed: expected a number {bound}")
 
 
 @dataclass(frozen=True)
@@ -83,16 +77,13 @@ class IRDiffusionConfig(MethodConfig):
         for field in ("isolation", "reposition"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{field}={getattr(self, field)!r} is not allowed: expected True or False")
-        if self.start_layer is not None and (not isinstance(self.start_layer, int) or isinstance(self.start_layer, bool)
-                                             or self.start_layer < 0):  # fmt: skip
-            raise ValueError(f"start_layer={self.start_layer!r} is not allowed: expected an int >= 0 or None")
-        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
-            raise ValueError(f"start_step={self.start_step!r} is not allowed: expected an int >= 0")
-        _check_number("reference_logit_bias", self.reference_logit_bias, -100.0, 100.0)
-        _check_number("mask_dropout", self.mask_dropout, 0.0, 0.99)
-        _check_number("mutual_cross_attention", self.mutual_cross_attention, 0.0, 1.0)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed={self.seed!r} is not allowed: expected an int")
+        if self.start_layer is not None:
+            check_int_range("start_layer", self.start_layer, 0)
+        check_int_range("start_step", self.start_step, 0)
+        check_number("reference_logit_bias", self.reference_logit_bias, -100.0, 100.0)
+        check_number("mask_dropout", self.mask_dropout, 0.0, 0.99)
+        check_number("mutual_cross_attention", self.mutual_cross_attention, 0.0, 1.0)
+        check_int_range("seed", self.seed, 0)
 
 
 # ---------------------------------------------------------------------------------------------------- mask geometry
@@ -243,7 +234,9 @@ class IRSelfAttnProcessor(UNetAttnProcessor):
             ref_keys = k[:, :n].gather(3, index).permute(0, 2, 1, 3, 4).reshape(groups, heads, n * tokens, dim)
             ref_values = v[:, :n].gather(3, index).permute(0, 2, 1, 3, 4).reshape(groups, heads, n * tokens, dim)
             keys, values = torch.cat([ref_keys, keys], dim=2), torch.cat([ref_values, values], dim=2)
-            queries = masks.target & method.keep_queries(masks.target.shape, query.device)  # [n, N]
+            queries = masks.target  # [n, N], thinned per call by the dropout
+            if method.config.mask_dropout > 0:
+                queries = queries & method.keep_queries(masks.target.shape, query.device)
             ref_allowed = (queries[:, :, None] & masks.valid[:, None, :]).permute(1, 0, 2).reshape(tokens, n * tokens)
             target_allowed = allowed if allowed is not None else torch.ones_like(masks.isolation)
             allowed = torch.cat([ref_allowed, target_allowed], dim=1)
@@ -340,18 +333,21 @@ class IRDiffusionMethod(AttentionMethod):
         self.reference_masks, self.target_masks = reference, target
         self._levels.clear()
 
-    @property
-    def num_subjects(self) -> int:
+    def _require_masks(self) -> None:
         if self.target_masks is None:
             raise RuntimeError(
                 "IR-Diffusion has no subject masks: call handle.method(IRDiffusionMethod).set_masks(...) or use "
                 "diffattn.pipelines.IRDiffusionPipeline"
             )
+
+    @property
+    def num_subjects(self) -> int:
+        self._require_masks()
         return self.target_masks.shape[0]
 
     def level(self, num_tokens: int, device: torch.device) -> LevelMasks:
         """The masks on the token grid of a layer with `num_tokens` tokens (computed once per grid and device)."""
-        self.num_subjects  # raises without masks
+        self._require_masks()
         if self.state is not None and self.state.height > 0:
             h, w = self.state.token_grid(num_tokens)
         else:
@@ -458,28 +454,25 @@ class SubjectMaskRecorder(AttentionMethod):
 
     def processors(self, adapter: ModelAdapter, layers: list[AttentionLayer], state: DenoiserState):
         self.state = state
-        sample = adapter.model.config.sample_size
-        sample_h, sample_w = (sample, sample) if isinstance(sample, int) else tuple(sample)
-        by_level: dict[int, list[AttentionLayer]] = {}
+        by_level: dict[tuple[int, int], list[AttentionLayer]] = {}
         for layer in layers:
             if layer.kind in ("self", "cross"):
-                by_level.setdefault(adapter.level_factor(layer), []).append(layer)
-        levels = {f: ls for f, ls in by_level.items() if {l.kind for l in ls} == {"self", "cross"}}
+                by_level.setdefault(adapter.level_size(layer), []).append(layer)
+        levels = {hw: ls for hw, ls in by_level.items() if {l.kind for l in ls} == {"self", "cross"}}
         if not levels:
             raise ValueError(f"{type(adapter.model).__name__} has no level with both self- and cross-attention")
-        size = {f: math.ceil(sample_h / f) for f in levels}
         if self.config.resolution is None:
-            factor = min(levels, key=lambda f: (abs(math.log(size[f] / 32)), f))
+            grid = min(levels, key=lambda hw: (abs(math.log(hw[0] * hw[1] / 32**2)), -hw[0]))
         else:
-            matches = [f for f in levels if size[f] == self.config.resolution]
+            matches = [hw for hw in levels if hw[0] == self.config.resolution]
             if not matches:
-                allowed = ", ".join(str(size[f]) for f in sorted(levels))
+                allowed = ", ".join(str(h) for h, _ in sorted(levels))
                 raise ValueError(
                     f"resolution={self.config.resolution} is not allowed: levels of this model: {allowed}"
                 )
-            factor = matches[0]
-        self.grid = (math.ceil(sample_h / factor), math.ceil(sample_w / factor))
-        return {layer.key: _RecordingProcessor(self) for layer in levels[factor]}
+            grid = matches[0]
+        self.grid = grid
+        return {layer.key: _RecordingProcessor(self) for layer in levels[grid]}
 
     def begin_run(self) -> None:
         self._step, self._sums, self._counts, self._total, self._steps = None, {}, {}, None, 0
