@@ -10,18 +10,72 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
-from diffattn.generation import GenerationResult, default_steps, generate, save_result
+from diffattn.generation import (
+    PIPELINES,
+    GenerationResult,
+    cached_pipeline,
+    default_steps,
+    generate,
+    is_video_pipeline,
+)
+from diffattn.limits import Limits
 from diffattn.methods.agent_attention import AgentAttentionConfig
 from diffattn.methods.radial_attention import RadialAttentionConfig
+from diffattn.methods.radial_mask import BLOCK_SIZES
 from diffattn.methods.structured_guidance import StructuredGuidanceConfig
+from diffattn.outputs import result_files
 from diffattn.presets import DEFAULT_PRESET, PRESETS
 
 
-OUTPUT_DIR = Path(tempfile.gettempdir()) / "diffattn-ui"
+@dataclass
+class ServerSettings:
+    """What whoever serves the UI decides: the size limits, the models visitors may use, the pipeline cache size
+    and how long outputs stay in gradio's cache."""
+
+    limits: Limits = field(default_factory=Limits)
+    models: tuple[str, ...] = ()  # besides the presets
+    allow_any_model: bool = False  # any hub id or server path a visitor types (off: presets and `models` only)
+    pipeline_cache: int = 2
+    delete_cache: tuple[int, int] = (3600, 3600)  # gradio's delete_cache: (every N seconds, files older than M)
+
+
+SETTINGS = ServerSettings()
+RADIAL = RadialAttentionConfig()  # the UI's radial defaults are the library's
+
+
+def allowed_model(model: str) -> str:
+    """The model if this server lets visitors use it; one message for anything else (whether or not such a path or
+    id exists, so a visitor cannot probe the server's file system)."""
+    model = (model or "").strip()
+    if not model:
+        raise gr.Error("Choose a preset or type a model id.")
+    if model in PRESETS or model in SETTINGS.models or SETTINGS.allow_any_model:
+        return model
+    choices = ", ".join(list(PRESETS) + list(SETTINGS.models))
+    raise gr.Error(f"Model {model[:200]!r} is not available on this server; choose one of: {choices}")
+
+
+def _run_folder() -> Path:
+    """A new folder for one run's files inside gradio's cache (cleaned by its delete_cache), never shared."""
+    root = Path(get_upload_folder()) / "diffattn-runs"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=root))
+
+
+def _video_file(result: GenerationResult, stem: str) -> str | None:
+    """The MP4 of a video result, written into this run's own folder (images go to gradio as PIL images)."""
+    for name, write in result_files(result, stem):
+        if name.endswith(".mp4"):
+            path = _run_folder() / name
+            write(path)
+            return str(path)
+    return None
 
 
 def run_generation(
@@ -35,20 +89,19 @@ def run_generation(
     width: int,
     num_frames: int,
     radial: bool = False,
-    decay_factor: float = 1.0,
-    dense_timesteps: int = 12,
-    dense_layers: int = 1,
-    block_size: int = 128,
+    decay_factor: float = RADIAL.decay_factor,
+    dense_timesteps: int = RADIAL.dense_timesteps,
+    dense_layers: int = RADIAL.dense_layers,
+    block_size: int = RADIAL.block_size,
     agent: bool = False,
     editing: str = "none",
     subjects: str = "",
     progress=gr.Progress(track_tqdm=True),
 ):
     """The UI's one event: returns (image, video, attention grid, radial mask, IR-Diffusion picture, info markdown)."""
-    model = (model or "").strip()
-    if not model:
-        raise gr.Error("Choose a preset or type a model id.")
+    model = allowed_model(model)
     try:
+        video_model = is_video_pipeline(cached_pipeline(model))
         radial_config = None
         if radial:
             radial_config = RadialAttentionConfig(
@@ -63,20 +116,20 @@ def run_generation(
             negative_prompt=negative_prompt or None,
             steps=int(steps),
             seed=int(seed),
-            guidance_scale=float(guidance_scale) if guidance_scale else None,
+            guidance_scale=None if guidance_scale is None else float(guidance_scale),
             height=int(height) if height else None,
             width=int(width) if width else None,
-            num_frames=int(num_frames) if num_frames else None,
+            num_frames=int(num_frames) if num_frames and video_model else None,
             radial=radial_config,
             agent=AgentAttentionConfig() if agent else None,
             structured=StructuredGuidanceConfig() if editing == "structured guidance" else None,
             astar="astar" if editing == "A-STAR" else None,
             subjects=[line.strip() for line in (subjects or "").splitlines() if line.strip()] or None,
+            limits=SETTINGS.limits,
         )
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:
         raise gr.Error(str(exc)) from None
-    paths = save_result(result, OUTPUT_DIR, f"{Path(model).name}-seed{int(seed)}")
-    video = next((str(p) for p in paths if p.suffix == ".mp4"), None)
+    video = _video_file(result, f"{Path(model).name}-seed{int(seed)}")
     image = result.images[0] if result.images else (result.frames[0] if video is None and result.frames else None)
     info = f"**{result.kind}** from `{model}` in **{result.seconds:.2f} s** ({int(steps)} steps, seed {int(seed)})"
     if result.radial_density is not None:
@@ -100,9 +153,13 @@ def _on_model_change(model: str):
     )
 
 
-def build_demo() -> gr.Blocks:
+def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
+    """The UI. `settings`: the server's limits, allowed models, cache sizes (default: `ServerSettings()`)."""
+    global SETTINGS
+    SETTINGS = settings or ServerSettings()
+    PIPELINES.resize(SETTINGS.pipeline_cache)
     first = PRESETS[DEFAULT_PRESET].call_defaults
-    with gr.Blocks(title="diffattn") as demo:
+    with gr.Blocks(title="diffattn", delete_cache=SETTINGS.delete_cache) as demo:
         gr.Markdown(
             "# diffattn\nAttention control for diffusers. `shapes-sd` is a small model trained by diffattn on "
             "coloured-shape scenes (prompts like *a red circle and a blue square*); the `tiny-*` presets run offline "
@@ -112,8 +169,9 @@ def build_demo() -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 model = gr.Dropdown(
-                    choices=list(PRESETS), value=DEFAULT_PRESET, allow_custom_value=True, label="Model"
-                )
+                    choices=list(PRESETS) + list(SETTINGS.models), value=DEFAULT_PRESET,
+                    allow_custom_value=SETTINGS.allow_any_model, label="Model",
+                )  # fmt: skip
                 prompt = gr.Textbox(
                     value=PRESETS[DEFAULT_PRESET].demo_prompt or "a photo of a red cat", label="Prompt", lines=2
                 )
@@ -127,10 +185,12 @@ def build_demo() -> gr.Blocks:
                     frames = gr.Number(value=9, precision=0, label="Frames (video models)")
                 with gr.Accordion("Radial attention (video models)", open=False):
                     radial = gr.Checkbox(value=False, label="Use radial attention")
-                    decay = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Decay factor (band width)")
-                    dense_steps = gr.Slider(0, 50, value=1, step=1, label="Dense first steps")
-                    dense_layers = gr.Slider(0, 8, value=0, step=1, label="Dense first layers")
-                    block = gr.Radio([64, 128], value=64, label="Block size")
+                    decay = gr.Slider(
+                        0.05, 2.0, value=RADIAL.decay_factor, step=0.05, label="Decay factor (band width)"
+                    )
+                    dense_steps = gr.Slider(0, 50, value=RADIAL.dense_timesteps, step=1, label="Dense first steps")
+                    dense_layers = gr.Slider(0, 8, value=RADIAL.dense_layers, step=1, label="Dense first layers")
+                    block = gr.Radio(list(BLOCK_SIZES), value=RADIAL.block_size, label="Block size")
                 with gr.Accordion("Stable Diffusion methods", open=False):
                     agent = gr.Checkbox(value=False, label="AgentSD: token merging + agent attention")
                     editing = gr.Radio(
@@ -141,11 +201,13 @@ def build_demo() -> gr.Blocks:
                     )
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
-                image = gr.Image(label="Image", type="pil")
+                image = gr.Image(label="Image", type="pil", format="png")
                 video = gr.Video(label="Video")
-                maps = gr.Image(label="Cross-attention maps per prompt token", type="pil")
-                mask = gr.Image(label="Radial mask (white: computed blocks)", type="pil")
-                subject_view = gr.Image(label="IR-Diffusion: references with masks, plain scene, IR scene", type="pil")
+                maps = gr.Image(label="Cross-attention maps per prompt token", type="pil", format="png")
+                mask = gr.Image(label="Radial mask (white: computed blocks)", type="pil", format="png")
+                subject_view = gr.Image(
+                    label="IR-Diffusion: references with masks, plain scene, IR scene", type="pil", format="png"
+                )
                 info = gr.Markdown()
         model.change(_on_model_change, inputs=model, outputs=[steps, height, width, frames, guidance])
         button.click(
@@ -180,8 +242,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="diffattn web UI")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument(
+        "--limits",
+        nargs="+",
+        default=None,
+        metavar="NAME=INT",
+        help="size limits of a visitor's request (names: diffattn.Limits; default: its defaults)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="ID_OR_PATH",
+        help="a model visitors may use besides the presets (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-any-model",
+        action="store_true",
+        help="let visitors load any hub id or path on this server (off by default)",
+    )
+    parser.add_argument("--pipeline-cache", type=int, default=2, help="pipelines kept loaded (default: 2)")
     args = parser.parse_args()
-    build_demo().queue(default_concurrency_limit=1, max_size=16).launch(server_name=args.host, server_port=args.port)
+    try:
+        limits = Limits() if args.limits is None else Limits.parse(args.limits)
+        settings = ServerSettings(limits, tuple(args.model), args.allow_any_model, args.pipeline_cache)
+    except ValueError as exc:
+        parser.error(str(exc))
+    demo = build_demo(settings)
+    demo.queue(default_concurrency_limit=1, max_size=16).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,28 @@ def _int_at_least(low: int, what: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
-_seed = _int_at_least(0, "an integer seed >= 0")
+
+
+def _seed(text: str) -> int:
+    from .validation import check_seed
+
+    try:
+        return check_seed("seed", int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2^63), got {text!r}") from None
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limits", nargs="+", default=None, metavar="NAME=INT",
+                        help="raise or lower the size limits, e.g. max_frames=2048 max_steps=5000 (names: diffattn."
+                        "Limits; also the DIFFATTN_LIMITS environment variable)")  # fmt: skip
+
+
+def _limits(args: argparse.Namespace):
+    from .limits import Limits
+
+    base = Limits.from_env()
+    return base if args.limits is None else Limits.parse(args.limits, base)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="block-sparse backend (default auto)",
     )
     gen.add_argument("--out", "-o", type=Path, default=Path("outputs/generate"), help="output folder")
+    _add_limits(gen)
 
     batch = sub.add_parser(
         "batch",
@@ -141,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompts per pipeline call, for lines with the same settings (default: 1)")  # fmt: skip
     batch.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype")
     batch.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
+    _add_limits(batch)
 
     demo = sub.add_parser(
         "demo",
@@ -240,17 +263,62 @@ def main(argv: list[str] | None = None) -> int:
             index = run_demo(args.out, steps=args.steps, seed=args.seed, presets=args.presets)
             print(index)
             return 0
-    except ValueError as exc:  # validation errors name the field, the value and what is allowed
-        sys.stderr.write(f"diffattn {args.command}: error: {exc}\n")
-        return EXIT_USAGE
     except Exception as exc:
-        from .loading import ModelLoadError
-
-        if isinstance(exc, ModelLoadError):
-            sys.stderr.write(f"diffattn {args.command}: error: {exc}\n")
-            return EXIT_USAGE
-        raise
+        return _report_error(args, exc)
     return EXIT_USAGE
+
+
+EXIT_FAILED = 1
+
+
+def _report_error(args: argparse.Namespace, exc: Exception) -> int:
+    """One line on stderr for any error: exit 2 for what the user gave (bad value, missing model, locked or
+    unusable folder), 1 for work that was valid but failed (out of memory, a runtime error)."""
+    from .jobs import JobLockError
+    from .loading import ModelLoadError
+
+    if args.verbose:
+        logging.getLogger(__name__).exception("diffattn %s failed", args.command)
+    where = f"diffattn {args.command}: error"
+    if isinstance(exc, (ValueError, TypeError, ModelLoadError, JobLockError, FileNotFoundError, NotADirectoryError,
+                        PermissionError, IsADirectoryError, FileExistsError)):  # fmt: skip
+        sys.stderr.write(f"{where}: {_one_line(exc)}\n")
+        return EXIT_USAGE
+    if _is_out_of_memory(exc):
+        sys.stderr.write(f"{where}: out of memory{_size_asked(args)}; try a smaller --height/--width, fewer "
+                         "--num-frames or fewer steps, or --dtype float16 on a GPU\n")  # fmt: skip
+        return EXIT_FAILED
+    sys.stderr.write(f"{where}: {type(exc).__name__}: {_one_line(exc)} (run with -v for the traceback)\n")
+    return EXIT_FAILED
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _size_asked(args: argparse.Namespace) -> str:
+    parts = [f"{k}={getattr(args, k)}" for k in ("height", "width", "num_frames", "steps") if getattr(args, k, None)]
+    return f" (asked for {', '.join(parts)})" if parts else ""
+
+
+def _check_out_folder(out: Path) -> None:
+    """The output folder exists or can be made, before any work (raises ValueError naming it)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is not allowed: it is a file, expected a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {str(out)!r} is not allowed: cannot create the folder ({exc.strerror})") from None
 
 
 def _train_lora(args: argparse.Namespace) -> int:
@@ -284,9 +352,13 @@ def _train_lora(args: argparse.Namespace) -> int:
 def _batch(args: argparse.Namespace) -> int:
     from .jobs import JobDefaults, missing_units, read_job, run_job
 
+    limits = _limits(args)
     defaults = JobDefaults(model=args.model, steps=args.steps, seeds=tuple(args.seeds), maps=args.maps)
-    units = read_job(args.job, defaults)
-    report = run_job(units, args.out, device=args.device, torch_dtype=args.dtype, batch_size=args.batch_size)
+    units = read_job(args.job, defaults, limits)
+    _check_out_folder(args.out)
+    report = run_job(
+        units, args.out, device=args.device, torch_dtype=args.dtype, batch_size=args.batch_size, limits=limits
+    )
     if report.process_index != 0:
         return 1 if report.failed else 0
     missing = missing_units(units, args.out)
@@ -369,31 +441,41 @@ def ir_config_from_args(args: argparse.Namespace):
     return IRDiffusionConfig() if args.mask_dropout is None else IRDiffusionConfig(mask_dropout=args.mask_dropout)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .generation import generate, save_result
+def request_from_args(args: argparse.Namespace):
+    """The GenerationRequest the `generate` flags describe (ValueError naming the flag's field when invalid)."""
+    from .request import GenerationRequest
 
-    result = generate(
-        args.model,
-        args.prompt,
+    return GenerationRequest(
+        model=args.model,
+        prompt=args.prompt,
+        seed=args.seed,
         negative_prompt=args.negative_prompt,
         steps=args.steps,
-        seed=args.seed,
         guidance_scale=args.guidance_scale,
         guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
         height=args.height,
         width=args.width,
         num_frames=args.num_frames,
-        torch_dtype=args.dtype,
-        device=args.device,
         attention_maps=not args.no_maps,
         radial=radial_config_from_args(args),
         agent=agent_config_from_args(args),
         structured=structured_config_from_args(args),
         astar=args.astar,
+        subjects=None if args.subject is None else tuple(args.subject),
         ir=ir_config_from_args(args),
-        subjects=args.subject,
         masks=args.ir_masks or "auto",
     )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation import check_request_limits, generate
+    from .outputs import save_result
+
+    limits = _limits(args)
+    request = request_from_args(args)
+    check_request_limits(request, limits)
+    _check_out_folder(args.out)
+    result = generate(request, torch_dtype=args.dtype, device=args.device, limits=limits)
     names = ("radial", "agent", "tome", "structured", "astar", "subject")
     suffix = "".join(f"-{'ir' if name == 'subject' else name}" for name in names if getattr(args, name))
     stem = f"{Path(args.model).name}-seed{args.seed}{suffix}"

@@ -86,8 +86,17 @@ def find_denoisers(pipe_or_model: Any) -> tuple[Any | None, list[torch.nn.Module
     return pipe_or_model, denoisers
 
 
+_TRACKERS_ATTR = "_diffattn_step_trackers"
+_WRAPPED = ("set_timesteps", "step")
+
+
 class _SchedulerTracker:
-    """Wraps `set_timesteps` and `step` on one scheduler instance (instance attributes, removed on detach)."""
+    """Counts `scheduler.step` calls since the last `set_timesteps`, for one handle.
+
+    The scheduler instance gets one pair of wrappers (instance attributes) shared by every handle tracking it, with
+    the list of trackers they feed; each handle adds and removes only its own tracker, so handles stack and are
+    removed in any order, and the last removal puts back exactly what the instance had before the first.
+    """
 
     def __init__(self, state: DenoiserState):
         self.state = state
@@ -97,31 +106,63 @@ class _SchedulerTracker:
     def attach(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         self.steps_taken = 0
-        original_set_timesteps = scheduler.set_timesteps
-        original_step = scheduler.step
-
-        # functools.wraps keeps the signature visible: pipelines inspect it for `timesteps`, `sigmas`, `eta`.
-        @functools.wraps(original_set_timesteps)
-        def set_timesteps(*args, **kwargs):
-            result = original_set_timesteps(*args, **kwargs)
-            self.steps_taken = 0
-            self.state.begin_run(getattr(scheduler, "num_inference_steps", None))
-            return result
-
-        @functools.wraps(original_step)
-        def step(*args, **kwargs):
-            result = original_step(*args, **kwargs)
-            self.steps_taken += 1
-            return result
-
-        scheduler.set_timesteps = set_timesteps
-        scheduler.step = step
+        registry = scheduler.__dict__.get(_TRACKERS_ATTR)
+        if registry is None:
+            registry = _wrap_scheduler(scheduler)
+        registry["trackers"].append(self)
 
     def detach(self) -> None:
-        if self.scheduler is not None:
-            for name in ("set_timesteps", "step"):
-                self.scheduler.__dict__.pop(name, None)
-            self.scheduler = None
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is None:
+            return
+        registry = scheduler.__dict__.get(_TRACKERS_ATTR)
+        if registry is None:
+            return
+        registry["trackers"] = [t for t in registry["trackers"] if t is not self]
+        if not registry["trackers"]:
+            for name in _WRAPPED:
+                if name in registry["saved"]:
+                    scheduler.__dict__[name] = registry["saved"][name]
+                else:
+                    scheduler.__dict__.pop(name, None)
+            del scheduler.__dict__[_TRACKERS_ATTR]
+
+    def run_started(self, scheduler: Any) -> None:
+        self.steps_taken = 0
+        self.state.begin_run(getattr(scheduler, "num_inference_steps", None))
+
+    def step_taken(self) -> None:
+        self.steps_taken += 1
+
+
+def _wrap_scheduler(scheduler: Any) -> dict[str, Any]:
+    """Install the shared `set_timesteps`/`step` wrappers on a scheduler instance; returns their registry."""
+    registry: dict[str, Any] = {
+        "trackers": [],
+        "saved": {name: scheduler.__dict__[name] for name in _WRAPPED if name in scheduler.__dict__},
+    }
+    original_set_timesteps = scheduler.set_timesteps
+    original_step = scheduler.step
+
+    # functools.wraps keeps the signature visible: pipelines inspect it for `timesteps`, `sigmas`, `eta`.
+    @functools.wraps(original_set_timesteps)
+    def set_timesteps(*args, **kwargs):
+        result = original_set_timesteps(*args, **kwargs)
+        for tracker in list(registry["trackers"]):
+            tracker.run_started(scheduler)
+        return result
+
+    @functools.wraps(original_step)
+    def step(*args, **kwargs):
+        result = original_step(*args, **kwargs)
+        for tracker in list(registry["trackers"]):
+            tracker.step_taken()
+        return result
+
+    scheduler.__dict__[_TRACKERS_ATTR] = registry
+    scheduler.set_timesteps = set_timesteps
+    scheduler.step = step
+    return registry
 
 
 class _DenoiserHook:
@@ -199,11 +240,12 @@ class Handle:
     def configs(self) -> list[Any]:
         return [m.config for m in self.methods]
 
-    def method(self, method_class: type[AttentionMethod]) -> AttentionMethod:
+    def method(self, kind: type) -> AttentionMethod:
+        """The applied method of a config type (`handle.method(diffattn.RadialAttentionConfig)`) or method class."""
         for m in self.methods:
-            if isinstance(m, method_class):
+            if isinstance(m, kind) or isinstance(m.config, kind):
                 return m
-        raise LookupError(f"no {method_class.__name__} was applied with this handle (applied: {self.configs})")
+        raise LookupError(f"no {kind.__name__} was applied with this handle (applied: {self.configs})")
 
     def maps(self, **kwargs) -> torch.Tensor:
         """Cross-attention maps of the last run: `[steps, batch, tokens, h, w]` (needs an AttentionMapConfig)."""

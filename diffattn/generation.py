@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +19,7 @@ from PIL import Image
 from .control import apply
 from .guidance import GuidanceInterval, as_guidance_interval
 from .judge import subject_mask
+from .limits import Limits
 from .loading import load_pipeline
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, render_attention_grid
@@ -28,23 +27,51 @@ from .methods.ir_diffusion import IRDiffusionConfig, render_subject_grid
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.radial_mask import plot_radial_mask
 from .methods.structured_guidance import StructuredGuidanceConfig
+from .outputs import save_result, video_export_available  # noqa: F401 - re-exported for the faces
 from .presets import PRESETS
+from .request import GenerationRequest
+from .validation import check_int_range
 
 
 logger = logging.getLogger(__name__)
 
-_PIPELINES: dict[tuple[str, str | None, str | None], Any] = {}
 # Models whose pictures a segmenter can read, for IR-Diffusion's subject masks (others: masks from attention).
 SUBJECT_SEGMENTERS = {"shapes-sd": subject_mask}
-MASK_SOURCES = ("auto", "attention", "segmenter")
+
+
+class PipelineCache:
+    """Loaded pipelines by (model, dtype, device), least recently used evicted past `size` (the UI's server sets it;
+    a pipeline is large, so an unbounded cache would grow with every model a visitor names)."""
+
+    def __init__(self, size: int = 2):
+        self.resize(size)
+        self.entries: OrderedDict[tuple[str, str | None, str | None], Any] = OrderedDict()
+
+    def resize(self, size: int) -> None:
+        self.size = check_int_range("pipeline cache size", size, 1)
+        while len(getattr(self, "entries", ())) > self.size:
+            self.entries.popitem(last=False)
+
+    def get(self, model: str, torch_dtype: str | None = None, device: str | None = None) -> Any:
+        key = (model, torch_dtype, device)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        pipe = load_pipeline(model, torch_dtype=torch_dtype, device=device)
+        self.entries[key] = pipe
+        while len(self.entries) > self.size:
+            evicted, _ = self.entries.popitem(last=False)
+            logger.info("pipeline cache: evicted %s", evicted)
+        return pipe
+
+
+PIPELINES = PipelineCache()
 
 
 def cached_pipeline(model: str, torch_dtype: str | None = None, device: str | None = None) -> Any:
-    """`load_pipeline` once per (model, dtype, device) in this process (the UI and demo reuse pipelines)."""
-    key = (model, torch_dtype, device)
-    if key not in _PIPELINES:
-        _PIPELINES[key] = load_pipeline(model, torch_dtype=torch_dtype, device=device)
-    return _PIPELINES[key]
+    """`load_pipeline` once per (model, dtype, device) in this process (the UI and demo reuse pipelines), kept in
+    the bounded `PIPELINES` cache."""
+    return PIPELINES.get(model, torch_dtype, device)
 
 
 def is_video_pipeline(pipe: Any) -> bool:
@@ -88,7 +115,9 @@ def generation_defaults(model: str) -> dict[str, Any]:
     return dict(PRESETS[model].call_defaults) if model in PRESETS else {}
 
 
-def generate(model: str, prompt: str, *, seed: int = 0, **options: Any) -> GenerationResult:
+def generate(
+    model: str | GenerationRequest, prompt: str | None = None, *, seed: int = 0, **options: Any
+) -> GenerationResult:
     """Generate one image or video; for SD-family models also the cross-attention heatmap grid.
 
     With `radial`, radial attention is applied for this call (video models) and the result carries the mask
@@ -99,7 +128,16 @@ def generate(model: str, prompt: str, *, seed: int = 0, **options: Any) -> Gener
     `IRDiffusionPipeline` (config `ir`, default upstream's): the result holds the scene, each subject's reference and
     a picture of them with their masks; `masks` says where the masks come from ("auto": the model's segmenter in
     SUBJECT_SEGMENTERS if it has one, else attention). Other options: see `generate_batch`.
+
+    `generate(request, torch_dtype=..., device=..., pipe=..., limits=...)` runs a `GenerationRequest`.
     """
+    if isinstance(model, GenerationRequest):
+        if prompt is not None or set(options) - {"torch_dtype", "device", "pipe", "limits"}:
+            raise TypeError("generate(request) takes only torch_dtype, device, pipe and limits beside the request")
+        request = model
+        return generate_batch(request.model, [request.prompt], [request.seed], **request.options(), **options)[0]
+    if not isinstance(prompt, str):
+        raise TypeError(f"generate(model, prompt) needs a prompt string, got {prompt!r}")
     return generate_batch(model, [prompt], [seed], **options)[0]
 
 
@@ -126,24 +164,33 @@ def generate_batch(
     ir: IRDiffusionConfig | None = None,
     masks: str = "auto",
     pipe: Any | None = None,
+    limits: Limits | None = None,
 ) -> list[GenerationResult]:
     """`generate` for several prompts in one pipeline call (one seed each: prompt i's noise comes from its own
     generator, as alone); a result per prompt, each with the call's time divided evenly. A-STAR and IR-Diffusion
-    (their own pipelines), and structured guidance, take one prompt per call."""
-    if not prompts or len(prompts) != len(seeds):
-        raise ValueError(
-            f"generate_batch needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds"
-        )
-    for prompt in prompts:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt='' is not allowed: give a non-empty prompt")
+    (their own pipelines), and structured guidance, take one prompt per call.
+
+    Every option is validated as a `GenerationRequest` and checked against `limits` (default `Limits.from_env()`)
+    before the pipeline is loaded; nothing is silently changed or dropped.
+    """
+    if not isinstance(prompts, (list, tuple)) or not isinstance(seeds, (list, tuple)) or len(prompts) != len(seeds):
+        raise ValueError(f"generate_batch needs a list of prompts and one seed per prompt, got {prompts!r}, {seeds!r}")
+    if not prompts:
+        raise ValueError("prompts=[] is not allowed: expected at least one prompt")
+    options = {
+        "negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance_scale,
+        "guidance_interval": _interval_pair(guidance_interval), "height": height, "width": width,
+        "num_frames": num_frames, "attention_maps": attention_maps, "radial": radial, "agent": agent,
+        "structured": structured, "astar": astar, "ir": ir, "masks": masks,
+        "subjects": tuple(subjects) if isinstance(subjects, list) else subjects,
+    }  # fmt: skip
+    requests = [GenerationRequest(model=model, prompt=p, seed=s, **options) for p, s in zip(prompts, seeds)]
+    check_request_limits(requests[0], limits, batch=len(prompts))
     single = len(prompts) == 1
     if not single and (astar is not None or subjects or structured is not None):
         raise ValueError("A-STAR, IR-Diffusion (subjects) and structured guidance take one prompt per call")
     prompt, seed = prompts[0], seeds[0]
     steps = default_steps(model) if steps is None else steps
-    if steps < 1:
-        raise ValueError(f"steps={steps} is not allowed: expected an int >= 1")
     pipe = pipe if pipe is not None else cached_pipeline(model, torch_dtype, device)
     kwargs = generation_defaults(model)
     overrides = {"guidance_scale": guidance_scale, "height": height, "width": width, "num_frames": num_frames}
@@ -155,20 +202,14 @@ def generate_batch(
         kwargs.setdefault("guidance_scale", inspect.signature(pipe.__call__).parameters["guidance_scale"].default)
     video = is_video_pipeline(pipe)
     if not video:
+        if num_frames is not None:
+            raise ValueError(f"num_frames={num_frames} is for video models; {model!r} is an image model")
         kwargs.pop("num_frames", None)
     if negative_prompt:  # diffusers wants a list beside a list of prompts
         kwargs["negative_prompt"] = negative_prompt if single else [negative_prompt] * len(prompts)
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     generator = generators[0]
-    if ir is not None and not subjects:
-        raise ValueError("ir (IR-Diffusion) needs subjects: one prompt per subject of the scene")
     if subjects:
-        others = {"radial": radial, "agent": agent, "structured": structured, "astar": astar}
-        clash = [name for name, value in others.items() if value is not None]
-        if clash or interval is not None:
-            raise ValueError(
-                f"subjects (IR-Diffusion) runs its own pipeline; it does not combine with {clash or ['guidance_interval']}"
-            )
         return [_generate_ir(model, pipe, prompt, list(subjects), ir, masks, steps, seed, generator, kwargs)]
     if astar is not None:
         return [_generate_astar(model, pipe, prompt, astar, steps, seed, generator, kwargs, interval)]
@@ -224,6 +265,23 @@ def generate_batch(
     return results
 
 
+def _interval_pair(value: GuidanceInterval | tuple[float, float] | None) -> Any:
+    return (value.start, value.stop) if isinstance(value, GuidanceInterval) else value
+
+
+def check_request_limits(request: GenerationRequest, limits: Limits | None = None, batch: int = 1) -> None:
+    """Raise ValueError when `request`, with the preset's defaults filling what it leaves to them, is over `limits`
+    (default `Limits.from_env()`). Costs nothing: called before any pipeline is loaded."""
+    merged = generation_defaults(request.model)
+    merged.update(
+        {k: getattr(request, k) for k in ("height", "width", "num_frames") if getattr(request, k) is not None}
+    )
+    (limits or Limits.from_env()).check(
+        height=merged.get("height"), width=merged.get("width"), num_frames=merged.get("num_frames"),
+        steps=default_steps(request.model) if request.steps is None else request.steps, batch=batch,
+    )  # fmt: skip
+
+
 def _same_components(pipe: Any, model: str, method: str, sd_class: type, xl_class: type) -> Any:
     """A method's own pipeline class (SD 1.x/2.x or SDXL flavour) built on `pipe`'s components (no copy, no load)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -260,8 +318,6 @@ def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs, i
 def _generate_ir(model, pipe, prompt, subjects, config, masks, steps, seed, generator, kwargs) -> GenerationResult:
     from .pipelines import IRDiffusionPipeline, IRDiffusionXLPipeline
 
-    if masks not in MASK_SOURCES:
-        raise ValueError(f"masks={masks!r} is not allowed: expected one of {', '.join(MASK_SOURCES)}")
     segmenter = SUBJECT_SEGMENTERS.get(model) if masks != "attention" else None
     if masks == "segmenter" and segmenter is None:
         raise ValueError(
@@ -317,69 +373,3 @@ def _attention_grid(pipe: Any, maps: torch.Tensor, prompt: str, image: Image.Ima
     end = next((i for i, t in enumerate(labels) if i > 0 and t == pipe.tokenizer.eos_token), len(labels) - 1)
     keep = list(range(1, max(end, 2)))
     return render_attention_grid(maps[:, 0].mean(0)[keep], image, [labels[i] for i in keep])
-
-
-def write_new_file(directory: Path, stem: str, suffix: str, write) -> Path:
-    """Write through `write(tmp_path)` to `<stem><suffix>` in `directory`, never replacing an existing file.
-
-    The file is written to a temporary name first, then linked into place with an exclusive operation, so a crash
-    leaves no half-written output and a name already taken gets `-1`, `-2`, ... instead of being overwritten.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        for n in range(10_000):
-            target = directory / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                continue
-        raise FileExistsError(f"no free name for {stem}{suffix} in {directory}")
-    finally:
-        os.unlink(tmp)
-
-
-def save_result(result: GenerationResult, directory: Path, stem: str, fps: int = 8) -> list[Path]:
-    """Save images as PNG; a video as MP4 (with the `video` extra) or else as numbered PNG frames."""
-    directory = Path(directory)
-    paths: list[Path] = []
-    for i, image in enumerate(result.images):
-        name = stem if len(result.images) == 1 else f"{stem}-{i}"
-        paths.append(write_new_file(directory, name, ".png", lambda p, im=image: im.save(p, format="PNG")))
-    if result.frames:
-        if video_export_available():
-            from diffusers.utils import export_to_video
-
-            arrays = [np.asarray(f) for f in result.frames]
-            paths.append(write_new_file(directory, stem, ".mp4", lambda p: export_to_video(arrays, str(p), fps=fps)))
-        else:
-            for i, frame in enumerate(result.frames):
-                paths.append(
-                    write_new_file(directory, f"{stem}-frame{i:03d}", ".png", lambda p, f=frame: f.save(p, "PNG"))
-                )
-    if result.attention_grid is not None:
-        grid = result.attention_grid
-        paths.append(write_new_file(directory, f"{stem}-attention", ".png", lambda p: grid.save(p, format="PNG")))
-    for i, reference in enumerate(result.reference_images):
-        paths.append(
-            write_new_file(directory, f"{stem}-ref{i + 1}", ".png", lambda p, im=reference: im.save(p, "PNG"))
-        )
-    if result.subject_grid is not None:
-        subject_grid = result.subject_grid
-        paths.append(write_new_file(directory, f"{stem}-subjects", ".png", lambda p: subject_grid.save(p, "PNG")))
-    if result.radial_mask is not None:
-        mask = result.radial_mask
-        paths.append(write_new_file(directory, f"{stem}-mask", ".png", lambda p: mask.save(p, format="PNG")))
-    return paths
-
-
-def video_export_available() -> bool:
-    try:
-        import imageio  # noqa: F401
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -10,26 +10,36 @@ Lines (one object per line, `.jsonl`), whose keys are:
     astar: true | "astar" | "attend_and_excite" | "both"
     subjects: ["a red circle", ...] (IR-Diffusion)    ir: {IRDiffusionConfig fields}    ir_masks: "auto" | ...
 
-Every line is validated before anything runs; an error names the file, the line, the key and what is allowed. Each
-line expands into one *unit* per seed, named `<name>-seed<seed>` (`name` defaults to the line number, `00003`).
+Every line is validated, as a `GenerationRequest` per seed and against the size `Limits`, before anything runs; an
+error names the file, the line, the field, the value and what is allowed. Each line expands into one *unit* per
+seed, named `<name>-seed<seed>` (`name` defaults to the line number, `00003`).
 
 Scaling. `run_job` shards the units over the processes of an accelerate launch (`accelerate launch -m diffattn
 batch ...`, any number of GPUs or machines): process r of W takes units r, r+W, r+2W, ... of the whole job, so no
 process talks to another while generating and each loads its pipeline once, on its own device.
 
-Nothing is lost or overwritten. Outputs are written to a temporary name and linked into place (an existing file
-is never replaced: a name already taken gets `-1`, `-2`, ...). A unit is done once its record is appended to its
-process's manifest (`manifest-rank<r>.jsonl`, one JSON line, flushed and fsynced); rerunning the same job into the
-same folder skips done units, so a crashed or preempted job resumes where it stopped. A folder whose manifest
-holds a unit of the same name with different settings is refused. A unit that raises is logged to
-`failures-rank<r>.jsonl` and the job goes on; `run_job` reports it and the CLI exits non-zero.
+Exactly once, whatever the moment of a crash. A unit's files and its manifest record form one transaction:
+
+1. every file is written under a hidden temporary name (`.<file>.tmp-rank<r>`) and fsynced;
+2. the unit's record is appended to the process's manifest (`manifest-rank<r>.jsonl`) and fsynced: the commit;
+3. each temporary file is linked to its own name (never replacing a file), the folder is fsynced, the temporaries
+   are removed.
+
+A run first recovers the folder: records whose files are not all linked are completed from their temporaries
+(roll forward), temporaries no record names are removed (the unit had not committed: it runs again), and a
+manifest line cut by the crash is dropped. So a rerun of the same job ends with every output present once under its
+own name, one record per output naming files that exist, and no file that existed before replaced. A folder is
+written by one run at a time: each process holds `.lock-rank<r>` (PID and host inside) and a second run is refused
+at once, naming the holder; the lock of a process that died on this host is taken over. A name that is already
+taken by a file no record names is never overwritten: that unit fails, saying so. A folder whose manifest holds a
+unit of the same name with different settings is refused. A unit that raises is logged to `failures-rank<r>.jsonl`
+and the job goes on; `run_job` reports it and the CLI exits non-zero.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable
@@ -40,33 +50,52 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .generation import cached_pipeline, generate_batch, save_result
+from .generation import cached_pipeline, check_request_limits, generate_batch
+from .job_store import (
+    RANK_FILE,
+    TEMP_FILE,
+    FolderLock,
+    JobLockError,
+    all_ranks_agree,
+    append_record,
+    commit_unit,
+    fault,
+    locked_by_live_process,
+    read_manifests,
+    recover,
+)
+from .limits import Limits
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.ir_diffusion import IRDiffusionConfig
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import DEFAULT_PRESET
+from .request import ASTAR_LOSSES, GenerationRequest
+from .validation import check_bool, check_seed, check_seed_list, check_str
 
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_SCALARS = {
-    "prompt": str,
-    "name": str,
-    "model": str,
-    "negative_prompt": str,
-    "steps": int,
-    "guidance_scale": float,
-    "height": int,
-    "width": int,
-    "num_frames": int,
-    "maps": bool,
-    "ir_masks": str,
-}
 _METHODS = ("radial", "agent", "tome", "structured", "astar", "ir")
-ALLOWED_KEYS = tuple(_SCALARS) + ("seed", "seeds", "guidance_interval", "subjects") + _METHODS
-ASTAR_LOSSES = ("astar", "attend_and_excite", "both")
+# job-file key -> GenerationRequest field, for the keys whose value goes to the request as it is
+_REQUEST_KEYS = {
+    "prompt": "prompt",
+    "model": "model",
+    "negative_prompt": "negative_prompt",
+    "steps": "steps",
+    "guidance_scale": "guidance_scale",
+    "guidance_interval": "guidance_interval",
+    "height": "height",
+    "width": "width",
+    "num_frames": "num_frames",
+    "maps": "attention_maps",
+    "subjects": "subjects",
+    "ir_masks": "masks",
+}
+ALLOWED_KEYS = tuple(_REQUEST_KEYS) + ("name", "seed", "seeds") + _METHODS
+MAX_LINE_CHARS = 100_000
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -90,33 +119,25 @@ class JobUnit:
     model: str
     options: dict[str, Any] = field(default_factory=dict)  # generate() keyword arguments besides model/prompt/seed
     spec: dict[str, Any] = field(default_factory=dict)  # the line's settings as JSON values
+    request: GenerationRequest | None = None
 
 
 class JobFileError(ValueError):
     """A job file that cannot run; the message names the file, the line and the key."""
 
 
-def _check_type(where: str, key: str, value: Any, kind: type) -> Any:
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
-    if not ok:
-        raise JobFileError(f"{where}: {key}={value!r} is not allowed: expected {kind.__name__}")
-    return value
-
-
-def _method_config(where: str, key: str, value: Any):
+def _method_config(key: str, value: Any):
     """The method config a line's `radial` / `agent` / `tome` / `structured` / `astar` value asks for (None: off)."""
     if value is False or value is None:
         return None
     if key == "astar":
         loss = "astar" if value is True else value
-        if loss not in ASTAR_LOSSES:
-            raise JobFileError(f"{where}: astar={value!r} is not allowed: expected true or one of {ASTAR_LOSSES}")
+        if not isinstance(loss, str) or loss not in ASTAR_LOSSES:
+            raise ValueError(f"astar={value!r} is not allowed: expected true or one of {', '.join(ASTAR_LOSSES)}")
         return loss
     fields = {} if value is True else value
     if not isinstance(fields, dict):
-        raise JobFileError(f"{where}: {key}={value!r} is not allowed: expected true or an object of config fields")
+        raise ValueError(f"{key}={value!r} is not allowed: expected true or an object of config fields")
     try:
         if key == "radial":
             return RadialAttentionConfig(**fields)
@@ -129,99 +150,118 @@ def _method_config(where: str, key: str, value: Any):
             if unknown:
                 raise ValueError(f"tome takes only 'ratio', got {sorted(unknown)}")
             return AgentAttentionConfig.tome(**fields)
-        phrases = fields.get("phrases")
-        return StructuredGuidanceConfig(**{**fields, **({"phrases": tuple(phrases)} if phrases else {})})
+        return StructuredGuidanceConfig(**fields)
     except (TypeError, ValueError) as exc:  # unknown field (TypeError) or a bad value (ValueError, names the field)
-        raise JobFileError(f"{where}: {key}: {exc}") from None
+        raise ValueError(f"{key}: {exc}") from None
 
 
-def _line_units(where: str, index: int, line: dict[str, Any], defaults: JobDefaults) -> list[JobUnit]:
+def _line_units(
+    where: str, index: int, line: dict[str, Any], defaults: JobDefaults, limits: Limits | None
+) -> list[JobUnit]:
     unknown = sorted(set(line) - set(ALLOWED_KEYS))
     if unknown:
         raise JobFileError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(ALLOWED_KEYS)}")
-    values = {k: _check_type(where, k, line[k], kind) for k, kind in _SCALARS.items() if k in line}
-    prompt = values.get("prompt", "")
-    if not prompt.strip():
-        raise JobFileError(f"{where}: prompt={prompt!r} is not allowed: expected a non-empty string")
-    name = values.get("name", f"{index:05d}")
-    if not _NAME.match(name):
-        raise JobFileError(f"{where}: name={name!r} is not allowed: expected letters, digits, '.', '_' or '-'")
-    for key in ("steps", "height", "width", "num_frames"):
-        if key in values and values[key] < 1:
-            raise JobFileError(f"{where}: {key}={values[key]} is not allowed: expected an int >= 1")
-    if "seed" in line and "seeds" in line:
-        raise JobFileError(f"{where}: give seed or seeds, not both")
-    seeds = [line["seed"]] if "seed" in line else line.get("seeds", list(defaults.seeds))
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise JobFileError(f"{where}: seeds={seeds!r} is not allowed: expected a non-empty list of ints >= 0")
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise JobFileError(f"{where}: seeds={seeds!r} is not allowed: expected distinct ints >= 0")
-    options: dict[str, Any] = {
-        k: values[k]
-        for k in ("negative_prompt", "steps", "guidance_scale", "height", "width", "num_frames")
-        if k in values
-    }
-    options.setdefault("steps", defaults.steps)
-    options["attention_maps"] = values.get("maps", defaults.maps)
-    if "guidance_interval" in line:
-        interval = line["guidance_interval"]
-        if not (
-            isinstance(interval, list) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval)
-        ):
-            raise JobFileError(f"{where}: guidance_interval={interval!r} is not allowed: expected [start, stop]")
-        options["guidance_interval"] = tuple(float(v) for v in interval)
-    if "subjects" in line:
-        subjects = line["subjects"]
-        if not (isinstance(subjects, list) and subjects and all(isinstance(p, str) and p.strip() for p in subjects)):
-            raise JobFileError(f"{where}: subjects={subjects!r} is not allowed: expected a list of subject prompts")
-        options["subjects"] = subjects
-    elif "ir" in line or "ir_masks" in line:
-        raise JobFileError(f"{where}: ir and ir_masks need subjects (one prompt per subject)")
-    if "ir_masks" in values:
-        options["masks"] = values["ir_masks"]
-    configs = {key: _method_config(where, key, line.get(key)) for key in _METHODS}
-    if configs["agent"] is not None and configs["tome"] is not None:
-        raise JobFileError(f"{where}: agent and tome are alternatives: give one")
-    for key, config in configs.items():
-        if config is not None:
-            options["agent" if key == "tome" else key] = config
-    model = values.get("model", defaults.model)
+    try:
+        name = check_str("name", line.get("name", f"{index:05d}"), max_length=100)
+        if not _NAME.match(name):
+            raise ValueError(f"name={name!r} is not allowed: expected letters, digits, '.', '_' or '-'")
+        if "seed" in line and "seeds" in line:
+            raise ValueError("give seed or seeds, not both")
+        if "seed" in line:
+            seeds = (check_seed("seed", line["seed"]),)
+        else:
+            seeds = check_seed_list("seeds", line.get("seeds", list(defaults.seeds)))
+        fields = {_REQUEST_KEYS[k]: line[k] for k in _REQUEST_KEYS if k in line}
+        fields.setdefault("prompt", "")
+        fields.setdefault("model", defaults.model)
+        fields.setdefault("steps", defaults.steps)
+        fields.setdefault("attention_maps", defaults.maps)
+        check_bool("maps", fields["attention_maps"])
+        configs = {key: _method_config(key, line.get(key)) for key in _METHODS}
+        if configs["agent"] is not None and configs["tome"] is not None:
+            raise ValueError("agent and tome are alternatives: give one")
+        for key, config in configs.items():
+            if config is not None:
+                fields["agent" if key == "tome" else key] = config
+        requests = [GenerationRequest(seed=seed, **fields) for seed in seeds]
+        check_request_limits(requests[0], limits)
+    except (TypeError, ValueError) as exc:
+        raise JobFileError(f"{where}: {exc}") from None
     spec = {k: v for k, v in line.items() if k not in ("seed", "seeds", "name")}
-    spec.setdefault("model", model)
+    spec.setdefault("model", fields["model"])
     spec.setdefault("steps", defaults.steps)
     spec.setdefault("maps", defaults.maps)
     return [
-        JobUnit(index, f"{name}-seed{seed}", prompt, seed, model, dict(options), {**spec, "seed": seed})
-        for seed in seeds
+        JobUnit(index, f"{name}-seed{r.seed}", r.prompt, r.seed, r.model, r.options(), {**spec, "seed": r.seed}, r)
+        for r in requests
     ]
 
 
-def read_job(path: str | Path, defaults: JobDefaults | None = None) -> list[JobUnit]:
-    """Parse and validate a job file (`.jsonl` as JSON Lines, anything else as one prompt per line) into units."""
+def _json_depth_ok(text: str) -> bool:
+    """False for text nesting deeper than MAX_JSON_DEPTH (json.loads would recurse that deep and may overflow)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                return False
+        elif char in "]}":
+            depth -= 1
+    return True
+
+
+def read_job(path: str | Path, defaults: JobDefaults | None = None, limits: Limits | None = None) -> list[JobUnit]:
+    """Parse and validate a job file (`.jsonl` as JSON Lines, anything else as one prompt per line) into units.
+
+    Raises JobFileError naming the file and line for anything that cannot run (also for text that is not UTF-8,
+    over-long lines and nesting deeper than 64), before any work.
+    """
     path = Path(path)
     defaults = defaults or JobDefaults()
     if not path.is_file():
         raise JobFileError(f"job file {str(path)!r} does not exist")
     units: list[JobUnit] = []
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        text = raw.strip()
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        where = f"{path.name} line {number}"
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise JobFileError(
+                f"{where}: not UTF-8 text (byte {exc.start + 1} of the line); a job file is .jsonl or one prompt per line"
+            ) from None
         if not text or text.startswith("#"):
             continue
-        where = f"{path.name} line {number}"
+        if len(text) > MAX_LINE_CHARS:
+            raise JobFileError(
+                f"{where}: {len(text):,} characters is not allowed: expected at most {MAX_LINE_CHARS:,}"
+            )
+        if "\x00" in text:
+            raise JobFileError(f"{where}: a NUL character is not allowed (is this a binary file?)")
         if path.suffix == ".jsonl":
+            if not _json_depth_ok(text):
+                raise JobFileError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels is not allowed")
             try:
                 line = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise JobFileError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise JobFileError(f"{where}: JSON nested too deeply") from None
             if not isinstance(line, dict):
                 raise JobFileError(f"{where}: expected a JSON object, got {type(line).__name__}")
         else:
             line = {"prompt": text}
-        units.extend(_line_units(where, number, line, defaults))
+        units.extend(_line_units(where, number, line, defaults, limits))
     if not units:
         raise JobFileError(f"job file {path.name} has no prompts")
     seen: dict[str, int] = {}
@@ -241,27 +281,7 @@ def shard(units: list[JobUnit], process_index: int, num_processes: int) -> list[
     return units[process_index::num_processes]
 
 
-def read_manifests(out: Path) -> dict[str, dict[str, Any]]:
-    """Done units of earlier runs into `out`: name -> manifest record (from every process's manifest)."""
-    done: dict[str, dict[str, Any]] = {}
-    for manifest in sorted(Path(out).glob("manifest-rank*.jsonl")):
-        for text in manifest.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write: that unit is not done and runs again
-            done[record["name"]] = record
-    return done
-
-
-def _append_record(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "ab+") as f:
-        # a line cut by a crash has no newline; start after it, or the new record would be glued to it and lost
-        f.seek(0, os.SEEK_END)
-        cut = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
-        f.write((("\n" if cut else "") + json.dumps(record) + "\n").encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+# ------------------------------------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -306,15 +326,18 @@ def run_job(
     device: str | None = None,
     torch_dtype: str | None = None,
     batch_size: int = 1,
+    limits: Limits | None = None,
 ) -> JobReport:
     """Run this process's share of `units` into `out`, skipping the ones its manifests record as done.
 
     Without `process_index`/`num_processes` they come from accelerate's `PartialState` (one process when not
     launched), and the device defaults to that process's device. `batch_size`: prompts per pipeline call, for
-    consecutive units with the same settings (each keeps its own seed's noise). Returns this process's `JobReport`.
+    consecutive units with the same settings (each keeps its own seed's noise). Raises JobLockError when another
+    run is writing `out`. Returns this process's `JobReport`.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is not allowed: expected an int >= 1")
+    (limits or Limits.from_env()).check(batch=batch_size)
     out = Path(out)
     state = None
     if process_index is None or num_processes is None:
@@ -325,6 +348,35 @@ def run_job(
         if device is None and state.device.type != "cpu":
             device = str(state.device)
     out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, process_index)
+    problem: Exception | None = None
+    try:
+        lock.acquire()
+        # ranks no process of this launch owns (an earlier launch was wider): held by a live run means refused
+        others = {int(m.group(1)) for p in out.iterdir() if (m := re.match(r"^\.lock-rank(\d+)$", p.name))}
+        busy = [r for r in others if r >= num_processes and locked_by_live_process(out, r)]
+        if busy:
+            raise JobLockError(f"{out} is being written by another run (lock {out / f'.lock-rank{busy[0]}'})")
+    except JobLockError as exc:
+        problem = exc
+    if not all_ranks_agree(problem is None, state):
+        lock.release()
+        raise problem or JobLockError(f"{out} is being written by another run (another process of this launch says)")
+    try:
+        return _run_locked(units, out, process_index, num_processes, device, torch_dtype, batch_size, limits, state)
+    finally:
+        lock.release()
+
+
+def _run_locked(units, out, process_index, num_processes, device, torch_dtype, batch_size, limits, state) -> JobReport:
+    own = {process_index}
+    existing = {
+        int(m.group("rank")) for p in out.iterdir() if (m := RANK_FILE.match(p.name) or TEMP_FILE.match(p.name))
+    }
+    # This process recovers its own rank and, on rank 0, ranks no process of this launch owns (a wider earlier run).
+    recover(out, own | ({r for r in existing if r >= num_processes} if process_index == 0 else set()))
+    if state is not None:
+        state.wait_for_everyone()  # every rank has recovered before any reads the others' manifests
     done = read_manifests(out)
     for unit in units:  # a folder holding another job's outputs under the same names is refused, before any work
         record = done.get(unit.name)
@@ -332,6 +384,7 @@ def run_job(
             raise JobFileError(
                 f"{out} already holds {unit.name!r} made with other settings ({record.get('spec')}); use a new --out"
             )
+    claimed = {n for record in done.values() for n in record.get("files", [])}
     mine = shard(units, process_index, num_processes)
     manifest = out / f"manifest-rank{process_index}.jsonl"
     failures = out / f"failures-rank{process_index}.jsonl"
@@ -346,34 +399,35 @@ def run_job(
                position=process_index, unit="image")  # fmt: skip
     for group in batches(pending, batch_size):
         first = group[0]
+        committed = 0
         try:
             pipe = cached_pipeline(first.model, torch_dtype, device)
             pipe.set_progress_bar_config(disable=True)  # the job's bar is the progress; one per call would flood
             results = generate_batch(
-                first.model, [u.prompt for u in group], [u.seed for u in group], pipe=pipe, **first.options
-            )
-            saved = [save_result(result, out, unit.name) for result, unit in zip(results, group)]
+                first.model, [u.prompt for u in group], [u.seed for u in group], pipe=pipe, limits=limits,
+                **first.options,
+            )  # fmt: skip
+            for unit, result in zip(group, results):
+                record = {
+                    "name": unit.name,
+                    "prompt": unit.prompt,
+                    "seed": unit.seed,
+                    "seconds": round(result.seconds, 4),
+                    "batch": len(group),
+                    "process": process_index,
+                    "spec": unit.spec,
+                    "request": unit.request.to_dict() if unit.request is not None else None,
+                }
+                commit_unit(out, process_index, manifest, record, result, claimed)
+                report.generated.append(unit.name)
+                committed += 1
+                fault("unit-done")
         except Exception as exc:  # one bad call (out of memory, a model that does not load) must not stop the job
-            logger.exception("units %s failed", [u.name for u in group])
-            for unit in group:
+            logger.exception("units %s failed", [u.name for u in group[committed:]])
+            for unit in group[committed:]:
                 error = {"name": unit.name, "error": f"{type(exc).__name__}: {exc}", "time": time.time()}
-                _append_record(failures, error)
+                append_record(failures, error)
                 report.failed.append(unit.name)
-            bar.update(len(group))
-            continue
-        for unit, result, files in zip(group, results, saved):
-            record = {
-                "name": unit.name,
-                "prompt": unit.prompt,
-                "seed": unit.seed,
-                "files": [p.name for p in files],
-                "seconds": round(result.seconds, 4),
-                "batch": len(group),
-                "process": process_index,
-                "spec": unit.spec,
-            }
-            _append_record(manifest, record)
-            report.generated.append(unit.name)
         bar.update(len(group))
     bar.close()
     logger.info(

@@ -69,8 +69,7 @@ def load_pipeline(
             dtype = torch.float32 if on_cpu else torch.float16
     elif Path(name).expanduser().exists():
         source = Path(name).expanduser()
-        if not (source / "model_index.json").is_file():
-            raise ModelLoadError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+        check_pipeline_folder(source)
     else:
         source = name
     kwargs: dict[str, Any] = {"use_safetensors": True}
@@ -79,7 +78,10 @@ def load_pipeline(
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as exc:  # the hub client raises many types; translate the "cannot get it" family
-        if isinstance(source, Path) or not _is_unreachable(exc):
+        if isinstance(source, Path):
+            first = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ModelLoadError(f"cannot load the pipeline folder {source}: {first}") from None
+        if not _is_unreachable(exc):
             raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such repository"
@@ -91,6 +93,33 @@ def load_pipeline(
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(leave=False)
     return pipe
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    """Raise ModelLoadError, in one line, for a local folder `from_pretrained` cannot load safely: no or a broken
+    `model_index.json`, or a component whose weights are only pickled `.bin` files (never loaded: they can run
+    code)."""
+    import json
+
+    index = folder / "model_index.json"
+    if not folder.is_dir() or not index.is_file():
+        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{index} is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(components, dict):
+        raise ModelLoadError(f"{index} is not valid: expected a JSON object of components")
+    for component, spec in components.items():
+        sub = folder / component
+        if component.startswith("_") or not isinstance(spec, list) or not sub.is_dir():
+            continue
+        has_pickle = any(sub.glob("*.bin")) or any(sub.glob("*.pt")) or any(sub.glob("*.ckpt"))
+        if has_pickle and not any(sub.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{sub} has only pickled weights (.bin/.pt); diffattn loads safetensors only, since a pickle can run "
+                "code. Convert it once where you trust it (load it, then save_pretrained(..., safe_serialization=True))"
+            )
 
 
 def _is_unreachable(exc: BaseException) -> bool:

@@ -226,6 +226,20 @@ def _save_checkpoint(path: Path, components, optimizers, state: dict, ema: list[
     tmp.replace(path)  # a crash never leaves a half-written checkpoint
 
 
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A training checkpoint, loaded with `weights_only=True`: tensors, numbers, strings and containers only, so a
+    planted checkpoint cannot run code (torch refuses any other pickled object)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path} is not allowed: it holds objects other than tensors and plain values, which are never unpickled "
+            f"({' '.join(str(exc).split())[:200]})"
+        ) from None
+
+
 def _load_exported(components: dict[str, Any], folder: Path, device: torch.device) -> dict[str, Any]:
     """Weights of an exported pipeline folder into `components` (fp16 -> fp32); returns its step counters.
 
@@ -237,7 +251,9 @@ def _load_exported(components: dict[str, Any], folder: Path, device: torch.devic
 
     loaders = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
     for name, cls in loaders.items():
-        weights = cls.from_pretrained(folder, subfolder=name, torch_dtype=torch.float32).state_dict()
+        weights = cls.from_pretrained(
+            folder, subfolder=name, torch_dtype=torch.float32, use_safetensors=True
+        ).state_dict()
         components[name].load_state_dict(weights)
         components[name].to(device)
     state = json.loads((folder / "training_state.json").read_text())
@@ -273,7 +289,7 @@ def train_shapes(
     checkpoint = out / "checkpoint.pt"
     saved_ema = None
     if resume and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        saved = load_checkpoint(checkpoint, device)
         for name, weights in saved["models"].items():
             components[name].load_state_dict(weights)
         for name, opt_state in saved["optimizers"].items():

@@ -46,7 +46,8 @@ def test_read_job_expands_seeds_and_applies_defaults(tmp_path):
     ir = units[-1].options
     assert ir["subjects"] == ["a cat", "a dog"] and ir["masks"] == "attention"
     assert ir["ir"] == IRDiffusionConfig(mask_dropout=0.2)
-    assert units[0].options == {"steps": 5, "attention_maps": False}
+    given = {k: v for k, v in units[0].options.items() if v is not None}
+    assert given == {"steps": 5, "attention_maps": False, "masks": "auto"}
     assert units[2].options["steps"] == 2
     assert units[2].options["agent"] == AgentAttentionConfig(agent_ratio=None, stride=2, ratio=0.3)
     assert units[4].options["agent"] == AgentAttentionConfig() and units[4].options["attention_maps"] is True
@@ -68,9 +69,9 @@ def test_plain_text_job_is_one_prompt_per_line(tmp_path):
         ({"prompt": "x", "colour": 1}, "job.jsonl line 1: unknown key 'colour'; allowed: prompt"),
         ({"prompt": ""}, "prompt='' is not allowed"),
         ({"name": "x"}, "prompt='' is not allowed"),
-        ({"prompt": "x", "steps": "4"}, "steps='4' is not allowed: expected int"),
+        ({"prompt": "x", "steps": "4"}, "steps='4' is not allowed: expected an int >= 1"),
         ({"prompt": "x", "steps": 0}, "steps=0 is not allowed: expected an int >= 1"),
-        ({"prompt": "x", "seeds": [1, 1]}, "seeds=[1, 1] is not allowed: expected distinct ints >= 0"),
+        ({"prompt": "x", "seeds": [1, 1]}, "seeds=[1, 1] is not allowed: expected distinct seeds"),
         ({"prompt": "x", "seeds": []}, "seeds=[] is not allowed"),
         ({"prompt": "x", "seed": 1, "seeds": [2]}, "give seed or seeds, not both"),
         ({"prompt": "x", "name": "../up"}, "name='../up' is not allowed"),
@@ -80,7 +81,7 @@ def test_plain_text_job_is_one_prompt_per_line(tmp_path):
         ({"prompt": "x", "agent": True, "tome": True}, "agent and tome are alternatives"),
         ({"prompt": "x", "astar": "iou"}, "astar='iou' is not allowed"),
         ({"prompt": "x", "guidance_interval": [0.5]}, "guidance_interval=[0.5] is not allowed"),
-        ({"prompt": "x", "ir": True}, "ir and ir_masks need subjects"),
+        ({"prompt": "x", "ir": True}, "ir and masks are IR-Diffusion settings: they need subjects"),
         ({"prompt": "x", "subjects": "a cat"}, "subjects='a cat' is not allowed"),
         ({"prompt": "x", "subjects": ["x"], "ir": {"seed": "1"}}, "ir: seed='1' is not allowed"),
         ("{not json", "job.jsonl line 1: not valid JSON"),
@@ -137,13 +138,17 @@ def test_run_job_outputs_match_the_plain_pipeline_and_resume_without_overwriting
     assert again.skipped == [u.name for u in units] and not again.generated
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before
 
-    # A crash after the image was written but before its record: the unit runs again, next to the old file.
+    # A file no record names sits where an output goes (put there by hand): it is never overwritten, the unit
+    # fails saying so, and runs once the file is moved away.
     manifest = out / "manifest-rank0.jsonl"
-    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:2]) + '{"name": "dog-seed0", "cut')
+    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:2]))
     third = run_job(units, out, process_index=0, num_processes=1)
-    assert third.generated == ["dog-seed0"]
-    assert (out / "dog-seed0.png").read_bytes() == before["dog-seed0.png"]  # never overwritten
-    assert read_manifests(out)["dog-seed0"]["files"] == ["dog-seed0-1.png"]
+    assert third.failed == ["dog-seed0"] and not third.generated
+    assert (out / "dog-seed0.png").read_bytes() == before["dog-seed0.png"]
+    assert "dog-seed0.png already exists and no manifest record names it" in (out / "failures-rank0.jsonl").read_text()
+    (out / "dog-seed0.png").rename(tmp_path / "moved.png")
+    fourth = run_job(units, out, process_index=0, num_processes=1)
+    assert fourth.generated == ["dog-seed0"] and read_manifests(out)["dog-seed0"]["files"] == ["dog-seed0.png"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
@@ -239,7 +244,7 @@ def test_batched_calls_keep_each_seeds_image(tmp_path):
 def test_generate_batch_refuses_what_takes_one_prompt():
     from diffattn.generation import generate_batch
 
-    with pytest.raises(ValueError, match="one seed per prompt, got 2 prompts and 1 seeds"):
+    with pytest.raises(ValueError, match="one seed per prompt"):
         generate_batch("tiny-sd", ["a", "b"], [0])
     with pytest.raises(
         ValueError, match="A-STAR, IR-Diffusion \\(subjects\\) and structured guidance take one prompt"

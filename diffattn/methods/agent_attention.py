@@ -25,10 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import AttentionLayer, ModelAdapter, attention_processors
-from ..config_checks import check_choice, check_int_range, check_number
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import agent_attention, bipartite_matching, merge_tokens, unmerge_tokens
 from ..state import DenoiserState
+from ..validation import check_bool, check_choice, check_int_choices, check_int_range, check_number, check_seed
+
+
+LEVELS = (1, 2, 4, 8)  # UNet downsample factors a level can be named by
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,13 @@ class AgentAttentionConfig(MethodConfig):
         check_number("agent_steps", self.agent_steps, 0, 1)
         check_int_range("stride", self.stride, 1, 16)
         check_int_range("late_stride", self.late_stride, 1, 16)
-        check_int_range("seed", self.seed, 0)
+        check_seed("seed", self.seed)
         check_number("shortcut", self.shortcut, 0, 10)
-        if isinstance(self.agent_scale_power, bool) or not isinstance(self.agent_scale_power, (int, float)):
-            raise ValueError(f"agent_scale_power={self.agent_scale_power!r} is not allowed: expected a number")
-        if not isinstance(self.use_rand, bool):
-            raise ValueError(f"use_rand={self.use_rand!r} is not allowed: expected True or False")
+        check_number("agent_scale_power", self.agent_scale_power, 0, 2)
+        check_bool("use_rand", self.use_rand)
         check_choice("attn_precision", self.attn_precision, (None, "fp32"))
         if self.levels is not None:
-            levels = tuple(self.levels) if not isinstance(self.levels, int) else (self.levels,)
-            if not levels or any(isinstance(v, bool) or v not in (1, 2, 4, 8) for v in levels):
-                raise ValueError(f"levels={self.levels!r} is not allowed: expected downsample factors from 1, 2, 4, 8")
-            object.__setattr__(self, "levels", levels)
+            object.__setattr__(self, "levels", check_int_choices("levels", self.levels, LEVELS))
 
     @classmethod
     def tome(cls, ratio: float = 0.5, **fields) -> "AgentAttentionConfig":

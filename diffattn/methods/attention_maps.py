@@ -17,10 +17,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..adapters import AttentionLayer, ModelAdapter, UNetAttnProcessor
-from ..config_checks import check_positive_int_or_pair, check_token_indices
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import attention_with_probs
 from ..state import DenoiserState
+from ..validation import check_bool, check_positive_int_or_pair, check_token_indices
 
 
 DEFAULT_MAP_RESOLUTION = 16
@@ -47,6 +47,7 @@ class AttentionMapConfig(MethodConfig):
             object.__setattr__(self, "resolution", check_positive_int_or_pair("resolution", self.resolution))
         if self.tokens is not None:
             object.__setattr__(self, "tokens", check_token_indices("tokens", self.tokens))
+        check_bool("keep_grad", self.keep_grad)
 
 
 class MapStore:

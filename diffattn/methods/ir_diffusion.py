@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..adapters import AttentionLayer, ModelAdapter, UNetAttnProcessor
-from ..config_checks import check_int_range, check_number
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import attention_with_probs
 from ..state import DenoiserState
+from ..validation import check_bool, check_int_range, check_number, check_seed
 
 
 UPSTREAM_START_LAYER = 36 / 70  # upstream: start_layer=36 of SDXL's 70 self-attention layers (the decoder side)
@@ -74,16 +74,15 @@ class IRDiffusionConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self):
-        for field in ("isolation", "reposition"):
-            if not isinstance(getattr(self, field), bool):
-                raise ValueError(f"{field}={getattr(self, field)!r} is not allowed: expected True or False")
+        check_bool("isolation", self.isolation)
+        check_bool("reposition", self.reposition)
         if self.start_layer is not None:
             check_int_range("start_layer", self.start_layer, 0)
         check_int_range("start_step", self.start_step, 0)
         check_number("reference_logit_bias", self.reference_logit_bias, -100.0, 100.0)
         check_number("mask_dropout", self.mask_dropout, 0.0, 0.99)
         check_number("mutual_cross_attention", self.mutual_cross_attention, 0.0, 1.0)
-        check_int_range("seed", self.seed, 0)
+        check_seed("seed", self.seed)
 
 
 # ---------------------------------------------------------------------------------------------------- mask geometry

@@ -29,11 +29,11 @@ from ..adapters import (
     WanSelfAttnProcessor,
     attention_processors,
 )
-from ..config_checks import check_choice, check_int_range
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import BACKENDS, BlockSparseLayout, block_sparse_attention, merge_attention_outputs
 from ..state import DenoiserState
-from .radial_mask import radial_block_mask
+from ..validation import check_choice, check_int_range, check_number
+from .radial_mask import BLOCK_SIZES, MAX_DECAY_FACTOR, radial_block_mask
 
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,8 @@ class RadialAttentionConfig(MethodConfig):
         check_int_range("dense_layers", self.dense_layers, 0)
         check_int_range("dense_timesteps", self.dense_timesteps, 0)
         check_int_range("dense_last_timesteps", self.dense_last_timesteps, 0)
-        factor = self.decay_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ValueError(f"decay_factor={factor!r} is not allowed: expected a number > 0")
-        check_choice("block_size", self.block_size, (64, 128))
+        check_number("decay_factor", self.decay_factor, 0, MAX_DECAY_FACTOR, low_open=True)
+        check_choice("block_size", self.block_size, BLOCK_SIZES)
         if self.sink_frames is not None:
             check_int_range("sink_frames", self.sink_frames, 0)
         check_choice("backend", self.backend, BACKENDS)

@@ -11,9 +11,18 @@ d = |i - j|, with P = 2**bitlen(s) and g(d) = bitlen(d):
 
 Block conversion is conservative ("strict shrink"): each pair's token mask is laid on a canvas at its offsets
 (i*s mod block, j*s mod block); a block x block tile of it is kept when more than 60% of its non-empty columns are
-more than one third filled (a partial last block is measured against the rows it has). Tiles are OR-ed into the global [ceil(n/block)]^2 grid (frames straddle blocks when s
-is not a multiple of the block). Tile fills are computed in closed form per column, and pair results are cached by
-(window, offsets), so 115k tokens take well under a second.
+more than one third filled (a partial last block is measured against the rows it has). Tiles are OR-ed into the
+global [ceil(n/block)]^2 grid (frames straddle blocks when s is not a multiple of the block). Tile fills are computed
+in closed form per column, and pair results are cached by (window, offsets), so 115k tokens take well under a second.
+
+Where this differs from the upstream mask builder (on the shapes upstream runs, n a multiple of 128 and s a
+multiple of the block, the two agree block for block):
+
+- a partial last block: upstream keeps it dense; here the same rule as every other block is applied to it,
+  measured against the rows it really has;
+- spill-over: when a frame's offset crosses a block boundary, upstream drops the blocks of a pair's canvas that
+  spill past the next frame's first block; here they are kept (OR-ed into the grid), so no band token the rule
+  keeps is lost.
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ from functools import lru_cache
 
 import torch
 
-from ..config_checks import check_choice, check_int_range
+from ..validation import check_choice, check_int_range, check_number
 
 
 FULL = -1  # window value meaning "the whole frame pair"
+BLOCK_SIZES = (64, 128)  # the kernel tiles the mask can be built for
+MAX_DECAY_FACTOR = 100.0  # far past dense: every band is then wider than any frame
 
 
 def _bitlen(x: int) -> int:
@@ -90,10 +101,9 @@ def radial_block_mask(
     """
     check_int_range("num_frames", num_frames, 1)
     check_int_range("tokens_per_frame", tokens_per_frame, 1)
-    check_choice("block_size", block_size, (64, 128))
+    check_choice("block_size", block_size, BLOCK_SIZES)
     check_int_range("sink_frames", sink_frames, 0)
-    if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)) or not decay_factor > 0:
-        raise ValueError(f"decay_factor={decay_factor!r} is not allowed: expected a number > 0")
+    check_number("decay_factor", decay_factor, 0, MAX_DECAY_FACTOR, low_open=True)
     f, s, b = num_frames, tokens_per_frame, block_size
     num_blocks = math.ceil(f * s / b)
     tail = f * s - (num_blocks - 1) * b  # rows of the last (possibly partial) block

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import AttentionLayer, ModelAdapter, UNetAttnProcessor
-from ..config_checks import check_choice
 from ..control import AttentionMethod, MethodConfig
 from ..state import DenoiserState
 from ..text import noun_phrases, token_spans
+from ..validation import check_choice, check_str_list
 
 
 logger = logging.getLogger(__name__)
+
+MODES = ("default", "conjunction")
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,9 @@ class StructuredGuidanceConfig(MethodConfig):
     phrases: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        check_choice("mode", self.mode, ("default", "conjunction"))
+        check_choice("mode", self.mode, MODES)
         if self.phrases is not None:
-            if isinstance(self.phrases, str) or not all(isinstance(p, str) and p.strip() for p in self.phrases):
-                raise ValueError(f"phrases={self.phrases!r} is not allowed: expected a list of non-empty strings")
-            object.__setattr__(self, "phrases", tuple(self.phrases))
+            object.__setattr__(self, "phrases", check_str_list("phrases", self.phrases))
 
 
 def align_phrase(full: torch.Tensor, phrase: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
