@@ -51,12 +51,17 @@ _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _seed(text: str) -> int:
+    """An argparse type: a seed, refused with the validation layer's own message."""
     from .validation import check_seed
 
     try:
-        return check_seed("seed", int(text))
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2^63), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"seed={text!r} is not allowed: expected an int seed in [0, 2^63)") from None
+    try:
+        return check_seed("seed", value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
@@ -93,15 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", "-p", required=True, help="text prompt")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=_positive_int, default=None,
+    gen.add_argument("--steps", type=int, default=None,
                      help="denoising steps (default: the preset's, 20 for shapes-sd, 4 for tiny-*; 30 otherwise)")  # fmt: skip
     gen.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     gen.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "STOP"), default=None,
                      help="guide only the steps in this fraction of the run, e.g. 0.3 1 (default: every step)")  # fmt: skip
-    gen.add_argument("--height", type=_positive_int, default=None, help="height in pixels")
-    gen.add_argument("--width", type=_positive_int, default=None, help="width in pixels")
-    gen.add_argument("--num-frames", type=_positive_int, default=None, help="frames (video models)")
+    gen.add_argument("--height", type=int, default=None, help="height in pixels")
+    gen.add_argument("--width", type=int, default=None, help="width in pixels")
+    gen.add_argument("--num-frames", type=int, default=None, help="frames (video models)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype")
     gen.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     gen.add_argument("--fps", type=_positive_int, default=8, help="frames per second of saved videos")
@@ -228,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad flag (one line already written) or --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         _quiet_libraries()
@@ -293,7 +301,7 @@ def _report_error(args: argparse.Namespace, exc: Exception) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).splitlines()).strip() or type(exc).__name__  # one line; the rest kept as it is
     return text if len(text) <= 500 else text[:497] + "..."
 
 

@@ -155,6 +155,14 @@ def _method_config(key: str, value: Any):
         raise ValueError(f"{key}: {exc}") from None
 
 
+def _in_job_terms(message: str) -> str:
+    """A request's message about `attention_maps=...` / `masks=...` named by the job file's key (`maps`, `ir_masks`)."""
+    for key, name in _REQUEST_KEYS.items():
+        if key != name and message.startswith(f"{name}="):
+            return key + message[len(name) :]
+    return message
+
+
 def _line_units(
     where: str, index: int, line: dict[str, Any], defaults: JobDefaults, limits: Limits | None
 ) -> list[JobUnit]:
@@ -186,7 +194,7 @@ def _line_units(
         requests = [GenerationRequest(seed=seed, **fields) for seed in seeds]
         check_request_limits(requests[0], limits)
     except (TypeError, ValueError) as exc:
-        raise JobFileError(f"{where}: {exc}") from None
+        raise JobFileError(f"{where}: {_in_job_terms(str(exc))}") from None
     spec = {k: v for k, v in line.items() if k not in ("seed", "seeds", "name")}
     spec.setdefault("model", fields["model"])
     spec.setdefault("steps", defaults.steps)

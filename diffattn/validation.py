@@ -75,19 +75,25 @@ def check_choice(field: str, value: Any, allowed: Sequence[Any]) -> Any:
 
 
 def check_str(field: str, value: Any, *, allow_empty: bool = False, max_length: int = 10_000) -> str:
-    if not isinstance(value, str) or (not allow_empty and not value.strip()) or len(value) > max_length:
+    if (
+        not isinstance(value, str)
+        or (not allow_empty and not value.strip())
+        or len(value) > max_length
+        or "\x00" in value
+    ):
         what = "a string" if allow_empty else "a non-empty string"
         raise refuse(field, value, f"{what} of at most {max_length} characters")
     return value
 
 
-def check_str_list(field: str, value: Any, *, max_items: int = 64) -> tuple[str, ...]:
+def check_str_list(field: str, value: Any, *, max_items: int = 64, allow_empty: bool = False) -> tuple[str, ...]:
     """A list/tuple of non-empty strings (a bare string, a dict or a set is refused, not split or iterated)."""
-    if not _is_sequence(value) or not value or len(value) > max_items:
-        raise refuse(field, value, f"a list of 1 to {max_items} non-empty strings")
+    allowed = f"a list of {0 if allow_empty else 1} to {max_items} non-empty strings"
+    if not _is_sequence(value) or (not value and not allow_empty) or len(value) > max_items:
+        raise refuse(field, value, allowed)
     for item in value:
-        if not isinstance(item, str) or not item.strip():
-            raise refuse(field, value, f"a list of 1 to {max_items} non-empty strings")
+        if not isinstance(item, str) or not item.strip() or len(item) > 10_000:
+            raise refuse(field, value, allowed)
     return tuple(value)
 
 

@@ -48,11 +48,14 @@ def test_generate_video_as_mp4(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "--prompt", "x", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
-        (["generate", "--prompt", "x", "--seed", "-1"], "argument --seed: expected an integer seed >= 0"),
+        (["generate", "--prompt", "x", "--steps", "0"], "steps=0 is not allowed: expected an int >= 1"),
+        (
+            ["generate", "--prompt", "x", "--seed", "-1"],
+            "argument --seed: seed=-1 is not allowed: expected an int seed",
+        ),
         (["generate", "--steps", "2"], "the following arguments are required: --prompt/-p"),
         (["generate", "--prompt", "x", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
-        (["generate", "--prompt", "  ", "--steps", "1"], "prompt='' is not allowed"),
+        (["generate", "--prompt", "  ", "--steps", "1"], "prompt='  ' is not allowed: expected a non-empty string"),
         (["generate", "--prompt", "x", "--model", "nobody/nothing"], "cannot load 'nobody/nothing'"),
         (["demo", "--presets", "tiny-x"], "argument --presets: invalid choice: 'tiny-x'"),
         (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
@@ -75,7 +78,10 @@ def test_generate_video_as_mp4(tmp_path, capsys):
         (["generate", "-p", "x", "--tome", "--merge-ratio", "2"], "ratio=2.0 is not allowed"),
         (["generate", "-p", "x", "-m", "tiny-wan", "--agent"], "agent attention is for Stable Diffusion UNets"),
         (["generate", "-p", "x", "--ir-masks", "attention"], "--ir-masks and --mask-dropout need --subject"),
-        (["generate", "-p", "a cat", "--subject", "a cat", "--agent"], "it does not combine with ['agent']"),
+        (
+            ["generate", "-p", "a cat", "--subject", "a cat", "--agent"],
+            "(IR-Diffusion) runs its own pipeline and does not combine with agent",
+        ),
         (["generate", "-p", "a cat", "--subject", "a cat", "--mask-dropout", "2"], "mask_dropout=2.0 is not allowed"),
         (
             ["generate", "-p", "a cat", "-m", "tiny-sd", "--subject", "a cat", "--ir-masks", "segmenter"],

@@ -258,3 +258,72 @@ def test_hunyuan_geometry():
     assert [(s, c) for s, c, *_ in log] == [(0, 0), (1, 0)]
     assert {entry[3:7] for entry in log} == {(1, 2, 4, 6)}
     handle.remove()
+
+
+def _steps_seen(spy_method) -> list[int]:
+    return sorted({entry[0] for entry in spy_method.log})
+
+
+@pytest.mark.parametrize("order", ["first-applied removed first", "last-applied removed first"])
+def test_stacked_handles_keep_exact_step_tracking_until_their_own_removal(order):
+    pipe = load("tiny-sd")
+    processors_before = dict(attention_processors(pipe.unet))
+    baseline = run(pipe, "tiny-sd", steps=3)
+    scheduler_before = dict(vars(pipe.scheduler))
+    maps = diffattn.apply(pipe, diffattn.AttentionMapConfig())
+    spy = diffattn.apply(pipe, SpyConfig())
+    with pytest.raises(RuntimeError):  # a failed apply while both are active changes nothing
+        diffattn.apply(pipe, OtherSpyConfig())
+    first, second = (maps, spy) if order.startswith("first") else (spy, maps)
+    first.remove()
+    survivor = second
+    run(pipe, "tiny-sd", steps=3)
+    if survivor is maps:
+        assert maps.maps().shape[0] == 3 and maps.state.step_index == 2 and maps.state.run_index >= 1
+    else:
+        method = spy.method(SpyConfig)
+        method.log.clear()
+        run(pipe, "tiny-sd", steps=3)
+        assert _steps_seen(method) == [0, 1, 2]
+    survivor.remove()
+    # no wrapper or registry left behind: the instance holds what a plain run leaves, nothing else
+    assert vars(pipe.scheduler).keys() == scheduler_before.keys()
+    assert all(vars(pipe.scheduler)[k] is v for k, v in scheduler_before.items() if callable(v))
+    assert all(attention_processors(pipe.unet)[k] is v for k, v in processors_before.items())
+    assert torch.equal(run(pipe, "tiny-sd", steps=3), baseline)
+
+
+class _LastLayerSpyMethod(SpyMethod):
+    def processors(self, adapter, layers, state):
+        from helpers import SpyProcessor
+
+        last = layers[-1]
+        return {last.key: SpyProcessor(attention_processors(adapter.model)[last.key], state, self.log)}
+
+
+class _LastLayerSpyConfig(MethodConfig):
+    method_class = _LastLayerSpyMethod
+
+
+def test_three_stacked_handles_each_count_steps_right():
+    pipe = load("tiny-sd")
+    handles = [diffattn.apply(pipe, diffattn.AttentionMapConfig()), diffattn.apply(pipe, SpyConfig())]
+    third = diffattn.apply(pipe, _LastLayerSpyConfig())
+    run(pipe, "tiny-sd", steps=4)
+    assert [h.state.step_index for h in handles + [third]] == [3, 3, 3]
+    handles[1].remove()
+    run(pipe, "tiny-sd", steps=2)
+    assert handles[0].maps().shape[0] == 2 and third.state.step_index == 1
+    third.remove()
+    run(pipe, "tiny-sd", steps=3)
+    assert handles[0].maps().shape[0] == 3
+    handles[0].remove()
+    assert "_diffattn_step_trackers" not in vars(pipe.scheduler)
+
+
+def test_handle_method_takes_the_applied_config_type():
+    pipe = load("tiny-sd")
+    with diffattn.apply(pipe, diffattn.AttentionMapConfig()) as handle:
+        assert handle.method(diffattn.AttentionMapConfig).config == diffattn.AttentionMapConfig()
+        with pytest.raises(LookupError, match="no RadialAttentionConfig was applied"):
+            handle.method(diffattn.RadialAttentionConfig)

@@ -73,8 +73,8 @@ class AgentAttentionConfig(MethodConfig):
         check_number("agent_ratio", self.agent_ratio, 0, 1, allow_none=True)
         check_number("late_agent_ratio", self.late_agent_ratio, 0, 1, allow_none=True)
         check_number("agent_steps", self.agent_steps, 0, 1)
-        check_int_range("stride", self.stride, 1, 16)
-        check_int_range("late_stride", self.late_stride, 1, 16)
+        check_int_range("stride", self.stride, 2, 16)  # 1: every token its own destination, nothing to merge
+        check_int_range("late_stride", self.late_stride, 2, 16)
         check_seed("seed", self.seed)
         check_number("shortcut", self.shortcut, 0, 10)
         check_number("agent_scale_power", self.agent_scale_power, 0, 2)

@@ -50,7 +50,7 @@ class StructuredGuidanceConfig(MethodConfig):
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
         if self.phrases is not None:
-            object.__setattr__(self, "phrases", check_str_list("phrases", self.phrases))
+            object.__setattr__(self, "phrases", check_str_list("phrases", self.phrases, allow_empty=True))
 
 
 def align_phrase(full: torch.Tensor, phrase: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
