@@ -6,7 +6,12 @@ UNet on the conditional branch with gradients, reads the concept tokens' cross-a
 (only those layers leave SDPA and store maps), computes the loss and moves the latents against its gradient:
 z <- z - alpha_t * grad_z L, alpha_t = scale_factor * sqrt(linspace(scale_range)). At the refinement steps
 (`thresholds`, Attend-and-Excite's iterative refinement, used with loss="attend_and_excite" or "both") the
-update repeats while the attend-and-excite part stays above 1 - threshold, at most `max_refinement_steps` times. Loads with `from_pretrained` like any pipeline:
+update repeats while the attend-and-excite part stays above 1 - threshold, at most `max_refinement_steps` times,
+and then the step's ordinary update follows, as in the reference (refinement steps past `max_iter_to_alter`
+refine too, without that last update). With loss="attend_and_excite" and DDIM the latents follow diffusers'
+`StableDiffusionAttendAndExcitePipeline` (tested). One difference is kept on purpose: the loss pass feeds the UNet
+`scheduler.scale_model_input(latents, t)`, as every denoiser call must; the reference feeds raw latents, which is
+the same for DDIM and wrong for schedulers that scale their input (Euler, DPM-Solver SDE, ...). Loads with `from_pretrained` like any pipeline:
 
     pipe = AStarPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     out = pipe("a cat and a frog", loss="astar")       # out.images, out.losses (per step, per iteration)
@@ -75,6 +80,40 @@ class _AStarLoop:
         total = sum(v for k, v in parts.items() if options["loss"] != "astar" or k != "excite")
         return total, parts, maps
 
+    def _update_step(
+        self, latents, t, cond, maps_method, indices, previous_binary, options, step_size, target, max_refinement,
+        update, record,
+    ):  # fmt: skip
+        """One step's latent updates, in the order of Attend-and-Excite's reference pipeline: the loss at the step's
+        latents; at a refinement step whose excite loss is above 1 - target, updates while it stays there (each
+        iteration: loss at the current latents, then an update; at most `max_refinement`), then the loss again;
+        then, before `max_iter_to_alter` (`update`), the step's ordinary update with that loss.
+        Returns (latents, the last maps); appends every loss computed to `record`."""
+
+        def losses_at(z):
+            with torch.enable_grad():
+                z = z.detach().requires_grad_(True)
+                total, parts, maps = self._attention_losses(z, t, cond, maps_method, indices, previous_binary, options)
+            record.append(float(total.detach()))
+            excite = float(parts["excite"].detach()) / maps.shape[0]  # per image
+            return z, total, excite, maps
+
+        def moved(z, total):
+            if total.requires_grad and float(total.detach()) != 0.0:
+                return (z - step_size * torch.autograd.grad(total, z)[0]).detach()
+            return z.detach()
+
+        z, total, excite, maps = losses_at(latents)
+        if target is not None and excite > 1.0 - target:
+            for iteration in range(1, max_refinement + 1):
+                if iteration > 1:
+                    z, total, excite, maps = losses_at(z)
+                z = moved(z, total)
+                if excite <= 1.0 - target:
+                    break
+            z, total, excite, maps = losses_at(z)
+        return (moved(z, total) if update else z.detach()), maps.detach()
+
     def __call__(
         self,
         prompt: str,
@@ -141,22 +180,13 @@ class _AStarLoop:
             options = {"loss": loss, "smooth": smooth, "sigma": sigma}
             for i, t in enumerate(self.progress_bar(timesteps)):
                 step_losses: list[float] = []
-                if i < max_iter_to_alter:
-                    target = thresholds.get(i) if loss != "astar" else None  # refinement is Attend-and-Excite's
-                    for attempt in range(1 + (max_refinement_steps if target is not None else 0)):
-                        with torch.enable_grad():
-                            latents = latents.detach().requires_grad_(True)
-                            total, parts, maps = self._attention_losses(
-                                latents, t, (cond, added_cond), maps_method, indices, previous_binary, options
-                            )
-                            step_losses.append(float(total.detach()))
-                            if total.requires_grad and float(total.detach()) != 0.0:
-                                grad = torch.autograd.grad(total, latents)[0]
-                                latents = latents - step_sizes[i] * grad
-                        latents = latents.detach()
-                        if target is None or float(parts["excite"].detach()) / maps.shape[0] <= 1.0 - target:
-                            break
-                    previous_binary = binarize(maps.detach(), retention_threshold)
+                target = thresholds.get(i) if loss != "astar" else None  # refinement is Attend-and-Excite's
+                if i < max_iter_to_alter or target is not None:
+                    latents, maps = self._update_step(
+                        latents, t, (cond, added_cond), maps_method, indices, previous_binary, options,
+                        step_sizes[i], target, max_refinement_steps, i < max_iter_to_alter, step_losses,
+                    )  # fmt: skip
+                    previous_binary = binarize(maps, retention_threshold)
                 losses.append(step_losses)
                 with torch.no_grad():
                     model_in = torch.cat([latents] * 2) if do_cfg else latents

@@ -1,5 +1,7 @@
 """A-STAR and Attend-and-Excite: losses against hand-computed cases, latent updates on tiny-sd."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,11 +44,16 @@ def test_concept_maps_softmax_and_smoothing():
     g = torch.Generator().manual_seed(0)
     maps = torch.rand(1, 6, 4, 4, generator=g) * 0.05
     out = concept_maps(maps, [2, 4], smooth=False)
-    probs = torch.softmax(maps[0, 1:] * 100, dim=0)  # over tokens 1..5 at every pixel
+    probs = torch.softmax(maps[0, 1:5] * 100, dim=0)  # over tokens 1..4 (T - 2: the last position left out)
     torch.testing.assert_close(out[0], probs[[1, 3]])
     smooth = concept_maps(maps, [2], smooth=True)
     k = gaussian_kernel(3, 0.5)
-    assert k.sum() == pytest.approx(1.0) and k[1, 1] == k.max()
+    # the reference's kernel: 1-D weights e^-1 : 1 : e^-1, normalised (0.212 / 0.576 / 0.212)
+    one_d = torch.tensor([math.exp(-1), 1.0, math.exp(-1)])
+    torch.testing.assert_close(k, torch.outer(one_d, one_d) / one_d.sum() ** 2)
+    assert k[0, 1] / k[1, 1] == pytest.approx(0.3679, abs=1e-4)
+    with pytest.raises(ValueError, match="token_indices=\\[5\\] is not allowed"):
+        concept_maps(maps, [5])
     expected = F.conv2d(F.pad(probs[[1]][None], (1, 1, 1, 1), mode="reflect"), k[None, None])
     torch.testing.assert_close(smooth, expected)
 
@@ -139,3 +146,67 @@ def test_sdxl_pipeline_runs_with_batch_two():
     assert (moved.images - plain.images).abs().max() > 1e-5  # the updates moved the latents
     out = pipe("a red cat", max_iter_to_alter=1, output_type="pt", **kwargs)
     assert out.images.shape == (2, 3, 256, 256) and torch.isfinite(out.images).all()
+
+
+def _reference_attend_and_excite(components, prompt, indices, **kw):
+    """diffusers' own StableDiffusionAttendAndExcitePipeline (the authors' recipe), with its per-step losses."""
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import (
+        pipeline_stable_diffusion_attend_and_excite as reference,
+    )
+
+    pipe = reference.StableDiffusionAttendAndExcitePipeline(
+        **{k: v for k, v in components.items() if k != "image_encoder"}
+    )
+    pipe.set_progress_bar_config(disable=True)
+    steps, current = [], []
+    compute_loss = pipe._compute_loss
+
+    def recording(max_attention_per_index):
+        loss = compute_loss(max_attention_per_index)
+        current.append(float(loss))
+        return loss
+
+    def end_of_step(i, t, latents):
+        steps.append(list(current))
+        current.clear()
+
+    pipe._compute_loss = recording
+    latents = pipe(prompt, indices, callback=end_of_step, **kw).images
+    return latents, steps
+
+
+@pytest.mark.parametrize(
+    "max_iter, thresholds",
+    [(10, {0: 0.05, 10: 0.5, 20: 0.8}), (4, {0: 0.05, 3: 0.5, 6: 0.8})],  # the second refines past max_iter too
+)
+def test_attend_and_excite_matches_diffusers_reference_pipeline(max_iter, thresholds):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    base = diffattn.load_pipeline("shapes-sd")
+    components = {**base.components, "scheduler": DDIMScheduler.from_config(base.scheduler.config, clip_sample=False)}
+    prompt = "a red circle and a blue square"
+    indices = concept_token_indices(base.tokenizer, prompt)
+    assert indices == [3, 7]
+    kw = {"num_inference_steps": 12, "guidance_scale": 5.0, "height": 64, "width": 64, "output_type": "latent",
+              "max_iter_to_alter": max_iter, "thresholds": thresholds}  # fmt: skip
+    reference, reference_losses = _reference_attend_and_excite(
+        components, prompt, indices, generator=torch.Generator().manual_seed(0), attn_res=(16, 16), **kw
+    )
+    ours_pipe = AStarPipeline(**components)
+    ours_pipe.set_progress_bar_config(disable=True)
+    ours = ours_pipe(prompt, indices, loss="attend_and_excite", generator=torch.Generator().manual_seed(0), **kw)
+    plain_kw = {k: v for k, v in kw.items() if k not in ("max_iter_to_alter", "thresholds")}
+    plain = StableDiffusionPipeline(**components)
+    plain.set_progress_bar_config(disable=True)
+    plain_latents = plain(prompt, generator=torch.Generator().manual_seed(0), **plain_kw).images
+    effect = (reference - plain_latents).abs().max()
+    assert effect > 1e-3  # the method moved the latents
+    assert (ours.images - reference).abs().max() <= 0.01 * effect
+    for i, step in enumerate(ours.losses):
+        expected = reference_losses[i]
+        if len(expected) > 2:  # the reference recomputes the step's first loss once as refinement begins
+            expected = [expected[0]] + expected[2:]
+        if not step:  # past max_iter_to_alter and not a refinement step: the reference computes, never uses it
+            assert i >= max_iter and i not in thresholds
+            continue
+        assert step == pytest.approx(expected, abs=1e-5), i

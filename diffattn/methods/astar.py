@@ -1,8 +1,11 @@
 """A-STAR (Agarwal et al., ICCV 2023) and Attend-and-Excite (Chefer et al., 2023): losses on cross-attention maps.
 
 The maps are those of the concept tokens at one UNet resolution (16x16 for SD at 512 px), averaged over heads and
-layers, softmaxed over the prompt's tokens without the start token (Attend-and-Excite's recipe, which A-STAR's
-reference setup reuses) and smoothed with a 3x3 Gaussian (sigma 0.5).
+layers, x100 and softmaxed over the text positions 1..T-2 (the start token and the last position dropped), then
+smoothed with a 3x3 kernel, all exactly as Attend-and-Excite's reference code computes them (diffusers'
+`StableDiffusionAttendAndExcitePipeline`). That kernel is exp(-((x - m) / (2 sigma))^2) with sigma = 0.5, normalised:
+a Gaussian of standard deviation sigma * sqrt(2) ~ 0.707 (1-D weights 0.212 / 0.576 / 0.212), not the 0.5 its
+name says. A-STAR uses the same maps and kernel: its reference setup is built on Attend-and-Excite's code.
 
 - segregation (A-STAR): sum over concept pairs m > n of soft IoU(A^m, A^n) = sum min(A^m, A^n) / sum (A^m + A^n);
   it is low when concepts occupy different pixels;
@@ -20,9 +23,10 @@ import torch.nn.functional as F
 
 
 def gaussian_kernel(size: int = 3, sigma: float = 0.5, device=None, dtype=torch.float32) -> torch.Tensor:
-    """A normalised [size, size] Gaussian."""
+    """Attend-and-Excite's normalised [size, size] smoothing kernel, exp(-((x - m) / (2 sigma))^2) per axis (a
+    Gaussian of standard deviation sigma * sqrt(2), as the reference code writes it)."""
     coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = torch.exp(-((coords / (2 * sigma)) ** 2))
     kernel = g[:, None] * g[None, :]
     return kernel / kernel.sum()
 
@@ -32,10 +36,15 @@ def concept_maps(
 ) -> torch.Tensor:
     """Per-concept maps from token maps. maps: [B, T, h, w] (T prompt tokens, 0 = start) -> [B, M, h, w].
 
-    Softmax over the tokens after the start token (x100 first, as Attend-and-Excite), then the chosen tokens,
-    then Gaussian smoothing with reflect padding.
+    x100, softmax over the text positions 1..T-2 (as Attend-and-Excite's reference: the start token and the last
+    position are left out), then the chosen tokens (indices counted with the start token, each < T - 1), then
+    smoothing with `gaussian_kernel` and reflect padding.
     """
-    scaled = maps[:, 1:] * 100.0
+    if any(not 1 <= i < maps.shape[1] - 1 for i in token_indices):
+        raise ValueError(
+            f"token_indices={token_indices} is not allowed: expected positions in [1, {maps.shape[1] - 2}]"
+        )
+    scaled = maps[:, 1:-1] * 100.0
     probs = torch.softmax(scaled.flatten(2).transpose(1, 2), dim=-1).transpose(1, 2).view_as(scaled)
     chosen = probs[:, [i - 1 for i in token_indices]]  # indices counted with the start token
     if not smooth:
