@@ -87,3 +87,38 @@ def test_served_page_generates_through_the_api():
         assert "image" in info
     finally:
         demo.close()
+
+
+def test_server_allows_only_presets_and_listed_models_with_one_message(tmp_path):
+    import gradio as gr
+
+    app = _load_app()
+    app.build_demo(app.ServerSettings(models=("my/model",)))
+    existing = tmp_path / "a-real-folder"
+    existing.mkdir()
+    (existing / "model_index.json").write_text("{}")
+    messages = set()
+    for model in (str(existing), str(tmp_path / "missing"), "/etc", "someone/else"):
+        with pytest.raises(gr.Error) as info:
+            app.run_generation(model, "x", "", 1, 0, 5.0, 64, 64, 0)
+        messages.add(str(info.value).replace(repr(model[:200]), "MODEL"))
+    assert len(messages) == 1 and "is not available on this server; choose one of: shapes-sd" in messages.pop()
+    assert app.allowed_model("my/model") == "my/model" and app.allowed_model("tiny-sd") == "tiny-sd"
+    app.build_demo(app.ServerSettings(allow_any_model=True))
+    assert app.allowed_model(str(existing)) == str(existing)
+
+
+def test_server_outputs_go_to_new_folders_in_gradios_cache_and_pipelines_are_bounded():
+    from gradio.utils import get_upload_folder
+
+    from diffattn.generation import PIPELINES
+
+    app = _load_app()
+    app.build_demo(app.ServerSettings(pipeline_cache=1))
+    first = app.run_generation("tiny-wan", "a boat", "", 1, 0, 5.0, 64, 64, 5)[1]
+    second = app.run_generation("tiny-wan", "a boat", "", 1, 0, 5.0, 64, 64, 5)[1]
+    cache = Path(get_upload_folder()).resolve()
+    assert first != second and Path(first).parent != Path(second).parent  # same model and seed: no collision
+    assert all(Path(p).resolve().is_relative_to(cache) for p in (first, second))
+    app.run_generation("tiny-sd", "a cat", "", 1, 0, 5.0, 128, 128, 0)
+    assert [key[0] for key in PIPELINES.entries] == ["tiny-sd"]  # tiny-wan evicted
