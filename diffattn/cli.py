@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PRESET,
         help=f"preset ({', '.join(PRESETS)}), local folder or hub id (default: {DEFAULT_PRESET})",
     )
-    gen.add_argument("--prompt", "-p", required=True, help="text prompt")
+    gen.add_argument("--prompt", "-p", default=None, help="text prompt (required unless --request)")
+    gen.add_argument("--request", type=Path, default=None, metavar="JSON",
+                     help="run a recorded request: a GenerationRequest as JSON, or a batch manifest record (one line of "
+                     "manifest-rank*.jsonl) holding one; the other generation flags are then not allowed")  # fmt: skip
     gen.add_argument("--negative-prompt", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=None,
                      help="denoising steps (default: the preset's, 20 for shapes-sd, 4 for tiny-*; 30 otherwise)")  # fmt: skip
@@ -449,10 +452,44 @@ def ir_config_from_args(args: argparse.Namespace):
     return IRDiffusionConfig() if args.mask_dropout is None else IRDiffusionConfig(mask_dropout=args.mask_dropout)
 
 
+_NOT_WITH_REQUEST = ("prompt", "negative_prompt", "steps", "guidance_scale", "guidance_interval", "height", "width",
+                     "num_frames", "agent", "tome", "merge_ratio", "structured", "conjunction", "phrase", "astar",
+                     "subject", "ir_masks", "mask_dropout", "radial", "decay_factor", "dense_timesteps",
+                     "dense_last_timesteps", "dense_layers", "block_size", "sink_frames", "attention_backend",
+                     "no_maps")  # fmt: skip
+
+
+def _recorded_request(args: argparse.Namespace):
+    """The request in `--request` (a request's JSON, or a manifest record with a "request")."""
+    import json
+
+    from .request import GenerationRequest
+
+    defaults = build_parser().parse_args(["generate"])
+    given = [f"--{n.replace('_', '-')}" for n in _NOT_WITH_REQUEST if getattr(args, n) != getattr(defaults, n)]
+    if given or args.model != defaults.model or args.seed != defaults.seed:
+        given += ["--model"] if args.model != defaults.model else []
+        given += ["--seed"] if args.seed != defaults.seed else []
+        raise ValueError(f"--request holds the whole request; it does not combine with {', '.join(given)}")
+    try:
+        data = json.loads(args.request.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--request {str(args.request)!r} is not allowed: no such file") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--request {str(args.request)!r} is not valid JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("request"), dict):
+        data = data["request"]  # a batch manifest record
+    return GenerationRequest.from_dict(data)
+
+
 def request_from_args(args: argparse.Namespace):
     """The GenerationRequest the `generate` flags describe (ValueError naming the flag's field when invalid)."""
     from .request import GenerationRequest
 
+    if args.request is not None:
+        return _recorded_request(args)
+    if args.prompt is None:
+        raise ValueError("--prompt is required (or --request with a recorded request)")
     return GenerationRequest(
         model=args.model,
         prompt=args.prompt,
@@ -484,9 +521,16 @@ def _generate(args: argparse.Namespace) -> int:
     check_request_limits(request, limits)
     _check_out_folder(args.out)
     result = generate(request, torch_dtype=args.dtype, device=args.device, limits=limits)
-    names = ("radial", "agent", "tome", "structured", "astar", "subject")
-    suffix = "".join(f"-{'ir' if name == 'subject' else name}" for name in names if getattr(args, name))
-    stem = f"{Path(args.model).name}-seed{args.seed}{suffix}"
+    methods = {
+        "radial": request.radial is not None,
+        "agent": request.agent is not None and request.agent.agent_ratio is not None,
+        "tome": request.agent is not None and request.agent.agent_ratio is None,
+        "structured": request.structured is not None,
+        "astar": request.astar is not None,
+        "ir": request.subjects is not None,
+    }
+    suffix = "".join(f"-{name}" for name, on in methods.items() if on)
+    stem = f"{Path(request.model).name}-seed{request.seed}{suffix}"
     for path in save_result(result, args.out, stem, fps=args.fps):
         print(path)
     return 0

@@ -53,7 +53,7 @@ def test_generate_video_as_mp4(tmp_path, capsys):
             ["generate", "--prompt", "x", "--seed", "-1"],
             "argument --seed: seed=-1 is not allowed: expected an int seed",
         ),
-        (["generate", "--steps", "2"], "the following arguments are required: --prompt/-p"),
+        (["generate", "--steps", "2"], "--prompt is required (or --request with a recorded request)"),
         (["generate", "--prompt", "x", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
         (["generate", "--prompt", "  ", "--steps", "1"], "prompt='  ' is not allowed: expected a non-empty string"),
         (["generate", "--prompt", "x", "--model", "nobody/nothing"], "cannot load 'nobody/nothing'"),

@@ -263,3 +263,23 @@ def test_batched_calls_save_each_images_attention_maps(tmp_path, capsys):
         assert records[name]["files"] == [f"{name}.png", f"{name}-attention.png"]
     # each grid shows its own prompt's tokens: the two differ
     assert not np.array_equal(_png(out / "00001-seed0-attention.png"), _png(out / "00002-seed0-attention.png"))
+
+
+def test_a_batch_output_is_reproduced_bit_for_bit_from_its_manifest_record(tmp_path, capsys):
+    job = write_job(tmp_path, [{"prompt": "a red cat", "name": "cat", "seed": 7, "steps": 2, "tome": {"ratio": 0.3}}])
+    out = tmp_path / "out"
+    assert main(["batch", str(job), "--out", str(out), "-m", "tiny-sd"]) == 0
+    record_line = (out / "manifest-rank0.jsonl").read_text().splitlines()[0]
+    record = tmp_path / "record.json"
+    record.write_text(record_line)
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["generate", "--request", str(record), "--out", str(again)]) == 0
+    written = capsys.readouterr().out.split()
+    assert written[0].endswith("tiny-sd-seed7-tome.png")
+    assert (out / "cat-seed7.png").read_bytes() == open(written[0], "rb").read()
+    request_only = tmp_path / "request.json"
+    request_only.write_text(json.dumps(json.loads(record_line)["request"]))
+    assert main(["generate", "--request", str(request_only), "--out", str(again)]) == 0
+    assert main(["generate", "--request", str(record), "--steps", "3", "--out", str(again)]) == 2
+    assert "--request holds the whole request; it does not combine with --steps" in capsys.readouterr().err
