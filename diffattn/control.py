@@ -295,6 +295,14 @@ class Handle:
         return f"Handle(active={self.active}, configs={self.configs})"
 
 
+def _denoiser_name(pipe: Any | None, model: torch.nn.Module) -> str:
+    """The pipeline attribute holding `model` (`unet`, `transformer`, `transformer_2`); a bare model: its class."""
+    for name in _DENOISER_NAMES:
+        if pipe is not None and getattr(pipe, name, None) is model:
+            return name
+    return type(model).__name__
+
+
 def _check_not_applied(model: torch.nn.Module, methods: list[AttentionMethod]) -> None:
     for handle in getattr(model, _HANDLES_ATTR, []):
         for existing in handle.configs:
@@ -331,6 +339,7 @@ def apply(pipe_or_model: Any, *configs: MethodConfig) -> Handle:
     plan: dict[int, tuple[torch.nn.Module, ModelAdapter, dict[str, Any]]] = {}
     for model in denoisers:
         adapter = adapter_for(model)
+        adapter.model_name = _denoiser_name(pipe, model)
         _check_not_applied(model, methods)
         layers = adapter.attention_layers()
         new_processors: dict[str, Any] = {}

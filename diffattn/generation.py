@@ -23,7 +23,8 @@ from .limits import Limits
 from .loading import load_pipeline
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, render_attention_grid
-from .methods.ir_diffusion import IRDiffusionConfig, render_subject_grid
+from .methods.ir_diffusion import IRDiffusionConfig
+from .methods.ir_masks import render_subject_grid
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.radial_mask import plot_radial_mask
 from .methods.structured_guidance import StructuredGuidanceConfig
@@ -348,14 +349,15 @@ def _recorded(call: dict[str, Any], interval: GuidanceInterval | None) -> dict[s
 
 
 def _radial_mask_picture(handle) -> tuple[Image.Image | None, float | None]:
-    """The radial mask of the last geometry the handle's radial method built (None if every step was dense)."""
-    method = next((m for m in handle.methods if isinstance(m.config, RadialAttentionConfig)), None)
-    cache = getattr(method, "cache", None)
-    if cache is None or not cache.layouts:
-        return None, None
-    (frames, per_frame, _), layout = next(reversed(cache.layouts.items()))
-    image = plot_radial_mask(layout.block_mask, tokens_per_frame=per_frame, block_size=layout.block_q)
-    return image, layout.density
+    """The radial mask of the last geometry built for the first denoiser that ran sparse (None if every step was
+    dense). With two denoisers (Wan 2.2) each has its own cache; their masks are the same for one geometry."""
+    method = handle.method(RadialAttentionConfig)
+    for cache in method.caches.values():
+        if cache.layouts:
+            (frames, per_frame, _), layout = next(reversed(cache.layouts.items()))
+            image = plot_radial_mask(layout.block_mask, tokens_per_frame=per_frame, block_size=layout.block_q)
+            return image, layout.density
+    return None, None
 
 
 def _to_pil(frame: Any) -> Image.Image:

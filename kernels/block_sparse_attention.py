@@ -228,7 +228,7 @@ def flex_block_mask(layout: BlockSparseLayout, n: int):
     """A FlexAttention `BlockMask` with exactly the layout's tiles (cached on the layout per sequence length)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    cache = layout.__dict__.setdefault("_flex_masks", {})
+    cache = layout.flex_masks
     if n not in cache:
         # Pad rows to Kb entries by repeating their last valid block: code that reads past a row's count (some
         # eager FlexAttention paths do) then only ever sees blocks the row really has.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -104,7 +105,9 @@ class BlockSparseLayout:
         self.q_counts, self.q_indices = _csr(self.block_mask.transpose(1, 2))
         self.density = float(self.block_mask.float().mean())
         self._gather_groups: list[GatherGroup] | None = None
+        self._gather_inverse: torch.Tensor | None = None
         self._gather_plans: dict[tuple[int, int], list[GatherStep]] = {}
+        self.flex_masks: dict[int, Any] = {}  # FlexAttention BlockMasks by sequence length (built by the flex path)
 
     @property
     def device(self) -> torch.device:
@@ -153,7 +156,7 @@ class BlockSparseLayout:
 
     def gather_inverse_order(self) -> torch.Tensor:
         """Permutation that puts the groups' concatenated query blocks back in order."""
-        if "_gather_inverse" not in self.__dict__:
+        if self._gather_inverse is None:
             self._gather_inverse = torch.argsort(torch.cat([g.q_blocks for g in self.gather_groups()]))
         return self._gather_inverse
 

@@ -33,13 +33,9 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..control import apply
-from ..methods.ir_diffusion import (
-    IRDiffusionConfig,
-    IRDiffusionMethod,
-    SubjectMaskConfig,
-    SubjectMaskRecorder,
-    binary_subject_masks,
-)
+from ..methods.ir_diffusion import IRDiffusionConfig, IRDiffusionMethod
+from ..methods.ir_mask_recorder import SubjectMaskConfig, SubjectMaskRecorder
+from ..methods.ir_masks import binary_subject_masks
 from ..text import concept_words, word_token_positions, words
 
 

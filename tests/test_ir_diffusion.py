@@ -20,9 +20,8 @@ from diffattn.methods.ir_diffusion import (
     IRDiffusionConfig,
     IRDiffusionMethod,
     IRSelfAttnProcessor,
-    otsu_mask,
-    relocation,
 )
+from diffattn.methods.ir_masks import otsu_mask, relocation
 from diffattn.pipelines import IRDiffusionPipeline
 from diffattn.scenes import COLORS, draw_shape
 
@@ -468,7 +467,7 @@ def test_attention_masks_follow_the_upstream_formula():
     """SubjectMaskRecorder against (SA + SA^2 + SA^3 + SA^4) CA / 4 with numpy matrix powers: per step, SA and CA
     averaged over heads and layers, the conditional rows of a batched-CFG batch, then averaged over steps and
     min-max normalised."""
-    from diffattn.methods.ir_diffusion import SubjectMaskConfig, SubjectMaskRecorder
+    from diffattn.methods.ir_mask_recorder import SubjectMaskConfig, SubjectMaskRecorder
     from diffattn.state import DenoiserState
 
     rng = np.random.default_rng(0)

@@ -328,6 +328,10 @@ def test_wan22_two_transformers_share_one_schedule(monkeypatch):
     handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64))
     assert set(handle._installed) == {id(pipe.transformer), id(second)}
     sparse = run(pipe, "tiny-wan", steps=4, **GEOMETRY["tiny-wan"][0])
+    method = handle.method(diffattn.RadialAttentionConfig)
+    assert set(method.caches) == {"transformer", "transformer_2"}  # one mask cache per denoiser, neither replaced
+    for name in ("transformer", "transformer_2"):
+        assert method.caches[name].layouts, name  # each built the mask of the steps it ran sparse
     handle.remove()
     by_owner = {
         owner: sorted({step for o, step, _ in seen if o == owner}) for owner in ("transformer", "transformer_2")

@@ -103,8 +103,9 @@ class ModelAdapter:
     def matches(cls, model: torch.nn.Module) -> bool:
         return type(model).__name__ in cls.model_class_names
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, model_name: str = "denoiser"):
         self.model = model
+        self.model_name = model_name  # the pipeline's attribute holding it (`unet`, `transformer`, `transformer_2`)
 
     def attention_layers(self) -> list[AttentionLayer]:
         raise NotImplementedError

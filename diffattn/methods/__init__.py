@@ -8,13 +8,8 @@ from .attention_maps import (
     prompt_token_labels,
     render_attention_grid,
 )
-from .ir_diffusion import (
-    IRCrossAttnProcessor,
-    IRDiffusionConfig,
-    IRDiffusionMethod,
-    IRSelfAttnProcessor,
-    SubjectMaskConfig,
-)
+from .ir_diffusion import IRCrossAttnProcessor, IRDiffusionConfig, IRDiffusionMethod, IRSelfAttnProcessor
+from .ir_mask_recorder import SubjectMaskConfig
 from .radial_attention import RadialAttentionConfig, radial_joint_attention
 from .radial_mask import plot_radial_mask, radial_block_mask, radial_density
 from .structured_guidance import StructuredCrossAttnProcessor, StructuredGuidanceConfig

@@ -273,14 +273,26 @@ _FAMILIES = {
 
 
 class RadialAttentionMethod(AttentionMethod):
+    """`caches`: the mask cache of each denoiser it was applied to, by the denoiser's name (`transformer`,
+    `transformer_2`); `cache`: the last one built (one denoiser: its only one)."""
+
     supported_families = tuple(_FAMILIES)
+
+    def __init__(self, config: RadialAttentionConfig):
+        super().__init__(config)
+        self.caches: dict[str, RadialMaskCache] = {}
+
+    @property
+    def cache(self) -> RadialMaskCache | None:
+        return next(reversed(self.caches.values()), None)
 
     def processors(self, adapter: ModelAdapter, layers: list[AttentionLayer], state: DenoiserState):
         kind, processor_cls = _FAMILIES[adapter.family]
         sink = self.config.sink_frames
         sink = DEFAULT_SINK_FRAMES[adapter.family] if sink is None else sink
-        self.cache = RadialMaskCache(self.config, sink)
-        schedule = _RadialSchedule(self.config, state, self.cache)
+        cache = RadialMaskCache(self.config, sink)
+        self.caches[adapter.model_name] = cache  # one per denoiser (Wan 2.2's transformer and transformer_2)
+        schedule = _RadialSchedule(self.config, state, cache)
         video_layers = [layer for layer in layers if layer.kind == kind]
         if self.config.dense_layers > len(video_layers):
             raise ValueError(
