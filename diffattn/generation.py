@@ -18,16 +18,12 @@ from PIL import Image
 
 from .control import apply
 from .guidance import GuidanceInterval, as_guidance_interval
-from .judge import subject_mask
 from .limits import Limits
 from .loading import load_pipeline
-from .methods.agent_attention import AgentAttentionConfig
 from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, render_attention_grid
-from .methods.ir_diffusion import IRDiffusionConfig
 from .methods.ir_masks import render_subject_grid
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.radial_mask import plot_radial_mask
-from .methods.structured_guidance import StructuredGuidanceConfig
 from .outputs import save_result, video_export_available  # noqa: F401 - re-exported for the faces
 from .presets import PRESETS
 from .request import GenerationRequest
@@ -35,9 +31,6 @@ from .validation import check_int_range
 
 
 logger = logging.getLogger(__name__)
-
-# Models whose pictures a segmenter can read, for IR-Diffusion's subject masks (others: masks from attention).
-SUBJECT_SEGMENTERS = {"shapes-sd": subject_mask}
 
 
 class PipelineCache:
@@ -103,6 +96,7 @@ class GenerationResult:
     subject_grid: Image.Image | None = None  # IR-Diffusion: references, masks, plain and IR scene
     plain_images: list[Image.Image] = field(default_factory=list)  # IR-Diffusion: the scene with plain attention
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    request: GenerationRequest | None = None  # what made it
 
 
 def default_steps(model: str) -> int:
@@ -111,149 +105,162 @@ def default_steps(model: str) -> int:
     return PRESETS[model].steps if model in PRESETS else 30
 
 
+def subject_segmenter(model: str):
+    """The segmenter(image, subject) -> mask of a model whose pictures one can read (the preset's), else None."""
+    return PRESETS[model].segmenter if model in PRESETS else None
+
+
 def generation_defaults(model: str) -> dict[str, Any]:
     """Call arguments a model is meant to run with: the preset's, or none for other models."""
     return dict(PRESETS[model].call_defaults) if model in PRESETS else {}
 
 
 def generate(
-    model: str | GenerationRequest, prompt: str | None = None, *, seed: int = 0, **options: Any
+    request: GenerationRequest | str,
+    prompt: str | None = None,
+    *,
+    seed: int = 0,
+    torch_dtype: str | None = None,
+    device: str | None = None,
+    pipe: Any | None = None,
+    limits: Limits | None = None,
+    **fields: Any,
 ) -> GenerationResult:
-    """Generate one image or video; for SD-family models also the cross-attention heatmap grid.
+    """Generate one image or video: `generate(request)` with a `GenerationRequest`, or `generate(model, prompt,
+    seed=..., **fields)` with its fields (steps, guidance_scale, height, width, num_frames, radial, agent,
+    structured, astar, subjects, ir, masks, guidance_interval, attention_maps, negative_prompt).
 
-    With `radial`, radial attention is applied for this call (video models) and the result carries the mask
-    picture and its density. With `agent`, AgentSD / token merging is applied (Stable Diffusion UNets). With
-    `astar` ("astar", "attend_and_excite" or "both"), the call runs `AStarPipeline` on the same components.
-    `guidance_interval` (start, stop): guide only those fractions of the steps (`GuidanceInterval`); None guides
-    every step. With `subjects` (one prompt per subject, each naming a subject of `prompt`), the call runs
-    `IRDiffusionPipeline` (config `ir`, default upstream's): the result holds the scene, each subject's reference and
-    a picture of them with their masks; `masks` says where the masks come from ("auto": the model's segmenter in
-    SUBJECT_SEGMENTERS if it has one, else attention). Other options: see `generate_batch`.
-
-    `generate(request, torch_dtype=..., device=..., pipe=..., limits=...)` runs a `GenerationRequest`.
+    The one router every face uses: `subjects` runs `IRDiffusionPipeline` (the result holds the scene, each
+    subject's reference and a picture of them with their masks), `astar` runs `AStarPipeline`, anything else the
+    model's own pipeline with the methods applied for this call (radial attention: the result carries the mask
+    picture and its density; SD-family models: the cross-attention heatmap grid unless `attention_maps=False`).
+    The request is validated and checked against `limits` (default `Limits.from_env()`) before anything loads.
     """
-    if isinstance(model, GenerationRequest):
-        if prompt is not None or set(options) - {"torch_dtype", "device", "pipe", "limits"}:
+    if isinstance(request, GenerationRequest):
+        if prompt is not None or fields:
             raise TypeError("generate(request) takes only torch_dtype, device, pipe and limits beside the request")
-        request = model
-        return generate_batch(request.model, [request.prompt], [request.seed], **request.options(), **options)[0]
-    if not isinstance(prompt, str):
-        raise TypeError(f"generate(model, prompt) needs a prompt string, got {prompt!r}")
-    return generate_batch(model, [prompt], [seed], **options)[0]
+    else:
+        if not isinstance(prompt, str):
+            raise TypeError(f"generate(model, prompt) needs a prompt string, got {prompt!r}")
+        request = GenerationRequest(model=request, prompt=prompt, seed=seed, **fields)
+    return generate_batch([request], torch_dtype=torch_dtype, device=device, pipe=pipe, limits=limits)[0]
 
 
 def generate_batch(
-    model: str,
-    prompts: list[str],
-    seeds: list[int],
+    requests: list[GenerationRequest],
     *,
-    negative_prompt: str | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
     torch_dtype: str | None = None,
     device: str | None = None,
-    attention_maps: bool = True,
-    radial: RadialAttentionConfig | None = None,
-    agent: AgentAttentionConfig | None = None,
-    structured: StructuredGuidanceConfig | None = None,
-    astar: str | None = None,
-    guidance_interval: GuidanceInterval | tuple[float, float] | None = None,
-    subjects: list[str] | None = None,
-    ir: IRDiffusionConfig | None = None,
-    masks: str = "auto",
     pipe: Any | None = None,
     limits: Limits | None = None,
 ) -> list[GenerationResult]:
-    """`generate` for several prompts in one pipeline call (one seed each: prompt i's noise comes from its own
-    generator, as alone); a result per prompt, each with the call's time divided evenly. A-STAR and IR-Diffusion
-    (their own pipelines), and structured guidance, take one prompt per call.
-
-    Every option is validated as a `GenerationRequest` and checked against `limits` (default `Limits.from_env()`)
-    before the pipeline is loaded; nothing is silently changed or dropped.
-    """
-    if not isinstance(prompts, (list, tuple)) or not isinstance(seeds, (list, tuple)) or len(prompts) != len(seeds):
-        raise ValueError(f"generate_batch needs a list of prompts and one seed per prompt, got {prompts!r}, {seeds!r}")
-    if not prompts:
-        raise ValueError("prompts=[] is not allowed: expected at least one prompt")
-    options = {
-        "negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance_scale,
-        "guidance_interval": _interval_pair(guidance_interval), "height": height, "width": width,
-        "num_frames": num_frames, "attention_maps": attention_maps, "radial": radial, "agent": agent,
-        "structured": structured, "astar": astar, "ir": ir, "masks": masks,
-        "subjects": tuple(subjects) if isinstance(subjects, list) else subjects,
-    }  # fmt: skip
-    requests = [GenerationRequest(model=model, prompt=p, seed=s, **options) for p, s in zip(prompts, seeds)]
-    check_request_limits(requests[0], limits, batch=len(prompts))
-    single = len(prompts) == 1
-    if not single and (astar is not None or subjects or structured is not None):
+    """Requests that differ only in prompt and seed, in one pipeline call (request i's noise comes from its own
+    generator, as alone); a result per request, each with the call's time divided evenly. A-STAR, IR-Diffusion
+    (their own pipelines) and structured guidance take one request per call."""
+    if not isinstance(requests, (list, tuple)) or not requests:
+        raise TypeError(f"generate_batch takes a non-empty list of GenerationRequests, got {requests!r}")
+    for request in requests:
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"generate_batch takes GenerationRequests, got {type(request).__name__}")
+    first = requests[0]
+    if any(r.settings() != first.settings() for r in requests[1:]):
+        raise ValueError("generate_batch takes requests that differ only in prompt and seed")
+    check_request_limits(first, limits, batch=len(requests))
+    if len(requests) > 1 and (first.astar is not None or first.subjects or first.structured is not None):
         raise ValueError("A-STAR, IR-Diffusion (subjects) and structured guidance take one prompt per call")
-    prompt, seed = prompts[0], seeds[0]
-    steps = default_steps(model) if steps is None else steps
-    pipe = pipe if pipe is not None else cached_pipeline(model, torch_dtype, device)
+    pipe = pipe if pipe is not None else cached_pipeline(first.model, torch_dtype, device)
+    call = _pipeline_arguments(first, pipe, len(requests))
+    if first.subjects:
+        return [_generate_ir(first, pipe, call)]
+    if first.astar is not None:
+        return [_generate_astar(first, pipe, call)]
+    return _generate_plain(requests, pipe, call)
+
+
+@dataclass
+class _Call:
+    """What a request becomes for its pipeline: the call arguments, the step count, the interval, the kind."""
+
+    kwargs: dict[str, Any]
+    steps: int
+    interval: GuidanceInterval | None
+    video: bool
+
+
+def _pipeline_arguments(request: GenerationRequest, pipe: Any, batch: int) -> _Call:
+    """The pipeline call arguments of a request: the preset's defaults, then what the request sets. Raises for a
+    setting the pipeline cannot take (frames for an image model, a guidance interval outside SD)."""
+    model = request.model
     kwargs = generation_defaults(model)
-    overrides = {"guidance_scale": guidance_scale, "height": height, "width": width, "num_frames": num_frames}
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    interval = as_guidance_interval(guidance_interval)
+    given = {k: getattr(request, k) for k in ("guidance_scale", "height", "width", "num_frames")}
+    kwargs.update({k: v for k, v in given.items() if v is not None})
+    interval = as_guidance_interval(request.guidance_interval)
     if interval is not None:
         if not has_sd_unet(pipe):  # the step callback sets the scale the SD-family pipelines read at every step
             raise ValueError(f"guidance_interval is for Stable Diffusion pipelines; {model!r} is not one")
         kwargs.setdefault("guidance_scale", inspect.signature(pipe.__call__).parameters["guidance_scale"].default)
     video = is_video_pipeline(pipe)
     if not video:
-        if num_frames is not None:
-            raise ValueError(f"num_frames={num_frames} is for video models; {model!r} is an image model")
+        if request.num_frames is not None:
+            raise ValueError(f"num_frames={request.num_frames} is for video models; {model!r} is an image model")
         kwargs.pop("num_frames", None)
-    if negative_prompt:  # diffusers wants a list beside a list of prompts
-        kwargs["negative_prompt"] = negative_prompt if single else [negative_prompt] * len(prompts)
-    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    generator = generators[0]
-    if subjects:
-        return [_generate_ir(model, pipe, prompt, list(subjects), ir, masks, steps, seed, generator, kwargs)]
-    if astar is not None:
-        return [_generate_astar(model, pipe, prompt, astar, steps, seed, generator, kwargs, interval)]
+    if request.negative_prompt:  # diffusers wants a list beside a list of prompts
+        kwargs["negative_prompt"] = request.negative_prompt if batch == 1 else [request.negative_prompt] * batch
+    steps = default_steps(model) if request.steps is None else request.steps
+    return _Call(kwargs, steps, interval, video)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _generate_plain(requests: list[GenerationRequest], pipe: Any, call: _Call) -> list[GenerationResult]:
+    """The model's own pipeline, with the request's methods applied for this call."""
+    first = requests[0]
+    model, video = first.model, call.video
     configs = []
     # Structured guidance owns the cross-attention layers the map recorder would need; maps are skipped with it.
-    if attention_maps and has_sd_unet(pipe) and structured is None:
+    if first.attention_maps and has_sd_unet(pipe) and first.structured is None:
         configs.append(AttentionMapConfig())
-    if radial is not None:
+    if first.radial is not None:
         if not video:
             raise ValueError(f"radial attention is for video models; {model!r} is an image model")
-        configs.append(radial)
-    if agent is not None:
-        if not has_sd_unet(pipe):
-            raise ValueError(f"agent attention is for Stable Diffusion UNets; {model!r} is not one")
-        configs.append(agent)
-    if structured is not None:
-        if not has_sd_unet(pipe):
-            raise ValueError(f"structured guidance is for Stable Diffusion UNets; {model!r} is not one")
-        configs.append(structured)
+        configs.append(first.radial)
+    for name, config in (("agent attention", first.agent), ("structured guidance", first.structured)):
+        if config is not None:
+            if not has_sd_unet(pipe):
+                raise ValueError(f"{name} is for Stable Diffusion UNets; {model!r} is not one")
+            configs.append(config)
+    single = len(requests) == 1
+    prompts = [r.prompt for r in requests]
+    generators = [_generator(r.seed) for r in requests]
     handle = apply(pipe, *configs) if configs else None
     mask_image = density = None
     try:
         start = time.perf_counter()
-        call = kwargs if interval is None else {**kwargs, **interval.pipeline_kwargs(kwargs["guidance_scale"], steps)}
+        kwargs = call.kwargs
+        if call.interval is not None:
+            kwargs = {**kwargs, **call.interval.pipeline_kwargs(kwargs["guidance_scale"], call.steps)}
         output = pipe(
-            prompt if single else list(prompts), num_inference_steps=steps, generator=generator if single else generators,
-            output_type="pil", **call,
+            prompts[0] if single else prompts, num_inference_steps=call.steps,
+            generator=generators[0] if single else generators, output_type="pil", **kwargs,
         )  # fmt: skip
-        seconds = (time.perf_counter() - start) / len(prompts)
-        grids = [None] * len(prompts)
+        seconds = (time.perf_counter() - start) / len(requests)
+        grids = [None] * len(requests)
         if handle is not None and isinstance(configs[0], AttentionMapConfig) and not video:
             maps = handle.maps(conditional_only=True)  # [steps, batch, tokens, h, w]
             grids = [_attention_grid(pipe, maps[:, i : i + 1], p, output.images[i]) for i, p in enumerate(prompts)]
-        if radial is not None:
+        if first.radial is not None:
             mask_image, density = _radial_mask_picture(handle)
     finally:
         if handle is not None:
             handle.remove()
     results = []
-    for i, (p, s) in enumerate(zip(prompts, seeds)):
+    for i, request in enumerate(requests):
         result = GenerationResult(
-            model, p, s, "video" if video else "image", seconds=seconds, call_kwargs=_recorded(kwargs, interval)
-        )
+            model, request.prompt, request.seed, "video" if video else "image", seconds=seconds,
+            call_kwargs=_recorded(call.kwargs, call.interval), request=request,
+        )  # fmt: skip
         result.radial_mask = mask_image
         result.radial_density = density
         if video:
@@ -264,10 +271,6 @@ def generate_batch(
         results.append(result)
     logger.info("generated %d %s(s) with %s in %.2fs each", len(results), results[0].kind, model, seconds)
     return results
-
-
-def _interval_pair(value: GuidanceInterval | tuple[float, float] | None) -> Any:
-    return (value.start, value.stop) if isinstance(value, GuidanceInterval) else value
 
 
 def check_request_limits(request: GenerationRequest, limits: Limits | None = None, batch: int = 1) -> None:
@@ -297,43 +300,46 @@ def _same_components(pipe: Any, model: str, method: str, sd_class: type, xl_clas
     return method_pipe
 
 
-def _generate_astar(model, pipe, prompt, loss, steps, seed, generator, kwargs, interval) -> GenerationResult:
+def _generate_astar(request: GenerationRequest, pipe: Any, call: _Call) -> GenerationResult:
     from .pipelines import AStarPipeline, AStarXLPipeline
 
-    astar_pipe = _same_components(pipe, model, "A-STAR", AStarPipeline, AStarXLPipeline)
-    call = {k: v for k, v in kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
+    astar_pipe = _same_components(pipe, request.model, "A-STAR", AStarPipeline, AStarXLPipeline)
+    kwargs = {k: v for k, v in call.kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
     start = time.perf_counter()
     output = astar_pipe(
-        prompt, loss=loss, num_inference_steps=steps, max_iter_to_alter=max(1, steps // 2), generator=generator,
-        guidance_interval=interval, **call,
+        request.prompt, loss=request.astar, num_inference_steps=call.steps,
+        max_iter_to_alter=max(1, call.steps // 2), generator=_generator(request.seed),
+        guidance_interval=call.interval, **kwargs,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    recorded = _recorded(call, interval)
     result = GenerationResult(
-        model, prompt, seed, "image", images=list(output.images), seconds=seconds, call_kwargs=recorded
-    )
-    result.attention_grid = _attention_grid(pipe, output.maps, prompt, output.images[0])
+        request.model, request.prompt, request.seed, "image", images=list(output.images), seconds=seconds,
+        call_kwargs=_recorded(kwargs, call.interval), request=request,
+    )  # fmt: skip
+    result.attention_grid = _attention_grid(pipe, output.maps, request.prompt, output.images[0])
     return result
 
 
-def _generate_ir(model, pipe, prompt, subjects, config, masks, steps, seed, generator, kwargs) -> GenerationResult:
+def _generate_ir(request: GenerationRequest, pipe: Any, call: _Call) -> GenerationResult:
     from .pipelines import IRDiffusionPipeline, IRDiffusionXLPipeline
 
-    segmenter = SUBJECT_SEGMENTERS.get(model) if masks != "attention" else None
+    model, masks = request.model, request.masks
+    segmenter = subject_segmenter(model) if masks != "attention" else None
     if masks == "segmenter" and segmenter is None:
-        raise ValueError(
-            f"masks='segmenter': no segmenter for {model!r} (models with one: {', '.join(SUBJECT_SEGMENTERS)})"
-        )
+        with_one = ", ".join(name for name in PRESETS if subject_segmenter(name) is not None)
+        raise ValueError(f"masks='segmenter': no segmenter for {model!r} (models with one: {with_one})")
     ir_pipe = _same_components(pipe, model, "IR-Diffusion", IRDiffusionPipeline, IRDiffusionXLPipeline)
-    call = {k: v for k, v in kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
+    kwargs = {k: v for k, v in call.kwargs.items() if k in ("height", "width", "guidance_scale", "negative_prompt")}
     start = time.perf_counter()
     output = ir_pipe(
-        prompt, subjects, config=config, segmenter=segmenter, num_inference_steps=steps, generator=generator, **call
-    )
+        request.prompt, list(request.subjects), config=request.ir, segmenter=segmenter, num_inference_steps=call.steps,
+        generator=_generator(request.seed), **kwargs,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     result = GenerationResult(
-        model, prompt, seed, "image", images=list(output.images), seconds=seconds, call_kwargs=call
-    )
+        model, request.prompt, request.seed, "image", images=list(output.images), seconds=seconds,
+        call_kwargs=kwargs, request=request,
+    )  # fmt: skip
     result.reference_images = list(output.reference_images)
     plain = output.rehearsal_images[0] if output.rehearsal_images is not None else None
     result.plain_images = [] if plain is None else [plain]

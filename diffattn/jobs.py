@@ -110,16 +110,25 @@ class JobDefaults:
 
 @dataclass
 class JobUnit:
-    """One output: a prompt with one seed and its settings. `spec` is what the manifest compares on resume."""
+    """One output: its line, its name and the request that makes it. `spec` (the line's settings as JSON values) is
+    what the manifest compares on resume."""
 
     index: int
     name: str
-    prompt: str
-    seed: int
-    model: str
-    options: dict[str, Any] = field(default_factory=dict)  # generate() keyword arguments besides model/prompt/seed
-    spec: dict[str, Any] = field(default_factory=dict)  # the line's settings as JSON values
-    request: GenerationRequest | None = None
+    request: GenerationRequest
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt(self) -> str:
+        return self.request.prompt
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def model(self) -> str:
+        return self.request.model
 
 
 class JobFileError(ValueError):
@@ -199,10 +208,7 @@ def _line_units(
     spec.setdefault("model", fields["model"])
     spec.setdefault("steps", defaults.steps)
     spec.setdefault("maps", defaults.maps)
-    return [
-        JobUnit(index, f"{name}-seed{r.seed}", r.prompt, r.seed, r.model, r.options(), {**spec, "seed": r.seed}, r)
-        for r in requests
-    ]
+    return [JobUnit(index, f"{name}-seed{r.seed}", r, {**spec, "seed": r.seed}) for r in requests]
 
 
 def _json_depth_ok(text: str) -> bool:
@@ -306,10 +312,10 @@ class JobReport:
 def _batch_key(unit: JobUnit) -> str | None:
     """Units with equal keys may share a pipeline call; None: this unit runs alone (its own pipeline or one prompt
     per call: A-STAR, IR-Diffusion, structured guidance)."""
-    options = unit.options
-    if options.get("astar") or options.get("subjects") or options.get("structured") is not None:
+    request = unit.request
+    if request.astar is not None or request.subjects is not None or request.structured is not None:
         return None
-    return json.dumps([unit.model, sorted((k, repr(v)) for k, v in options.items())])
+    return repr(sorted(request.settings().items()))
 
 
 def batches(units: list[JobUnit], batch_size: int) -> list[list[JobUnit]]:
@@ -411,10 +417,7 @@ def _run_locked(units, out, process_index, num_processes, device, torch_dtype, b
         try:
             pipe = cached_pipeline(first.model, torch_dtype, device)
             pipe.set_progress_bar_config(disable=True)  # the job's bar is the progress; one per call would flood
-            results = generate_batch(
-                first.model, [u.prompt for u in group], [u.seed for u in group], pipe=pipe, limits=limits,
-                **first.options,
-            )  # fmt: skip
+            results = generate_batch([u.request for u in group], pipe=pipe, limits=limits)
             for unit, result in zip(group, results):
                 record = {
                     "name": unit.name,
@@ -424,7 +427,7 @@ def _run_locked(units, out, process_index, num_processes, device, torch_dtype, b
                     "batch": len(group),
                     "process": process_index,
                     "spec": unit.spec,
-                    "request": unit.request.to_dict() if unit.request is not None else None,
+                    "request": unit.request.to_dict(),
                 }
                 commit_unit(out, process_index, manifest, record, result, claimed)
                 report.generated.append(unit.name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .guidance import GuidanceInterval
 from .limits import Limits
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.ir_diffusion import IRDiffusionConfig
@@ -77,7 +78,10 @@ class GenerationRequest:
         if self.guidance_scale is not None:
             check_number("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE_SCALE)
         if self.guidance_interval is not None:
-            object.__setattr__(self, "guidance_interval", check_interval("guidance_interval", self.guidance_interval))
+            interval = self.guidance_interval
+            if isinstance(interval, GuidanceInterval):
+                interval = (interval.start, interval.stop)
+            object.__setattr__(self, "guidance_interval", check_interval("guidance_interval", interval))
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None:
@@ -122,6 +126,10 @@ class GenerationRequest:
         (limits or Limits.from_env()).check(
             height=self.height, width=self.width, num_frames=self.num_frames, steps=self.steps, batch=batch
         )
+
+    def settings(self) -> dict[str, Any]:
+        """Everything but prompt and seed: requests with equal settings can share one pipeline call."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompt", "seed")}
 
     def options(self) -> dict[str, Any]:
         """The request as `generate_batch` keyword arguments (everything but model, prompt and seed)."""

@@ -14,6 +14,7 @@ from diffattn.loading import load_pipeline
 from diffattn.methods.agent_attention import AgentAttentionConfig
 from diffattn.methods.ir_diffusion import IRDiffusionConfig
 from diffattn.presets import PRESETS
+from diffattn.request import GenerationRequest
 
 
 def write_job(tmp_path, lines, name="job.jsonl"):
@@ -43,14 +44,13 @@ def test_read_job_expands_seeds_and_applies_defaults(tmp_path):
     assert [u.name for u in units][:5] == ["circle-seed0", "circle-seed1", "00004-seed4", "00004-seed7", "00005-seed9"]
     assert [u.seed for u in units][:5] == [0, 1, 4, 7, 9]
     assert [u.model for u in units][:5] == ["shapes-sd", "shapes-sd", "tiny-sd", "tiny-sd", "shapes-sd"]
-    ir = units[-1].options
-    assert ir["subjects"] == ["a cat", "a dog"] and ir["masks"] == "attention"
-    assert ir["ir"] == IRDiffusionConfig(mask_dropout=0.2)
-    given = {k: v for k, v in units[0].options.items() if v is not None}
-    assert given == {"steps": 5, "attention_maps": False, "masks": "auto"}
-    assert units[2].options["steps"] == 2
-    assert units[2].options["agent"] == AgentAttentionConfig(agent_ratio=None, stride=2, ratio=0.3)
-    assert units[4].options["agent"] == AgentAttentionConfig() and units[4].options["attention_maps"] is True
+    ir = units[-1].request
+    assert ir.subjects == ("a cat", "a dog") and ir.masks == "attention"
+    assert ir.ir == IRDiffusionConfig(mask_dropout=0.2)
+    assert units[0].request == GenerationRequest("shapes-sd", "a red circle", seed=0, steps=5, attention_maps=False)
+    assert units[2].request.steps == 2
+    assert units[2].request.agent == AgentAttentionConfig(agent_ratio=None, stride=2, ratio=0.3)
+    assert units[4].request.agent == AgentAttentionConfig() and units[4].request.attention_maps is True
 
 
 def test_plain_text_job_is_one_prompt_per_line(tmp_path):
@@ -244,12 +244,14 @@ def test_batched_calls_keep_each_seeds_image(tmp_path):
 def test_generate_batch_refuses_what_takes_one_prompt():
     from diffattn.generation import generate_batch
 
-    with pytest.raises(ValueError, match="one seed per prompt"):
-        generate_batch("tiny-sd", ["a", "b"], [0])
+    with pytest.raises(ValueError, match="requests that differ only in prompt and seed"):
+        generate_batch([GenerationRequest("tiny-sd", "a"), GenerationRequest("tiny-sd", "b", steps=3)])
+    with pytest.raises(TypeError, match="takes GenerationRequests"):
+        generate_batch(["a", "b"])
     with pytest.raises(
         ValueError, match="A-STAR, IR-Diffusion \\(subjects\\) and structured guidance take one prompt"
     ):
-        generate_batch("tiny-sd", ["a cat", "a dog"], [0, 1], astar="astar")
+        generate_batch([GenerationRequest("tiny-sd", p, seed=i, astar="astar") for i, p in enumerate(["a", "b"])])
 
 
 def test_batched_calls_save_each_images_attention_maps(tmp_path, capsys):

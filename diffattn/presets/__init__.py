@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..judge import subject_mask
 from .image import build_tiny_sd, build_tiny_sdxl
 from .video import (
     build_tiny_cogvideox,
@@ -49,6 +50,8 @@ class Preset:
     steps: int = 4  # denoising steps a call takes when it names none
     shipped: str | None = None  # a trained pipeline shipped inside this package (folder name), instead of `build`
     demo_prompt: str | None = None  # a prompt in the preset's vocabulary (None: the demo's general prompt)
+    # segmenter(image, subject) -> mask for pictures one can read (IR-Diffusion's subject masks); None: from attention
+    segmenter: Callable[[Any, str], Any] | None = None
 
 
 SHIPPED = Path(__file__).parent
@@ -66,6 +69,7 @@ PRESETS: dict[str, Preset] = {
             steps=20,
             shipped="shapes_sd",
             demo_prompt="a red circle and a blue square",
+            segmenter=subject_mask,
         ),
         Preset(
             "tiny-sd",
