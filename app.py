@@ -1,17 +1,25 @@
 """diffattn's Gradio UI: `python app.py` serves http://127.0.0.1:7860.
 
-Generate an image or a video from a preset (offline) or a model id, see the progress, and, for Stable Diffusion
-models, the cross-attention map of every prompt token, AgentSD, structured guidance, A-STAR, or IR-Diffusion (one
-subject prompt per line: the references, their masks and the scene); video models can run radial attention, with
-its mask shown.
+Tabs: **Compare** (one prompt and seed, plain and the chosen methods side by side with their times and, for the
+shapes model, what the judge sees; for video, dense and radial with the speedup and the mask), **Image** and
+**Video** (one generation with only the controls that apply, the attention map of any token at any step, a zip of
+the result), **Examples** (where each method helps on the shipped models). Every control becomes one
+`diffattn.GenerationRequest` in `ui_request`, the one place the UI translates its fields; a request the library
+refuses is refused here with the same message.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import tempfile
+import threading
+import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -26,11 +34,13 @@ from diffattn.generation import (
 )
 from diffattn.limits import Limits
 from diffattn.methods.agent_attention import AgentAttentionConfig
+from diffattn.methods.attention_maps import render_token_map
 from diffattn.methods.radial_attention import RadialAttentionConfig
 from diffattn.methods.radial_mask import BLOCK_SIZES
 from diffattn.methods.structured_guidance import StructuredGuidanceConfig
 from diffattn.outputs import result_files
 from diffattn.presets import DEFAULT_PRESET, PRESETS
+from diffattn.request import GenerationRequest
 
 
 @dataclass
@@ -47,6 +57,27 @@ class ServerSettings:
 
 SETTINGS = ServerSettings()
 RADIAL = RadialAttentionConfig()  # the UI's radial defaults are the library's
+AGENT = AgentAttentionConfig()
+TOME = AgentAttentionConfig.tome()
+IMAGE_PRESETS = [name for name, p in PRESETS.items() if p.kind == "image"]
+VIDEO_PRESETS = [name for name, p in PRESETS.items() if p.kind == "video"]
+PLAIN = "plain"
+# The image methods a visitor can pick, as GenerationRequest fields (the one list the tabs and the API share).
+IMAGE_METHODS = ("AgentSD", "ToMe", "structured guidance", "A-STAR", "Attend-and-Excite", "IR-Diffusion")
+HELP = {
+    "decay": "λ, the width of the spatial band between frames; it halves each time the frame distance doubles. "
+    "Smaller is sparser and faster.",
+    "dense_steps": "The first denoising steps run dense attention (they set the layout of the video).",
+    "dense_layers": "The first transformer layers run dense attention.",
+    "block": "Tile size of the block-sparse kernel, in tokens; the mask is built in these blocks.",
+    "ratio": "Fraction of the image tokens merged away before self-attention (AgentSD / ToMe).",
+    "subjects": "IR-Diffusion: one subject prompt per line, each naming a subject of the scene prompt.",
+    "guidance": "Classifier-free guidance scale; 0 is used as given (no guidance).",
+}
+CSS = """
+.pixelated img, .pixelated canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
+#compare-gallery .thumbnail-item img { image-rendering: pixelated; }
+"""
 
 
 def allowed_model(model: str) -> str:
@@ -59,6 +90,118 @@ def allowed_model(model: str) -> str:
         return model
     choices = ", ".join(list(PRESETS) + list(SETTINGS.models))
     raise gr.Error(f"Model {model[:200]!r} is not available on this server; choose one of: {choices}")
+
+
+# ------------------------------------------------------------------------------------- UI fields -> one request
+
+
+def _int_or_none(value: Any) -> int | None:
+    """A number box's value: None when empty (the model's default), else the int it holds exactly."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        raise gr.Error(f"{value} is not allowed: expected a whole number")
+    return int(value)
+
+
+def method_fields(method: str, subjects: str = "", ratio: float | None = None) -> dict[str, Any]:
+    """GenerationRequest fields of one image method (PLAIN: none)."""
+    if method == PLAIN:
+        return {}
+    if method == "AgentSD":
+        return {"agent": AGENT if ratio is None else AgentAttentionConfig(ratio=float(ratio))}
+    if method == "ToMe":
+        return {"agent": TOME if ratio is None else AgentAttentionConfig.tome(float(ratio))}
+    if method == "structured guidance":
+        return {"structured": StructuredGuidanceConfig()}
+    if method == "A-STAR":
+        return {"astar": "astar"}
+    if method == "Attend-and-Excite":
+        return {"astar": "attend_and_excite"}
+    if method == "IR-Diffusion":
+        lines = tuple(line.strip() for line in (subjects or "").splitlines() if line.strip())
+        if not lines:
+            raise gr.Error("IR-Diffusion needs its subjects: one subject prompt per line (e.g. 'a red circle').")
+        return {"subjects": lines}
+    raise gr.Error(f"method {method!r} is not allowed: expected one of {', '.join((PLAIN, *IMAGE_METHODS))}")
+
+
+def radial_fields(radial: bool, decay: float, dense_steps: int, dense_layers: int, block: int) -> dict[str, Any]:
+    if not radial:
+        return {}
+    config = RadialAttentionConfig(
+        decay_factor=float(decay), dense_timesteps=int(dense_steps), dense_layers=int(dense_layers),
+        block_size=int(block),
+    )  # fmt: skip
+    return {"radial": config}
+
+
+def ui_request(
+    model: str,
+    prompt: str,
+    seed: Any,
+    *,
+    negative: str = "",
+    steps: Any = None,
+    guidance: Any = None,
+    height: Any = None,
+    width: Any = None,
+    frames: Any = None,
+    maps: bool = True,
+    **method: Any,
+) -> GenerationRequest:
+    """The one translation of the UI's fields into a request: empty boxes mean the model's default, anything else
+    is used exactly as given (guidance 0 is 0); what the library refuses is shown with its own message."""
+    model = allowed_model(model)
+    try:
+        video = is_video_pipeline(cached_pipeline(model))
+        return GenerationRequest(
+            model=model,
+            prompt=prompt or "",
+            seed=_int_or_none(seed) if seed not in (None, "") else 0,
+            negative_prompt=negative or None,
+            steps=_int_or_none(steps),
+            guidance_scale=None if guidance in (None, "") else float(guidance),
+            height=_int_or_none(height),
+            width=_int_or_none(width),
+            num_frames=_int_or_none(frames) if video else None,
+            attention_maps=bool(maps) and not video,
+            **method,
+        )
+    except (ValueError, TypeError) as exc:
+        raise gr.Error(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------------------------------- running
+
+
+class Stopped(Exception):
+    """The visitor pressed Stop; raised inside the denoiser between two of its calls."""
+
+
+def _run(request: GenerationRequest, stop: threading.Event | None = None) -> GenerationResult:
+    """Generate `request`; a set `stop` ends it at the next denoiser call (each denoiser gets a pre-hook)."""
+    pipe = cached_pipeline(request.model)
+    hooks = []
+    if stop is not None:
+
+        def check(module, args):
+            if stop.is_set():
+                raise Stopped()
+
+        for name in ("unet", "transformer", "transformer_2"):
+            denoiser = getattr(pipe, name, None)
+            if denoiser is not None:
+                hooks.append(denoiser.register_forward_pre_hook(check))
+    try:
+        return generate(request, pipe=pipe, limits=SETTINGS.limits)
+    except Stopped:
+        raise gr.Error("Stopped.") from None
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise gr.Error(str(exc)) from None
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _run_folder() -> Path:
@@ -76,6 +219,188 @@ def _video_file(result: GenerationResult, stem: str) -> str | None:
             write(path)
             return str(path)
     return None
+
+
+def _zip(results: list[tuple[str, GenerationResult]]) -> str:
+    """One zip of results: every file `result_files` writes (PNG, MP4, maps, mask) and each request as JSON."""
+    path = _run_folder() / "diffattn-result.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for stem, result in results:
+            for name, write in result_files(result, stem):
+                with tempfile.TemporaryDirectory() as scratch:
+                    file = Path(scratch) / name
+                    write(file)
+                    archive.write(file, name)
+            if result.request is not None:
+                archive.writestr(f"{stem}-request.json", json.dumps(result.request.to_dict(), indent=2))
+    return str(path)
+
+
+def _sampler(model: str) -> str:
+    return type(cached_pipeline(model).scheduler).__name__
+
+
+def _describe(model: str, image) -> str | None:
+    describe = PRESETS[model].describe if model in PRESETS else None
+    return None if describe is None or image is None else describe(image)
+
+
+def _request_line(request: GenerationRequest, seconds: float) -> str:
+    """The info line: the whole request in words, and the time."""
+    parts = [f"`{request.model}`", f"seed {request.seed}", f"{request.steps or default_steps(request.model)} steps"]
+    defaults = PRESETS[request.model].call_defaults if request.model in PRESETS else {}
+    guidance = request.guidance_scale if request.guidance_scale is not None else defaults.get("guidance_scale")
+    if guidance is not None:
+        parts.append(f"guidance {guidance:g}")
+    height, width = request.height or defaults.get("height"), request.width or defaults.get("width")
+    if height and width:
+        parts.append(f"{width}x{height} px")
+    frames = request.num_frames or defaults.get("num_frames")
+    if frames and request.model in VIDEO_PRESETS:
+        parts.append(f"{frames} frames")
+    parts.append(f"sampler {_sampler(request.model)}")
+    return " · ".join(parts) + f" · **{seconds:.2f} s**"
+
+
+def _method_name(request: GenerationRequest) -> str:
+    if request.subjects:
+        return "IR-Diffusion"
+    if request.astar is not None:
+        return "A-STAR" if request.astar == "astar" else "Attend-and-Excite"
+    if request.structured is not None:
+        return "structured guidance"
+    if request.agent is not None:
+        return "ToMe" if request.agent.agent_ratio is None else "AgentSD"
+    if request.radial is not None:
+        return "radial attention"
+    return PLAIN
+
+
+# ----------------------------------------------------------------------------------------------------- compare
+
+
+def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop=None,
+                progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+    """Plain and each chosen method on one prompt and seed. Returns (gallery items, video dense, video radial,
+    radial mask, table markdown, zip)."""
+    model = allowed_model(model)
+    video = is_video_pipeline(cached_pipeline(model))
+    if video:
+        variants = [PLAIN, "radial attention"]
+        extra = [{}, radial_fields(True, RADIAL.decay_factor, 1, RADIAL.dense_layers, min(BLOCK_SIZES))]
+    else:
+        variants = [PLAIN, *[m for m in IMAGE_METHODS if m in (methods or [])]]
+        extra = [method_fields(m, subjects) for m in variants]
+    requests = [ui_request(model, prompt, seed, steps=steps, frames=frames, **fields) for fields in extra]
+    results = []
+    for i, (name, request) in enumerate(zip(variants, requests)):
+        progress(i / len(requests), desc=f"{name} ({i + 1}/{len(requests)})")
+        start = time.perf_counter()
+        result = _run(request, stop)
+        results.append((name, result, time.perf_counter() - start))
+    plain_seconds = results[0][2]
+    rows = ["| method | time | vs plain | judge sees |", "|---|---|---|---|"]
+    gallery = []
+    for name, result, seconds in results:
+        image = result.images[0] if result.images else (result.frames[0] if result.frames else None)
+        verdict = _describe(model, image) if not video else None
+        caption = f"{name} · {seconds:.2f} s" + (f" · judge: {verdict}" if verdict else "")
+        if image is not None:
+            gallery.append((image, caption))
+        rows.append(f"| {name} | {seconds:.2f} s | {plain_seconds / seconds:.2f}x | {verdict or '–'} |")
+    table = "\n".join(rows)
+    table += "\n\n" + _request_line(requests[0], plain_seconds)
+    dense_video = radial_video = mask = None
+    if video:
+        dense_video = _video_file(results[0][1], f"{Path(model).name}-dense")
+        radial_video = _video_file(results[1][1], f"{Path(model).name}-radial")
+        mask = results[1][1].radial_mask
+        density = results[1][1].radial_density
+        config = requests[1].radial
+        table += (
+            f"\n\nradial settings: decay factor {config.decay_factor:g}, dense first steps {config.dense_timesteps}, "
+            f"dense first layers {config.dense_layers}, block {config.block_size}"
+        )
+        table += (
+            f"\n\nradial attention: mask density **{density:.1%}**, speedup **{plain_seconds / results[1][2]:.2f}x**"
+            if density is not None
+            else "\n\nradial attention: every step ran dense (dense steps >= steps)"
+        )
+    archive = _zip([(f"{i:02d}-{name.replace(' ', '-')}", r) for i, (name, r, _) in enumerate(results)])
+    return (
+        gr.update(value=gallery, visible=not video),
+        gr.update(value=dense_video, visible=video),
+        gr.update(value=radial_video, visible=video),
+        gr.update(value=mask, visible=video),
+        table,
+        archive,
+    )
+
+
+# -------------------------------------------------------------------------------------------- image and video
+
+
+def run_image(model, prompt, negative, seed, steps, guidance, height, width, method, ratio, subjects, stop=None,
+              progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+    """One image with one method. Returns (image, attention explorer state, token choices, step slider, map, info,
+    zip)."""
+    uses_ratio = method in ("AgentSD", "ToMe")
+    fields = method_fields(method, subjects, ratio if uses_ratio else None)
+    request = ui_request(model, prompt, seed, negative=negative, steps=steps, guidance=guidance, height=height,
+                         width=width, **fields)  # fmt: skip
+    progress(0, desc=_method_name(request))
+    start = time.perf_counter()
+    result = _run(request, stop)
+    seconds = time.perf_counter() - start
+    image = result.images[0]
+    explorer = None
+    tokens = gr.update(choices=[], value=None)
+    steps_slider = gr.update(maximum=1, value=0)
+    token_map = None
+    if result.attention_maps is not None:
+        labels = [f"{i + 1}: {label}" for i, label in enumerate(result.attention_labels)]
+        explorer = {"maps": result.attention_maps, "labels": labels, "image": image}
+        count = result.attention_maps.shape[0]
+        tokens = gr.update(choices=labels, value=labels[0])
+        steps_slider = gr.update(minimum=0, maximum=count, value=0, step=1)
+        token_map = render_explorer(explorer, labels[0], 0)
+    info = f"**{_method_name(request)}** · " + _request_line(request, seconds)
+    if result.subject_grid is not None:
+        info += f" · IR-Diffusion with {len(result.reference_images)} subject references"
+    verdict = _describe(request.model, image)
+    if verdict:
+        info += f" · judge sees: {verdict}"
+    return image, explorer, tokens, steps_slider, token_map, result.subject_grid, info, _zip([("image", result)])
+
+
+def render_explorer(explorer: dict | None, token: str | None, step: int | float):
+    """One token's attention map: averaged over all steps (step 0) or at step `step` (1-based)."""
+    if not explorer or token not in explorer["labels"]:
+        return None
+    index = explorer["labels"].index(token)
+    maps = explorer["maps"]
+    step = int(step or 0)
+    chosen = maps[:, index].mean(0) if step == 0 else maps[min(step, maps.shape[0]) - 1, index]
+    label = f"'{token.split(': ', 1)[1]}', " + ("mean over steps" if step == 0 else f"step {step} of {maps.shape[0]}")
+    return render_token_map(chosen, explorer["image"], label)
+
+
+def run_video(model, prompt, seed, steps, frames, height, width, radial, decay, dense_steps, dense_layers, block,
+              stop=None, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+    """One video, with or without radial attention. Returns (video, mask, info, zip)."""
+    fields = radial_fields(radial, decay, dense_steps, dense_layers, block)
+    request = ui_request(model, prompt, seed, steps=steps, height=height, width=width, frames=frames, **fields)
+    progress(0, desc=_method_name(request))
+    start = time.perf_counter()
+    result = _run(request, stop)
+    seconds = time.perf_counter() - start
+    info = f"**{_method_name(request)}** · " + _request_line(request, seconds)
+    if result.radial_density is not None:
+        info += f" · mask density **{result.radial_density:.1%}**"
+    elif radial:
+        info += " · every step ran dense (dense steps >= steps)"
+    video = _video_file(result, f"{Path(request.model).name}-seed{request.seed}")
+    return video, result.radial_mask, info, _zip([("video", result)])
 
 
 def run_generation(
@@ -96,42 +421,26 @@ def run_generation(
     agent: bool = False,
     editing: str = "none",
     subjects: str = "",
-    progress=gr.Progress(track_tqdm=True),
 ):
-    """The UI's one event: returns (image, video, attention grid, radial mask, IR-Diffusion picture, info markdown)."""
-    model = allowed_model(model)
-    try:
-        video_model = is_video_pipeline(cached_pipeline(model))
-        radial_config = None
-        if radial:
-            radial_config = RadialAttentionConfig(
-                decay_factor=float(decay_factor),
-                dense_timesteps=int(dense_timesteps),
-                dense_layers=int(dense_layers),
-                block_size=int(block_size),
-            )
-        result: GenerationResult = generate(
-            model,
-            prompt,
-            negative_prompt=negative_prompt or None,
-            steps=int(steps),
-            seed=int(seed),
-            guidance_scale=None if guidance_scale is None else float(guidance_scale),
-            height=int(height) if height else None,
-            width=int(width) if width else None,
-            num_frames=int(num_frames) if num_frames and video_model else None,
-            radial=radial_config,
-            agent=AgentAttentionConfig() if agent else None,
-            structured=StructuredGuidanceConfig() if editing == "structured guidance" else None,
-            astar="astar" if editing == "A-STAR" else None,
-            subjects=[line.strip() for line in (subjects or "").splitlines() if line.strip()] or None,
-            limits=SETTINGS.limits,
-        )
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise gr.Error(str(exc)) from None
-    video = _video_file(result, f"{Path(model).name}-seed{int(seed)}")
+    """The API endpoint (`/generate`, for gradio_client): returns (image, video, attention grid, radial mask,
+    IR-Diffusion picture, info markdown)."""
+    fields: dict[str, Any] = radial_fields(radial, decay_factor, dense_timesteps, dense_layers, block_size)
+    if agent:
+        fields.update(method_fields("AgentSD"))
+    if editing not in ("none", "structured guidance", "A-STAR"):
+        raise gr.Error(f"editing={editing!r} is not allowed: expected 'none', 'structured guidance' or 'A-STAR'")
+    if editing != "none":
+        fields.update(method_fields(editing))
+    if (subjects or "").strip():
+        fields.update(method_fields("IR-Diffusion", subjects))
+    request = ui_request(model, prompt, seed, negative=negative_prompt, steps=steps, guidance=guidance_scale,
+                         height=height, width=width, frames=num_frames, **fields)  # fmt: skip
+    start = time.perf_counter()
+    result = _run(request)
+    seconds = time.perf_counter() - start
+    video = _video_file(result, f"{Path(request.model).name}-seed{request.seed}")
     image = result.images[0] if result.images else (result.frames[0] if video is None and result.frames else None)
-    info = f"**{result.kind}** from `{model}` in **{result.seconds:.2f} s** ({int(steps)} steps, seed {int(seed)})"
+    info = f"**{result.kind}** from `{request.model}` in **{seconds:.2f} s** · " + _request_line(request, seconds)
     if result.radial_density is not None:
         info += f" · radial attention, mask density **{result.radial_density:.1%}**"
     elif radial:
@@ -141,16 +450,99 @@ def run_generation(
     return image, video, result.attention_grid, result.radial_mask, result.subject_grid, info
 
 
-def _on_model_change(model: str):
-    """Fill size fields with the preset's defaults when a preset is picked."""
+# ---------------------------------------------------------------------------------------------------- the page
+
+
+def _model_defaults(model: str):
+    """A preset's own size, steps and guidance; for any other model empty boxes: the model's own defaults."""
     defaults = PRESETS[model].call_defaults if model in PRESETS else {}
     return (
-        gr.update(value=default_steps(model)),
-        gr.update(value=defaults.get("height", 512)),
-        gr.update(value=defaults.get("width", 512)),
-        gr.update(value=defaults.get("num_frames", 9)),
-        gr.update(value=defaults.get("guidance_scale", 7.5)),
+        gr.update(value=default_steps(model) if model in PRESETS else None),
+        gr.update(value=defaults.get("height")),
+        gr.update(value=defaults.get("width")),
+        gr.update(value=defaults.get("guidance_scale")),
     )
+
+
+def _compare_defaults(model: str):
+    """Steps of the model; the frames box only for video models, with the preset's frames (33 for radial to be
+    sparse on the tiny presets' short latent clips)."""
+    video = model in VIDEO_PRESETS
+    frames = max(PRESETS[model].call_defaults.get("num_frames", 0), 33) if video else None
+    return gr.update(value=default_steps(model) if model in PRESETS else None), gr.update(value=frames, visible=video)
+
+
+def _video_defaults(model: str):
+    defaults = PRESETS[model].call_defaults if model in PRESETS else {}
+    return (
+        gr.update(value=default_steps(model) if model in PRESETS else None),
+        gr.update(value=defaults.get("num_frames")),
+        gr.update(value=defaults.get("height")),
+        gr.update(value=defaults.get("width")),
+    )
+
+
+def _random_seed() -> int:
+    return random.randrange(0, 2**31)
+
+
+def _busy():
+    return gr.update(interactive=False), gr.update(interactive=True)
+
+
+def _idle():
+    return gr.update(interactive=True), gr.update(interactive=False)
+
+
+def _stop(stop: threading.Event) -> None:
+    stop.set()
+
+
+def _arm(stop: threading.Event):
+    stop.clear()
+    return _busy()
+
+
+def _guarded(fn, outputs: list, note: Any):
+    """`fn` for one job's event: on success its outputs and idle buttons; on a refusal or a stop, the message in a
+    toast and in the `note` markdown, the other outputs left as they were, and idle buttons. (A raised error would
+    end the event chain and leave Generate disabled.)"""
+
+    def run(*args, progress=gr.Progress(track_tqdm=True)):
+        try:
+            values = fn(*args, progress=progress)
+        except gr.Error as exc:
+            gr.Warning(str(exc.message))
+            values = [f"**Not run:** {exc.message}" if out is note else gr.skip() for out in outputs]
+        return (*values, *_idle())
+
+    return run
+
+
+def _job(run_button, stop_button, stop_state, fn, inputs, outputs, api_name, note):
+    """Generate disabled and Stop enabled while `fn` runs; Stop ends it at the next denoiser call."""
+    event = run_button.click(_arm, stop_state, [run_button, stop_button], queue=False)
+    event.then(_guarded(fn, outputs, note), [*inputs, stop_state], [*outputs, run_button, stop_button],
+               api_name=api_name, concurrency_id="gpu")  # fmt: skip
+    stop_button.click(_stop, stop_state, None, queue=False)
+
+
+def _seed_row():
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, label="Seed", scale=4)
+        dice = gr.Button("Random seed", scale=1, min_width=60)
+    dice.click(_random_seed, None, seed, queue=False)
+    return seed
+
+
+EXAMPLES = [
+    # (model, prompt, seed, methods, subjects, frames): where each method shows its effect on the shipped models
+    ("shapes-sd", "a red circle and a blue square", 0, ["IR-Diffusion"], "a red circle\na blue square", None),
+    ("shapes-sd", "a green star and a yellow triangle", 3, ["structured guidance", "A-STAR"], "", None),
+    ("shapes-sd", "a purple square and an orange circle", 1, ["Attend-and-Excite"], "", None),
+    ("tiny-sd", "a red car and a white sheep", 0, ["AgentSD", "ToMe"], "", None),
+    ("tiny-wan", "a boat at sea", 0, [], "", 33),
+]
 
 
 def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
@@ -158,83 +550,164 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
     global SETTINGS
     SETTINGS = settings or ServerSettings()
     PIPELINES.resize(SETTINGS.pipeline_cache)
-    first = PRESETS[DEFAULT_PRESET].call_defaults
+    first = PRESETS[DEFAULT_PRESET]
+    models = list(PRESETS) + list(SETTINGS.models)
+    custom = SETTINGS.allow_any_model
     with gr.Blocks(title="diffattn", delete_cache=SETTINGS.delete_cache) as demo:
         gr.Markdown(
-            "# diffattn\nAttention control for diffusers. `shapes-sd` is a small model trained by diffattn on "
-            "coloured-shape scenes (prompts like *a red circle and a blue square*); the `tiny-*` presets run offline "
-            "with random weights; "
-            "type a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) to use a real model."
+            "# diffattn\nSee what an attention method does to your prompt. `shapes-sd` is a small model trained by "
+            "diffattn on coloured-shape scenes (*a red circle and a blue square*); the judge below each image says "
+            "which shapes and colours it finds. The `tiny-*` presets have random weights (noise-like pictures, "
+            "real timings)."
         )
-        with gr.Row():
-            with gr.Column():
-                model = gr.Dropdown(
-                    choices=list(PRESETS) + list(SETTINGS.models), value=DEFAULT_PRESET,
-                    allow_custom_value=SETTINGS.allow_any_model, label="Model",
-                )  # fmt: skip
-                prompt = gr.Textbox(
-                    value=PRESETS[DEFAULT_PRESET].demo_prompt or "a photo of a red cat", label="Prompt", lines=2
-                )
-                negative = gr.Textbox(value="", label="Negative prompt")
-                steps = gr.Slider(1, 100, value=default_steps(DEFAULT_PRESET), step=1, label="Steps")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                with gr.Accordion("Advanced", open=False):
-                    guidance = gr.Number(value=first.get("guidance_scale", 7.5), label="Guidance scale")
-                    height = gr.Number(value=first.get("height", 512), precision=0, label="Height")
-                    width = gr.Number(value=first.get("width", 512), precision=0, label="Width")
-                    frames = gr.Number(value=9, precision=0, label="Frames (video models)")
-                with gr.Accordion("Radial attention (video models)", open=False):
-                    radial = gr.Checkbox(value=False, label="Use radial attention")
-                    decay = gr.Slider(
-                        0.05, 2.0, value=RADIAL.decay_factor, step=0.05, label="Decay factor (band width)"
-                    )
-                    dense_steps = gr.Slider(0, 50, value=RADIAL.dense_timesteps, step=1, label="Dense first steps")
-                    dense_layers = gr.Slider(0, 8, value=RADIAL.dense_layers, step=1, label="Dense first layers")
-                    block = gr.Radio(list(BLOCK_SIZES), value=RADIAL.block_size, label="Block size")
-                with gr.Accordion("Stable Diffusion methods", open=False):
-                    agent = gr.Checkbox(value=False, label="AgentSD: token merging + agent attention")
-                    editing = gr.Radio(
-                        ["none", "structured guidance", "A-STAR"], value="none", label="Cross-attention editing"
-                    )
-                    subjects = gr.Textbox(
-                        value="", lines=2, label="IR-Diffusion subjects: one prompt per line, e.g. 'a red circle'"
-                    )
-                button = gr.Button("Generate", variant="primary")
-            with gr.Column():
-                image = gr.Image(label="Image", type="pil", format="png")
-                video = gr.Video(label="Video")
-                maps = gr.Image(label="Cross-attention maps per prompt token", type="pil", format="png")
-                mask = gr.Image(label="Radial mask (white: computed blocks)", type="pil", format="png")
-                subject_view = gr.Image(
-                    label="IR-Diffusion: references with masks, plain scene, IR scene", type="pil", format="png"
-                )
-                info = gr.Markdown()
-        model.change(_on_model_change, inputs=model, outputs=[steps, height, width, frames, guidance])
-        button.click(
-            run_generation,
-            inputs=[
-                model,
-                prompt,
-                negative,
-                steps,
-                seed,
-                guidance,
-                height,
-                width,
-                frames,
-                radial,
-                decay,
-                dense_steps,
-                dense_layers,
-                block,
-                agent,
-                editing,
-                subjects,
-            ],
-            outputs=[image, video, maps, mask, subject_view, info],
-            api_name="generate",
-            concurrency_id="gpu",
-        )
+        with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    c_model = gr.Dropdown(models, value=DEFAULT_PRESET, allow_custom_value=custom, label="Model",
+                                          elem_id="compare-model")  # fmt: skip
+                    c_prompt = gr.Textbox(value=first.demo_prompt, label="Prompt", lines=2, elem_id="compare-prompt")
+                    c_seed = _seed_row()
+                    with gr.Row():
+                        c_steps = gr.Number(value=first.steps, precision=0, label="Steps")
+                        c_frames = gr.Number(value=None, precision=0, label="Frames", visible=False)
+                    c_methods = gr.CheckboxGroup(
+                        list(IMAGE_METHODS), value=["IR-Diffusion", "structured guidance"],
+                        label="Methods beside plain (image models; video models compare dense with radial)",
+                    )  # fmt: skip
+                    c_subjects = gr.Textbox(
+                        value="a red circle\na blue square", lines=2, label="IR-Diffusion subjects",
+                        info=HELP["subjects"],
+                    )  # fmt: skip
+                    with gr.Row():
+                        c_run = gr.Button("Compare", variant="primary", elem_id="compare-run")
+                        c_stop = gr.Button("Stop", interactive=False, elem_id="compare-stop")
+                with gr.Column(scale=3):
+                    c_gallery = gr.Gallery(
+                        label="Plain and each method (same prompt, same seed)", columns=4, height=420,
+                        object_fit="contain", format="png", elem_id="compare-gallery", elem_classes="pixelated",
+                    )  # fmt: skip
+                    with gr.Row():
+                        c_dense = gr.Video(label="Dense attention", visible=False, elem_id="compare-dense")
+                        c_radial = gr.Video(label="Radial attention", visible=False, elem_id="compare-radial")
+                    c_mask = gr.Image(label="Radial mask (white: computed blocks)", visible=False, type="pil",
+                                      format="png", elem_classes="pixelated")  # fmt: skip
+                    c_table = gr.Markdown(elem_id="compare-table")
+                    c_zip = gr.File(label="Download (PNG/MP4, maps, mask, requests)", elem_id="compare-zip")
+            c_state = gr.State(threading.Event)
+            _job(c_run, c_stop, c_state, run_compare,
+                 [c_model, c_prompt, c_seed, c_steps, c_methods, c_subjects, c_frames],
+                 [c_gallery, c_dense, c_radial, c_mask, c_table, c_zip], "compare", c_table)  # fmt: skip
+            c_model.change(_compare_defaults, c_model, [c_steps, c_frames])
+
+        with gr.Tab("Image", id="image", elem_id="tab-image"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    i_model = gr.Dropdown(
+                        IMAGE_PRESETS + list(SETTINGS.models), value=DEFAULT_PRESET, allow_custom_value=custom,
+                        label="Model",
+                    )  # fmt: skip
+                    i_prompt = gr.Textbox(value=first.demo_prompt, label="Prompt", lines=2)
+                    i_negative = gr.Textbox(value="", label="Negative prompt")
+                    i_seed = _seed_row()
+                    i_method = gr.Radio([PLAIN, *IMAGE_METHODS], value=PLAIN, label="Method", elem_id="image-method")
+                    i_ratio = gr.Slider(0.0, 0.9, value=AGENT.ratio, step=0.05, label="Merge ratio",
+                                        info=HELP["ratio"], visible=False)  # fmt: skip
+                    i_subjects = gr.Textbox(value="a red circle\na blue square", lines=2, label="Subjects",
+                                            info=HELP["subjects"], visible=False)  # fmt: skip
+                    with gr.Accordion("Size, steps, guidance", open=False):
+                        i_steps = gr.Number(value=first.steps, precision=0, label="Steps")
+                        i_guidance = gr.Number(value=first.call_defaults.get("guidance_scale"), label="Guidance",
+                                               info=HELP["guidance"])  # fmt: skip
+                        i_height = gr.Number(value=first.call_defaults.get("height"), precision=0, label="Height",
+                                             elem_id="image-height")  # fmt: skip
+                        i_width = gr.Number(value=first.call_defaults.get("width"), precision=0, label="Width",
+                                            elem_id="image-width")  # fmt: skip
+                    with gr.Row():
+                        i_run = gr.Button("Generate", variant="primary", elem_id="image-run")
+                        i_stop = gr.Button("Stop", interactive=False, elem_id="image-stop")
+                with gr.Column(scale=3):
+                    i_image = gr.Image(label="Image", type="pil", format="png", height=384,
+                                       elem_classes="pixelated", elem_id="image-out")  # fmt: skip
+                    i_info = gr.Markdown(elem_id="image-info")
+                    with gr.Row():
+                        i_token = gr.Dropdown([], label="Attention map of token", scale=2)
+                        i_step = gr.Slider(0, 1, value=0, step=1, label="Step (0: mean over steps)", scale=2)
+                    i_map = gr.Image(label="Cross-attention map", type="pil", format="png", height=440,
+                                     elem_classes="pixelated")  # fmt: skip
+                    i_subject_view = gr.Image(label="IR-Diffusion: references with masks, plain scene, IR scene",
+                                              type="pil", format="png")  # fmt: skip
+                    i_zip = gr.File(label="Download (PNG, maps, request)")
+            i_state = gr.State(threading.Event)
+            i_explorer = gr.State(None)
+            _job(i_run, i_stop, i_state, run_image,
+                 [i_model, i_prompt, i_negative, i_seed, i_steps, i_guidance, i_height, i_width, i_method, i_ratio,
+                  i_subjects],
+                 [i_image, i_explorer, i_token, i_step, i_map, i_subject_view, i_info, i_zip], "image",
+                 i_info)  # fmt: skip
+            i_token.change(render_explorer, [i_explorer, i_token, i_step], i_map, queue=False)
+            i_step.release(render_explorer, [i_explorer, i_token, i_step], i_map, queue=False)
+            i_method.change(
+                lambda m: (gr.update(visible=m in ("AgentSD", "ToMe"), value=TOME.ratio if m == "ToMe" else AGENT.ratio),
+                           gr.update(visible=m == "IR-Diffusion")),
+                i_method, [i_ratio, i_subjects],
+            )  # fmt: skip
+            i_model.change(_model_defaults, i_model, [i_steps, i_height, i_width, i_guidance])
+
+        with gr.Tab("Video", id="video", elem_id="tab-video"):
+            video_first = VIDEO_PRESETS[0]
+            with gr.Row():
+                with gr.Column(scale=2):
+                    v_model = gr.Dropdown(VIDEO_PRESETS + list(SETTINGS.models), value=video_first,
+                                          allow_custom_value=custom, label="Model")  # fmt: skip
+                    v_prompt = gr.Textbox(value="a boat at sea", label="Prompt", lines=2)
+                    v_seed = _seed_row()
+                    v_steps = gr.Number(value=default_steps(video_first), precision=0, label="Steps")
+                    v_frames = gr.Number(value=PRESETS[video_first].call_defaults.get("num_frames"), precision=0,
+                                         label="Frames")  # fmt: skip
+                    with gr.Accordion("Size", open=False):
+                        v_height = gr.Number(value=PRESETS[video_first].call_defaults.get("height"), precision=0,
+                                             label="Height")  # fmt: skip
+                        v_width = gr.Number(value=PRESETS[video_first].call_defaults.get("width"), precision=0,
+                                            label="Width")  # fmt: skip
+                    v_radial = gr.Checkbox(value=True, label="Radial attention")
+                    v_decay = gr.Slider(0.05, 2.0, value=RADIAL.decay_factor, step=0.05, label="Decay factor",
+                                        info=HELP["decay"])  # fmt: skip
+                    v_dense_steps = gr.Slider(0, 50, value=RADIAL.dense_timesteps, step=1, label="Dense first steps",
+                                              info=HELP["dense_steps"])  # fmt: skip
+                    v_dense_layers = gr.Slider(0, 8, value=RADIAL.dense_layers, step=1, label="Dense first layers",
+                                               info=HELP["dense_layers"])  # fmt: skip
+                    v_block = gr.Radio(list(BLOCK_SIZES), value=RADIAL.block_size, label="Block size",
+                                       info=HELP["block"])  # fmt: skip
+                    with gr.Row():
+                        v_run = gr.Button("Generate", variant="primary", elem_id="video-run")
+                        v_stop = gr.Button("Stop", interactive=False, elem_id="video-stop")
+                with gr.Column(scale=3):
+                    v_video = gr.Video(label="Video", elem_id="video-out")
+                    v_mask = gr.Image(label="Radial mask (white: computed blocks)", type="pil", format="png",
+                                      elem_classes="pixelated")  # fmt: skip
+                    v_info = gr.Markdown(elem_id="video-info")
+                    v_zip = gr.File(label="Download (MP4, mask, request)")
+            v_state = gr.State(threading.Event)
+            _job(v_run, v_stop, v_state, run_video,
+                 [v_model, v_prompt, v_seed, v_steps, v_frames, v_height, v_width, v_radial, v_decay, v_dense_steps,
+                  v_dense_layers, v_block],
+                 [v_video, v_mask, v_info, v_zip], "video", v_info)  # fmt: skip
+            v_model.change(_video_defaults, v_model, [v_steps, v_frames, v_height, v_width])
+
+        with gr.Tab("Examples", id="examples", elem_id="tab-examples"):
+            gr.Markdown("Click an example, then **Compare** on the first tab.")
+            gr.Examples([list(e) for e in EXAMPLES], [c_model, c_prompt, c_seed, c_methods, c_subjects, c_frames],
+                        label="Where each method helps")  # fmt: skip
+
+        # The API of earlier versions, for scripts (gradio_client): one call, every option.
+        with gr.Row(visible=False):
+            api_inputs = [gr.Textbox(), gr.Textbox(), gr.Textbox(), gr.Number(), gr.Number(), gr.Number(),
+                          gr.Number(), gr.Number(), gr.Number(), gr.Checkbox(), gr.Number(), gr.Number(),
+                          gr.Number(), gr.Number(), gr.Checkbox(), gr.Textbox(), gr.Textbox()]  # fmt: skip
+            api_outputs = [gr.Image(type="pil", format="png"), gr.Video(), gr.Image(type="pil", format="png"),
+                           gr.Image(type="pil", format="png"), gr.Image(type="pil", format="png"), gr.Markdown()]  # fmt: skip
+            api_button = gr.Button()
+        api_button.click(run_generation, api_inputs, api_outputs, api_name="generate", concurrency_id="gpu")
     return demo
 
 
@@ -242,34 +715,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="diffattn web UI")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    parser.add_argument(
-        "--limits",
-        nargs="+",
-        default=None,
-        metavar="NAME=INT",
-        help="size limits of a visitor's request (names: diffattn.Limits; default: its defaults)",
-    )
-    parser.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="ID_OR_PATH",
-        help="a model visitors may use besides the presets (repeatable)",
-    )
-    parser.add_argument(
-        "--allow-any-model",
-        action="store_true",
-        help="let visitors load any hub id or path on this server (off by default)",
-    )
+    parser.add_argument("--limits", nargs="+", default=None, metavar="NAME=INT",
+                        help="size limits of a visitor's request (names: diffattn.Limits; default: its defaults)")  # fmt: skip
+    parser.add_argument("--model", action="append", default=[], metavar="ID_OR_PATH",
+                        help="a model visitors may use besides the presets (repeatable)")  # fmt: skip
+    parser.add_argument("--allow-any-model", action="store_true",
+                        help="let visitors load any hub id or path on this server (off by default)")  # fmt: skip
     parser.add_argument("--pipeline-cache", type=int, default=2, help="pipelines kept loaded (default: 2)")
+    parser.add_argument("--queue", type=int, default=16, help="requests waiting at most (default: 16)")
     args = parser.parse_args()
     try:
         limits = Limits() if args.limits is None else Limits.parse(args.limits)
         settings = ServerSettings(limits, tuple(args.model), args.allow_any_model, args.pipeline_cache)
     except ValueError as exc:
         parser.error(str(exc))
-    demo = build_demo(settings)
-    demo.queue(default_concurrency_limit=1, max_size=16).launch(server_name=args.host, server_port=args.port)
+    serve(build_demo(settings), queue=args.queue, server_name=args.host, server_port=args.port)
+
+
+def serve(demo: gr.Blocks, queue: int = 16, **launch: Any) -> None:
+    """Queue (one job at a time, at most `queue` waiting) and launch with the page's style."""
+    demo.queue(default_concurrency_limit=1, max_size=queue).launch(css=CSS, **launch)
 
 
 if __name__ == "__main__":

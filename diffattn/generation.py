@@ -97,6 +97,8 @@ class GenerationResult:
     plain_images: list[Image.Image] = field(default_factory=list)  # IR-Diffusion: the scene with plain attention
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     request: GenerationRequest | None = None  # what made it
+    attention_maps: torch.Tensor | None = None  # [steps, tokens, h, w]: the prompt's tokens (start to end token)
+    attention_labels: list[str] = field(default_factory=list)  # one per token of attention_maps
 
 
 def default_steps(model: str) -> int:
@@ -246,10 +248,9 @@ def _generate_plain(requests: list[GenerationRequest], pipe: Any, call: _Call) -
             generator=generators[0] if single else generators, output_type="pil", **kwargs,
         )  # fmt: skip
         seconds = (time.perf_counter() - start) / len(requests)
-        grids = [None] * len(requests)
+        maps = None
         if handle is not None and isinstance(configs[0], AttentionMapConfig) and not video:
             maps = handle.maps(conditional_only=True)  # [steps, batch, tokens, h, w]
-            grids = [_attention_grid(pipe, maps[:, i : i + 1], p, output.images[i]) for i, p in enumerate(prompts)]
         if first.radial is not None:
             mask_image, density = _radial_mask_picture(handle)
     finally:
@@ -267,7 +268,8 @@ def _generate_plain(requests: list[GenerationRequest], pipe: Any, call: _Call) -
             result.frames = [_to_pil(f) for f in output.frames[i]]
         else:
             result.images = [output.images[i]]
-        result.attention_grid = grids[i]
+        if maps is not None:
+            _attach_attention(result, pipe, maps[:, i : i + 1], request.prompt)
         results.append(result)
     logger.info("generated %d %s(s) with %s in %.2fs each", len(results), results[0].kind, model, seconds)
     return results
@@ -316,7 +318,7 @@ def _generate_astar(request: GenerationRequest, pipe: Any, call: _Call) -> Gener
         request.model, request.prompt, request.seed, "image", images=list(output.images), seconds=seconds,
         call_kwargs=_recorded(kwargs, call.interval), request=request,
     )  # fmt: skip
-    result.attention_grid = _attention_grid(pipe, output.maps, request.prompt, output.images[0])
+    _attach_attention(result, pipe, output.maps, request.prompt)
     return result
 
 
@@ -375,9 +377,13 @@ def _to_pil(frame: Any) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _attention_grid(pipe: Any, maps: torch.Tensor, prompt: str, image: Image.Image) -> Image.Image:
-    """Heatmaps of the prompt's own tokens (start token to end token) for the first image, averaged over steps."""
+def _attach_attention(result: GenerationResult, pipe: Any, maps: torch.Tensor, prompt: str) -> None:
+    """The prompt's own tokens' maps (start token to end token) of one image: `result.attention_maps` [steps,
+    tokens, h, w] with `result.attention_labels`, and the heatmap grid averaged over steps."""
     labels = prompt_token_labels(pipe.tokenizer, prompt)
     end = next((i for i, t in enumerate(labels) if i > 0 and t == pipe.tokenizer.eos_token), len(labels) - 1)
     keep = list(range(1, max(end, 2)))
-    return render_attention_grid(maps[:, 0].mean(0)[keep], image, [labels[i] for i in keep])
+    result.attention_maps = maps[:, 0][:, keep].clone()
+    result.attention_labels = [labels[i] for i in keep]
+    image = (result.images or [None])[0]
+    result.attention_grid = render_attention_grid(result.attention_maps.mean(0), image, result.attention_labels)

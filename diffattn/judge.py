@@ -177,3 +177,9 @@ def summarize(scores: list[SceneScores]) -> dict[str, float]:
         "position_accuracy": float(np.mean(positions)) if positions else float("nan"),
         "images": len(scores),
     }
+
+
+def describe(image: Image.Image) -> str:
+    """What the judge sees in a shapes image, in words: "a red circle, a blue square" (largest first), or "nothing"."""
+    found = detect_objects(image)
+    return ", ".join(f"a {d.color} {d.shape}" for d in found) if found else "nothing"

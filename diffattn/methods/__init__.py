@@ -7,6 +7,7 @@ from .attention_maps import (
     AttentionMapProcessor,
     prompt_token_labels,
     render_attention_grid,
+    render_token_map,
 )
 from .ir_diffusion import IRCrossAttnProcessor, IRDiffusionConfig, IRDiffusionMethod, IRSelfAttnProcessor
 from .ir_mask_recorder import SubjectMaskConfig

@@ -243,3 +243,33 @@ def render_attention_grid(
         if labels is not None:
             draw.text((x + 3, y + cell + 2), str(labels[i])[:18], fill="black")
     return grid
+
+
+def render_token_map(
+    token_map: torch.Tensor, image: Image.Image | None = None, label: str = "", *, size: int = 384, alpha: float = 0.6
+) -> Image.Image:
+    """One token's map, large, with its colour scale: token_map [h, w] -> a `size` x `size` heatmap (nearest: one
+    square per attention token) blended over `image`, and a bar from the map's minimum (black) to its maximum
+    (white) labelled with both values."""
+    if token_map.ndim != 2:
+        raise ValueError(f"token_map must be [h, w], got shape {tuple(token_map.shape)}")
+    values = token_map.float().cpu()
+    low, high = float(values.min()), float(values.max())
+    norm = ((values - low) / max(high - low, 1e-12)).numpy()
+    heat = Image.fromarray(_heat_colormap(norm)).resize((size, size), Image.NEAREST)
+    tile = np.asarray(heat, dtype=np.float32)
+    if image is not None:
+        base = np.asarray(image.convert("RGB").resize((size, size), Image.NEAREST), dtype=np.float32)
+        tile = alpha * tile + (1 - alpha) * base
+    bar_h, text_h = 14, 18
+    out = Image.new("RGB", (size, size + bar_h + 2 * text_h), "white")
+    out.paste(Image.fromarray(tile.astype(np.uint8)), (0, text_h))
+    ramp = _heat_colormap(np.linspace(0.0, 1.0, size)[None, :].repeat(bar_h, 0))
+    out.paste(Image.fromarray(ramp), (0, text_h + size + 2))
+    draw = ImageDraw.Draw(out)
+    draw.text((3, 2), label[:60], fill="black")
+    scale = f"{low:.3g}"
+    draw.text((3, text_h + size + bar_h + 3), scale, fill="black")
+    top = f"{high:.3g}"
+    draw.text((size - 7 * len(top) - 3, text_h + size + bar_h + 3), top, fill="black")
+    return out

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..judge import subject_mask
+from ..judge import describe, subject_mask
 from .image import build_tiny_sd, build_tiny_sdxl
 from .video import (
     build_tiny_cogvideox,
@@ -52,6 +52,8 @@ class Preset:
     demo_prompt: str | None = None  # a prompt in the preset's vocabulary (None: the demo's general prompt)
     # segmenter(image, subject) -> mask for pictures one can read (IR-Diffusion's subject masks); None: from attention
     segmenter: Callable[[Any, str], Any] | None = None
+    # describe(image) -> what a judge sees in it, in words (None: no judge for this model's pictures)
+    describe: Callable[[Any], str] | None = None
 
 
 SHIPPED = Path(__file__).parent
@@ -70,6 +72,7 @@ PRESETS: dict[str, Preset] = {
             shipped="shapes_sd",
             demo_prompt="a red circle and a blue square",
             segmenter=subject_mask,
+            describe=describe,
         ),
         Preset(
             "tiny-sd",
