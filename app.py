@@ -307,7 +307,8 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
         caption = f"{name} · {seconds:.2f} s" + (f" · judge: {verdict}" if verdict else "")
         if image is not None:
             gallery.append((image, caption))
-        rows.append(f"| {name} | {seconds:.2f} s | {plain_seconds / seconds:.2f}x | {verdict or '–'} |")
+        phases = "".join(f"<br>{p} {t:.2f} s" for p, t in result.phase_seconds.items())
+        rows.append(f"| {name} | {seconds:.2f} s{phases} | {plain_seconds / seconds:.2f}x | {verdict or '–'} |")
     table = "\n".join(rows)
     table += "\n\n" + _request_line(requests[0], plain_seconds)
     dense_video = radial_video = mask = None
@@ -367,6 +368,8 @@ def run_image(model, prompt, negative, seed, steps, guidance, height, width, met
     info = f"**{_method_name(request)}** · " + _request_line(request, seconds)
     if result.subject_grid is not None:
         info += f" · IR-Diffusion with {len(result.reference_images)} subject references"
+    if result.phase_seconds:
+        info += " · " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result.phase_seconds.items())
     verdict = _describe(request.model, image)
     if verdict:
         info += f" · judge sees: {verdict}"
@@ -536,13 +539,17 @@ def _seed_row():
 
 
 EXAMPLES = [
-    # (model, prompt, seed, methods, subjects, frames): where each method shows its effect on the shipped models
-    ("shapes-sd", "a red circle and a blue square", 0, ["IR-Diffusion"], "a red circle\na blue square", None),
-    ("shapes-sd", "a green star and a yellow triangle", 3, ["structured guidance", "A-STAR"], "", None),
-    ("shapes-sd", "a purple square and an orange circle", 1, ["Attend-and-Excite"], "", None),
-    ("tiny-sd", "a red car and a white sheep", 0, ["AgentSD", "ToMe"], "", None),
-    ("tiny-wan", "a boat at sea", 0, [], "", 33),
-]
+    # (model, prompt, seed, methods, subjects, frames, what it shows)
+    ("shapes-sd", "a red circle and a blue square", 0, ["IR-Diffusion"], "a red circle\na blue square", None,
+     "IR-Diffusion keeps both subjects: plain draws one red square, IR-Diffusion a red circle and a blue square"),
+    ("tiny-sd", "a red car and a white sheep", 0, ["AgentSD", "ToMe"], "", None,
+     "AgentSD and ToMe: the time column (random weights: the pictures are noise)"),
+    ("tiny-wan", "a boat at sea", 0, [], "", 33,
+     "radial attention on 33 frames: the mask, its density and the speedup over dense (random weights)"),
+    ("shapes-sd", "a green star and a yellow triangle", 3, ["structured guidance", "A-STAR", "Attend-and-Excite"], "",
+     None, "the latent and cross-attention editors; on this small model they change little (README: compositional "
+     "benchmark)"),
+]  # fmt: skip
 
 
 def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
@@ -583,7 +590,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                         c_stop = gr.Button("Stop", interactive=False, elem_id="compare-stop")
                 with gr.Column(scale=3):
                     c_gallery = gr.Gallery(
-                        label="Plain and each method (same prompt, same seed)", columns=4, height=420,
+                        label="Plain and each method (same prompt, same seed)", columns=4, height=330,
                         object_fit="contain", format="png", elem_id="compare-gallery", elem_classes="pixelated",
                     )  # fmt: skip
                     with gr.Row():
@@ -695,8 +702,11 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
             v_model.change(_video_defaults, v_model, [v_steps, v_frames, v_height, v_width])
 
         with gr.Tab("Examples", id="examples", elem_id="tab-examples"):
-            gr.Markdown("Click an example, then **Compare** on the first tab.")
-            gr.Examples([list(e) for e in EXAMPLES], [c_model, c_prompt, c_seed, c_methods, c_subjects, c_frames],
+            gr.Markdown(
+                "Click an example, then **Compare** on the first tab.\n\n"
+                + "\n".join(f"- `{e[0]}`, *{e[1]}*: {e[6]}" for e in EXAMPLES)
+            )
+            gr.Examples([list(e[:6]) for e in EXAMPLES], [c_model, c_prompt, c_seed, c_methods, c_subjects, c_frames],
                         label="Where each method helps")  # fmt: skip
 
         # The API of earlier versions, for scripts (gradio_client): one call, every option.

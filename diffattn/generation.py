@@ -99,6 +99,7 @@ class GenerationResult:
     request: GenerationRequest | None = None  # what made it
     attention_maps: torch.Tensor | None = None  # [steps, tokens, h, w]: the prompt's tokens (start to end token)
     attention_labels: list[str] = field(default_factory=list)  # one per token of attention_maps
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # IR-Diffusion: rehearsal, references and scene
 
 
 def default_steps(model: str) -> int:
@@ -342,6 +343,7 @@ def _generate_ir(request: GenerationRequest, pipe: Any, call: _Call) -> Generati
         model, request.prompt, request.seed, "image", images=list(output.images), seconds=seconds,
         call_kwargs=kwargs, request=request,
     )  # fmt: skip
+    result.phase_seconds = dict(output.phase_seconds or {})
     result.reference_images = list(output.reference_images)
     plain = output.rehearsal_images[0] if output.rehearsal_images is not None else None
     result.plain_images = [] if plain is None else [plain]

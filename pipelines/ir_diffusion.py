@@ -21,7 +21,9 @@ so their masks stay valid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +55,7 @@ class IRDiffusionPipelineOutput(BaseOutput):
     reference_masks: torch.Tensor
     target_masks: torch.Tensor
     rehearsal_images: Any = None
+    phase_seconds: dict[str, float] | None = None  # "rehearsal" (all tries), "references and scene"
 
 
 def default_subject_words(prompt: str, subject_prompts: list[str]) -> list[str]:
@@ -157,10 +160,12 @@ class _IRDiffusionCalls:
         )  # fmt: skip
 
         rehearsal_images = None
+        phase_seconds: dict[str, float] = {}
         if reference_masks is None or target_masks is None:
             for attempt in range(scene_retries + 1):
-                rehearsal, soft = self._rehearse(latents, call, subject_prompts, segmenter, reference_tokens,
-                                                 scene_tokens, mask_resolution)  # fmt: skip
+                with _phase(self, "rehearsal", phase_seconds):
+                    rehearsal, soft = self._rehearse(latents, call, subject_prompts, segmenter, reference_tokens,
+                                                     scene_tokens, mask_resolution)  # fmt: skip
                 found = binary_subject_masks(soft[n:], exclusive=True)
                 missing = [i for i in range(n) if not bool(found[i].any())]
                 if not missing or target_masks is not None or attempt == scene_retries:
@@ -182,7 +187,8 @@ class _IRDiffusionCalls:
             for i, mask in enumerate(method.target_masks):
                 if not bool(mask.any()):
                     logger.warning("subject %d (%r) is not in the scene: no reposition for it", i, subject_prompts[i])
-            output = super().__call__(latents=latents.clone(), **call)
+            with _phase(self, "references and scene", phase_seconds):
+                output = super().__call__(latents=latents.clone(), **call)
         finally:
             handle.remove()
         images = output.images
@@ -192,8 +198,24 @@ class _IRDiffusionCalls:
             reference_masks=method.reference_masks,
             target_masks=method.target_masks,
             rehearsal_images=rehearsal_images,
+            phase_seconds=phase_seconds,
         )
         return result if return_dict else (result.images, result.reference_images)
+
+
+@contextlib.contextmanager
+def _phase(pipe, name: str, seconds: dict[str, float]):
+    """Name the progress bar of one phase (a UI tracking tqdm shows it) and add its time to `seconds[name]`.
+    diffusers keeps the bar's settings in the private `_progress_bar_config` and its public setter replaces them
+    all, so the others are read from there."""
+    settings = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**settings, "desc": name})
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        pipe.set_progress_bar_config(**settings)
 
 
 class IRDiffusionPipeline(_IRDiffusionCalls, StableDiffusionPipeline):
