@@ -183,3 +183,82 @@ def describe(image: Image.Image) -> str:
     """What the judge sees in a shapes image, in words: "a red circle, a blue square" (largest first), or "nothing"."""
     found = detect_objects(image)
     return ", ".join(f"a {d.color} {d.shape}" for d in found) if found else "nothing"
+
+
+# --------------------------------------------------------------------------------------------- moving scenes
+
+DIRECTION_FRAMES = 8  # frames the motion direction is read from: a clip's shapes never bounce that early
+
+
+@dataclass(frozen=True)
+class TrackVerdict:
+    """One captioned object of a clip: in how many frames the judge finds it (colour and shape), where (box
+    centres, None where absent), and which way its track starts moving."""
+
+    color: str
+    shape: str
+    direction: str  # the caption's
+    present: float  # fraction of frames with a detection of this colour and shape
+    centers: tuple[tuple[float, float] | None, ...]
+    found_direction: str | None
+
+    @property
+    def kept(self) -> bool:
+        """Present in at least 90% of the frames."""
+        return self.present >= 0.9
+
+    @property
+    def moves_right(self) -> bool:
+        return self.found_direction == self.direction
+
+
+def parse_clip_caption(caption: str) -> list[tuple[str, str, str]]:
+    """(colour, shape, direction) of each "a <colour> <shape> moving <direction>" part of a clip caption."""
+    out = []
+    for part in caption.split(" and "):
+        words = part.split()
+        if len(words) != 5 or words[3] != "moving":
+            raise ValueError(f"caption part {part!r} is not allowed: expected 'a <colour> <shape> moving <direction>'")
+        out.append((words[1], words[2], words[4]))
+    return out
+
+
+def track_direction(centers: list[tuple[float, float] | None], frames: int = DIRECTION_FRAMES) -> str | None:
+    """The way a track starts moving: the larger axis of the displacement between the first and the last of its
+    first `frames` frames where it was found (None: found fewer than twice, or moved under 2 px)."""
+    found = [c for c in centers[:frames] if c is not None]
+    if len(found) < 2:
+        return None
+    dx, dy = found[-1][0] - found[0][0], found[-1][1] - found[0][1]
+    if max(abs(dx), abs(dy)) < 2:
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def judge_clip(frames: list[Image.Image], caption: str) -> list[TrackVerdict]:
+    """Per captioned object: presence over the frames (colour and shape) and the direction of its track (in each
+    frame the centre of the largest region of its colour and shape, else of its colour)."""
+    wanted = parse_clip_caption(caption)
+    detections = [detect_objects(frame) for frame in frames]
+    verdicts = []
+    for color, shape, direction in wanted:
+        present = sum(any(d.color == color and d.shape == shape for d in found) for found in detections)
+        centers: list[tuple[float, float] | None] = []
+        for found in detections:
+            # the largest region of its colour and shape, else of its colour (a blurred shape may read as another)
+            same = [d for d in found if d.color == color and d.shape == shape] or [
+                d for d in found if d.color == color
+            ]
+            if same:
+                x0, y0, x1, y1 = same[0].box
+                centers.append(((x0 + x1) / 2, (y0 + y1) / 2))
+            else:
+                centers.append(None)
+        verdicts.append(
+            TrackVerdict(
+                color, shape, direction, present / max(len(frames), 1), tuple(centers), track_direction(centers)
+            )  # fmt: skip
+        )
+    return verdicts

@@ -1,0 +1,257 @@
+"""Training `shapes-wan` from scratch on rendered moving-shape clips (`diffattn train-shapes-video`).
+
+    diffattn train-shapes-video --out runs/shapes-wan --max-minutes 60          # resumes runs/shapes-wan
+
+Phases, each seeded and resumable from `out/checkpoint.pt` (loaded with `weights_only=True`):
+
+1. the autoencoder (AutoencoderKLWan: 4x space, 4x time) on short clips (`vae_frames`; its convolutions are causal
+   in time, so what it learns on 9 frames holds for 33), reconstruction + a small KL term;
+2. calibration: each latent channel's mean and std over clips no phase trains on, stored as the VAE's
+   `latents_mean`/`latents_std` (WanPipeline normalises with them), so the denoiser sees unit-variance latents;
+3. the transformer and the UMT5 text encoder together, flow matching on `num_frames` clips (x_t = (1 - s) x0 + s e,
+   target e - x0, s logit-normal, as Wan trains), captions dropped 10% of the time for classifier-free guidance,
+   encoded exactly as WanPipeline encodes prompts (zeros past each caption's tokens), an EMA of the weights.
+
+`out/pipeline` is the exported WanPipeline (fp16 safetensors, the EMA weights), loadable with `from_pretrained`;
+`out/train_log.jsonl` the losses. The model is small enough for a CPU to run it, but a CPU trains it slowly (on 2
+cores one transformer step at batch 4 takes seconds and the autoencoder's tens of seconds); train on a GPU
+(`benchmarks/gpu_run.sh trainvideo:MINUTES`). bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .presets.shapes_video import NUM_FRAMES, build_shapes_wan
+from .scenes import render_clip
+from .shapes_training import _ema_update, _LossLog, load_checkpoint
+from .training import flow_matching_loss
+from .validation import check_int_range, check_number
+
+
+logger = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 32  # caption tokens (the preset's call default too: training and sampling agree)
+# Where each stream of the seeded clip sequence starts (plus seed * 10**7); evaluation clips start at
+# scenes.HELD_OUT_CLIP_SEED, far above every stream.
+VAE_STREAM, DENOISER_STREAM, CALIBRATION_STREAM = 0, 5 * 10**6, 9 * 10**6
+
+
+@dataclass
+class ShapesVideoTrainingConfig:
+    vae_steps: int = 3000
+    vae_frames: int = 9
+    vae_batch_size: int = 8
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    denoiser_steps: int = 20000
+    num_frames: int = NUM_FRAMES
+    batch_size: int = 16
+    lr: float = 3e-4
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    max_minutes: float | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        for name in ("vae_steps", "denoiser_steps", "seed"):
+            check_int_range(name, getattr(self, name), 0)
+        for name in ("vae_batch_size", "batch_size", "checkpoint_every", "log_every"):
+            check_int_range(name, getattr(self, name), 1)
+        for name in ("vae_frames", "num_frames"):
+            frames = check_int_range(name, getattr(self, name), 1)
+            if (frames - 1) % 4:
+                raise ValueError(f"{name}={frames} is not allowed: expected 4k + 1 frames (the VAE's 4x in time)")
+        check_number("vae_lr", self.vae_lr, 0, 1, low_open=True)
+        check_number("lr", self.lr, 0, 1, low_open=True)
+        check_number("kl_weight", self.kl_weight, 0, 1)
+        check_number("caption_dropout", self.caption_dropout, 0, 1)
+        check_number("ema_decay", self.ema_decay, 0, 0.999999)
+        check_number("max_minutes", self.max_minutes, 0, 10**6, allow_none=True)
+
+
+def clip_batch(start: int, size: int, num_frames: int) -> tuple[torch.Tensor, list[str]]:
+    """Clips start..start+size-1 of the seeded stream: video [B, 3, F, 64, 64] in [-1, 1] and their captions."""
+    clips = [render_clip(seed, num_frames) for seed in range(start, start + size)]
+    video = np.stack([np.stack([np.asarray(f, dtype=np.float32) for f in c.frames]) for c in clips]) / 127.5 - 1.0
+    return torch.from_numpy(video).permute(0, 4, 1, 2, 3), [c.caption for c in clips]
+
+
+def encode_captions(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
+    """As WanPipeline encodes prompts: UMT5 states of the caption's tokens, zeros past them. -> [B, L, D]."""
+    tokens = tokenizer(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    states = text_encoder(ids, mask).last_hidden_state
+    return states * mask.unsqueeze(-1).to(states.dtype)
+
+
+@torch.no_grad()
+def latent_statistics(vae, config: ShapesVideoTrainingConfig, device: torch.device, batches: int = 4):
+    """Per-channel mean and std of the autoencoder's latents (posterior modes) over clips no phase trains on."""
+    first = config.seed * 10**7 + CALIBRATION_STREAM
+    latents = [
+        vae.encode(clip_batch(first + i * 4, 4, config.vae_frames)[0].to(device)).latent_dist.mode().float()
+        for i in range(batches)
+    ]
+    flat = torch.cat(latents).transpose(0, 1).flatten(1)  # [C, everything]
+    return flat.mean(1).tolist(), flat.std(1).clamp_min(1e-6).tolist()
+
+
+def _normalised_latents(vae, video: torch.Tensor) -> torch.Tensor:
+    latents = vae.encode(video).latent_dist.mode()
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+    return (latents - mean) / std
+
+
+def _load_exported(pipe, folder: Path) -> dict[str, Any]:
+    """Weights of an exported pipeline folder (safetensors only) into `pipe`; returns its step counters."""
+    from diffusers import DiffusionPipeline
+
+    exported = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
+    for name in ("vae", "transformer", "text_encoder"):
+        getattr(pipe, name).load_state_dict(getattr(exported, name).state_dict())
+    pipe.vae.register_to_config(latents_mean=exported.vae.config.latents_mean,
+                                latents_std=exported.vae.config.latents_std)  # fmt: skip
+    state = json.loads((folder / "training_state.json").read_text())
+    return {k: state[k] for k in ("vae_step", "denoiser_step", "calibrated") if k in state}
+
+
+def _export(pipe, out: Path, state: dict, ema: list[torch.Tensor] | None, params: list[torch.nn.Parameter]) -> None:
+    """Save the pipeline with the averaged weights (fp16 safetensors) to out/pipeline, then restore the raw ones."""
+    raw = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        if ema is not None:
+            for p, e in zip(params, ema):
+                p.copy_(e)
+        target = out / "pipeline"
+        tmp = out / "pipeline.tmp"
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+        for p, r in zip(params, raw):
+            p.copy_(r)
+    (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def train_shapes_video(
+    out: Path, config: ShapesVideoTrainingConfig | None = None, *, resume: bool = True, init_from: Path | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the phases and export the pipeline. Returns the final state (steps and last losses)."""
+    config = config or ShapesVideoTrainingConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = build_shapes_wan(config.seed).to(device)
+    vae, transformer, text_encoder, tokenizer = pipe.vae, pipe.transformer, pipe.text_encoder, pipe.tokenizer
+    denoiser_params = list(transformer.parameters()) + list(text_encoder.parameters())
+    optimizers = {
+        "vae": torch.optim.AdamW(vae.parameters(), lr=config.vae_lr),
+        "denoiser": torch.optim.AdamW(denoiser_params, lr=config.lr),
+    }
+    state: dict[str, Any] = {"vae_step": 0, "denoiser_step": 0, "calibrated": False, "config": asdict(config)}
+    checkpoint = out / "checkpoint.pt"
+    ema = None
+    if resume and checkpoint.is_file():
+        saved = load_checkpoint(checkpoint, device)
+        for name in ("vae", "transformer", "text_encoder"):
+            getattr(pipe, name).load_state_dict(saved["models"][name])
+        for name, opt_state in saved["optimizers"].items():
+            optimizers[name].load_state_dict(opt_state)
+        state.update({k: v for k, v in saved["state"].items() if k != "config"})
+        if state.get("calibrated"):
+            vae.register_to_config(
+                latents_mean=saved["state"]["latents_mean"], latents_std=saved["state"]["latents_std"]
+            )
+        ema = saved.get("ema")
+        logger.info("resumed from %s at vae step %d, denoiser step %d", checkpoint, state["vae_step"],
+                    state["denoiser_step"])  # fmt: skip
+    elif init_from is not None:
+        state.update(_load_exported(pipe, Path(init_from)))
+    if config.ema_decay > 0 and ema is None:
+        ema = [p.detach().clone() for p in denoiser_params]
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    log = _LossLog(open(out / "train_log.jsonl", "a"), config.log_every)
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
+    def save() -> None:
+        log.flush()
+        tmp = checkpoint.with_suffix(".tmp")
+        models = {n: getattr(pipe, n).state_dict() for n in ("vae", "transformer", "text_encoder")}
+        optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
+        torch.save({"state": state, "models": models, "optimizers": optimizer_states, "ema": ema}, tmp)
+        tmp.replace(checkpoint)  # a crash never leaves a half-written checkpoint
+
+    base = config.seed * 10**7
+    vae.train()
+    while state["vae_step"] < config.vae_steps and not out_of_time():
+        step = state["vae_step"]
+        video, _ = clip_batch(base + VAE_STREAM + step * config.vae_batch_size, config.vae_batch_size,
+                              config.vae_frames)  # fmt: skip
+        video = video.to(device)
+        with autocast:
+            posterior = vae.encode(video).latent_dist
+            reconstruction = vae.decode(posterior.sample(generator=None)).sample
+        loss = torch.nn.functional.mse_loss(reconstruction.float(), video) + config.kl_weight * posterior.kl().mean()
+        optimizers["vae"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["vae"].step()
+        state["vae_step"] = step + 1
+        log.add("vae", step, loss)
+        if state["vae_step"] % config.checkpoint_every == 0:
+            save()
+    vae.eval()
+    vae.requires_grad_(False)
+    if state["vae_step"] >= config.vae_steps and not state["calibrated"]:
+        mean, std = latent_statistics(vae, config, device)
+        vae.register_to_config(latents_mean=mean, latents_std=std)
+        state.update(calibrated=True, latents_mean=mean, latents_std=std)
+    transformer.train()
+    text_encoder.train()
+    while state["calibrated"] and state["denoiser_step"] < config.denoiser_steps and not out_of_time():
+        step = state["denoiser_step"]
+        generator = torch.Generator().manual_seed(base + DENOISER_STREAM + step)
+        video, captions = clip_batch(base + DENOISER_STREAM + step * config.batch_size, config.batch_size,
+                                     config.num_frames)  # fmt: skip
+        drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        with torch.no_grad():
+            latents = _normalised_latents(vae, video.to(device))
+        with autocast:
+            embeds = encode_captions(tokenizer, text_encoder, captions, device)
+            loss = flow_matching_loss(transformer, latents, embeds, generator)
+        optimizers["denoiser"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["denoiser"].step()
+        if ema is not None:
+            _ema_update(ema, denoiser_params, config.ema_decay, step)
+        state["denoiser_step"] = step + 1
+        log.add("denoiser", step, loss)
+        if state["denoiser_step"] % config.checkpoint_every == 0:
+            save()
+    save()
+    if state["calibrated"]:
+        _export(pipe, out, {k: v for k, v in state.items() if k != "config"}, ema, denoiser_params)
+    log.file.close()
+    return state
