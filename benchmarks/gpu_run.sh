@@ -8,7 +8,8 @@
 # train:MINUTES continues from the shipped shapes-sd weights when runs/shapes has no checkpoint yet.
 # Stages: install (on a machine without network: the wheels in .whl/ -- diffusers, tomesd and diffattn itself,
 # built beforehand with `pip wheel --no-deps -w .whl .` -- into /tmp/site), env (versions, GPU), tests
-# (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), sparse (the Triton launch sweep, whose
+# (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), trainvideo:MINUTES (train-shapes-video,
+# resuming runs/shapes-wan), sparse (the Triton launch sweep, whose
 # fastest configs go to kernels/launch_configs.json and the installed package, then the block-sparse benchmark:
 # run it before tests so they check the configs it picked), editing (editing.py on the SD 1.5 config),
 # radial (radial_e2e), agent (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
@@ -21,7 +22,7 @@ if [ -d /tmp/site ]; then
 fi
 pack() {
     tar czf "$OUT/gpu_results.tar.gz" logs benchmarks/results kernels/launch_configs.json runs/shapes/pipeline \
-        runs/shapes/train_log.jsonl \
+        runs/shapes/train_log.jsonl runs/shapes-wan/pipeline runs/shapes-wan/train_log.jsonl \
         2>/dev/null || true
 }
 for stage in "$@"; do
@@ -47,6 +48,13 @@ for stage in "$@"; do
                 2>&1) | tr "\r" "\n" | tail -15 | tee -a logs/train.log
             # the rate, from tqdm's last line
             tail -c 2000 runs/shapes/train_log.jsonl | tail -1 | tee -a logs/train.log ;;
+        trainvideo:*)  # shapes-wan (train-shapes-video), resuming runs/shapes-wan
+            minutes=${stage#trainvideo:}
+            repo=$PWD
+            (cd /tmp && timeout $((minutes * 60 + 120)) python3 -m diffattn -v train-shapes-video \
+                --out "$repo/runs/shapes-wan" --batch-size 32 --vae-batch-size 16 --checkpoint-every 500 \
+                --max-minutes "$minutes" 2>&1) | tr "\r" "\n" | tail -15 | tee -a logs/train_video.log
+            tail -c 2000 runs/shapes-wan/train_log.jsonl | tail -1 | tee -a logs/train_video.log ;;
         sparse)
             timeout 240 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 \
                 --write-launch-configs kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;

@@ -230,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--init-from", type=Path, default=None,
                         help="continue from an exported pipeline folder (e.g. the one kept in the repository)")  # fmt: skip
 
+    video = sub.add_parser(
+        "train-shapes-video",
+        help="train the small video model shapes-wan from scratch (resumable)",
+        description="Train the Wan-architecture shapes-wan model (autoencoder, then transformer and UMT5 text "
+        "encoder) on rendered clips of moving coloured shapes; resumes from OUT/checkpoint.pt; saves OUT/pipeline "
+        "(fp16, from_pretrained-loadable). A GPU trains it in reasonable time; a CPU slowly.",
+    )
+    video.add_argument("--out", "-o", required=True, type=Path, help="run folder (checkpoint, log, pipeline)")
+    video.add_argument("--vae-steps", type=_nonnegative_int, default=3000, help="autoencoder steps (3000)")
+    video.add_argument("--denoiser-steps", type=_nonnegative_int, default=20000, help="transformer steps (20000)")
+    video.add_argument("--batch-size", type=_positive_int, default=16, help="clips per transformer step (16)")
+    video.add_argument("--vae-batch-size", type=_positive_int, default=8, help="clips per autoencoder step (8)")
+    video.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the clip stream")
+    video.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
+    video.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    video.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
+    video.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (resume later)")
+    video.add_argument("--init-from", type=Path, default=None, help="continue from an exported pipeline folder")
+
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
 
@@ -267,6 +286,17 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             state = train_shapes(args.out, config, resume=not args.fresh, init_from=args.init_from)
             print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, unet step {state['unet_step']})")
+            return 0
+        if args.command == "train-shapes-video":
+            from .shapes_video_training import ShapesVideoTrainingConfig, train_shapes_video
+
+            config = ShapesVideoTrainingConfig(
+                vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
+                vae_batch_size=args.vae_batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                device=args.device, max_minutes=args.max_minutes,
+            )  # fmt: skip
+            state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from)
+            print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, denoiser step {state['denoiser_step']})")
             return 0
         if args.command == "demo":
             from .demo import run_demo

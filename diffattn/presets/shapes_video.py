@@ -64,6 +64,7 @@ def build_shapes_wan(seed: int = 0):
             num_layers=2,
             num_heads=4,
             relative_attention_num_buckets=8,
+            dropout_rate=0.0,  # training and sampling encode captions alike
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id,
