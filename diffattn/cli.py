@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .methods.radial_mask import BLOCK_SIZES
 from .presets import DEFAULT_PRESET, PRESETS
 
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     radial.add_argument("--dense-timesteps", type=_nonnegative_int, default=None, help="first steps kept dense (12)")
     radial.add_argument("--dense-last-timesteps", type=_nonnegative_int, default=None, help="last steps dense (0)")
     radial.add_argument("--dense-layers", type=_nonnegative_int, default=None, help="first layers kept dense (1)")
-    radial.add_argument("--block-size", type=int, choices=[64, 128], default=None, help="kernel tile (128)")
+    radial.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=None, help="kernel tile (128)")
     radial.add_argument("--sink-frames", type=_nonnegative_int, default=None, help="attention-sink frames")
     radial.add_argument(
         "--attention-backend",
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace adapters already in --out")
     train.add_argument("--decay-factor", type=float, default=1.0, help="radial band width factor (default 1.0)")
     train.add_argument("--dense-layers", type=_nonnegative_int, default=0, help="first layers kept dense (0)")
-    train.add_argument("--block-size", type=int, choices=[64, 128], default=128, help="kernel tile (128)")
+    train.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=128, help="kernel tile (128)")
 
     shapes = sub.add_parser(
         "train-shapes",

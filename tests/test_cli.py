@@ -68,7 +68,7 @@ def test_generate_video_as_mp4(tmp_path, capsys):
             ["generate", "-p", "x", "-m", "tiny-wan", "--radial", "--decay-factor", "-1"],
             "decay_factor=-1.0 is not allowed",
         ),
-        (["generate", "-p", "x", "--radial", "--block-size", "32"], "argument --block-size: invalid choice: 32"),
+        (["generate", "-p", "x", "--radial", "--block-size", "48"], "argument --block-size: invalid choice: 48"),
         (["generate", "-p", "x", "--agent", "--tome"], "--agent and --tome are alternatives"),
         (["generate", "-p", "x", "--conjunction"], "--conjunction and --phrase need --structured"),
         (["generate", "-p", "a cat", "-m", "tiny-wan", "--astar"], "A-STAR runs on Stable Diffusion 1.x/2.x/XL"),

@@ -103,8 +103,8 @@ def test_mask_for_115k_tokens_builds_in_under_a_second():
 def test_mask_validation_and_plot(tmp_path):
     with pytest.raises(ValueError, match="num_frames=0 is not allowed"):
         diffattn.radial_block_mask(0, 10)
-    with pytest.raises(ValueError, match="block_size=32 is not allowed: expected one of 64, 128"):
-        diffattn.radial_block_mask(3, 10, block_size=32)
+    with pytest.raises(ValueError, match="block_size=48 is not allowed: expected one of 16, 32, 64, 128"):
+        diffattn.radial_block_mask(3, 10, block_size=48)
     with pytest.raises(ValueError, match="decay_factor=0 is not allowed"):
         diffattn.radial_block_mask(3, 10, decay_factor=0)
     mask = diffattn.radial_block_mask(12, 256, block_size=64)
@@ -185,6 +185,12 @@ GEOMETRY = {
 def test_sparse_attention_equals_plain_masked_attention(monkeypatch, name):
     """The radial layer output equals dense SDPA with the expanded block mask (and text rules), computed here."""
     _check_layers_against_masked_sdpa(monkeypatch, name, "cpu", "auto", block=64)
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_small_blocks_are_exact_too(monkeypatch, block):
+    """Blocks of 16 and 32 tokens (shapes-wan's frames are 256 tokens): the same check on Wan."""
+    _check_layers_against_masked_sdpa(monkeypatch, "tiny-wan", "cpu", "auto", block=block)
 
 
 @pytest.mark.gpu

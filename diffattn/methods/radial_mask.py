@@ -36,7 +36,7 @@ from ..validation import check_choice, check_int_range, check_number
 
 
 FULL = -1  # window value meaning "the whole frame pair"
-BLOCK_SIZES = (64, 128)  # the kernel tiles the mask can be built for
+BLOCK_SIZES = (16, 32, 64, 128)  # the kernel tiles the mask can be built for (64 and 128: the fast GPU tiles)
 MAX_DECAY_FACTOR = 100.0  # far past dense: every band is then wider than any frame
 
 
