@@ -70,6 +70,8 @@ HELP = {
     "dense_steps": "The first denoising steps run dense attention (they set the layout of the video).",
     "dense_layers": "The first transformer layers run dense attention.",
     "block": "Tile size of the block-sparse kernel, in tokens; the mask is built in these blocks.",
+    "neighbors": "Frame pairs this close attend whole (1, the paper's rule); 0 lets the band shrink from the first "
+    "neighbour on, for more sparsity.",
     "ratio": "Fraction of the image tokens merged away before self-attention (AgentSD / ToMe).",
     "subjects": "IR-Diffusion: one subject prompt per line, each naming a subject of the scene prompt.",
     "guidance": "Classifier-free guidance scale; 0 is used as given (no guidance).",
@@ -126,13 +128,19 @@ def method_fields(method: str, subjects: str = "", ratio: float | None = None) -
     raise gr.Error(f"method {method!r} is not allowed: expected one of {', '.join((PLAIN, *IMAGE_METHODS))}")
 
 
-def radial_fields(radial: bool, decay: float, dense_steps: int, dense_layers: int, block: int) -> dict[str, Any]:
+def radial_fields(
+    radial: bool, decay: float, dense_steps: int, dense_layers: int, block: int, neighbors: int | None = None
+) -> dict[str, Any]:
     if not radial:
         return {}
-    config = RadialAttentionConfig(
-        decay_factor=float(decay), dense_timesteps=int(dense_steps), dense_layers=int(dense_layers),
-        block_size=int(block),
-    )  # fmt: skip
+    try:
+        config = RadialAttentionConfig(
+            decay_factor=float(decay), dense_timesteps=int(dense_steps), dense_layers=int(dense_layers),
+            block_size=int(block),
+            dense_neighbor_frames=RADIAL.dense_neighbor_frames if neighbors is None else int(neighbors),
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise gr.Error(str(exc)) from None
     return {"radial": config}
 
 
@@ -389,9 +397,9 @@ def render_explorer(explorer: dict | None, token: str | None, step: int | float)
 
 
 def run_video(model, prompt, seed, steps, frames, height, width, radial, decay, dense_steps, dense_layers, block,
-              stop=None, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+              neighbors=None, stop=None, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
     """One video, with or without radial attention. Returns (video, mask, info, zip)."""
-    fields = radial_fields(radial, decay, dense_steps, dense_layers, block)
+    fields = radial_fields(radial, decay, dense_steps, dense_layers, block, neighbors)
     request = ui_request(model, prompt, seed, steps=steps, height=height, width=width, frames=frames, **fields)
     progress(0, desc=_method_name(request))
     start = time.perf_counter()
@@ -685,6 +693,8 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                                                info=HELP["dense_layers"])  # fmt: skip
                     v_block = gr.Radio(list(BLOCK_SIZES), value=RADIAL.block_size, label="Block size",
                                        info=HELP["block"])  # fmt: skip
+                    v_neighbors = gr.Slider(0, 4, value=RADIAL.dense_neighbor_frames, step=1,
+                                            label="Whole neighbour frames", info=HELP["neighbors"])  # fmt: skip
                     with gr.Row():
                         v_run = gr.Button("Generate", variant="primary", elem_id="video-run")
                         v_stop = gr.Button("Stop", interactive=False, elem_id="video-stop")
@@ -697,7 +707,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
             v_state = gr.State(threading.Event)
             _job(v_run, v_stop, v_state, run_video,
                  [v_model, v_prompt, v_seed, v_steps, v_frames, v_height, v_width, v_radial, v_decay, v_dense_steps,
-                  v_dense_layers, v_block],
+                  v_dense_layers, v_block, v_neighbors],
                  [v_video, v_mask, v_info, v_zip], "video", v_info)  # fmt: skip
             v_model.change(_video_defaults, v_model, [v_steps, v_frames, v_height, v_width])
 

@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     radial.add_argument("--dense-layers", type=_nonnegative_int, default=None, help="first layers kept dense (1)")
     radial.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=None, help="kernel tile (128)")
     radial.add_argument("--sink-frames", type=_nonnegative_int, default=None, help="attention-sink frames")
+    radial.add_argument("--dense-neighbor-frames", type=_nonnegative_int, default=None,
+                        help="frame pairs this close stay whole (1; 0: the band decays from the first neighbour)")  # fmt: skip
     radial.add_argument(
         "--attention-backend",
         choices=["auto", "triton", "flex", "gather"],
@@ -431,6 +433,7 @@ _RADIAL_FLAGS = {
     "block_size": "block_size",
     "sink_frames": "sink_frames",
     "attention_backend": "backend",
+    "dense_neighbor_frames": "dense_neighbor_frames",
 }
 
 
@@ -487,7 +490,7 @@ _NOT_WITH_REQUEST = ("prompt", "negative_prompt", "steps", "guidance_scale", "gu
                      "num_frames", "agent", "tome", "merge_ratio", "structured", "conjunction", "phrase", "astar",
                      "subject", "ir_masks", "mask_dropout", "radial", "decay_factor", "dense_timesteps",
                      "dense_last_timesteps", "dense_layers", "block_size", "sink_frames", "attention_backend",
-                     "no_maps")  # fmt: skip
+                     "dense_neighbor_frames", "no_maps")  # fmt: skip
 
 
 def _recorded_request(args: argparse.Namespace):

@@ -17,7 +17,7 @@ from helpers import load, run
 # ---- the mask ---------------------------------------------------------------------------------------------------
 
 
-def brute_force_radial_mask(f, s, block, decay, sink):
+def brute_force_radial_mask(f, s, block, decay, sink, dense_neighbors=1):
     """The published rule at token level, one frame pair at a time, shrunk by counting (test-only derivation)."""
     p = 2 ** s.bit_length()
     nb = math.ceil(f * s / block)
@@ -27,7 +27,7 @@ def brute_force_radial_mask(f, s, block, decay, sink):
     for i in range(f):
         for j in range(f):
             d = abs(i - j)
-            if j < sink or d <= 1:
+            if j < sink or d == 0 or d <= dense_neighbors:
                 tokens = torch.ones(s, s, dtype=torch.bool)
             else:
                 u = p / 2 ** d.bit_length()
@@ -67,6 +67,25 @@ def test_mask_matches_token_level_derivation(frames, per_frame, block, decay, si
     assert mask.shape == (math.ceil(frames * per_frame / block),) * 2 and mask.dtype == torch.bool
     assert torch.equal(mask, expected)
     assert mask.any(-1).all()  # every query block, the partial last one included, keeps a key block
+
+
+@pytest.mark.parametrize(
+    "frames, per_frame, block, decay, sink, dense_neighbors",
+    [(12, 256, 64, 1.0, 1, 0), (9, 256, 32, 0.5, 1, 0), (10, 300, 64, 0.2, 0, 0), (8, 520, 128, 1.0, 1, 2)],
+)
+def test_dense_neighbor_frames_matches_token_level_derivation(frames, per_frame, block, decay, sink, dense_neighbors):
+    mask = diffattn.radial_block_mask(frames, per_frame, block_size=block, decay_factor=decay, sink_frames=sink,
+                                      dense_neighbor_frames=dense_neighbors)  # fmt: skip
+    expected = brute_force_radial_mask(frames, per_frame, block, decay, sink, dense_neighbors)
+    assert torch.equal(mask, expected)
+    upstream = diffattn.radial_block_mask(frames, per_frame, block_size=block, decay_factor=decay, sink_frames=sink)
+    if dense_neighbors == 0:
+        assert radial_density(mask) <= radial_density(upstream)
+        # sparser than upstream's floor wherever the first neighbour's band is narrower than a frame
+        narrower = max(block, decay * 2 ** per_frame.bit_length() / 2) < per_frame
+        assert (radial_density(mask) < radial_density(upstream)) == narrower
+    with pytest.raises(ValueError, match="dense_neighbor_frames=-1 is not allowed"):
+        diffattn.RadialAttentionConfig(dense_neighbor_frames=-1)
 
 
 # reference notes §1.4: (frames, tokens per frame, sink, density at lambda=1, lambda, density at lambda)

@@ -53,9 +53,11 @@ class RadialAttentionConfig(MethodConfig):
         dense_timesteps: the first N denoising steps stay dense (upstream: ~steps/4 at 1x length).
         dense_last_timesteps: the last N denoising steps stay dense too (needs the pipeline, to know the count).
         decay_factor: lambda, scales the band width (upstream: 0.2 for Wan, 0.95 for HunyuanVideo).
-        block_size: 64 or 128, the kernel tile.
+        block_size: the kernel tile: 64 or 128 (the fast GPU tiles), or 16 or 32 for frames of few tokens.
         sink_frames: leading frames every query attends to; None takes the family default (Wan 1, Hunyuan 0).
         backend: block-sparse backend ("auto": triton on CUDA, gather on CPU).
+        dense_neighbor_frames: frame pairs up to this far apart stay whole (upstream: 1); 0 lets the band decay
+            from the first neighbour on (each frame with itself stays whole), for more sparsity than upstream allows.
     """
 
     dense_layers: int = 1
@@ -65,6 +67,7 @@ class RadialAttentionConfig(MethodConfig):
     block_size: int = 128
     sink_frames: int | None = None
     backend: str = "auto"
+    dense_neighbor_frames: int = 1
 
     def __post_init__(self):
         check_int_range("dense_layers", self.dense_layers, 0)
@@ -75,6 +78,7 @@ class RadialAttentionConfig(MethodConfig):
         if self.sink_frames is not None:
             check_int_range("sink_frames", self.sink_frames, 0)
         check_choice("backend", self.backend, BACKENDS)
+        check_int_range("dense_neighbor_frames", self.dense_neighbor_frames, 0)
 
 
 class RadialMaskCache:
@@ -96,6 +100,7 @@ class RadialMaskCache:
             block_size=self.config.block_size,
             decay_factor=self.config.decay_factor,
             sink_frames=self.sink_frames,
+            dense_neighbor_frames=self.config.dense_neighbor_frames,
         )
         layout = BlockSparseLayout(mask.to(device), self.config.block_size)
         logger.info("radial mask for %d x %d tokens: density %.3f", frames, tokens_per_frame, layout.density)

@@ -4,7 +4,7 @@ Tokens are f frames of s tokens each (n = f * s), frame-major. For a query frame
 d = |i - j|, with P = 2**bitlen(s) and g(d) = bitlen(d):
 
 1. sink: key frames j < sink_frames are kept whole (every query sees the first frame);
-2. near frames: d <= 1 is kept whole;
+2. near frames: d <= 1 is kept whole (`dense_neighbor_frames`, 1 upstream; 0 keeps only d = 0 whole);
 3. frame decimation: with u(d) = P / 2**g(d), if u(d) < 128 the pair is kept only when d % floor(128 / u(d)) == 0;
 4. diagonal band: otherwise token (k, l) is kept when |k - l| <= w(d) = max(block, decay_factor * u(d)), the
    distance taken in the flattened spatial index; so the window halves each time the frame distance doubles.
@@ -44,9 +44,12 @@ def _bitlen(x: int) -> int:
     return int(x).bit_length()
 
 
-def pair_window(distance: int, tokens_per_frame: int, block_size: int, decay_factor: float) -> int | None:
-    """Band half-width for a non-sink frame pair at `distance`: FULL, an int, or None (pair dropped)."""
-    if distance <= 1:
+def pair_window(
+    distance: int, tokens_per_frame: int, block_size: int, decay_factor: float, dense_neighbor_frames: int = 1
+) -> int | None:
+    """Band half-width for a non-sink frame pair at `distance`: FULL, an int, or None (pair dropped). A frame with
+    itself and pairs up to `dense_neighbor_frames` apart are FULL (upstream: 1)."""
+    if distance == 0 or distance <= dense_neighbor_frames:
         return FULL
     unit = 2 ** _bitlen(tokens_per_frame) / 2 ** _bitlen(distance)  # u(d), without the decay factor
     if unit < 128 and distance % int(128 / unit) != 0:  # 128 is hard-coded upstream, whatever the block size
@@ -89,28 +92,36 @@ def radial_block_mask(
     block_size: int = 128,
     decay_factor: float = 1.0,
     sink_frames: int = 1,
+    dense_neighbor_frames: int = 1,
 ) -> torch.Tensor:
     """The radial block mask over the video tokens: bool [ceil(n / block), ceil(n / block)], n = frames x tokens.
 
     Args:
         num_frames: latent frames f (after temporal patching).
         tokens_per_frame: s, the latent tokens of one frame (height x width after patching).
-        block_size: 64 or 128 (the attention kernel's tile).
+        block_size: 16, 32, 64 or 128 (the attention kernel's tile; upstream builds 64 and 128 only).
         decay_factor: lambda, scales the band width (smaller: sparser).
         sink_frames: leading key frames every query attends to whole (Wan: 1; HunyuanVideo: 0).
+        dense_neighbor_frames: frame pairs up to this far apart are kept whole (upstream: 1). 0 lets the band decay
+            from the first neighbour on, keeping each frame with itself whole: sparser than upstream can go, whose
+            band of neighbouring frames puts a floor under the density (26% at 768x1280x69 frames).
     """
     check_int_range("num_frames", num_frames, 1)
     check_int_range("tokens_per_frame", tokens_per_frame, 1)
     check_choice("block_size", block_size, BLOCK_SIZES)
     check_int_range("sink_frames", sink_frames, 0)
     check_number("decay_factor", decay_factor, 0, MAX_DECAY_FACTOR, low_open=True)
+    check_int_range("dense_neighbor_frames", dense_neighbor_frames, 0)
     f, s, b = num_frames, tokens_per_frame, block_size
     num_blocks = math.ceil(f * s / b)
     tail = f * s - (num_blocks - 1) * b  # rows of the last (possibly partial) block
     mask = torch.zeros(num_blocks, num_blocks, dtype=torch.bool)
     for i in range(f):
         for j in range(f):
-            window = FULL if j < sink_frames else pair_window(abs(i - j), s, b, float(decay_factor))
+            distance = abs(i - j)
+            window = (
+                FULL if j < sink_frames else pair_window(distance, s, b, float(decay_factor), dense_neighbor_frames)
+            )
             if window is None:
                 continue
             r0, c0 = (i * s) // b, (j * s) // b
