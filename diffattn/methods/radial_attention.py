@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -195,12 +196,68 @@ def radial_joint_attention(
     return out.transpose(1, 2)
 
 
-class _Scheduled:
-    """Mixin: sparse steps run the family processor with a radial `attend`; dense steps run the original object."""
+def _ulysses_group(parallel_config: Any):
+    """The process group of Ulysses context parallelism in diffusers' parallel config (None: no context parallelism).
 
-    def __init__(self, schedule: _RadialSchedule, original):
+    diffusers keeps the group's mesh in the private `ContextParallelConfig._ulysses_mesh` (set up by
+    `enable_parallelism`); isolated here so a diffusers upgrade breaks in one place.
+    """
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None:
+        return None
+    if cp.ring_degree > 1:
+        raise ValueError(
+            f"radial attention under ring context parallelism (ring_degree={cp.ring_degree}) is not supported: a ring "
+            "passes every key block around, the mask's sparsity saves nothing there; use "
+            "ContextParallelConfig(ulysses_degree=N)"
+        )
+    return cp._ulysses_mesh.get_group() if cp.ulysses_degree > 1 else None
+
+
+def _all_to_all(x: torch.Tensor, group, scatter_heads: bool) -> torch.Tensor:
+    """Ulysses' exchange. scatter_heads: [B, N/P, H, D] (this rank's tokens, all heads) -> [B, N, H/P, D] (all
+    tokens, this rank's heads); else the inverse. Token shards are in rank order, as diffusers splits them."""
+    import torch.distributed as dist
+
+    ranks = dist.get_world_size(group)
+    b, n, h, d = x.shape
+    if scatter_heads:
+        send = x.reshape(b, n, ranks, h // ranks, d).permute(2, 1, 0, 3, 4).contiguous()  # [P, N/P, B, H/P, D]
+    else:
+        send = x.reshape(b, ranks, n // ranks, h, d).permute(1, 2, 0, 3, 4).contiguous()  # [P, N/P, B, H, D]
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    if scatter_heads:  # received[p]: rank p's tokens, my heads
+        return received.permute(2, 0, 1, 3, 4).reshape(b, ranks * n, h // ranks, d)
+    return received.permute(2, 1, 0, 3, 4).reshape(b, n // ranks, ranks * h, d)  # received[p]: my tokens, p's heads
+
+
+class _Scheduled:
+    """Mixin: sparse steps run the family processor with a radial `attend`; dense steps run the original object.
+
+    Under diffusers' context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(
+    ulysses_degree=N))`, before or after `apply`), each rank holds 1/N of the tokens: the sparse path exchanges q, k,
+    v so each rank holds every token of 1/N of the heads (Ulysses), runs the mask over the whole sequence, and
+    exchanges back; the dense path is the original processor, which diffusers parallelises itself.
+    """
+
+    def __init__(self, schedule: _RadialSchedule, original, parallel_config: Any = None):
         self.schedule = schedule
         self.original = original
+        self._cp = None
+        self._parallel_config = parallel_config
+
+    # enable_parallelism sets `_parallel_config` on every processor that has one; the original processor this one
+    # runs on dense steps gets it too, and keeps it after `remove` puts it back.
+    @property
+    def _parallel_config(self):
+        return self._cp
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self._cp = config
+        if config is not None and hasattr(self.original, "_parallel_config"):
+            self.original._parallel_config = config
 
     def _dispatch(self, *args, **kwargs):
         if not self.schedule.sparse_now():
@@ -208,8 +265,34 @@ class _Scheduled:
         return super().__call__(*args, **kwargs)
 
     def _video_attention(self, query, key, value, video: slice, key_mask=None):
-        layout = self.schedule.layout(video.stop - video.start, query.device)
-        return radial_joint_attention(query, key, value, layout, video, key_mask, self.schedule.config.backend)
+        group = _ulysses_group(self._cp)
+        if group is None:
+            layout = self.schedule.layout(video.stop - video.start, query.device)
+            return radial_joint_attention(query, key, value, layout, video, key_mask, self.schedule.config.backend)
+        return self._ulysses_attention(query, key, value, video, key_mask, group)
+
+    def _ulysses_attention(self, query, key, value, video: slice, key_mask, group):
+        import torch.distributed as dist
+
+        ranks = dist.get_world_size(group)
+        state = self.schedule.state
+        total = state.frames * state.height * state.width
+        if (video.start, video.stop) != (0, query.shape[1]) or key_mask is not None:
+            raise ValueError(
+                f"radial attention under context parallelism supports the families whose video self-attention holds "
+                f"no text tokens (Wan, LTX-Video); {type(self).__name__} holds text"
+            )
+        if query.shape[1] * ranks != total:
+            raise ValueError(
+                f"radial attention under context parallelism needs equal token shards: {total} video tokens over "
+                f"ulysses_degree={ranks} leave this rank {query.shape[1]}"
+            )
+        if query.shape[2] % ranks:
+            raise ValueError(f"ulysses_degree={ranks} must divide the attention heads ({query.shape[2]})")
+        q, k, v = (_all_to_all(t, group, scatter_heads=True) for t in (query, key, value))
+        layout = self.schedule.layout(total, q.device)
+        out = radial_joint_attention(q, k, v, layout, slice(0, total), None, self.schedule.config.backend)
+        return _all_to_all(out.contiguous(), group, scatter_heads=False)
 
 
 # Each family keeps an explicit __call__ signature: legacy `Attention` drops keyword arguments a processor's
@@ -305,8 +388,9 @@ class RadialAttentionMethod(AttentionMethod):
                 f"{type(adapter.model).__name__} has {len(video_layers)} video attention layers"
             )
         originals = attention_processors(adapter.model)
+        parallel = getattr(adapter.model, "_parallel_config", None)  # enable_parallelism before apply
         return {
-            layer.key: processor_cls(schedule, originals[layer.key])
+            layer.key: processor_cls(schedule, originals[layer.key], parallel)
             for layer in video_layers[self.config.dense_layers :]
         }
 

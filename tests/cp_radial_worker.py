@@ -1,0 +1,68 @@
+"""Run under `torchrun --nproc-per-node N` (gloo, CPU) by tests/test_context_parallel.py: radial attention under
+diffusers' Ulysses context parallelism against the single-process run, printed as one JSON line per rank."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    # diffusers 0.42's enable_parallelism computes `rank % torch.accelerator.device_count()`, which divides by zero
+    # on a CPU-only machine; seen as 1 here (this worker only), the engine builds a CPU mesh and runs on gloo.
+    torch.accelerator.device_count = lambda: 1
+    torch.set_num_threads(1)
+    from diffusers import ContextParallelConfig
+
+    import diffattn
+
+    order = sys.argv[1]  # "apply-first" or "parallel-first"
+    frames, size = int(sys.argv[2]), int(sys.argv[3])
+    if dist.get_rank() == 0:
+        diffattn.preset_path("tiny-wan")  # one process builds the preset into the test session's cache
+    dist.barrier()
+    pipe = diffattn.load_pipeline("tiny-wan")
+    pipe.set_progress_bar_config(disable=True)
+    transformer = pipe.transformer
+    config = diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64)
+
+    def call():
+        out = pipe(["a boat on the sea", "a dog"], num_inference_steps=3, num_frames=frames, height=size, width=size,
+                   guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                   output_type="pt")  # fmt: skip
+        return out.frames
+
+    dense = call()
+    single_handle = diffattn.apply(pipe, config)
+    single = call()  # the single-process radial run: step 0 dense, steps 1-2 sparse
+    single_handle.remove()
+    processors_before = dict(transformer.attn_processors)
+    cp = ContextParallelConfig(ulysses_degree=dist.get_world_size())
+    if order == "apply-first":
+        handle = diffattn.apply(pipe, config)
+        transformer.enable_parallelism(config=cp)
+    else:
+        transformer.enable_parallelism(config=cp)
+        handle = diffattn.apply(pipe, config)
+    parallel = call()
+    method = handle.method(diffattn.RadialAttentionConfig)
+    layouts = sum(len(c.layouts) for c in method.caches.values())
+    handle.remove()
+    restored = all(transformer.attn_processors[k] is v for k, v in processors_before.items())
+    dense_parallel = call()  # the parallel model as it was: diffusers' own Ulysses path
+    report = {
+        "rank": dist.get_rank(),
+        "radial_vs_single": float((parallel - single).abs().max()),
+        "radial_vs_dense": float((parallel - dense).abs().max()),
+        "dense_after_remove": float((dense_parallel - dense).abs().max()),
+        "layouts": layouts,
+        "restored": restored,
+    }
+    print("REPORT " + json.dumps(report), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
