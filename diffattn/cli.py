@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-frames", type=int, default=None, help="frames (video models)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype")
     gen.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
+    gen.add_argument("--context-parallel", type=int, default=None, metavar="N",
+                     help="shard one video over N processes (launch with torchrun --nproc-per-node N -m diffattn "
+                     "generate ...; Ulysses, on diffusers' engine)")  # fmt: skip
+    gen.add_argument("--ring", action="store_true", help="with --context-parallel: ring attention instead of Ulysses")
     gen.add_argument("--fps", type=_positive_int, default=8, help="frames per second of saved videos")
     gen.add_argument("--no-maps", action="store_true", help="do not record and save attention-map heatmaps")
     agent = gen.add_argument_group("agent attention / token merging (Stable Diffusion UNets)")
@@ -546,6 +550,24 @@ def request_from_args(args: argparse.Namespace):
     )
 
 
+def _context_parallel_pipeline(args: argparse.Namespace, request):
+    """The pipeline of this process of a context-parallel launch, sharded with diffusers' engine; and the rank."""
+    from .loading import load_pipeline
+    from .parallel import enable_context_parallel, init_processes
+
+    if args.ring and request.radial is not None:
+        raise ValueError(
+            "--ring with --radial is not supported: a ring passes every key block around, so the mask saves nothing; "
+            "use Ulysses (leave out --ring)"
+        )
+    rank, _, device = init_processes(args.context_parallel)
+    pipe = load_pipeline(request.model, torch_dtype=args.dtype, device=args.device or device)
+    enable_context_parallel(pipe, args.context_parallel, ring=args.ring)
+    if rank != 0:
+        pipe.set_progress_bar_config(disable=True)
+    return pipe, rank
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .generation import check_request_limits, generate
     from .outputs import save_result
@@ -554,7 +576,14 @@ def _generate(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     check_request_limits(request, limits)
     _check_out_folder(args.out)
-    result = generate(request, torch_dtype=args.dtype, device=args.device, limits=limits)
+    pipe, rank = None, 0
+    if args.context_parallel is not None:
+        pipe, rank = _context_parallel_pipeline(args, request)
+    elif args.ring:
+        raise ValueError("--ring needs --context-parallel N")
+    result = generate(request, torch_dtype=args.dtype, device=args.device, limits=limits, pipe=pipe)
+    if rank != 0:
+        return 0  # every process made the same video; process 0 writes it
     methods = {
         "radial": request.radial is not None,
         "agent": request.agent is not None and request.agent.agent_ratio is not None,

@@ -40,3 +40,29 @@ def test_ring_context_parallelism_is_refused_clearly():
         _ulysses_group(ring)
     assert _ulysses_group(None) is None
     assert _ulysses_group(SimpleNamespace(context_parallel_config=None)) is None
+
+
+def test_the_command_line_generates_one_video_across_processes(tmp_path):
+    import imageio.v3 as iio
+    import numpy as np
+
+    from diffattn.presets import preset_path
+
+    preset_path("tiny-wan")  # built once, before the processes start
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    flags = ["generate", "-m", "tiny-wan", "-p", "a boat", "--num-frames", "33", "--height", "128", "--width", "128",
+             "--steps", "3", "--radial", "--dense-timesteps", "1", "--dense-layers", "0", "--block-size", "64"]  # fmt: skip
+    single = subprocess.run([sys.executable, "-m", "diffattn", *flags, "--out", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "diffattn", *flags,
+              "--context-parallel", "2", "--out", str(tmp_path / "two")]  # fmt: skip
+    parallel = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert parallel.returncode == 0, (parallel.stdout + parallel.stderr)[-3000:]
+    one = sorted((tmp_path / "one").glob("*.mp4"))
+    two = sorted((tmp_path / "two").glob("*.mp4"))
+    assert len(one) == len(two) == 1  # process 0 wrote the video, once
+    np.testing.assert_array_equal(iio.imread(one[0]), iio.imread(two[0]))
+    ring = subprocess.run([sys.executable, "-m", "diffattn", *flags, "--ring", "--out", str(tmp_path / "r")], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert ring.returncode == 2 and "--ring needs --context-parallel N" in ring.stderr

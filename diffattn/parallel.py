@@ -1,0 +1,73 @@
+"""Context parallelism for one generation across processes, on diffusers' own engine.
+
+    torchrun --nproc-per-node 2 -m diffattn generate -m Wan-AI/Wan2.1-T2V-1.3B-Diffusers -p "a boat" --radial \\
+        --context-parallel 2
+
+Each process loads the pipeline on its device and `transformer.enable_parallelism(ContextParallelConfig(...))`
+shards the sequence across them (Ulysses by default, ring with `ring=True`); radial attention follows the parallel
+config (see `diffattn.methods.radial_attention`). Every process runs the same call with the same seed; process 0
+writes the outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+from .validation import check_bool, check_int_range
+
+
+def init_processes(degree: int) -> tuple[int, int, str]:
+    """(rank, world size, device) of this process in a launch of exactly `degree` processes (torchrun); starts
+    torch.distributed (nccl on CUDA, gloo on the CPU) when the launcher has not."""
+    import torch.distributed as dist
+
+    check_int_range("context_parallel", degree, 2)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ValueError(
+                f"--context-parallel {degree} needs {degree} processes: launch with torchrun --nproc-per-node {degree} "
+                "-m diffattn generate ..."
+            )
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world = dist.get_world_size()
+    if world != degree:
+        raise ValueError(f"--context-parallel {degree} does not match the {world} launched processes")
+    rank = dist.get_rank()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if torch.cuda.is_available() else "cpu"
+    return rank, world, device
+
+
+@contextlib.contextmanager
+def _cpu_device_count():
+    # diffusers 0.42's enable_parallelism computes `rank % torch.accelerator.device_count()`, which divides by zero
+    # on a machine without an accelerator; seen as 1 there only while it runs, it builds a CPU mesh on gloo.
+    if torch.accelerator.device_count() > 0:
+        yield
+        return
+    original = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original
+
+
+def enable_context_parallel(pipe: Any, degree: int, ring: bool = False) -> None:
+    """Shard `pipe`'s video transformer(s) over `degree` processes (Ulysses, or ring) with diffusers' engine."""
+    from diffusers import ContextParallelConfig
+
+    check_int_range("context_parallel", degree, 2)
+    check_bool("ring", ring)
+    denoisers = [
+        d for d in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if d is not None
+    ]
+    if not denoisers or any(getattr(d, "_cp_plan", None) is None for d in denoisers):
+        raise ValueError(f"{type(pipe).__name__} has no transformer with a context-parallel plan (_cp_plan)")
+    for denoiser in denoisers:
+        config = ContextParallelConfig(ring_degree=degree) if ring else ContextParallelConfig(ulysses_degree=degree)
+        with _cpu_device_count():
+            denoiser.enable_parallelism(config=config)
