@@ -1,0 +1,74 @@
+"""Radial attention with the rest of diffusers: caching hooks and LoRA loaded with load_lora_weights."""
+
+import torch
+
+import diffattn
+import diffattn.methods.radial_attention as radial
+
+from helpers import load
+
+
+GEOMETRY = {"num_frames": 33, "height": 128, "width": 128}
+CONFIG = diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=2, block_size=64)
+
+
+def _run(pipe, steps=6):
+    return pipe("a boat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt",
+                **GEOMETRY).frames  # fmt: skip
+
+
+def _recording(monkeypatch):
+    seen = []
+    original = radial._Scheduled._dispatch
+
+    def record(self, attn, *args, **kwargs):
+        seen.append((self.schedule.state.step_index, self.schedule.sparse_now()))
+        return original(self, attn, *args, **kwargs)
+
+    monkeypatch.setattr(radial._Scheduled, "_dispatch", record)
+    return seen
+
+
+def test_first_block_cache_skips_blocks_and_the_dense_steps_still_count_right(monkeypatch):
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = load("tiny-wan")
+    seen = _recording(monkeypatch)
+    with diffattn.apply(pipe, CONFIG):
+        alone = _run(pipe)
+        calls_alone = len(seen)
+        seen.clear()
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never reuses: the same computation
+        never_cached = _run(pipe)
+        pipe.transformer.disable_cache()
+        seen.clear()
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))  # reuses the cached blocks often
+        _run(pipe)
+        pipe.transformer.disable_cache()
+    torch.testing.assert_close(never_cached, alone, rtol=0, atol=1e-6)
+    assert len(seen) < calls_alone  # cached steps skipped blocks, so fewer attention calls
+    assert all(sparse == (step >= CONFIG.dense_timesteps) for step, sparse in seen)  # steps counted by the scheduler
+    assert {step for step, _ in seen} >= {0, 5}
+
+
+def test_lora_loaded_with_load_lora_weights_equals_the_fused_weights(tmp_path):
+    from diffusers import WanPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    source = load("tiny-wan")
+    torch.manual_seed(0)
+    source.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                              init_lora_weights=False))  # fmt: skip
+    WanPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(source.transformer))
+    pipe = load("tiny-wan")
+    plain_radial = None
+    with diffattn.apply(pipe, CONFIG):
+        plain_radial = _run(pipe, steps=3)
+    pipe.load_lora_weights(tmp_path)  # peft layers on the projections the radial processors call
+    with diffattn.apply(pipe, CONFIG):
+        with_lora = _run(pipe, steps=3)
+        pipe.fuse_lora()  # the same weights merged into plain Linear layers
+        fused = _run(pipe, steps=3)
+    assert (with_lora - plain_radial).abs().max() > 1e-3  # the adapters take part
+    torch.testing.assert_close(with_lora, fused, rtol=1e-4, atol=1e-4)
