@@ -72,3 +72,29 @@ def test_lora_loaded_with_load_lora_weights_equals_the_fused_weights(tmp_path):
         fused = _run(pipe, steps=3)
     assert (with_lora - plain_radial).abs().max() > 1e-3  # the adapters take part
     torch.testing.assert_close(with_lora, fused, rtol=1e-4, atol=1e-4)
+
+
+def test_the_radial_attention_path_compiles_as_one_graph():
+    pipe = load("tiny-wan")
+    with diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64)):
+        attn = pipe.transformer.blocks[0].attn1
+        captured = {}
+
+        def capture(module, args, kwargs):
+            captured["hidden_states"], captured["rotary_emb"] = args[0], args[3]
+
+        hook = attn.register_forward_pre_hook(capture, with_kwargs=True)
+        _run(pipe, steps=1)
+        hook.remove()
+        processor = attn.processor
+        assert isinstance(processor, radial.RadialWanProcessor)
+
+        def layer(hidden_states, rotary_emb):
+            return processor(attn, hidden_states, rotary_emb=rotary_emb)
+
+        explain = torch._dynamo.explain(layer)(captured["hidden_states"], captured["rotary_emb"])
+        assert explain.graph_count == 1 and explain.graph_break_count == 0
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")  # dynamo's whole-graph capture
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(captured["hidden_states"], captured["rotary_emb"]),
+                                       layer(captured["hidden_states"], captured["rotary_emb"]))  # fmt: skip
