@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .presets.image import clip_text_config, stable_diffusion_pipeline
 from .presets.text_tokenizers import build_clip_tokenizer
 from .scenes import render_scene
+from .validation import check_int_range, check_number, check_str
 
 
 logger = logging.getLogger(__name__)
@@ -55,16 +56,17 @@ class ShapesTrainingConfig:
     log_every: int = 50
 
     def __post_init__(self):
-        for name in ("vae_steps", "unet_steps", "num_workers"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected an integer >= 0")
+        for name in ("vae_steps", "unet_steps", "num_workers", "seed"):
+            check_int_range(name, getattr(self, name), 0)
         for name in ("batch_size", "checkpoint_every", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected an integer >= 1")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay={self.ema_decay!r} is not allowed: expected 0 <= ema_decay < 1")
-        if self.max_minutes is not None and not self.max_minutes >= 0:
-            raise ValueError(f"max_minutes={self.max_minutes!r} is not allowed: expected None or a number >= 0")
+            check_int_range(name, getattr(self, name), 1)
+        check_number("vae_lr", self.vae_lr, 0, 1, low_open=True)
+        check_number("unet_lr", self.unet_lr, 0, 1, low_open=True)
+        check_number("caption_dropout", self.caption_dropout, 0, 1)
+        check_number("ema_decay", self.ema_decay, 0, 0.999999)
+        check_number("max_minutes", self.max_minutes, 0, 10**6, allow_none=True)
+        if self.device is not None:
+            check_str("device", self.device, max_length=100)
 
 
 def build_components(seed: int = 0) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from .presets.shapes_video import NUM_FRAMES, build_shapes_wan
 from .scenes import render_clip
 from .shapes_training import _ema_update, _LossLog, load_checkpoint
 from .training import flow_matching_loss
-from .validation import check_int_range, check_number
+from .validation import check_int_range, check_number, check_str
 
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class ShapesVideoTrainingConfig:
         check_number("caption_dropout", self.caption_dropout, 0, 1)
         check_number("ema_decay", self.ema_decay, 0, 0.999999)
         check_number("max_minutes", self.max_minutes, 0, 10**6, allow_none=True)
+        if self.device is not None:
+            check_str("device", self.device, max_length=100)
 
 
 def clip_batch(start: int, size: int, num_frames: int) -> tuple[torch.Tensor, list[str]]:

@@ -17,7 +17,10 @@ from diffattn.generation import generate
 from diffattn.guidance import GuidanceInterval
 from diffattn.jobs import JobFileError, read_job
 from diffattn.limits import Limits
+from diffattn.methods.ir_mask_recorder import SubjectMaskConfig
 from diffattn.request import GenerationRequest
+from diffattn.shapes_training import ShapesTrainingConfig
+from diffattn.shapes_video_training import ShapesVideoTrainingConfig
 
 from helpers import load
 
@@ -30,6 +33,9 @@ CONFIGS = [
     diffattn.IRDiffusionConfig,
     GuidanceInterval,
     Limits,
+    ShapesTrainingConfig,
+    ShapesVideoTrainingConfig,
+    SubjectMaskConfig,
 ]
 
 ANY_VALUE = st.one_of(

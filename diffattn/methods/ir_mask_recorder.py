@@ -15,6 +15,7 @@ from ..adapters import AttentionLayer, ModelAdapter, UNetAttnProcessor
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import attention_with_probs
 from ..state import DenoiserState
+from ..validation import check_int_range
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,14 @@ class SubjectMaskConfig(MethodConfig):
 
     def __post_init__(self):
         ok = isinstance(self.maps, (tuple, list)) and self.maps and all(
-            isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(x, int) and x >= 0 for x in m)
+            isinstance(m, (tuple, list)) and len(m) == 2 and all(type(x) is int and x >= 0 for x in m)
             for m in self.maps
         )  # fmt: skip
         if not ok:
             raise ValueError(f"maps={self.maps!r} is not allowed: expected a non-empty list of (row, token) pairs")
         object.__setattr__(self, "maps", tuple(tuple(m) for m in self.maps))
+        if self.resolution is not None:
+            check_int_range("resolution", self.resolution, 1)
 
 
 class _RecordingProcessor(UNetAttnProcessor):
