@@ -19,17 +19,18 @@ def main() -> None:
     import diffattn
 
     order = sys.argv[1]  # "apply-first" or "parallel-first"
-    frames, size = int(sys.argv[2]), int(sys.argv[3])
+    frames, height, width = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    name = sys.argv[5] if len(sys.argv) > 5 else "tiny-wan"
     if dist.get_rank() == 0:
-        diffattn.preset_path("tiny-wan")  # one process builds the preset into the test session's cache
+        diffattn.preset_path(name)  # one process builds the preset into the test session's cache
     dist.barrier()
-    pipe = diffattn.load_pipeline("tiny-wan")
+    pipe = diffattn.load_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer
     config = diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64)
 
     def call():
-        out = pipe(["a boat on the sea", "a dog"], num_inference_steps=3, num_frames=frames, height=size, width=size,
+        out = pipe(["a boat on the sea", "a dog"], num_inference_steps=3, num_frames=frames, height=height, width=width,
                    guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
                    output_type="pt")  # fmt: skip
         return out.frames

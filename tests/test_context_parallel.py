@@ -15,11 +15,16 @@ from diffattn.methods.radial_attention import _ulysses_group
 WORKER = Path(__file__).parent / "cp_radial_worker.py"
 
 
-@pytest.mark.parametrize("order", ["apply-first", "parallel-first"])
-def test_radial_under_ulysses_equals_the_single_process_run(order):
+@pytest.mark.parametrize(
+    "order, geometry",
+    [
+        ("apply-first", ["33", "128", "128", "tiny-wan"]),
+        ("parallel-first", ["33", "128", "128", "tiny-wan"]),
+    ],
+)
+def test_radial_under_ulysses_equals_the_single_process_run(order, geometry):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(WORKER), order, "33",
-               "128"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(WORKER), order, *geometry]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     reports = [json.loads(line.split("REPORT ", 1)[1]) for line in proc.stdout.splitlines() if "REPORT " in line]
