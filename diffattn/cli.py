@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompts per pipeline call, for lines with the same settings (default: 1)")  # fmt: skip
     batch.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype")
     batch.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
+    batch.add_argument("--context-parallel", type=int, default=None, metavar="K",
+                       help="groups of K processes, each making one video at a time with context parallelism")  # fmt: skip
     _add_limits(batch)
 
     demo = sub.add_parser(
@@ -405,8 +407,9 @@ def _batch(args: argparse.Namespace) -> int:
     units = read_job(args.job, defaults, limits)
     _check_out_folder(args.out)
     report = run_job(
-        units, args.out, device=args.device, torch_dtype=args.dtype, batch_size=args.batch_size, limits=limits
-    )
+        units, args.out, device=args.device, torch_dtype=args.dtype, batch_size=args.batch_size, limits=limits,
+        context_parallel=args.context_parallel,
+    )  # fmt: skip
     if report.process_index != 0:
         return 1 if report.failed else 0
     missing = missing_units(units, args.out)

@@ -49,11 +49,14 @@ def fault(point: str) -> None:
 
 _FAULT_COUNTS: dict[str, int] = {}
 RANK_FILE = re.compile(r"^manifest-rank(?P<rank>\d+)\.jsonl$")
-TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.tmp-rank(?P<rank>\d+)$")
+TEMP_FILE = re.compile(r"^\.(?P<stem>.+)\.tmp-rank(?P<rank>\d+)(?P<suffix>\.[A-Za-z0-9]+)?$")
 
 
 def _temp_name(name: str, rank: int) -> str:
-    return f".{name}.tmp-rank{rank}"
+    """The hidden temporary of output `name` written by process `rank`; it keeps the file's extension last, so
+    writers that pick a format by extension (imageio for MP4) see the real one."""
+    stem, suffix = os.path.splitext(name)
+    return f".{stem}.tmp-rank{rank}{suffix}"
 
 
 def _manifest_lines(path: Path) -> list[dict[str, Any]]:

@@ -71,7 +71,7 @@ from .methods.radial_attention import RadialAttentionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import DEFAULT_PRESET
 from .request import ASTAR_LOSSES, GenerationRequest
-from .validation import check_bool, check_seed, check_seed_list, check_str
+from .validation import check_bool, check_int_range, check_seed, check_seed_list, check_str
 
 
 logger = logging.getLogger(__name__)
@@ -341,13 +341,16 @@ def run_job(
     torch_dtype: str | None = None,
     batch_size: int = 1,
     limits: Limits | None = None,
+    context_parallel: int | None = None,
 ) -> JobReport:
     """Run this process's share of `units` into `out`, skipping the ones its manifests record as done.
 
     Without `process_index`/`num_processes` they come from accelerate's `PartialState` (one process when not
     launched), and the device defaults to that process's device. `batch_size`: prompts per pipeline call, for
-    consecutive units with the same settings (each keeps its own seed's noise). Raises JobLockError when another
-    run is writing `out`. Returns this process's `JobReport`.
+    consecutive units with the same settings (each keeps its own seed's noise). `context_parallel=K`: the launch
+    splits into groups of K processes; each group makes one output at a time with diffusers' context parallelism
+    (video models), its first process writing it, and group g of G takes units g, g+G, ... Raises JobLockError when
+    another run is writing `out`. Returns this process's `JobReport`.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is not allowed: expected an int >= 1")
@@ -376,13 +379,24 @@ def run_job(
     if not all_ranks_agree(problem is None, state):
         lock.release()
         raise problem or JobLockError(f"{out} is being written by another run (another process of this launch says)")
+    groups = None
+    if context_parallel is not None:
+        check_int_range("context_parallel", context_parallel, 2)
+        if state is None or num_processes % context_parallel:
+            raise ValueError(
+                f"context_parallel={context_parallel} is not allowed: it needs a launch (torchrun/accelerate) of a "
+                f"multiple of {context_parallel} processes, this one has {num_processes}"
+            )
+        groups = context_parallel
     try:
-        return _run_locked(units, out, process_index, num_processes, device, torch_dtype, batch_size, limits, state)
+        return _run_locked(units, out, process_index, num_processes, device, torch_dtype, batch_size, limits, state,
+                           groups)  # fmt: skip
     finally:
         lock.release()
 
 
-def _run_locked(units, out, process_index, num_processes, device, torch_dtype, batch_size, limits, state) -> JobReport:
+def _run_locked(units, out, process_index, num_processes, device, torch_dtype, batch_size, limits, state,
+                context_parallel=None) -> JobReport:  # fmt: skip
     own = {process_index}
     existing = {
         int(m.group("rank")) for p in out.iterdir() if (m := RANK_FILE.match(p.name) or TEMP_FILE.match(p.name))
@@ -399,7 +413,15 @@ def _run_locked(units, out, process_index, num_processes, device, torch_dtype, b
                 f"{out} already holds {unit.name!r} made with other settings ({record.get('spec')}); use a new --out"
             )
     claimed = {n for record in done.values() for n in record.get("files", [])}
-    mine = shard(units, process_index, num_processes)
+    writer, mesh, parallel_ready = True, None, set()
+    if context_parallel:  # groups of K processes: group g of G takes units g, g+G, ...; its first process writes
+        from .parallel import group_mesh
+
+        mesh = group_mesh(context_parallel)
+        writer = process_index % context_parallel == 0
+        mine = shard(units, process_index // context_parallel, num_processes // context_parallel)
+    else:
+        mine = shard(units, process_index, num_processes)
     manifest = out / f"manifest-rank{process_index}.jsonl"
     failures = out / f"failures-rank{process_index}.jsonl"
     report = JobReport(process_index, num_processes)
@@ -417,6 +439,11 @@ def _run_locked(units, out, process_index, num_processes, device, torch_dtype, b
         try:
             pipe = cached_pipeline(first.model, torch_dtype, device)
             pipe.set_progress_bar_config(disable=True)  # the job's bar is the progress; one per call would flood
+            if mesh is not None and id(pipe) not in parallel_ready:
+                from .parallel import enable_context_parallel
+
+                enable_context_parallel(pipe, context_parallel, mesh=mesh)
+                parallel_ready.add(id(pipe))
             results = generate_batch([u.request for u in group], pipe=pipe, limits=limits)
             for unit, result in zip(group, results):
                 record = {
@@ -429,7 +456,8 @@ def _run_locked(units, out, process_index, num_processes, device, torch_dtype, b
                     "spec": unit.spec,
                     "request": unit.request.to_dict(),
                 }
-                commit_unit(out, process_index, manifest, record, result, claimed)
+                if writer:  # in a context-parallel group every process made the output; the first writes it
+                    commit_unit(out, process_index, manifest, record, result, claimed)
                 report.generated.append(unit.name)
                 committed += 1
                 fault("unit-done")

@@ -56,18 +56,37 @@ def _cpu_device_count():
         torch.accelerator.device_count = original
 
 
-def enable_context_parallel(pipe: Any, degree: int, ring: bool = False) -> None:
-    """Shard `pipe`'s video transformer(s) over `degree` processes (Ulysses, or ring) with diffusers' engine."""
+def group_mesh(degree: int):
+    """A device mesh splitting the launch into groups of `degree` processes, for diffusers' context parallelism
+    within each group: dims ("group", "ring", "ulysses") of sizes (world / degree, 1, degree)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if world % degree:
+        raise ValueError(f"context_parallel={degree} is not allowed: it must divide the {world} launched processes")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device_type, (world // degree, 1, degree), mesh_dim_names=("group", "ring", "ulysses"))
+
+
+def enable_context_parallel(pipe: Any, degree: int, ring: bool = False, mesh: Any = None) -> None:
+    """Shard `pipe`'s video transformer(s) over `degree` processes (Ulysses, or ring) with diffusers' engine; `mesh`
+    (from `group_mesh`) when the launch holds several groups of `degree` processes (Ulysses only)."""
     from diffusers import ContextParallelConfig
 
     check_int_range("context_parallel", degree, 2)
     check_bool("ring", ring)
+    if mesh is not None and ring:
+        raise ValueError("ring=True is not allowed with a group mesh: groups run Ulysses")
     denoisers = [
         d for d in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if d is not None
     ]
     if not denoisers or any(getattr(d, "_cp_plan", None) is None for d in denoisers):
         raise ValueError(f"{type(pipe).__name__} has no transformer with a context-parallel plan (_cp_plan)")
     for denoiser in denoisers:
-        config = ContextParallelConfig(ring_degree=degree) if ring else ContextParallelConfig(ulysses_degree=degree)
+        if ring:
+            config = ContextParallelConfig(ring_degree=degree)
+        else:
+            config = ContextParallelConfig(ulysses_degree=degree, mesh=mesh)
         with _cpu_device_count():
             denoiser.enable_parallelism(config=config)

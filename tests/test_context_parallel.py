@@ -71,3 +71,34 @@ def test_the_command_line_generates_one_video_across_processes(tmp_path):
     ring = subprocess.run([sys.executable, "-m", "diffattn", *flags, "--ring", "--out", str(tmp_path / "r")], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert ring.returncode == 2 and "--ring needs --context-parallel N" in ring.stderr
+
+
+def test_a_batch_job_in_groups_of_context_parallel_processes(tmp_path):
+    import imageio.v3 as iio
+    import numpy as np
+
+    from diffattn.jobs import read_manifests
+    from diffattn.presets import preset_path
+
+    preset_path("tiny-wan")
+    job = tmp_path / "job.jsonl"
+    line = {"model": "tiny-wan", "steps": 2, "num_frames": 33, "height": 128, "width": 128,
+            "radial": {"dense_layers": 0, "dense_timesteps": 1, "block_size": 64}}  # fmt: skip
+    job.write_text("".join(json.dumps({**line, "prompt": f"a boat {i}", "name": f"v{i}"}) + "\n" for i in range(3)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    grouped = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "-m", "diffattn", "batch", str(job),
+         "--out", str(tmp_path / "grouped"), "--context-parallel", "2"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert grouped.returncode == 0, (grouped.stdout + grouped.stderr)[-3000:]
+    assert "3 of 3 outputs done" in grouped.stdout
+    records = read_manifests(tmp_path / "grouped")
+    assert {r["name"]: r["process"] for r in records.values()} == {"v0-seed0": 0, "v1-seed0": 2, "v2-seed0": 0}
+    assert sorted(p.name for p in (tmp_path / "grouped").glob("*.mp4")) == ["v0-seed0.mp4", "v1-seed0.mp4",
+                                                                            "v2-seed0.mp4"]  # fmt: skip
+    single = subprocess.run([sys.executable, "-m", "diffattn", "batch", str(job), "--out", str(tmp_path / "single")],
+                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    for name in ("v0-seed0.mp4", "v1-seed0.mp4"):
+        np.testing.assert_array_equal(iio.imread(tmp_path / "grouped" / name), iio.imread(tmp_path / "single" / name))

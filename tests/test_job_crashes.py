@@ -181,8 +181,8 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_another_hosts_lock_is_
 def test_stale_temporaries_of_the_folder_are_cleaned_at_start(tmp_path):
     job, out = _job(tmp_path, count=1), tmp_path / "out"
     out.mkdir()
-    (out / ".u0-seed0.png.tmp-rank0").write_bytes(b"")  # a kill during a write, before the unit committed
-    (out / ".u7-seed0.png.tmp-rank3").write_bytes(b"\x89PNG")  # left by a wider earlier launch
+    (out / ".u0-seed0.tmp-rank0.png").write_bytes(b"")  # a kill during a write, before the unit committed
+    (out / ".u7-seed0.tmp-rank3.png").write_bytes(b"\x89PNG")  # left by a wider earlier launch
     units = read_job(job, JobDefaults(model="tiny-sd", steps=1))
     run_job(units, out, process_index=0, num_processes=1)
     assert sorted(p.name for p in out.iterdir()) == ["manifest-rank0.jsonl", "u0-seed0.png"]

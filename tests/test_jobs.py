@@ -285,3 +285,14 @@ def test_a_batch_output_is_reproduced_bit_for_bit_from_its_manifest_record(tmp_p
     assert main(["generate", "--request", str(request_only), "--out", str(again)]) == 0
     assert main(["generate", "--request", str(record), "--steps", "3", "--out", str(again)]) == 2
     assert "--request holds the whole request; it does not combine with --steps" in capsys.readouterr().err
+
+
+def test_a_video_unit_is_written_as_mp4_through_the_transaction(tmp_path):
+    import imageio.v3 as iio
+
+    job = write_job(tmp_path, [{"prompt": "a boat", "model": "tiny-wan", "steps": 1, "name": "boat"}])
+    out = tmp_path / "out"
+    run_job(read_job(job), out, process_index=0, num_processes=1)
+    assert read_manifests(out)["boat-seed0"]["files"] == ["boat-seed0.mp4"]
+    assert iio.imread(out / "boat-seed0.mp4").shape[0] == 9  # the preset's 9 frames
+    assert sorted(p.name for p in out.iterdir()) == ["boat-seed0.mp4", "manifest-rank0.jsonl"]
