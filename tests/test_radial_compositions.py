@@ -1,5 +1,6 @@
 """Radial attention with the rest of diffusers: caching hooks and LoRA loaded with load_lora_weights."""
 
+import pytest
 import torch
 
 import diffattn
@@ -98,3 +99,14 @@ def test_the_radial_attention_path_compiles_as_one_graph():
         with torch.no_grad():
             torch.testing.assert_close(compiled(captured["hidden_states"], captured["rotary_emb"]),
                                        layer(captured["hidden_states"], captured["rotary_emb"]))  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_model_cpu_offload_builds_masks_on_the_execution_device():
+    pipe = load("tiny-wan")
+    pipe.enable_model_cpu_offload()
+    with diffattn.apply(pipe, CONFIG) as handle:
+        _run(pipe, steps=3)
+        layouts = [layout for cache in handle.method(diffattn.RadialAttentionConfig).caches.values()
+                   for layout in cache.layouts.values()]  # fmt: skip
+    assert layouts and all(layout.device.type == "cuda" for layout in layouts)
