@@ -65,6 +65,19 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_training_run(parser: argparse.ArgumentParser) -> None:
+    """The options every from-scratch training command shares: its run folder, seed, checkpoints, device, budget."""
+    parser.add_argument("--out", "-o", required=True, type=Path, help="run folder (checkpoint, log, pipeline)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the data stream")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="wall-clock budget: stop there, checkpoint and export (resume later)")  # fmt: skip
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue from an exported pipeline folder (e.g. the one kept in the repository)")  # fmt: skip
+
+
 def _add_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limits", nargs="+", default=None, metavar="NAME=INT",
                         help="raise or lower the size limits, e.g. max_frames=2048 max_steps=5000 (names: diffattn."
@@ -222,22 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an AutoencoderKL, then a UNet and CLIP text encoder, on procedurally generated scenes of "
         "coloured shapes; resumes from OUT/checkpoint.pt; saves OUT/pipeline (fp16, from_pretrained-loadable).",
     )
-    shapes.add_argument("--out", "-o", required=True, type=Path, help="run folder (checkpoint, log, pipeline)")
+    _add_training_run(shapes)
     shapes.add_argument("--vae-steps", type=_nonnegative_int, default=2000, help="autoencoder steps (2000)")
     shapes.add_argument("--unet-steps", type=_nonnegative_int, default=20000, help="UNet + text encoder steps")
     shapes.add_argument("--batch-size", type=_positive_int, default=32, help="scenes per step (32)")
-    shapes.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the scene stream")
-    shapes.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
-    shapes.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    shapes.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
-    shapes.add_argument("--max-minutes", type=float, default=None,
-                        help="wall-clock budget: stop there, checkpoint and export (resume later)")  # fmt: skip
     shapes.add_argument("--workers", type=_nonnegative_int, default=0,
                         help="processes rendering scenes ahead of the training step (0)")  # fmt: skip
     shapes.add_argument("--ema-decay", type=float, default=0.999,
                         help="moving average of the UNet/text-encoder weights that is exported (0: off)")  # fmt: skip
-    shapes.add_argument("--init-from", type=Path, default=None,
-                        help="continue from an exported pipeline folder (e.g. the one kept in the repository)")  # fmt: skip
 
     video = sub.add_parser(
         "train-shapes-video",
@@ -246,17 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         "encoder) on rendered clips of moving coloured shapes; resumes from OUT/checkpoint.pt; saves OUT/pipeline "
         "(fp16, from_pretrained-loadable). A GPU trains it in reasonable time; a CPU slowly.",
     )
-    video.add_argument("--out", "-o", required=True, type=Path, help="run folder (checkpoint, log, pipeline)")
+    _add_training_run(video)
     video.add_argument("--vae-steps", type=_nonnegative_int, default=3000, help="autoencoder steps (3000)")
     video.add_argument("--denoiser-steps", type=_nonnegative_int, default=20000, help="transformer steps (20000)")
     video.add_argument("--batch-size", type=_positive_int, default=16, help="clips per transformer step (16)")
     video.add_argument("--vae-batch-size", type=_positive_int, default=8, help="clips per autoencoder step (8)")
-    video.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the clip stream")
-    video.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
-    video.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    video.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
-    video.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (resume later)")
-    video.add_argument("--init-from", type=Path, default=None, help="continue from an exported pipeline folder")
 
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser

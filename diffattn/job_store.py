@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .outputs import fsync_dir, fsync_file, result_files
+from .outputs import fsync_path, result_files
 
 
 logger = logging.getLogger(__name__)
@@ -122,11 +122,11 @@ def _link_unit(out: Path, files: list[str], rank: int) -> bool:
             except FileExistsError:
                 pass
             fault("between-links")
-    fsync_dir(out)
+    fsync_path(out)
     fault("after-links")
     for name in files:
         (out / _temp_name(name, rank)).unlink(missing_ok=True)
-    fsync_dir(out)
+    fsync_path(out)
     return complete
 
 
@@ -161,7 +161,7 @@ def recover(out: Path, ranks: Iterable[int]) -> None:
             path.unlink(missing_ok=True)  # written before its unit committed: the unit runs again
             removed = True
     if removed:
-        fsync_dir(out)
+        fsync_path(out)
 
 
 def commit_unit(out: Path, rank: int, manifest: Path, record: dict[str, Any], result: Any, claimed: set[str]) -> None:
@@ -178,9 +178,9 @@ def commit_unit(out: Path, rank: int, manifest: Path, record: dict[str, Any], re
             temp = out / _temp_name(name, rank)
             temp.unlink(missing_ok=True)
             write(temp)
-            fsync_file(temp)
+            fsync_path(temp)
             fault("temp-written")
-        fsync_dir(out)
+        fsync_path(out)
         fault("before-commit")
     except BaseException:
         for name in names:

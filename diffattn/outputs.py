@@ -55,17 +55,9 @@ def result_files(result: Any, stem: str, fps: int = 8) -> list[tuple[str, Callab
     return files
 
 
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's data, or a folder's entries (new links, removals), durable."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the directory's entries (new links, removals) durable."""
-    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -83,12 +75,12 @@ def write_new_file(directory: Path, stem: str, suffix: str, write: Callable[[Pat
     os.close(fd)
     try:
         write(Path(tmp))
-        fsync_file(Path(tmp))
+        fsync_path(Path(tmp))
         for n in range(100_000):
             target = directory / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
             try:
                 os.link(tmp, target)
-                fsync_dir(directory)
+                fsync_path(directory)
                 return target
             except FileExistsError:
                 continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .text_tokenizers import build_t5_tokenizer
+from .video import umt5_encoder
 
 
 NUM_FRAMES = 33
@@ -24,7 +25,6 @@ TEXT_DIM = 64
 def build_shapes_wan(seed: int = 0):
     """A seeded, untrained WanPipeline of the shapes-wan geometry (see the module docstring)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = build_t5_tokenizer()
     torch.manual_seed(seed)
@@ -55,21 +55,8 @@ def build_shapes_wan(seed: int = 0):
         scale_factor_spatial=4,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=TEXT_DIM,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,  # training and sampling encode captions alike
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    )
+    # no dropout: training and sampling encode captions alike
+    text_encoder = umt5_encoder(tokenizer, d_model=TEXT_DIM, d_kv=16, d_ff=128, dropout_rate=0.0)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler

@@ -13,9 +13,33 @@ import torch
 from .text_tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer
 
 
+def _t5_family_encoder(config_class, model_class, tokenizer, *, d_model: int, d_kv: int, d_ff: int, **extra):
+    """A 2-layer, 4-head encoder of the T5 family over `tokenizer`'s vocabulary."""
+    config = config_class(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+    return model_class(config)
+
+
+def umt5_encoder(tokenizer, *, d_model: int, d_kv: int, d_ff: int, **extra):
+    """A 2-layer, 4-head UMT5 encoder (Wan's text encoder at toy width)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return _t5_family_encoder(UMT5Config, UMT5EncoderModel, tokenizer, d_model=d_model, d_kv=d_kv, d_ff=d_ff, **extra)
+
+
 def build_tiny_wan():
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = build_t5_tokenizer()
     torch.manual_seed(0)
@@ -38,20 +62,7 @@ def build_tiny_wan():
         base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
     torch.manual_seed(2)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = umt5_encoder(tokenizer, d_model=32, d_kv=8, d_ff=64)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
@@ -139,23 +150,11 @@ def build_tiny_hunyuan_video():
     )
 
 
-def _tiny_t5(tokenizer, d_model: int = 32):
+def _tiny_t5(tokenizer):
+    """A 2-layer, 4-head T5 encoder at width 32 (CogVideoX's, LTX-Video's and Mochi's text encoder at toy width)."""
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=d_model,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    )
+    return _t5_family_encoder(T5Config, T5EncoderModel, tokenizer, d_model=32, d_kv=8, d_ff=64)
 
 
 def build_tiny_cogvideox():
