@@ -77,7 +77,8 @@ HELP = {
     "guidance": "Classifier-free guidance scale; 0 is used as given (no guidance).",
 }
 CSS = """
-.pixelated img, .pixelated canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
+.pixelated img, .pixelated canvas { image-rendering: pixelated; }
+.pixelated .image-frame img, .pixelated .image-container img { width: 100%; height: 100%; object-fit: contain; }
 #compare-gallery .thumbnail-item img { image-rendering: pixelated; }
 """
 
@@ -409,7 +410,10 @@ def run_video(model, prompt, seed, steps, frames, height, width, radial, decay, 
     if result.radial_density is not None:
         info += f" · mask density **{result.radial_density:.1%}**"
     elif radial:
-        info += " · every step ran dense (dense steps >= steps)"
+        info += (
+            f" · every step ran dense: dense first steps ({request.radial.dense_timesteps}) >= steps; lower "
+            "*Dense first steps* (about a quarter of the steps, as the paper does) to see radial attention"
+        )
     video = _video_file(result, f"{Path(request.model).name}-seed{request.seed}")
     return video, result.radial_mask, info, _zip([("video", result)])
 
