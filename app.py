@@ -145,6 +145,11 @@ def radial_fields(
     return {"radial": config}
 
 
+def _is_video(model: str) -> bool:
+    """Whether a model makes videos: a preset says so; any other model is loaded to find out."""
+    return PRESETS[model].kind == "video" if model in PRESETS else is_video_pipeline(cached_pipeline(model))
+
+
 def ui_request(
     model: str,
     prompt: str,
@@ -163,7 +168,7 @@ def ui_request(
     is used exactly as given (guidance 0 is 0); what the library refuses is shown with its own message."""
     model = allowed_model(model)
     try:
-        video = is_video_pipeline(cached_pipeline(model))
+        video = _is_video(model)
         return GenerationRequest(
             model=model,
             prompt=prompt or "",
@@ -293,7 +298,7 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
     """Plain and each chosen method on one prompt and seed. Returns (gallery items, video dense, video radial,
     radial mask, table markdown, zip)."""
     model = allowed_model(model)
-    video = is_video_pipeline(cached_pipeline(model))
+    video = _is_video(model)
     if video:
         variants = [PLAIN, "radial attention"]
         extra = [{}, radial_fields(True, RADIAL.decay_factor, 1, RADIAL.dense_layers, min(BLOCK_SIZES))]
@@ -468,15 +473,16 @@ def run_generation(
 # ---------------------------------------------------------------------------------------------------- the page
 
 
-def _model_defaults(model: str):
-    """A preset's own size, steps and guidance; for any other model empty boxes: the model's own defaults."""
-    defaults = PRESETS[model].call_defaults if model in PRESETS else {}
-    return (
-        gr.update(value=default_steps(model) if model in PRESETS else None),
-        gr.update(value=defaults.get("height")),
-        gr.update(value=defaults.get("width")),
-        gr.update(value=defaults.get("guidance_scale")),
-    )
+def _preset_defaults(*keys: str):
+    """A model-change handler filling the steps box and the boxes of `keys` with a preset's own values; any other
+    model gets empty boxes, which mean its own defaults."""
+
+    def fill(model: str):
+        defaults = PRESETS[model].call_defaults if model in PRESETS else {}
+        steps = gr.update(value=default_steps(model) if model in PRESETS else None)
+        return (steps, *(gr.update(value=defaults.get(key)) for key in keys))
+
+    return fill
 
 
 def _compare_defaults(model: str):
@@ -485,16 +491,6 @@ def _compare_defaults(model: str):
     video = model in VIDEO_PRESETS
     frames = max(PRESETS[model].call_defaults.get("num_frames", 0), 33) if video else None
     return gr.update(value=default_steps(model) if model in PRESETS else None), gr.update(value=frames, visible=video)
-
-
-def _video_defaults(model: str):
-    defaults = PRESETS[model].call_defaults if model in PRESETS else {}
-    return (
-        gr.update(value=default_steps(model) if model in PRESETS else None),
-        gr.update(value=defaults.get("num_frames")),
-        gr.update(value=defaults.get("height")),
-        gr.update(value=defaults.get("width")),
-    )
 
 
 def _random_seed() -> int:
@@ -670,7 +666,8 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                            gr.update(visible=m == "IR-Diffusion")),
                 i_method, [i_ratio, i_subjects],
             )  # fmt: skip
-            i_model.change(_model_defaults, i_model, [i_steps, i_height, i_width, i_guidance])
+            i_model.change(_preset_defaults("height", "width", "guidance_scale"), i_model,
+                           [i_steps, i_height, i_width, i_guidance])  # fmt: skip
 
         with gr.Tab("Video", id="video", elem_id="tab-video"):
             video_first = VIDEO_PRESETS[0]
@@ -713,7 +710,8 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                  [v_model, v_prompt, v_seed, v_steps, v_frames, v_height, v_width, v_radial, v_decay, v_dense_steps,
                   v_dense_layers, v_block, v_neighbors],
                  [v_video, v_mask, v_info, v_zip], "video", v_info)  # fmt: skip
-            v_model.change(_video_defaults, v_model, [v_steps, v_frames, v_height, v_width])
+            v_model.change(_preset_defaults("num_frames", "height", "width"), v_model,
+                           [v_steps, v_frames, v_height, v_width])  # fmt: skip
 
         with gr.Tab("Examples", id="examples", elem_id="tab-examples"):
             gr.Markdown(

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .generation import generate, save_result
+from .generation import generate
 from .judge import detect_objects, score_scene, subjects_kept
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
+from .outputs import save_result
 from .presets import PRESETS
 from .scenes import SceneObject
 

@@ -24,7 +24,6 @@ from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, ren
 from .methods.ir_masks import render_subject_grid
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.radial_mask import plot_radial_mask
-from .outputs import save_result, video_export_available  # noqa: F401 - re-exported for the faces
 from .presets import PRESETS
 from .request import GenerationRequest
 from .validation import check_int_range
@@ -38,12 +37,12 @@ class PipelineCache:
     a pipeline is large, so an unbounded cache would grow with every model a visitor names)."""
 
     def __init__(self, size: int = 2):
-        self.resize(size)
         self.entries: OrderedDict[tuple[str, str | None, str | None], Any] = OrderedDict()
+        self.resize(size)
 
     def resize(self, size: int) -> None:
         self.size = check_int_range("pipeline cache size", size, 1)
-        while len(getattr(self, "entries", ())) > self.size:
+        while len(self.entries) > self.size:
             self.entries.popitem(last=False)
 
     def get(self, model: str, torch_dtype: str | None = None, device: str | None = None) -> Any:

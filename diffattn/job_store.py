@@ -49,6 +49,7 @@ def fault(point: str) -> None:
 
 _FAULT_COUNTS: dict[str, int] = {}
 RANK_FILE = re.compile(r"^manifest-rank(?P<rank>\d+)\.jsonl$")
+LOCK_FILE = re.compile(r"^\.lock-rank(?P<rank>\d+)$")
 TEMP_FILE = re.compile(r"^\.(?P<stem>.+)\.tmp-rank(?P<rank>\d+)(?P<suffix>\.[A-Za-z0-9]+)?$")
 
 
@@ -73,15 +74,22 @@ def _manifest_lines(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _done(records: Iterable[dict[str, Any]], into: dict[str, dict[str, Any]] | None = None):
+    """name -> record of the units `records` leave done: the last record of a name wins, a retraction undoes it."""
+    done = {} if into is None else into
+    for record in records:
+        if record.get("retracted"):
+            done.pop(record["name"], None)
+        else:
+            done[record["name"]] = record
+    return done
+
+
 def read_manifests(out: Path) -> dict[str, dict[str, Any]]:
     """Done units of earlier runs into `out`: name -> manifest record (from every process's manifest)."""
     done: dict[str, dict[str, Any]] = {}
     for manifest in sorted(Path(out).glob("manifest-rank*.jsonl")):
-        for record in _manifest_lines(manifest):
-            if record.get("retracted"):
-                done.pop(record["name"], None)
-            else:
-                done[record["name"]] = record
+        _done(_manifest_lines(manifest), done)
     return done
 
 
@@ -136,17 +144,11 @@ def recover(out: Path, ranks: Iterable[int]) -> None:
     committed: dict[int, list[dict[str, Any]]] = {}
     for manifest in out.glob("manifest-rank*.jsonl"):
         match = RANK_FILE.match(manifest.name)
-        if match and int(match.group(1)) in ranks:
+        if match and int(match.group("rank")) in ranks:
             _drop_cut_line(manifest)
-            committed[int(match.group(1))] = _manifest_lines(manifest)
+            committed[int(match.group("rank"))] = _manifest_lines(manifest)
     for rank, records in committed.items():
-        live: dict[str, dict[str, Any]] = {}
-        for record in records:
-            if record.get("retracted"):
-                live.pop(record["name"], None)
-            else:
-                live[record["name"]] = record
-        for record in live.values():
+        for record in _done(records).values():
             names = record.get("files", [])
             if all((out / n).exists() for n in names) and not any((out / _temp_name(n, rank)).exists() for n in names):
                 continue

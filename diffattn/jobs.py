@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from .generation import cached_pipeline, check_request_limits, generate_batch
 from .job_store import (
+    LOCK_FILE,
     RANK_FILE,
     TEMP_FILE,
     FolderLock,
@@ -370,7 +371,7 @@ def run_job(
     try:
         lock.acquire()
         # ranks no process of this launch owns (an earlier launch was wider): held by a live run means refused
-        others = {int(m.group(1)) for p in out.iterdir() if (m := re.match(r"^\.lock-rank(\d+)$", p.name))}
+        others = {int(m.group("rank")) for p in out.iterdir() if (m := LOCK_FILE.match(p.name))}
         busy = [r for r in others if r >= num_processes and locked_by_live_process(out, r)]
         if busy:
             raise JobLockError(f"{out} is being written by another run (lock {out / f'.lock-rank{busy[0]}'})")

@@ -2,8 +2,8 @@
 Python callers) so that all of them accept and refuse the same inputs with the same message.
 
 A request is checked when it is made: types (ints are not bools, strings are not lists), ranges (finite numbers,
-seeds in [0, 2^63)), choices (from the one tuple each lives beside), combinations that cannot run together, and the
-size `Limits`. Nothing is loaded or allocated to do that. `None` means "the model's default" (the preset's, else
+seeds in [0, 2^63)), choices (from the one tuple each lives beside) and combinations that cannot run together;
+`generation.check_request_limits` holds it to the size `Limits`. Nothing is loaded or allocated to do either. `None` means "the model's default" (the preset's, else
 the pipeline's own); any other value is used exactly as given.
 """
 
@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .guidance import GuidanceInterval
-from .limits import Limits
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.ir_diffusion import IRDiffusionConfig
 from .methods.radial_attention import RadialAttentionConfig
@@ -46,7 +45,8 @@ _CONFIG_TYPES = {
 @dataclass(frozen=True)
 class GenerationRequest:
     """One image or video to generate. Raises ValueError (naming the field, the value and what is allowed) or
-    TypeError when it cannot run; `limits` (default: `Limits.from_env()`) caps size, frames and steps."""
+    TypeError when it cannot run. Size limits depend on who serves the request: `generation.check_request_limits`
+    checks one against `diffattn.Limits` with the preset's defaults filled in."""
 
     model: str
     prompt: str
@@ -121,23 +121,9 @@ class GenerationRequest:
         if self.radial is not None and (self.agent is not None or self.structured is not None):
             raise ValueError("radial is for video transformers; agent and structured are for Stable Diffusion UNets")
 
-    def check_limits(self, limits: Limits | None = None, batch: int = 1) -> None:
-        """Raise ValueError when the request (or a call of `batch` such requests) is over `limits`."""
-        (limits or Limits.from_env()).check(
-            height=self.height, width=self.width, num_frames=self.num_frames, steps=self.steps, batch=batch
-        )
-
     def settings(self) -> dict[str, Any]:
         """Everything but prompt and seed: requests with equal settings can share one pipeline call."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompt", "seed")}
-
-    def options(self) -> dict[str, Any]:
-        """The request as `generate_batch` keyword arguments (everything but model, prompt and seed)."""
-        skip = ("model", "prompt", "seed")
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-        if out["subjects"] is not None:
-            out["subjects"] = list(out["subjects"])
-        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON values only: configs as their fields (with `None` for "off"), tuples as lists."""

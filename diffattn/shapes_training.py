@@ -214,12 +214,17 @@ def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: floa
     torch._foreach_lerp_(ema, [p.detach() for p in params], weight)
 
 
-def _save_checkpoint(path: Path, components, optimizers, state: dict, ema: list[torch.Tensor] | None) -> None:
+def _trained(components: dict) -> dict:
+    return {k: components[k] for k in ("vae", "unet", "text_encoder")}
+
+
+def save_checkpoint(path: Path, models: dict, optimizers: dict, state: dict, ema: list[torch.Tensor] | None) -> None:
+    """Models' and optimizers' states, the run's state and the EMA weights, written whole or not at all."""
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
             "state": state,
-            "models": {k: components[k].state_dict() for k in ("vae", "unet", "text_encoder")},
+            "models": {k: model.state_dict() for k, model in models.items()},
             "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
             "ema": ema,
         },
@@ -322,7 +327,7 @@ def train_shapes(
         log.add(phase, step, loss)
         if state[f"{phase}_step"] % config.checkpoint_every == 0:
             state[f"{phase}_loss"] = log.flush() or state.get(f"{phase}_loss")
-            _save_checkpoint(checkpoint, components, optimizers, state, ema)
+            save_checkpoint(checkpoint, _trained(components), optimizers, state, ema)
 
     try:
         # Phase 1: the autoencoder. Data for step i is scenes [i * batch, (i + 1) * batch) of the stream.
@@ -375,21 +380,30 @@ def train_shapes(
     finally:
         log.flush()
         log.file.close()
-    _save_checkpoint(checkpoint, components, optimizers, state, ema)
-    if ema is not None:  # export the averaged weights; the checkpoint above keeps the raw ones for resuming
-        with torch.no_grad():
-            for param, average in zip(denoiser_params, ema):
-                param.copy_(average)
+    save_checkpoint(checkpoint, _trained(components), optimizers, state, ema)
     if state.get("latent_scale") is not None:
         vae.register_to_config(scaling_factor=state["latent_scale"])  # what the pipeline divides latents by
     sampler = DPMSolverMultistepScheduler.from_config(scheduler.config, steps_offset=1)
     pipe = stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, sampler)
-    pipe.to(torch.float16).save_pretrained(out / "pipeline", safe_serialization=True)
-    pipe.to(torch.float32)
-    (out / "pipeline" / "training_state.json").write_text(
-        json.dumps(
-            {k: state.get(k) for k in ("vae_step", "unet_step", "vae_loss", "unet_loss", "latent_scale", "config")},
-            indent=2,
-        )
-    )
+    kept = ("vae_step", "unet_step", "vae_loss", "unet_loss", "latent_scale", "config")
+    export_pipeline(pipe, out / "pipeline", {k: state.get(k) for k in kept}, ema, denoiser_params)
     return state
+
+
+def export_pipeline(pipe, folder: Path, state: dict, ema: list[torch.Tensor] | None, params: list) -> None:
+    """The end of a training run: the averaged weights (when an EMA is kept) copied into `params`, the pipeline saved
+    as fp16 safetensors to `folder` (written beside it and swapped in, so a crash keeps the previous export), and
+    `state` as its training_state.json. The checkpoint written before keeps the raw weights for resuming."""
+    import shutil
+
+    with torch.no_grad():
+        for param, average in zip(params, ema or []):
+            param.copy_(average)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    pipe.to(torch.float32)
+    (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)

@@ -32,7 +32,7 @@ import torch
 
 from .presets.shapes_video import NUM_FRAMES, build_shapes_wan
 from .scenes import render_clip
-from .shapes_training import _ema_update, _LossLog, load_checkpoint
+from .shapes_training import _ema_update, _LossLog, export_pipeline, load_checkpoint, save_checkpoint
 from .training import flow_matching_loss
 from .validation import check_int_range, check_number, check_str
 
@@ -131,27 +131,6 @@ def _load_exported(pipe, folder: Path) -> dict[str, Any]:
     return {k: state[k] for k in ("vae_step", "denoiser_step", "calibrated") if k in state}
 
 
-def _export(pipe, out: Path, state: dict, ema: list[torch.Tensor] | None, params: list[torch.nn.Parameter]) -> None:
-    """Save the pipeline with the averaged weights (fp16 safetensors) to out/pipeline, then restore the raw ones."""
-    raw = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        if ema is not None:
-            for p, e in zip(params, ema):
-                p.copy_(e)
-        target = out / "pipeline"
-        tmp = out / "pipeline.tmp"
-        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        pipe.to(torch.float32)
-        for p, r in zip(params, raw):
-            p.copy_(r)
-    (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
-
-
 def train_shapes_video(
     out: Path, config: ShapesVideoTrainingConfig | None = None, *, resume: bool = True, init_from: Path | None = None
 ) -> dict[str, Any]:
@@ -199,11 +178,8 @@ def train_shapes_video(
 
     def save() -> None:
         log.flush()
-        tmp = checkpoint.with_suffix(".tmp")
-        models = {n: getattr(pipe, n).state_dict() for n in ("vae", "transformer", "text_encoder")}
-        optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
-        torch.save({"state": state, "models": models, "optimizers": optimizer_states, "ema": ema}, tmp)
-        tmp.replace(checkpoint)  # a crash never leaves a half-written checkpoint
+        models = {n: getattr(pipe, n) for n in ("vae", "transformer", "text_encoder")}
+        save_checkpoint(checkpoint, models, optimizers, state, ema)
 
     base = config.seed * 10**7
     vae.train()
@@ -254,6 +230,8 @@ def train_shapes_video(
             save()
     save()
     if state["calibrated"]:
-        _export(pipe, out, {k: v for k, v in state.items() if k != "config"}, ema, denoiser_params)
+        export_pipeline(
+            pipe, out / "pipeline", {k: v for k, v in state.items() if k != "config"}, ema, denoiser_params
+        )
     log.file.close()
     return state
