@@ -30,7 +30,9 @@ from diffattn.generation import (
     default_steps,
     generate,
     is_video_pipeline,
+    radial_defaults,
 )
+from diffattn.judge import clip_verdict
 from diffattn.limits import Limits
 from diffattn.methods.agent_attention import AgentAttentionConfig
 from diffattn.methods.attention_maps import render_token_map
@@ -38,8 +40,9 @@ from diffattn.methods.radial_attention import RadialAttentionConfig
 from diffattn.methods.radial_mask import BLOCK_SIZES
 from diffattn.methods.structured_guidance import StructuredGuidanceConfig
 from diffattn.outputs import result_files
-from diffattn.presets import DEFAULT_PRESET, PRESETS
+from diffattn.presets import DEFAULT_PRESET, DEFAULT_VIDEO_PRESET, PRESETS
 from diffattn.request import GenerationRequest
+from diffattn.video_metrics import psnr
 
 
 @dataclass
@@ -55,7 +58,7 @@ class ServerSettings:
 
 
 SETTINGS = ServerSettings()
-RADIAL = RadialAttentionConfig()  # the UI's radial defaults are the library's
+RADIAL = RadialAttentionConfig()  # the library's radial defaults (a preset may carry its own: radial_defaults)
 AGENT = AgentAttentionConfig()
 TOME = AgentAttentionConfig.tome()
 IMAGE_PRESETS = [name for name, p in PRESETS.items() if p.kind == "image"]
@@ -300,7 +303,7 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
     video = _is_video(model)
     if video:
         variants = [PLAIN, "radial attention"]
-        extra = [{}, radial_fields(True, RADIAL.decay_factor, 1, RADIAL.dense_layers, min(BLOCK_SIZES))]
+        extra = [{}, {"radial": _compare_radial(model)}]
     else:
         variants = [PLAIN, *[m for m in IMAGE_METHODS if m in (methods or [])]]
         extra = [method_fields(m, subjects) for m in variants]
@@ -325,20 +328,26 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
     table += "\n\n" + _request_line(requests[0], plain_seconds)
     dense_video = radial_video = mask = None
     if video:
-        dense_video = _video_file(results[0][1], f"{Path(model).name}-dense")
-        radial_video = _video_file(results[1][1], f"{Path(model).name}-radial")
-        mask = results[1][1].radial_mask
-        density = results[1][1].radial_density
+        dense, radial = results[0][1], results[1][1]
+        dense_video = _video_file(dense, f"{Path(model).name}-dense")
+        radial_video = _video_file(radial, f"{Path(model).name}-radial")
+        mask = radial.radial_mask
+        density = radial.radial_density
         config = requests[1].radial
         table += (
             f"\n\nradial settings: decay factor {config.decay_factor:g}, dense first steps {config.dense_timesteps}, "
             f"dense first layers {config.dense_layers}, block {config.block_size}"
         )
         table += (
-            f"\n\nradial attention: mask density **{density:.1%}**, speedup **{plain_seconds / results[1][2]:.2f}x**"
+            f"\n\nradial attention: mask density **{density:.1%}**, speedup **{plain_seconds / results[1][2]:.2f}x**, "
+            f"PSNR against dense **{psnr(radial.frames, dense.frames):.1f} dB** (same noise)"
             if density is not None
             else "\n\nradial attention: every step ran dense (dense steps >= steps)"
         )
+        for name, result in (("dense", dense), ("radial", radial)):
+            verdict = clip_verdict(result.frames, prompt or "")
+            if verdict is not None:
+                table += f"\n\njudge, {name}: {verdict}"
     archive = _zip([(f"{i:02d}-{name.replace(' ', '-')}", r) for i, (name, r, _) in enumerate(results)])
     return (
         gr.update(value=gallery, visible=not video),
@@ -488,6 +497,22 @@ def _compare_defaults(model: str):
     return gr.update(value=default_steps(model) if model in PRESETS else None), gr.update(value=frames, visible=video)
 
 
+def _compare_radial(model: str) -> RadialAttentionConfig:
+    """Radial settings of the Compare tab: the model's own (a preset's), else the library's with one dense step and
+    the smallest block, so a short clip is still sparse."""
+    if model in PRESETS and PRESETS[model].radial is not None:
+        return radial_defaults(model)
+    return RadialAttentionConfig(dense_timesteps=1, block_size=min(BLOCK_SIZES))
+
+
+def _radial_controls(model: str):
+    """Video tab: the radial sliders at the model's radial defaults."""
+    config = radial_defaults(model)
+    return (gr.update(value=config.decay_factor), gr.update(value=config.dense_timesteps),
+            gr.update(value=config.dense_layers), gr.update(value=config.block_size),
+            gr.update(value=config.dense_neighbor_frames))  # fmt: skip
+
+
 def _random_seed() -> int:
     return random.randrange(0, 2**31)
 
@@ -547,8 +572,11 @@ EXAMPLES = [
      "IR-Diffusion keeps both subjects: plain draws one red square, IR-Diffusion a red circle and a blue square"),
     ("tiny-sd", "a red car and a white sheep", 0, ["AgentSD", "ToMe"], "", None,
      "AgentSD and ToMe: the time column (random weights: the pictures are noise)"),
+    ("shapes-wan", "a red circle moving right", 0, [], "", 33,
+     "radial attention on a trained video model: dense and radial side by side, the PSNR between them, the mask, "
+     "its density and the judge's reading of both videos"),
     ("tiny-wan", "a boat at sea", 0, [], "", 33,
-     "radial attention on 33 frames: the mask, its density and the speedup over dense (random weights)"),
+     "radial attention on 33 frames of a Wan-shaped model with random weights: the mask, its density, the speedup"),
     ("shapes-sd", "a green star and a yellow triangle", 3, ["structured guidance", "A-STAR", "Attend-and-Excite"], "",
      None, "the latent and cross-attention editors; on this small model they change little (README: compositional "
      "benchmark)"),
@@ -567,8 +595,9 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
         gr.Markdown(
             "# diffattn\nSee what an attention method does to your prompt. `shapes-sd` is a small model trained by "
             "diffattn on coloured-shape scenes (*a red circle and a blue square*); the judge below each image says "
-            "which shapes and colours it finds. The `tiny-*` presets have random weights (noise-like pictures, "
-            "real timings)."
+            "which shapes and colours it finds. `shapes-wan` is a small video model trained by diffattn on moving "
+            "shapes (*a red circle moving right*): Compare shows its dense and radial videos side by side. The "
+            "`tiny-*` presets have random weights (noise-like pictures, real timings)."
         )
         with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
             with gr.Row():
@@ -665,12 +694,13 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                            [i_steps, i_height, i_width, i_guidance])  # fmt: skip
 
         with gr.Tab("Video", id="video", elem_id="tab-video"):
-            video_first = VIDEO_PRESETS[0]
+            video_first = DEFAULT_VIDEO_PRESET
+            video_radial = radial_defaults(video_first)
             with gr.Row():
                 with gr.Column(scale=2):
                     v_model = gr.Dropdown(VIDEO_PRESETS + list(SETTINGS.models), value=video_first,
                                           allow_custom_value=custom, label="Model")  # fmt: skip
-                    v_prompt = gr.Textbox(value="a boat at sea", label="Prompt", lines=2)
+                    v_prompt = gr.Textbox(value=PRESETS[video_first].demo_prompt, label="Prompt", lines=2)
                     v_seed = _seed_row()
                     v_steps = gr.Number(value=default_steps(video_first), precision=0, label="Steps")
                     v_frames = gr.Number(value=PRESETS[video_first].call_defaults.get("num_frames"), precision=0,
@@ -681,15 +711,15 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                         v_width = gr.Number(value=PRESETS[video_first].call_defaults.get("width"), precision=0,
                                             label="Width")  # fmt: skip
                     v_radial = gr.Checkbox(value=True, label="Radial attention")
-                    v_decay = gr.Slider(0.05, 2.0, value=RADIAL.decay_factor, step=0.05, label="Decay factor",
+                    v_decay = gr.Slider(0.05, 2.0, value=video_radial.decay_factor, step=0.05, label="Decay factor",
                                         info=HELP["decay"])  # fmt: skip
-                    v_dense_steps = gr.Slider(0, 50, value=RADIAL.dense_timesteps, step=1, label="Dense first steps",
+                    v_dense_steps = gr.Slider(0, 50, value=video_radial.dense_timesteps, step=1, label="Dense first steps",
                                               info=HELP["dense_steps"])  # fmt: skip
-                    v_dense_layers = gr.Slider(0, 8, value=RADIAL.dense_layers, step=1, label="Dense first layers",
+                    v_dense_layers = gr.Slider(0, 8, value=video_radial.dense_layers, step=1, label="Dense first layers",
                                                info=HELP["dense_layers"])  # fmt: skip
-                    v_block = gr.Radio(list(BLOCK_SIZES), value=RADIAL.block_size, label="Block size",
+                    v_block = gr.Radio(list(BLOCK_SIZES), value=video_radial.block_size, label="Block size",
                                        info=HELP["block"])  # fmt: skip
-                    v_neighbors = gr.Slider(0, 4, value=RADIAL.dense_neighbor_frames, step=1,
+                    v_neighbors = gr.Slider(0, 4, value=video_radial.dense_neighbor_frames, step=1,
                                             label="Whole neighbour frames", info=HELP["neighbors"])  # fmt: skip
                     with gr.Row():
                         v_run = gr.Button("Generate", variant="primary", elem_id="video-run")
@@ -707,6 +737,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                  [v_video, v_mask, v_info, v_zip], "video", v_info)  # fmt: skip
             v_model.change(_preset_defaults("num_frames", "height", "width"), v_model,
                            [v_steps, v_frames, v_height, v_width])  # fmt: skip
+            v_model.change(_radial_controls, v_model, [v_decay, v_dense_steps, v_dense_layers, v_block, v_neighbors])
 
         with gr.Tab("Examples", id="examples", elem_id="tab-examples"):
             gr.Markdown(

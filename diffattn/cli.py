@@ -13,12 +13,13 @@ Bad arguments print one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from .methods.radial_mask import BLOCK_SIZES
-from .presets import DEFAULT_PRESET, PRESETS
+from .presets import DEFAULT_PRESET, DEFAULT_VIDEO_PRESET, PRESETS
 
 
 EXIT_USAGE = 2
@@ -107,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         "-m",
-        default=DEFAULT_PRESET,
-        help=f"preset ({', '.join(PRESETS)}), local folder or hub id (default: {DEFAULT_PRESET})",
+        default=None,
+        help=f"preset ({', '.join(PRESETS)}), local folder or hub id (default: {DEFAULT_PRESET}; "
+        f"{DEFAULT_VIDEO_PRESET} with --radial or --num-frames)",
     )
     gen.add_argument("--prompt", "-p", default=None, help="text prompt (required unless --request)")
     gen.add_argument("--request", type=Path, default=None, metavar="JSON",
@@ -228,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decay-factor", type=float, default=1.0, help="radial band width factor (default 1.0)")
     train.add_argument("--dense-layers", type=_nonnegative_int, default=0, help="first layers kept dense (0)")
     train.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=128, help="kernel tile (128)")
+    train.add_argument("--dense", action="store_true",
+                       help="train with dense attention instead (the baseline radial LoRAs are compared with)")  # fmt: skip
 
     shapes = sub.add_parser(
         "train-shapes",
@@ -256,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--denoiser-steps", type=_nonnegative_int, default=20000, help="transformer steps (20000)")
     video.add_argument("--batch-size", type=_positive_int, default=16, help="clips per transformer step (16)")
     video.add_argument("--vae-batch-size", type=_positive_int, default=8, help="clips per autoencoder step (8)")
+    video.add_argument("--vae-frames", type=_positive_int, default=9, help="frames of an autoencoder clip (4k+1; 9)")
+    video.add_argument("--vae-crop", type=_positive_int, default=64,
+                       help="side of the seeded window the autoencoder trains on (64: whole frames)")  # fmt: skip
+    video.add_argument("--lr", type=float, default=3e-4, help="transformer + text encoder learning rate (3e-4)")
 
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
@@ -300,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
 
             config = ShapesVideoTrainingConfig(
                 vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
-                vae_batch_size=args.vae_batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                device=args.device, max_minutes=args.max_minutes,
+                vae_batch_size=args.vae_batch_size, vae_frames=args.vae_frames, vae_crop=args.vae_crop, lr=args.lr,
+                seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
+                max_minutes=args.max_minutes,
             )  # fmt: skip
             state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from)
             print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, denoiser step {state['denoiser_step']})")
@@ -374,9 +383,14 @@ def _train_lora(args: argparse.Namespace) -> int:
     from .methods.radial_attention import RadialAttentionConfig
     from .training import train_radial_lora
 
-    radial = RadialAttentionConfig(
-        dense_layers=args.dense_layers, dense_timesteps=0, decay_factor=args.decay_factor, block_size=args.block_size
-    )
+    radial = None
+    if not args.dense:
+        radial = RadialAttentionConfig(
+            dense_layers=args.dense_layers,
+            dense_timesteps=0,
+            decay_factor=args.decay_factor,
+            block_size=args.block_size,
+        )
     summary = train_radial_lora(
         args.model,
         args.data,
@@ -389,6 +403,7 @@ def _train_lora(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         radial=radial,
+        dense=args.dense,
         seed=args.seed,
         device=args.device,
         overwrite=args.overwrite,
@@ -443,16 +458,24 @@ _RADIAL_FLAGS = {
 }
 
 
-def radial_config_from_args(args: argparse.Namespace):
-    """A RadialAttentionConfig from the --radial flags (None without --radial; flags alone are an error)."""
-    from .methods.radial_attention import RadialAttentionConfig
+def radial_config_from_args(args: argparse.Namespace, model: str):
+    """A RadialAttentionConfig from the --radial flags over `model`'s radial defaults (None without --radial; flags
+    alone are an error)."""
+    from .generation import radial_defaults
 
     given = {field: getattr(args, flag) for flag, field in _RADIAL_FLAGS.items() if getattr(args, flag) is not None}
     if not args.radial:
         if given:
             raise ValueError(f"radial options {sorted(given)} need --radial")
         return None
-    return RadialAttentionConfig(**given)
+    return dataclasses.replace(radial_defaults(model), **given)
+
+
+def model_from_args(args: argparse.Namespace) -> str:
+    """--model, else the default video model for a video request (--radial or --num-frames), else the image one."""
+    if args.model is not None:
+        return args.model
+    return DEFAULT_VIDEO_PRESET if args.radial or args.num_frames is not None else DEFAULT_PRESET
 
 
 def agent_config_from_args(args: argparse.Namespace):
@@ -530,8 +553,9 @@ def request_from_args(args: argparse.Namespace):
         return _recorded_request(args)
     if args.prompt is None:
         raise ValueError("--prompt is required (or --request with a recorded request)")
+    model = model_from_args(args)
     return GenerationRequest(
-        model=args.model,
+        model=model,
         prompt=args.prompt,
         seed=args.seed,
         negative_prompt=args.negative_prompt,
@@ -542,7 +566,7 @@ def request_from_args(args: argparse.Namespace):
         width=args.width,
         num_frames=args.num_frames,
         attention_maps=not args.no_maps,
-        radial=radial_config_from_args(args),
+        radial=radial_config_from_args(args, model),
         agent=agent_config_from_args(args),
         structured=structured_config_from_args(args),
         astar=args.astar,

@@ -112,6 +112,13 @@ def subject_segmenter(model: str):
     return PRESETS[model].segmenter if model in PRESETS else None
 
 
+def radial_defaults(model: str) -> RadialAttentionConfig:
+    """The radial settings a model runs with when a face names none: the preset's (shapes-wan: 16-token blocks,
+    its frames being 256 tokens), else the library's."""
+    preset = PRESETS.get(model)
+    return preset.radial if preset is not None and preset.radial is not None else RadialAttentionConfig()
+
+
 def generation_defaults(model: str) -> dict[str, Any]:
     """Call arguments a model is meant to run with: the preset's, or none for other models."""
     return dict(PRESETS[model].call_defaults) if model in PRESETS else {}

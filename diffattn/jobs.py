@@ -38,6 +38,7 @@ and the job goes on; `run_job` reports it and the CLI exits non-zero.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -50,7 +51,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .generation import cached_pipeline, check_request_limits, generate_batch
+from .generation import cached_pipeline, check_request_limits, generate_batch, radial_defaults
 from .job_store import (
     LOCK_FILE,
     RANK_FILE,
@@ -68,7 +69,6 @@ from .job_store import (
 from .limits import Limits
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.ir_diffusion import IRDiffusionConfig
-from .methods.radial_attention import RadialAttentionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import DEFAULT_PRESET
 from .request import ASTAR_LOSSES, GenerationRequest
@@ -136,8 +136,9 @@ class JobFileError(ValueError):
     """A job file that cannot run; the message names the file, the line and the key."""
 
 
-def _method_config(key: str, value: Any):
-    """The method config a line's `radial` / `agent` / `tome` / `structured` / `astar` value asks for (None: off)."""
+def _method_config(key: str, value: Any, model: str):
+    """The method config a line's `radial` / `agent` / `tome` / `structured` / `astar` value asks for (None: off);
+    `radial` fields go over the model's radial defaults."""
     if value is False or value is None:
         return None
     if key == "astar":
@@ -150,7 +151,7 @@ def _method_config(key: str, value: Any):
         raise ValueError(f"{key}={value!r} is not allowed: expected true or an object of config fields")
     try:
         if key == "radial":
-            return RadialAttentionConfig(**fields)
+            return dataclasses.replace(radial_defaults(model), **fields)
         if key == "agent":
             return AgentAttentionConfig(**fields)
         if key == "ir":
@@ -195,7 +196,7 @@ def _line_units(
         fields.setdefault("steps", defaults.steps)
         fields.setdefault("attention_maps", defaults.maps)
         check_bool("maps", fields["attention_maps"])
-        configs = {key: _method_config(key, line.get(key)) for key in _METHODS}
+        configs = {key: _method_config(key, line.get(key), fields["model"]) for key in _METHODS}
         if configs["agent"] is not None and configs["tome"] is not None:
             raise ValueError("agent and tome are alternatives: give one")
         for key, config in configs.items():

@@ -262,3 +262,18 @@ def judge_clip(frames: list[Image.Image], caption: str) -> list[TrackVerdict]:
             )  # fmt: skip
         )
     return verdicts
+
+
+def clip_verdict(frames: list[Image.Image], caption: str) -> str | None:
+    """What the judge finds of a clip's captioned objects, in words ("red circle in 97% of frames, moving right
+    (as captioned)"); None when the caption is not of the clip form ("a <colour> <shape> moving <direction>")."""
+    try:
+        verdicts = judge_clip(frames, caption)
+    except ValueError:
+        return None
+    parts = []
+    for v in verdicts:
+        moving = f"moving {v.found_direction}" if v.found_direction else "not moving"
+        mark = "as captioned" if v.moves_right else f"captioned {v.direction}"
+        parts.append(f"{v.color} {v.shape} in {v.present:.0%} of frames, {moving} ({mark})")
+    return "; ".join(parts)

@@ -5,7 +5,8 @@
 
 Each process loads the pipeline on its device and `transformer.enable_parallelism(ContextParallelConfig(...))`
 shards the sequence across them (Ulysses by default, ring with `ring=True`); radial attention follows the parallel
-config (see `diffattn.methods.radial_attention`). Every process runs the same call with the same seed; process 0
+config (see `diffattn.methods.radial_attention`). HunyuanVideo, for which diffusers has no plan, gets diffattn's
+(`adapters.hunyuan_video.hunyuan_video_cp_plan`: video sharded, text whole on every rank, Ulysses only). Every process runs the same call with the same seed; process 0
 writes the outputs.
 """
 
@@ -81,12 +82,47 @@ def enable_context_parallel(pipe: Any, degree: int, ring: bool = False, mesh: An
     denoisers = [
         d for d in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if d is not None
     ]
-    if not denoisers or any(getattr(d, "_cp_plan", None) is None for d in denoisers):
-        raise ValueError(f"{type(pipe).__name__} has no transformer with a context-parallel plan (_cp_plan)")
+    if not denoisers or any(getattr(d, "_cp_plan", None) is None and _own_plan(d) is None for d in denoisers):
+        raise ValueError(
+            f"{type(pipe).__name__} has no transformer with a context-parallel plan: diffusers has plans for Wan, "
+            "LTX-Video and others (_cp_plan), diffattn adds HunyuanVideo's; CogVideoX and Mochi have none"
+        )
     for denoiser in denoisers:
         if ring:
             config = ContextParallelConfig(ring_degree=degree)
         else:
             config = ContextParallelConfig(ulysses_degree=degree, mesh=mesh)
+        plan = None
+        if getattr(denoiser, "_cp_plan", None) is None:
+            plan = _install_own_plan(denoiser, ring)
         with _cpu_device_count():
-            denoiser.enable_parallelism(config=config)
+            denoiser.enable_parallelism(config=config, cp_plan=plan)
+
+
+def _own_plan(denoiser: Any):
+    """diffattn's context-parallel plan for a transformer diffusers has none for (HunyuanVideo), else None."""
+    return "hunyuan-video" if type(denoiser).__name__ == "HunyuanVideoTransformer3DModel" else None
+
+
+def _install_own_plan(denoiser: Any, ring: bool) -> dict:
+    """HunyuanVideo: its joint attention layers get the Ulysses processor its plan needs; returns the plan."""
+    from .adapters import HunyuanVideoAdapter, attention_processors, set_attention_processors
+    from .adapters.hunyuan_video import UlyssesHunyuanVideoProcessor, hunyuan_video_cp_plan
+    from .control import applied
+
+    name = type(denoiser).__name__
+    if ring:
+        raise ValueError(f"ring=True is not allowed for {name}: diffattn's plan for it is Ulysses only")
+    if getattr(denoiser.config, "image_condition_type", None) == "token_replace":
+        raise ValueError(f"{name} image-to-video (token_replace) has no context-parallel plan: its first frame is "
+                         "handled apart from the sharded tokens")  # fmt: skip
+    if applied(denoiser):
+        raise ValueError(
+            f"enable context parallelism on {name} before diffattn.apply: its plan installs the attention processors "
+            "the methods build on"
+        )
+    processors = attention_processors(denoiser)
+    for layer in HunyuanVideoAdapter(denoiser).attention_layers():
+        processors[layer.key] = UlyssesHunyuanVideoProcessor()
+    set_attention_processors(denoiser, processors)
+    return hunyuan_video_cp_plan()

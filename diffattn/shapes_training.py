@@ -317,7 +317,7 @@ def train_shapes(
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
     scheduler = components["scheduler"]
-    log = _LossLog(open(out / "train_log.jsonl", "a"), config.log_every)
+    log = _LossLog(open(out / "train_log.jsonl", "a" if resume else "w"), config.log_every)  # --fresh: a new log
 
     def out_of_time() -> bool:
         return deadline is not None and time.monotonic() > deadline

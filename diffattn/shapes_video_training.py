@@ -49,6 +49,7 @@ VAE_STREAM, DENOISER_STREAM, CALIBRATION_STREAM = 0, 5 * 10**6, 9 * 10**6
 class ShapesVideoTrainingConfig:
     vae_steps: int = 3000
     vae_frames: int = 9
+    vae_crop: int = 64
     vae_batch_size: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
@@ -69,6 +70,9 @@ class ShapesVideoTrainingConfig:
             check_int_range(name, getattr(self, name), 0)
         for name in ("vae_batch_size", "batch_size", "checkpoint_every", "log_every"):
             check_int_range(name, getattr(self, name), 1)
+        crop = check_int_range("vae_crop", self.vae_crop, 8, 64)
+        if crop % 4:
+            raise ValueError(f"vae_crop={crop} is not allowed: expected a multiple of 4 in [8, 64] (the VAE's 4x)")
         for name in ("vae_frames", "num_frames"):
             frames = check_int_range(name, getattr(self, name), 1)
             if (frames - 1) % 4:
@@ -109,6 +113,35 @@ def latent_statistics(vae, config: ShapesVideoTrainingConfig, device: torch.devi
     ]
     flat = torch.cat(latents).transpose(0, 1).flatten(1)  # [C, everything]
     return flat.mean(1).tolist(), flat.std(1).clamp_min(1e-6).tolist()
+
+
+def decode_unclamped(vae, latents: torch.Tensor) -> torch.Tensor:
+    """AutoencoderKLWan's decoding before its final clamp to [-1, 1]: [B, C, F', h, w] -> [B, 3, F, H, W].
+
+    The clamp zeroes the gradient of every pixel decoded past the range; an autoencoder whose early steps overshoot
+    white (most of a clip) then never learns the shapes. The decoder runs once per latent frame; a forward hook (public
+    torch API) collects its outputs, which diffusers concatenates and clamps.
+    """
+    if vae.config.patch_size is not None:
+        raise ValueError("decode_unclamped expects an AutoencoderKLWan without patch_size (Wan 2.1's layout)")
+    chunks: list[torch.Tensor] = []
+    hook = vae.decoder.register_forward_hook(lambda module, inputs, output: chunks.append(output))
+    try:
+        vae.decode(latents)
+    finally:
+        hook.remove()
+    return torch.cat(chunks, dim=2)
+
+
+def _random_crop(video: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """One seeded size x size window of every clip of `video` [B, C, F, H, W] (the autoencoder is convolutional:
+    windows teach it what whole frames do, at a fraction of the cost)."""
+    height, width = video.shape[-2:]
+    if size >= min(height, width):
+        return video
+    generator = torch.Generator().manual_seed(seed)
+    top, left = (int(torch.randint(0, limit - size + 1, (1,), generator=generator)) for limit in (height, width))
+    return video[..., top : top + size, left : left + size]
 
 
 def _normalised_latents(vae, video: torch.Tensor) -> torch.Tensor:
@@ -171,7 +204,7 @@ def train_shapes_video(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
-    log = _LossLog(open(out / "train_log.jsonl", "a"), config.log_every)
+    log = _LossLog(open(out / "train_log.jsonl", "a" if resume else "w"), config.log_every)  # --fresh: a new log
 
     def out_of_time() -> bool:
         return deadline is not None and time.monotonic() > deadline
@@ -187,10 +220,10 @@ def train_shapes_video(
         step = state["vae_step"]
         video, _ = clip_batch(base + VAE_STREAM + step * config.vae_batch_size, config.vae_batch_size,
                               config.vae_frames)  # fmt: skip
-        video = video.to(device)
+        video = _random_crop(video, config.vae_crop, base + VAE_STREAM + step).to(device)
         with autocast:
             posterior = vae.encode(video).latent_dist
-            reconstruction = vae.decode(posterior.sample(generator=None)).sample
+            reconstruction = decode_unclamped(vae, posterior.sample(generator=None))
         loss = torch.nn.functional.mse_loss(reconstruction.float(), video) + config.kl_weight * posterior.kl().mean()
         optimizers["vae"].zero_grad(set_to_none=True)
         loss.backward()

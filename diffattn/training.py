@@ -153,6 +153,7 @@ def train_radial_lora(
     width: int = 128,
     max_sequence_length: int = 64,
     radial: RadialAttentionConfig | None = None,
+    dense: bool = False,
     seed: int = 0,
     device: str | None = None,
     overwrite: bool = False,
@@ -161,8 +162,11 @@ def train_radial_lora(
     """Fine-tune LoRA adapters with radial attention active; save them to `out`. Returns a summary with the losses.
 
     `radial` defaults to RadialAttentionConfig(dense_layers=0, dense_timesteps=0) (sparse on every training
-    step). Refuses to replace existing adapters in `out` unless `overwrite`.
+    step); `dense=True` trains with the model's own dense attention instead (the baseline radial is measured
+    against). Refuses to replace existing adapters in `out` unless `overwrite`.
     """
+    if dense and radial is not None:
+        raise ValueError("dense=True trains with dense attention: pass no radial config with it")
     out = Path(out)
     if steps < 1 or rank < 1 or batch_size < 1:
         raise ValueError(f"steps={steps}, rank={rank}, batch_size={batch_size}: each must be an int >= 1")
@@ -179,8 +183,8 @@ def train_radial_lora(
     )
     transformer = pipe.transformer
     params = add_lora(transformer, rank)
-    radial = radial or RadialAttentionConfig(dense_layers=0, dense_timesteps=0)
-    handle = apply(transformer, radial)
+    radial = None if dense else radial or RadialAttentionConfig(dense_layers=0, dense_timesteps=0)
+    handle = apply(transformer, radial) if radial is not None else None
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     order = torch.Generator().manual_seed(seed + 1)
@@ -203,7 +207,8 @@ def train_radial_lora(
             logger.info("step %d loss %.5f", step, losses[-1])
     finally:
         transformer.eval()
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     _save(pipe, out, losses, radial, rank)
     return {"out": str(out), "steps": steps, "losses": losses, "examples": [e.name for e in examples]}
 
@@ -216,7 +221,7 @@ class _NullContext:
         return False
 
 
-def _save(pipe: Any, out: Path, losses: list[float], radial: RadialAttentionConfig, rank: int) -> None:
+def _save(pipe: Any, out: Path, losses: list[float], radial: RadialAttentionConfig | None, rank: int) -> None:
     from peft.utils import get_peft_model_state_dict
 
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +229,12 @@ def _save(pipe: Any, out: Path, losses: list[float], radial: RadialAttentionConf
     type(pipe).save_lora_weights(out, transformer_lora_layers=layers, safe_serialization=True)
     with open(out / "train_log.json", "w") as f:
         json.dump(
-            {"losses": losses, "radial": repr(radial), "rank": rank, "final_loss": losses[-1] if losses else math.nan},
+            {
+                "losses": losses,
+                "radial": repr(radial) if radial is not None else "dense",
+                "rank": rank,
+                "final_loss": losses[-1] if losses else math.nan,
+            },
             f,
             indent=2,
         )

@@ -18,7 +18,7 @@ def main() -> None:
 
     import diffattn
 
-    order = sys.argv[1]  # "apply-first" or "parallel-first"
+    order = sys.argv[1]  # "apply-first", "parallel-first" or "diffattn-plan"
     frames, height, width = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     name = sys.argv[5] if len(sys.argv) > 5 else "tiny-wan"
     if dist.get_rank() == 0:
@@ -29,22 +29,32 @@ def main() -> None:
     transformer = pipe.transformer
     config = diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64)
 
+    # HunyuanVideo's guidance_scale is an embedded (distilled) guidance; its classifier-free guidance is true_cfg_scale
+    cfg = {"negative_prompt": ["blurry", "dark"], "true_cfg_scale": 3.0} if "hunyuan" in name else {}
+
     def call():
         out = pipe(["a boat on the sea", "a dog"], num_inference_steps=3, num_frames=frames, height=height, width=width,
                    guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
-                   output_type="pt")  # fmt: skip
+                   output_type="pt", **cfg)  # fmt: skip
         return out.frames
 
     dense = call()
     single_handle = diffattn.apply(pipe, config)
     single = call()  # the single-process radial run: step 0 dense, steps 1-2 sparse
     single_handle.remove()
-    processors_before = dict(transformer.attn_processors)
     cp = ContextParallelConfig(ulysses_degree=dist.get_world_size())
-    if order == "apply-first":
+    if order == "diffattn-plan":  # a family diffusers has no plan for: diffattn.parallel installs its own
+        from diffattn.parallel import enable_context_parallel
+
+        enable_context_parallel(pipe, dist.get_world_size())
+        processors_before = dict(transformer.attn_processors)
+        handle = diffattn.apply(pipe, config)
+    elif order == "apply-first":
+        processors_before = dict(transformer.attn_processors)
         handle = diffattn.apply(pipe, config)
         transformer.enable_parallelism(config=cp)
     else:
+        processors_before = dict(transformer.attn_processors)
         transformer.enable_parallelism(config=cp)
         handle = diffattn.apply(pipe, config)
     parallel = call()
@@ -52,13 +62,14 @@ def main() -> None:
     layouts = sum(len(c.layouts) for c in method.caches.values())
     handle.remove()
     restored = all(transformer.attn_processors[k] is v for k, v in processors_before.items())
-    dense_parallel = call()  # the parallel model as it was: diffusers' own Ulysses path
+    dense_parallel = call()  # the parallel model as it was: its own Ulysses path
     report = {
         "rank": dist.get_rank(),
         "radial_vs_single": float((parallel - single).abs().max()),
         "radial_vs_dense": float((parallel - dense).abs().max()),
         "dense_after_remove": float((dense_parallel - dense).abs().max()),
         "layouts": layouts,
+        "processors": sorted({type(p).__name__ for p in transformer.attn_processors.values()}),
         "restored": restored,
     }
     print("REPORT " + json.dumps(report), flush=True)

@@ -202,3 +202,23 @@ def test_demo_writes_report_with_every_preset(tmp_path, capsys):
         assert all(any(f.endswith("-attention.png") for f in cell["files"]) for cell in editing[method]["images"])
     assert main(["demo", "--out", str(tmp_path), "--steps", "1", "--presets", "tiny-sd"]) == 0
     assert len(list(tmp_path.glob("run-*"))) == 2  # an earlier run is kept
+
+
+def test_video_requests_default_to_the_trained_video_model_and_its_radial_settings():
+    from diffattn.cli import build_parser, request_from_args
+    from diffattn.methods.radial_attention import RadialAttentionConfig
+    from diffattn.presets import DEFAULT_PRESET, DEFAULT_VIDEO_PRESET
+
+    def request(*argv):
+        return request_from_args(build_parser().parse_args(["generate", "-p", "a red circle moving right", *argv]))
+
+    assert request().model == DEFAULT_PRESET == "shapes-sd"
+    assert request("--num-frames", "33").model == DEFAULT_VIDEO_PRESET == "shapes-wan"
+    radial = request("--radial").radial
+    assert request("--radial").model == "shapes-wan" and radial == PRESETS["shapes-wan"].radial
+    assert radial.block_size == 16  # 256-token frames: the library's 128-token blocks would be two a frame
+    # flags go over the model's settings; another model gets the library's
+    assert request("--radial", "--decay-factor", "0.5").radial == RadialAttentionConfig(
+        **{**vars(PRESETS["shapes-wan"].radial), "decay_factor": 0.5}
+    )
+    assert request("-m", "tiny-wan", "--radial").radial == RadialAttentionConfig()

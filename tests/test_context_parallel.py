@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffattn.methods.radial_attention import _ulysses_group
+from diffattn.adapters.ulysses import ulysses_group
 
 
 WORKER = Path(__file__).parent / "cp_radial_worker.py"
@@ -20,6 +20,8 @@ WORKER = Path(__file__).parent / "cp_radial_worker.py"
     [
         ("apply-first", ["33", "128", "128", "tiny-wan"]),
         ("parallel-first", ["33", "128", "128", "tiny-wan"]),
+        # joint attention ([video | text], text padding masked): diffattn's plan, the text whole on every rank
+        ("diffattn-plan", ["33", "128", "128", "tiny-hunyuan-video"]),
     ],
 )
 def test_radial_under_ulysses_equals_the_single_process_run(order, geometry):
@@ -37,14 +39,40 @@ def test_radial_under_ulysses_equals_the_single_process_run(order, geometry):
         assert (
             report["restored"] and report["dense_after_remove"] <= 1e-6
         )  # remove leaves the parallel model as it was
+        if order == "diffattn-plan":  # its dense path is diffattn's Ulysses processor, kept after remove
+            assert "UlyssesHunyuanVideoProcessor" in report["processors"]
+
+
+@pytest.mark.parametrize("name", ["tiny-cogvideox", "tiny-mochi"])
+def test_families_without_a_plan_are_refused_clearly(name):
+    import diffattn
+    from diffattn.parallel import enable_context_parallel
+
+    with pytest.raises(ValueError, match="has no transformer with a context-parallel plan.*CogVideoX and Mochi"):
+        enable_context_parallel(diffattn.load_pipeline(name), 2)
+
+
+def test_hunyuan_video_plan_goes_before_apply_and_is_ulysses_only():
+    import diffattn
+    from diffattn.parallel import enable_context_parallel
+
+    pipe = diffattn.load_pipeline("tiny-hunyuan-video")
+    with pytest.raises(ValueError, match="ring=True is not allowed for HunyuanVideoTransformer3DModel"):
+        enable_context_parallel(pipe, 2, ring=True)
+    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig())
+    before = dict(pipe.transformer.attn_processors)
+    with pytest.raises(ValueError, match="before diffattn.apply"):
+        enable_context_parallel(pipe, 2)
+    assert pipe.transformer.attn_processors == before and pipe.transformer._parallel_config is None
+    handle.remove()
 
 
 def test_ring_context_parallelism_is_refused_clearly():
     ring = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
     with pytest.raises(ValueError, match="ring context parallelism \\(ring_degree=2\\) is not supported"):
-        _ulysses_group(ring)
-    assert _ulysses_group(None) is None
-    assert _ulysses_group(SimpleNamespace(context_parallel_config=None)) is None
+        ulysses_group(ring)
+    assert ulysses_group(None) is None
+    assert ulysses_group(SimpleNamespace(context_parallel_config=None)) is None
 
 
 def test_the_command_line_generates_one_video_across_processes(tmp_path):

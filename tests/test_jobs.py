@@ -296,3 +296,19 @@ def test_a_video_unit_is_written_as_mp4_through_the_transaction(tmp_path):
     assert read_manifests(out)["boat-seed0"]["files"] == ["boat-seed0.mp4"]
     assert iio.imread(out / "boat-seed0.mp4").shape[0] == 9  # the preset's 9 frames
     assert sorted(p.name for p in out.iterdir()) == ["boat-seed0.mp4", "manifest-rank0.jsonl"]
+
+
+def test_a_job_lines_radial_fields_go_over_the_models_radial_settings(tmp_path):
+    from diffattn.methods.radial_attention import RadialAttentionConfig
+
+    job = tmp_path / "job.jsonl"
+    job.write_text(
+        '{"model": "shapes-wan", "prompt": "a red circle moving right", "radial": true}\n'
+        '{"model": "shapes-wan", "prompt": "a red circle moving right", "radial": {"decay_factor": 0.5}}\n'
+        '{"model": "tiny-wan", "prompt": "a boat", "radial": true}\n'
+    )
+    units = read_job(job)
+    preset = PRESETS["shapes-wan"].radial
+    assert units[0].request.radial == preset
+    assert units[1].request.radial == RadialAttentionConfig(**{**vars(preset), "decay_factor": 0.5})
+    assert units[2].request.radial == RadialAttentionConfig()

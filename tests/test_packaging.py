@@ -30,6 +30,10 @@ def test_wheel_ships_kernels_and_pipelines_inside_diffattn(wheel):
     for part in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                  "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json"):  # fmt: skip
         assert f"diffattn/presets/shapes_sd/{part}" in shipped
+    video = {n for n in names if n.startswith("diffattn/presets/shapes_wan/")}
+    for part in ("model_index.json", "transformer/diffusion_pytorch_model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):  # fmt: skip
+        assert f"diffattn/presets/shapes_wan/{part}" in video
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "diffattn = diffattn.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -89,3 +89,43 @@ class HunyuanVideoJointAttnProcessor:
         if getattr(attn, "to_add_out", None) is not None:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
+
+
+def hunyuan_video_cp_plan() -> dict:
+    """A context-parallel plan for HunyuanVideo (diffusers has none): the video tokens are split across ranks at the
+    first dual-stream block (with their rotary embeddings), the text stays whole on every rank, the output is
+    gathered at `proj_out`. Its attention layers must run `UlyssesHunyuanVideoProcessor` (or radial attention over
+    it): diffusers' own Ulysses path would count the replicated text once per rank.
+
+    The text cannot be split like the video: the attention mask marks padding by its position in the whole text.
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return {
+        "rope": {
+            0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+            1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+        },
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+class UlyssesHunyuanVideoProcessor(HunyuanVideoJointAttnProcessor):
+    """HunyuanVideo's attention under Ulysses context parallelism with `hunyuan_video_cp_plan` (each rank: its video
+    shard and the whole text; see `ulysses.ulysses_joint_attention`); without a parallel config, the plain one."""
+
+    _parallel_config = None  # set by `enable_parallelism`, or by whoever installs this processor afterwards
+
+    def attend(self, attn, query, key, value, num_video: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+        from .ulysses import ulysses_group, ulysses_joint_attention
+
+        group = ulysses_group(self._parallel_config)
+        if group is None:
+            return sdpa_bnhd(query, key, value, key_mask)
+        # key_mask spans [all video | text]: the transformer builds it before the plan splits the video
+        return ulysses_joint_attention(
+            query, key, value, num_video, group, lambda q, k, v: sdpa_bnhd(q, k, v, key_mask)
+        )  # fmt: skip

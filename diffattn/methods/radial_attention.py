@@ -30,6 +30,7 @@ from ..adapters import (
     WanSelfAttnProcessor,
     attention_processors,
 )
+from ..adapters.ulysses import all_to_all, check_heads, ulysses_group, ulysses_joint_attention
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import BACKENDS, BlockSparseLayout, block_sparse_attention, merge_attention_outputs
 from ..state import DenoiserState
@@ -196,42 +197,6 @@ def radial_joint_attention(
     return out.transpose(1, 2)
 
 
-def _ulysses_group(parallel_config: Any):
-    """The process group of Ulysses context parallelism in diffusers' parallel config (None: no context parallelism).
-
-    diffusers keeps the group's mesh in the private `ContextParallelConfig._ulysses_mesh` (set up by
-    `enable_parallelism`); isolated here so a diffusers upgrade breaks in one place.
-    """
-    cp = getattr(parallel_config, "context_parallel_config", None)
-    if cp is None:
-        return None
-    if cp.ring_degree > 1:
-        raise ValueError(
-            f"radial attention under ring context parallelism (ring_degree={cp.ring_degree}) is not supported: a ring "
-            "passes every key block around, the mask's sparsity saves nothing there; use "
-            "ContextParallelConfig(ulysses_degree=N)"
-        )
-    return cp._ulysses_mesh.get_group() if cp.ulysses_degree > 1 else None
-
-
-def _all_to_all(x: torch.Tensor, group, scatter_heads: bool) -> torch.Tensor:
-    """Ulysses' exchange. scatter_heads: [B, N/P, H, D] (this rank's tokens, all heads) -> [B, N, H/P, D] (all
-    tokens, this rank's heads); else the inverse. Token shards are in rank order, as diffusers splits them."""
-    import torch.distributed as dist
-
-    ranks = dist.get_world_size(group)
-    b, n, h, d = x.shape
-    if scatter_heads:
-        send = x.reshape(b, n, ranks, h // ranks, d).permute(2, 1, 0, 3, 4).contiguous()  # [P, N/P, B, H/P, D]
-    else:
-        send = x.reshape(b, ranks, n // ranks, h, d).permute(1, 2, 0, 3, 4).contiguous()  # [P, N/P, B, H, D]
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
-    if scatter_heads:  # received[p]: rank p's tokens, my heads
-        return received.permute(2, 0, 1, 3, 4).reshape(b, ranks * n, h // ranks, d)
-    return received.permute(2, 1, 0, 3, 4).reshape(b, n // ranks, ranks * h, d)  # received[p]: my tokens, p's heads
-
-
 class _Scheduled:
     """Mixin: sparse steps run the family processor with a radial `attend`; dense steps run the original object.
 
@@ -264,8 +229,12 @@ class _Scheduled:
             return self.original(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
+    # Under Ulysses: True for the families whose layers hold the whole sequence after the exchange (video only, or
+    # video then the whole text); CogVideoX (text first) and Mochi (valid text only) have no context-parallel plan.
+    context_parallel = True
+
     def _video_attention(self, query, key, value, video: slice, key_mask=None):
-        group = _ulysses_group(self._cp)
+        group = ulysses_group(self._cp)
         if group is None:
             layout = self.schedule.layout(video.stop - video.start, query.device)
             return radial_joint_attention(query, key, value, layout, video, key_mask, self.schedule.config.backend)
@@ -274,25 +243,31 @@ class _Scheduled:
     def _ulysses_attention(self, query, key, value, video: slice, key_mask, group):
         import torch.distributed as dist
 
+        if not self.context_parallel:
+            raise ValueError(f"radial attention under context parallelism is not supported for {type(self).__name__}")
         ranks = dist.get_world_size(group)
         state = self.schedule.state
         total = state.frames * state.height * state.width
-        if (video.start, video.stop) != (0, query.shape[1]) or key_mask is not None:
-            raise ValueError(
-                f"radial attention under context parallelism supports the families whose video self-attention holds "
-                f"no text tokens (Wan, LTX-Video); {type(self).__name__} holds text"
-            )
-        if query.shape[1] * ranks != total:
+        backend = self.schedule.config.backend
+        if video.start != 0:
+            raise ValueError(f"{type(self).__name__} under context parallelism: expected the video tokens first")
+        if video.stop * ranks != total:
             raise ValueError(
                 f"radial attention under context parallelism needs equal token shards: {total} video tokens over "
-                f"ulysses_degree={ranks} leave this rank {query.shape[1]}"
+                f"ulysses_degree={ranks} leave this rank {video.stop}"
             )
-        if query.shape[2] % ranks:
-            raise ValueError(f"ulysses_degree={ranks} must divide the attention heads ({query.shape[2]})")
-        q, k, v = (_all_to_all(t, group, scatter_heads=True) for t in (query, key, value))
-        layout = self.schedule.layout(total, q.device)
-        out = radial_joint_attention(q, k, v, layout, slice(0, total), None, self.schedule.config.backend)
-        return _all_to_all(out.contiguous(), group, scatter_heads=False)
+        check_heads(query.shape[2], group)
+        layout = self.schedule.layout(total, query.device)
+        if video.stop == query.shape[1] and key_mask is None:  # video only (Wan, LTX self-attention)
+            q, k, v = (all_to_all(t, group, scatter_heads=True) for t in (query, key, value))
+            out = radial_joint_attention(q, k, v, layout, slice(0, total), None, backend)
+            return all_to_all(out.contiguous(), group, scatter_heads=False)
+        # this rank's video shard, then the whole text (HunyuanVideo under hunyuan_video.HUNYUAN_VIDEO_CP_PLAN);
+        # key_mask already spans [all video | text]
+        return ulysses_joint_attention(
+            query, key, value, video.stop, group,
+            lambda q, k, v: radial_joint_attention(q, k, v, layout, slice(0, total), key_mask, backend),
+        )  # fmt: skip
 
 
 # Each family keeps an explicit __call__ signature: legacy `Attention` drops keyword arguments a processor's
@@ -322,6 +297,8 @@ class RadialHunyuanVideoProcessor(_Scheduled, HunyuanVideoJointAttnProcessor):
 class RadialCogVideoXProcessor(_Scheduled, CogVideoXJointAttnProcessor):
     """Radial attention on CogVideoX's joint attention ([text | video])."""
 
+    context_parallel = False
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
@@ -341,6 +318,8 @@ class RadialLTXVideoProcessor(_Scheduled, LTXVideoSelfAttnProcessor):
 
 class RadialMochiProcessor(_Scheduled, MochiJointAttnProcessor):
     """Radial attention on Mochi's joint attention ([video | valid text]; padded text outputs are zero)."""
+
+    context_parallel = False
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
         return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)

@@ -1,12 +1,13 @@
-"""Offline presets: `shapes-sd`, a small model diffattn trains itself (shipped in the package), and tiny pipelines
-built from configs with seeded random weights.
+"""Offline presets: `shapes-sd` and `shapes-wan`, small models diffattn trains itself (shipped in the package), and
+tiny pipelines built from configs with seeded random weights.
 
 Nothing can be downloaded in tests, CI or `make demo`, so each preset is built once from its config, saved with
 `save_pretrained` (safetensors) under `$DIFFATTN_CACHE/presets/` (default `~/.cache/diffattn`), and from then on
 always loaded with `from_pretrained` from there: the same loading code a real model id goes through.
 The tiny presets' weights are random, so their outputs are noise-like; the structure (attention layers, patching,
 rotary embeddings, text layout) is what the methods need and what they keep. `shapes-sd` (`diffattn train-shapes`,
-see `diffattn.shapes_training`) draws real pictures of coloured shapes, so the editing methods show real effects.
+see `diffattn.shapes_training`) draws real pictures of coloured shapes, so the editing methods show real effects;
+`shapes-wan` (`diffattn train-shapes-video`) draws moving shapes, so radial attention's cost in quality is visible.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..judge import describe, subject_mask
+from ..methods.radial_attention import RadialAttentionConfig
 from .image import build_tiny_sd, build_tiny_sdxl
 from .video import (
     build_tiny_cogvideox,
@@ -54,6 +56,7 @@ class Preset:
     segmenter: Callable[[Any, str], Any] | None = None
     # describe(image) -> what a judge sees in it, in words (None: no judge for this model's pictures)
     describe: Callable[[Any], str] | None = None
+    radial: RadialAttentionConfig | None = None  # the radial settings this model runs with (None: the library's)
 
 
 SHIPPED = Path(__file__).parent
@@ -73,6 +76,20 @@ PRESETS: dict[str, Preset] = {
             demo_prompt="a red circle and a blue square",
             segmenter=subject_mask,
             describe=describe,
+        ),
+        Preset(
+            "shapes-wan",
+            "video",
+            "wan",
+            "a real Wan-architecture text-to-video model trained by diffattn on moving coloured shapes "
+            "(33 frames of 64x64 px, 9x16x16 latent tokens)",
+            None,
+            {"height": 64, "width": 64, "num_frames": 33, "guidance_scale": 5.0, "max_sequence_length": 32},
+            steps=20,
+            shipped="shapes_wan",
+            demo_prompt="a red circle moving right",
+            # 16-token blocks: a frame is 16 blocks, so the band is resolved; a quarter of the steps dense, as upstream
+            radial=RadialAttentionConfig(block_size=16, decay_factor=0.25, dense_timesteps=5, dense_layers=0),
         ),
         Preset(
             "tiny-sd",
@@ -134,6 +151,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 DEFAULT_PRESET = "shapes-sd"  # the default image model: trained, so methods show real effects
+DEFAULT_VIDEO_PRESET = "shapes-wan"  # the default video model: trained, so dense and radial videos can be compared
 
 
 def cache_dir() -> Path:

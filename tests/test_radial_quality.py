@@ -1,0 +1,134 @@
+"""The radial quality benchmark's parts against hand computations: PSNR/SSIM, the equal-density baselines, the
+attention-energy tables."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffattn.methods.radial_mask import radial_block_mask
+from diffattn.video_metrics import PSNR_CAP, psnr, ssim
+
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import radial_quality as rq  # noqa: E402
+
+
+def _video(seed: int, frames: int = 2, size: int = 16) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(frames)]
+
+
+def test_psnr_against_hand_values():
+    a = [np.full((16, 16, 3), 100, np.uint8), np.full((16, 16, 3), 50, np.uint8)]
+    b = [np.full((16, 16, 3), 105, np.uint8), np.full((16, 16, 3), 50, np.uint8)]
+    # frame 1: MSE 25 -> 10 log10(65025 / 25); frame 2 identical -> the cap
+    assert psnr(a, b) == pytest.approx((10 * math.log10(255**2 / 25) + PSNR_CAP) / 2)
+    with pytest.raises(ValueError, match="cannot be compared"):
+        psnr(a, b[:1])
+
+
+def test_ssim_of_constant_frames_is_the_luminance_term():
+    # constant frames: variances and covariance are 0, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    a, b = [np.full((16, 16, 3), 100, np.uint8)], [np.full((16, 16, 3), 140, np.uint8)]
+    c1 = (0.01 * 255) ** 2
+    assert ssim(a, b) == pytest.approx((2 * 100 * 140 + c1) / (100**2 + 140**2 + c1), rel=1e-9)
+    assert ssim(a, a) == pytest.approx(1.0)
+
+
+def test_ssim_against_a_windowed_loop():
+    a, b = _video(0, frames=1, size=13), _video(1, frames=1, size=13)
+    x = np.arange(11) - 5.0
+    g = np.exp(-(x**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for c in range(3):
+        for i in range(3):
+            for j in range(3):
+                pa = a[0][i : i + 11, j : j + 11, c].astype(float)
+                pb = b[0][i : i + 11, j : j + 11, c].astype(float)
+                ma, mb = (w * pa).sum(), (w * pb).sum()
+                va, vb = (w * pa * pa).sum() - ma**2, (w * pb * pb).sum() - mb**2
+                cov = (w * pa * pb).sum() - ma * mb
+                values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    assert ssim(a, b) == pytest.approx(float(np.mean(values)), rel=1e-9)
+
+
+GEOMETRY = (9, 256)  # shapes-wan: 9 latent frames of 16x16 tokens
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_baselines_have_exactly_the_radial_block_count(block):
+    radial = radial_block_mask(*GEOMETRY, block_size=block, decay_factor=0.25)
+    masks = rq.baseline_masks(radial, *GEOMETRY, block, sink_frames=1)
+    for name, mask in masks.items():
+        assert mask.shape == radial.shape, name
+        assert int(mask.sum()) == int(radial.sum()), name
+        assert not torch.equal(mask, radial), name
+
+
+def test_baseline_structures():
+    block, (frames, per_frame) = 16, GEOMETRY
+    per = per_frame // block
+    radial = radial_block_mask(frames, per_frame, block_size=block, decay_factor=0.25)
+    count = int(radial.sum())
+    index = torch.arange(frames * per)
+    qf, kf = (index // per)[:, None], (index // per)[None, :]
+    offset = ((index % per)[:, None] - (index % per)[None, :]).abs()
+    distance = (qf - kf).abs()
+
+    random = rq.random_block_mask(frames, per_frame, block, count, sink_frames=1)
+    assert random.diagonal().all() and random[:, :per].all()  # diagonal and the sink frame's key blocks
+
+    local = rq.local_window_mask(frames, per_frame, block, count)
+    widest = int(offset[local].max())
+    assert local[offset < widest].all()  # every frame pair has the same full band below the top-up offset
+    assert not local[offset > widest].any()
+    inside = local[offset == widest].float().mean()
+    assert 0 < inside <= 1
+
+    temporal = rq.temporal_band_mask(frames, per_frame, block, count)
+    reach = int(distance[temporal].max())
+    assert temporal[distance < reach].all() and not temporal[distance > reach].any()
+
+
+def test_energy_recorder_against_explicit_sums():
+    frames, height, width, heads, dim = 3, 2, 3, 2, 4
+    n = frames * height * width
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, n, heads, dim, generator=generator)
+    k = torch.randn(1, n, heads, dim, generator=generator)
+    recorder = rq.EnergyRecorder(frames, height, width, stride=1)
+    recorder.record(q, k)
+    tables = recorder.tables()
+    probs = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / dim**0.5, -1).mean((0, 1)).double()
+    temporal = [0.0] * frames
+    same_frame = {}
+    for i in range(n):
+        for j in range(n):
+            fi, fj = i // (height * width), j // (height * width)
+            temporal[abs(fi - fj)] += float(probs[i, j]) / n
+            if fi == fj:
+                yi, xi, yj, xj = (i // width) % height, i % width, (j // width) % height, j % width
+                r = round(math.hypot(yi - yj, xi - xj))
+                same_frame[r] = same_frame.get(r, 0.0) + float(probs[i, j]) / n
+    assert tables["temporal_mass"] == pytest.approx(temporal, abs=1e-9)
+    assert sum(tables["temporal_mass"]) == pytest.approx(1.0)
+    assert tables["spatial_mass_same_frame"] == pytest.approx(
+        [same_frame.get(r, 0.0) for r in range(len(tables["spatial_distance"]))], abs=1e-9
+    )
+    # keys per query at frame distance d: 2 (frames - d) / frames frames of 6 (1 at d = 0)
+    keys_per_distance = [height * width * (frames if d == 0 else 2 * (frames - d)) / frames for d in range(frames)]
+    expected = [t / c for t, c in zip(temporal, keys_per_distance)]
+    assert tables["temporal_mass_per_key"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_interval_is_the_normal_approximation():
+    values = [1.0, 2.0, 3.0, 4.0]
+    out = rq.interval(values)
+    half = 1.96 * np.std(values, ddof=1) / 2
+    assert out["mean"] == 2.5 and out["low"] == pytest.approx(2.5 - half) and out["high"] == pytest.approx(2.5 + half)
