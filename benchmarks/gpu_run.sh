@@ -9,7 +9,7 @@
 # Stages: install (on a machine without network: the wheels in .whl/ -- diffusers, tomesd and diffattn itself,
 # built beforehand with `pip wheel --no-deps -w .whl .` -- into /tmp/site), env (versions, GPU), tests
 # (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), trainvideo:MINUTES (train-shapes-video,
-# resuming runs/shapes-wan), sparse (the Triton launch sweep, whose
+# resuming runs/shapes-wan), quality (benchmarks/radial_quality.py on shapes-wan), sparse (the Triton launch sweep, whose
 # fastest configs go to kernels/launch_configs.json and the installed package, then the block-sparse benchmark:
 # run it before tests so they check the configs it picked), editing (editing.py on the SD 1.5 config),
 # radial (radial_e2e), agent (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
@@ -55,6 +55,11 @@ for stage in "$@"; do
                 --out "$repo/runs/shapes-wan" --batch-size 32 --vae-batch-size 16 --checkpoint-every 500 \
                 --max-minutes "$minutes" 2>&1) | tr "\r" "\n" | tail -15 | tee -a logs/train_video.log
             tail -c 2000 runs/shapes-wan/train_log.jsonl | tail -1 | tee -a logs/train_video.log ;;
+        quality)  # radial_quality on shapes-wan (the exported run if there is one, else the shipped preset)
+            model=shapes-wan
+            [ -f runs/shapes-wan/pipeline/model_index.json ] && model=runs/shapes-wan/pipeline
+            timeout 540 python3 benchmarks/radial_quality.py --model "$model" --device cuda --batch 32 \
+                2>&1 | tee logs/bench_quality.log | tail -20 ;;
         sparse)
             timeout 240 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 \
                 --write-launch-configs kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;

@@ -328,7 +328,7 @@ class EnergyRecorder:
         q = query[:, self.queries].transpose(1, 2).float()  # [B, H, Q, D]
         k = key.transpose(1, 2).float()
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # [B, H, Q, N]
-        self.mass.index_add_(0, self.bucket, probs.mean((0, 1)).flatten().double())
+        self.mass.index_add_(0, self.bucket, probs.mean((0, 1)).flatten().double().cpu())
         self.calls += 1
 
     def tables(self) -> dict:
@@ -399,8 +399,8 @@ def plot_energy(tables: dict, path: Path) -> None:
         length = max(len(s) for s in series) - 1
         draw.text((x0 + pad, 6), title + " (log scale)", fill="black")
         draw.rectangle([x0 + pad, pad, x0 + width - 12, height - pad], outline=(120, 120, 120))
-        draw.text((x0 + 4, pad - 4), f"{10**high:.0e}", fill="black")
-        draw.text((x0 + 4, height - pad - 8), f"{10**low:.0e}", fill="black")
+        draw.text((x0 + 4, pad - 4), f"{10**high:.2e}", fill="black")
+        draw.text((x0 + 4, height - pad - 8), f"{10**low:.2e}", fill="black")
         draw.text((x0 + pad, height - pad + 6), "0", fill="black")
         draw.text((x0 + width - 30, height - pad + 6), str(length), fill="black")
         for index, (values_, label) in enumerate(zip(series, labels)):
@@ -507,11 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (the preset's)")
     parser.add_argument("--batch", type=int, default=8, help="videos per pipeline call")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--device", default="cpu", help="cpu (the issue's setting) or cuda (a lent GPU)")
     args = parser.parse_args(argv)
     preset = PRESETS[MODEL]
     args.steps = args.steps or preset.steps
     defaults = dict(preset.call_defaults)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     preset_radial = preset.radial
     fields: dict = {"model": args.model, "steps": args.steps, "call": defaults}
@@ -528,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "prompt": kept["prompts"][0].caption}  # fmt: skip
     if "extension" in args.parts:
         fields["extension"] = extension(pipe, preset_radial, args, defaults)
-    write_report("radial_quality", "cpu", fields, out=args.out)
+    write_report("radial_quality", args.device, fields, out=args.out)
     return 0
 
 

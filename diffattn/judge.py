@@ -86,8 +86,12 @@ def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
     return regions
 
 
+MAX_AREA_FRACTION = 0.25  # the scenes' largest shape covers 14% of its frame; a larger region is a coloured wash
+
+
 def detect_objects(image: Image.Image, *, min_area: int = 20, background_distance: float = 90.0) -> list[Detection]:
-    """Objects in an image, largest first."""
+    """Objects in an image, largest first. Regions under `min_area` pixels or over MAX_AREA_FRACTION of the image
+    are not objects (specks; a background that is not white, as an untrained model draws)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     names = list(COLORS)
     palette = np.array([COLORS[n] for n in names], dtype=np.float32)  # [K, 3]
@@ -96,7 +100,7 @@ def detect_objects(image: Image.Image, *, min_area: int = 20, background_distanc
     detections = []
     for k, name in enumerate(names):
         for region in _components(foreground & (nearest == k)):
-            if len(region) < min_area:
+            if len(region) < min_area or len(region) > MAX_AREA_FRACTION * foreground.size:
                 continue
             ys, xs = np.array(region).T
             box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)

@@ -155,16 +155,19 @@ def test_a_video_example_compares_dense_and_radial(server):
     try:
         _open(browser, server)
         _tab(browser, "Examples")
-        rows = _wait(browser, lambda: [r for r in browser.find_elements(*_by("tr")) if "tiny-wan" in r.text],
+        rows = _wait(browser, lambda: [r for r in browser.find_elements(*_by("tr")) if "shapes-wan" in r.text],
                      what="the examples")  # fmt: skip
         rows[0].click()
         _tab(browser, "Compare")
-        _wait(browser, lambda: "tiny-wan" in browser.find_element(*_by("#compare-model input")).get_attribute("value"),
+        _wait(browser,
+              lambda: "shapes-wan" in browser.find_element(*_by("#compare-model input")).get_attribute("value"),
               timeout=20, what="the example filling the form")  # fmt: skip
         browser.find_element(*_by("#compare-run")).click()
         _wait(browser, lambda: "mask density" in _text(browser, "#compare-table"), what="the video comparison")
         text = _text(browser, "#compare-table")
-        assert "radial attention" in text and "speedup" in text
+        # the trained video model: dense and radial side by side, their time, the PSNR between them, the judge
+        assert "radial attention" in text and "speedup" in text and "PSNR against dense" in text
+        assert "judge, dense: red circle in" in text and "judge, radial: red circle in" in text
         videos = _wait(browser, lambda: browser.find_elements(*_by("#compare-dense video, #compare-radial video")),
                        what="the videos")  # fmt: skip
         assert len(videos) == 2 and all(v.get_attribute("src") for v in videos)

@@ -16,21 +16,24 @@ WORKER = Path(__file__).parent / "cp_radial_worker.py"
 
 
 @pytest.mark.parametrize(
-    "order, geometry",
+    "order, geometry, processes",
     [
-        ("apply-first", ["33", "128", "128", "tiny-wan"]),
-        ("parallel-first", ["33", "128", "128", "tiny-wan"]),
+        ("apply-first", ["33", "128", "128", "tiny-wan"], 2),
+        ("parallel-first", ["33", "128", "128", "tiny-wan"], 2),
+        # 4 processes: shapes-wan's 4 heads, one a process; 2,304 tokens, 576 a process
+        ("parallel-first", ["33", "64", "64", "shapes-wan"], 4),
         # joint attention ([video | text], text padding masked): diffattn's plan, the text whole on every rank
-        ("diffattn-plan", ["33", "128", "128", "tiny-hunyuan-video"]),
+        ("diffattn-plan", ["33", "128", "128", "tiny-hunyuan-video"], 2),
     ],
 )
-def test_radial_under_ulysses_equals_the_single_process_run(order, geometry):
+def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, processes):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(WORKER), order, *geometry]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), str(WORKER), order,
+               *geometry]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     reports = [json.loads(line.split("REPORT ", 1)[1]) for line in proc.stdout.splitlines() if "REPORT " in line]
-    assert sorted(r["rank"] for r in reports) == [0, 1]
+    assert sorted(r["rank"] for r in reports) == list(range(processes))
     for report in reports:
         # batch 2 with CFG, 3 steps (step 0 dense, 1-2 sparse): every rank's output equals one process's radial run
         assert report["radial_vs_single"] <= 1e-6

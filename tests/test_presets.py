@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -145,3 +146,25 @@ def test_shapes_sd_draws_the_prompted_shape_in_the_prompted_colour():
                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     hits = [any(d.color == c and d.shape == s for d in detect_objects(im)) for (c, s), im in zip(prompts, images)]
     assert sum(hits) >= MIN_HITS, f"{sum(hits)} of 24"
+
+
+def test_shapes_wan_is_shipped_small_and_loads_like_a_real_wan_model():
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = preset_path("shapes-wan")
+    assert folder.parent == Path(diffattn.presets.__file__).parent  # in the package, nothing built or cached
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 15 * 2**20
+    shipped = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(t.dtype == torch.float16 for t in shipped.values())
+    pipe = diffattn.load_pipeline("shapes-wan")
+    assert type(pipe).__name__ == "WanPipeline" and type(pipe.vae).__name__ == "AutoencoderKLWan"
+    assert pipe.transformer.dtype == pipe.vae.dtype == torch.float32
+    assert tuple(pipe.transformer.config.patch_size) == (1, 1, 1) and pipe.vae_scale_factor_spatial == 4
+    torch.testing.assert_close(
+        pipe.transformer.state_dict()["patch_embedding.weight"], shipped["patch_embedding.weight"].float(), rtol=0,
+        atol=0,
+    )  # fmt: skip
+    state = json.loads((folder / "training_state.json").read_text())
+    assert state["calibrated"] and state["denoiser_step"] > 0
