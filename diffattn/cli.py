@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--vae-crop", type=_positive_int, default=64,
                        help="side of the seeded window the autoencoder trains on (64: whole frames)")  # fmt: skip
     video.add_argument("--lr", type=float, default=3e-4, help="transformer + text encoder learning rate (3e-4)")
+    video.add_argument("--warmup-frames", type=_positive_int, default=None,
+                       help="frames of the clips of the first --warmup-steps transformer steps (4k+1; cheaper)")  # fmt: skip
+    video.add_argument("--warmup-steps", type=_nonnegative_int, default=0, help="transformer steps on short clips (0)")
 
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
@@ -309,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             config = ShapesVideoTrainingConfig(
                 vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
                 vae_batch_size=args.vae_batch_size, vae_frames=args.vae_frames, vae_crop=args.vae_crop, lr=args.lr,
+                warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes,
             )  # fmt: skip

@@ -8,7 +8,9 @@ Phases, each seeded and resumable from `out/checkpoint.pt` (loaded with `weights
    in time, so what it learns on 9 frames holds for 33), reconstruction + a small KL term;
 2. calibration: each latent channel's mean and std over clips no phase trains on, stored as the VAE's
    `latents_mean`/`latents_std` (WanPipeline normalises with them), so the denoiser sees unit-variance latents;
-3. the transformer and the UMT5 text encoder together, flow matching on `num_frames` clips (x_t = (1 - s) x0 + s e,
+3. the transformer and the UMT5 text encoder together, flow matching on `num_frames` clips (optionally shorter
+   `warmup_frames` clips for the first `warmup_steps`: the same shapes and motion at a fraction of the cost; Wan's
+   rotary embeddings are relative, so what is learnt there carries over) (x_t = (1 - s) x0 + s e,
    target e - x0, s logit-normal, as Wan trains), captions dropped 10% of the time for classifier-free guidance,
    encoded exactly as WanPipeline encodes prompts (zeros past each caption's tokens), an EMA of the weights.
 
@@ -55,6 +57,8 @@ class ShapesVideoTrainingConfig:
     kl_weight: float = 1e-6
     denoiser_steps: int = 20000
     num_frames: int = NUM_FRAMES
+    warmup_frames: int | None = None  # the first `warmup_steps` denoiser steps train on clips this long
+    warmup_steps: int = 0
     batch_size: int = 16
     lr: float = 3e-4
     caption_dropout: float = 0.1
@@ -73,7 +77,10 @@ class ShapesVideoTrainingConfig:
         crop = check_int_range("vae_crop", self.vae_crop, 8, 64)
         if crop % 4:
             raise ValueError(f"vae_crop={crop} is not allowed: expected a multiple of 4 in [8, 64] (the VAE's 4x)")
-        for name in ("vae_frames", "num_frames"):
+        check_int_range("warmup_steps", self.warmup_steps, 0)
+        for name in ("vae_frames", "num_frames", "warmup_frames"):
+            if name == "warmup_frames" and self.warmup_frames is None:
+                continue
             frames = check_int_range(name, getattr(self, name), 1)
             if (frames - 1) % 4:
                 raise ValueError(f"{name}={frames} is not allowed: expected 4k + 1 frames (the VAE's 4x in time)")
@@ -243,8 +250,9 @@ def train_shapes_video(
     while state["calibrated"] and state["denoiser_step"] < config.denoiser_steps and not out_of_time():
         step = state["denoiser_step"]
         generator = torch.Generator().manual_seed(base + DENOISER_STREAM + step)
+        frames = config.warmup_frames if config.warmup_frames and step < config.warmup_steps else config.num_frames
         video, captions = clip_batch(base + DENOISER_STREAM + step * config.batch_size, config.batch_size,
-                                     config.num_frames)  # fmt: skip
+                                     frames)  # fmt: skip
         drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, drop)]
         with torch.no_grad():

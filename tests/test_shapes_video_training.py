@@ -73,3 +73,51 @@ def test_the_command_trains_and_exports(tmp_path, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == f"{out / 'pipeline'} (vae step 1, denoiser step 1)"
     assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_unclamped_decoding_is_the_decoder_before_its_clamp():
+    """The autoencoder trains on the decoder's output before diffusers' clamp to [-1, 1] (the clamp has no gradient
+    past the range: an autoencoder overshooting white never learns the shapes)."""
+    from diffattn.presets.shapes_video import build_shapes_wan
+    from diffattn.shapes_video_training import decode_unclamped
+
+    vae = build_shapes_wan().vae
+    latents = torch.randn(1, 8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    raw = decode_unclamped(vae, latents)
+    clamped = vae.decode(latents).sample
+    assert raw.shape == clamped.shape == (1, 3, 9, 32, 32)
+    torch.testing.assert_close(raw.clamp(-1, 1), clamped)
+    assert (raw.abs() > 1).any()  # there was something to clamp
+    raw.abs().mean().backward()  # and the gradient reaches the decoder
+    assert vae.decoder.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_crops_and_warmup_clips(tmp_path, monkeypatch):
+    import diffattn.shapes_video_training as training
+    from diffattn.shapes_video_training import _random_crop
+
+    video, _ = clip_batch(0, 2, 5)
+    crop = _random_crop(video, 32, seed=7)
+    assert crop.shape == (2, 3, 5, 32, 32)
+    assert torch.equal(crop, _random_crop(video, 32, seed=7))  # seeded
+    assert any(torch.equal(crop, video[..., y : y + 32, x : x + 32]) for y in range(33) for x in range(33))
+    assert len({tuple(_random_crop(video, 32, seed=s).flatten().tolist()) for s in range(6)}) > 1
+    assert torch.equal(_random_crop(video, 64, seed=0), video)  # a whole frame: unchanged
+    with pytest.raises(ValueError, match="vae_crop=30 is not allowed"):
+        ShapesVideoTrainingConfig(vae_crop=30)
+    with pytest.raises(ValueError, match="warmup_frames=16 is not allowed: expected 4k \\+ 1 frames"):
+        ShapesVideoTrainingConfig(warmup_frames=16, warmup_steps=10)
+    # the first warmup_steps denoiser steps train on the short clips, then the full length
+    lengths = []
+
+    def recording(start, size, num_frames):
+        lengths.append(num_frames)
+        return clip_batch(start, size, num_frames)
+
+    monkeypatch.setattr(training, "clip_batch", recording)
+    state = train_shapes_video(
+        tmp_path / "run", _config(vae_crop=32, warmup_frames=1, warmup_steps=1, denoiser_steps=3)
+    )
+    assert state["denoiser_step"] == 3
+    assert lengths[:2] == [5, 5]  # the autoencoder's clips (5 frames, cropped)
+    assert lengths[-3:] == [1, 5, 5]  # one warmup step on 1-frame clips, then 5-frame clips
