@@ -260,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--denoiser-steps", type=_nonnegative_int, default=20000, help="transformer steps (20000)")
     video.add_argument("--batch-size", type=_positive_int, default=16, help="clips per transformer step (16)")
     video.add_argument("--vae-batch-size", type=_positive_int, default=8, help="clips per autoencoder step (8)")
-    video.add_argument("--vae-frames", type=_positive_int, default=9, help="frames of an autoencoder clip (4k+1; 9)")
+    video.add_argument(
+        "--vae-frames",
+        type=_positive_int,
+        default=9,
+        help="frames of an autoencoder clip (4k+1, at least 9: two chunks; 9)",
+    )
     video.add_argument("--vae-crop", type=_positive_int, default=64,
                        help="side of the seeded window the autoencoder trains on (64: whole frames)")  # fmt: skip
     video.add_argument("--lr", type=float, default=3e-4, help="transformer + text encoder learning rate (3e-4)")

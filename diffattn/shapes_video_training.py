@@ -5,7 +5,10 @@
 Phases, each seeded and resumable from `out/checkpoint.pt` (loaded with `weights_only=True`):
 
 1. the autoencoder (AutoencoderKLWan: 4x space, 4x time) on short clips (`vae_frames`; its convolutions are causal
-   in time, so what it learns on 9 frames holds for 33), reconstruction + a small KL term;
+   in time, so what it learns on 9 frames holds for 33: the first frame, a 4-frame chunk after it, and a chunk after
+   a chunk, the path every later chunk takes; 5 frames would leave that last path untrained, and later frames come
+   out in the wrong colours), seeded windows of the frames (`vae_crop`), reconstruction before diffusers' output
+   clamp (`decode_unclamped`) + a small KL term;
 2. calibration: each latent channel's mean and std over clips no phase trains on, stored as the VAE's
    `latents_mean`/`latents_std` (WanPipeline normalises with them), so the denoiser sees unit-variance latents;
 3. the transformer and the UMT5 text encoder together, flow matching on `num_frames` clips (optionally shorter
