@@ -63,7 +63,10 @@ def test_generate_video_as_mp4(tmp_path, capsys):
             ["generate", "-p", "x", "-m", "tiny-wan", "--decay-factor", "0.5"],
             "radial options ['decay_factor'] need --radial",
         ),
-        (["generate", "-p", "x", "--radial"], "radial attention is for video models; 'shapes-sd' is an image model"),
+        (
+            ["generate", "-m", "shapes-sd", "-p", "x", "--radial"],
+            "radial attention is for video models; 'shapes-sd' is an image model",
+        ),
         (
             ["generate", "-p", "x", "-m", "tiny-wan", "--radial", "--decay-factor", "-1"],
             "decay_factor=-1.0 is not allowed",
