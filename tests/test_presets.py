@@ -112,21 +112,27 @@ def test_load_pipeline_from_local_folder_with_dtype(tmp_path):
     assert pipe.unet.dtype == torch.bfloat16
 
 
-def test_shapes_sd_is_shipped_small_and_loads_in_fp32_on_cpu():
+def _shipped_pipeline(name: str, max_mb: int, denoiser: str, weight: str):
+    """A trained preset loaded from inside the package: its folder's size, its fp16 weights, and the loaded
+    pipeline (fp32 on the CPU) holding exactly those weights. Returns the pipeline and its folder."""
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    folder = preset_path("shapes-sd")
+    folder = preset_path(name)
     assert folder.parent == Path(diffattn.presets.__file__).parent  # in the package, nothing built or cached
-    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 10 * 2**20
-    shipped = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= max_mb * 2**20
+    shipped = load_file(folder / denoiser / "diffusion_pytorch_model.safetensors")
     assert all(t.dtype == torch.float16 for t in shipped.values())
-    pipe = diffattn.load_pipeline("shapes-sd")
-    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
-    torch.testing.assert_close(
-        pipe.unet.state_dict()["conv_in.weight"], shipped["conv_in.weight"].float(), rtol=0, atol=0
-    )
+    pipe = diffattn.load_pipeline(name)
+    model = getattr(pipe, denoiser)
+    assert model.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    torch.testing.assert_close(model.state_dict()[weight], shipped[weight].float(), rtol=0, atol=0)
+    return pipe, folder
+
+
+def test_shapes_sd_is_shipped_small_and_loads_in_fp32_on_cpu():
+    _shipped_pipeline("shapes-sd", 10, "unet", "conv_in.weight")
 
 
 MIN_HITS = 20  # of 24; the shipped weights (11,194 UNet steps) score 23 here, the 7,250-step ones (Euler) 18
@@ -149,23 +155,9 @@ def test_shapes_sd_draws_the_prompted_shape_in_the_prompted_colour():
 
 
 def test_shapes_wan_is_shipped_small_and_loads_like_a_real_wan_model():
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    folder = preset_path("shapes-wan")
-    assert folder.parent == Path(diffattn.presets.__file__).parent  # in the package, nothing built or cached
-    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 15 * 2**20
-    shipped = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert all(t.dtype == torch.float16 for t in shipped.values())
-    pipe = diffattn.load_pipeline("shapes-wan")
+    pipe, folder = _shipped_pipeline("shapes-wan", 15, "transformer", "patch_embedding.weight")
     assert type(pipe).__name__ == "WanPipeline" and type(pipe.vae).__name__ == "AutoencoderKLWan"
-    assert pipe.transformer.dtype == pipe.vae.dtype == torch.float32
     assert tuple(pipe.transformer.config.patch_size) == (1, 1, 1) and pipe.vae_scale_factor_spatial == 4
-    torch.testing.assert_close(
-        pipe.transformer.state_dict()["patch_embedding.weight"], shipped["patch_embedding.weight"].float(), rtol=0,
-        atol=0,
-    )  # fmt: skip
     state = json.loads((folder / "training_state.json").read_text())
     assert state["calibrated"] and state["denoiser_step"] > 0
 

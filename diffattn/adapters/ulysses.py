@@ -4,7 +4,7 @@ brings the output back to token shards.
 
 Used by processors that run their own attention under diffusers' context-parallel config: radial attention (the
 mask needs the whole sequence) and the joint-attention families diffusers has no plan for (HunyuanVideo, whose text
-is kept whole on every rank: see `hunyuan_video.HUNYUAN_VIDEO_CP_PLAN`).
+is kept whole on every rank: see `hunyuan_video.hunyuan_video_cp_plan`).
 """
 
 from __future__ import annotations
