@@ -262,7 +262,7 @@ class _Scheduled:
             q, k, v = (all_to_all(t, group, scatter_heads=True) for t in (query, key, value))
             out = radial_joint_attention(q, k, v, layout, slice(0, total), None, backend)
             return all_to_all(out.contiguous(), group, scatter_heads=False)
-        # this rank's video shard, then the whole text (HunyuanVideo under hunyuan_video.HUNYUAN_VIDEO_CP_PLAN);
+        # this rank's video shard, then the whole text (HunyuanVideo under hunyuan_video.hunyuan_video_cp_plan);
         # key_mask already spans [all video | text]
         return ulysses_joint_attention(
             query, key, value, video.stop, group,
