@@ -5,9 +5,9 @@
 
 Each process loads the pipeline on its device and `transformer.enable_parallelism(ContextParallelConfig(...))`
 shards the sequence across them (Ulysses by default, ring with `ring=True`); radial attention follows the parallel
-config (see `diffattn.methods.radial_attention`). HunyuanVideo, for which diffusers has no plan, gets diffattn's
-(`adapters.hunyuan_video.hunyuan_video_cp_plan`: video sharded, text whole on every rank, Ulysses only). Every process runs the same call with the same seed; process 0
-writes the outputs.
+config (see `diffattn.methods.radial_attention`). HunyuanVideo, CogVideoX and Mochi, for which diffusers has no
+plan, get diffattn's (`ModelAdapter.own_context_parallel_plan`: video sharded, text whole on every rank, Ulysses
+only). Every process runs the same call with the same seed; process 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def enable_context_parallel(pipe: Any, degree: int, ring: bool = False, mesh: An
     if not denoisers or any(getattr(d, "_cp_plan", None) is None and _own_plan(d) is None for d in denoisers):
         raise ValueError(
             f"{type(pipe).__name__} has no transformer with a context-parallel plan: diffusers has plans for Wan, "
-            "LTX-Video and others (_cp_plan), diffattn adds HunyuanVideo's; CogVideoX and Mochi have none"
+            "LTX-Video and others (_cp_plan), diffattn adds HunyuanVideo's, CogVideoX's and Mochi's"
         )
     for denoiser in denoisers:
         if ring:
@@ -99,15 +99,21 @@ def enable_context_parallel(pipe: Any, degree: int, ring: bool = False, mesh: An
             denoiser.enable_parallelism(config=config, cp_plan=plan)
 
 
-def _own_plan(denoiser: Any):
-    """diffattn's context-parallel plan for a transformer diffusers has none for (HunyuanVideo), else None."""
-    return "hunyuan-video" if type(denoiser).__name__ == "HunyuanVideoTransformer3DModel" else None
+def _own_plan(denoiser: Any) -> tuple[dict, type] | None:
+    """diffattn's context-parallel plan and Ulysses processor for a transformer diffusers has none for (HunyuanVideo,
+    CogVideoX, Mochi), else None."""
+    from .adapters import adapter_for
+
+    try:
+        adapter = adapter_for(denoiser)
+    except ValueError:
+        return None
+    return adapter.own_context_parallel_plan()
 
 
 def _install_own_plan(denoiser: Any, ring: bool) -> dict:
-    """HunyuanVideo: its joint attention layers get the Ulysses processor its plan needs; returns the plan."""
-    from .adapters import HunyuanVideoAdapter, attention_processors, set_attention_processors
-    from .adapters.hunyuan_video import UlyssesHunyuanVideoProcessor, hunyuan_video_cp_plan
+    """Install the Ulysses processor diffattn's plan needs on every joint attention layer; returns the plan."""
+    from .adapters import adapter_for, attention_processors, set_attention_processors
     from .control import applied
 
     name = type(denoiser).__name__
@@ -121,8 +127,11 @@ def _install_own_plan(denoiser: Any, ring: bool) -> dict:
             f"enable context parallelism on {name} before diffattn.apply: its plan installs the attention processors "
             "the methods build on"
         )
+    adapter = adapter_for(denoiser)
+    plan, processor_cls = adapter.own_context_parallel_plan()
     processors = attention_processors(denoiser)
-    for layer in HunyuanVideoAdapter(denoiser).attention_layers():
-        processors[layer.key] = UlyssesHunyuanVideoProcessor()
+    for layer in adapter.attention_layers():
+        if layer.kind == "joint":
+            processors[layer.key] = processor_cls()
     set_attention_processors(denoiser, processors)
-    return hunyuan_video_cp_plan()
+    return plan

@@ -17,6 +17,8 @@ def main() -> None:
     from diffusers import ContextParallelConfig
 
     import diffattn
+    from diffattn.adapters import attention_processors
+    from diffattn.presets import get_preset
 
     order = sys.argv[1]  # "apply-first", "parallel-first" or "diffattn-plan"
     frames, height, width = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -31,8 +33,22 @@ def main() -> None:
 
     # HunyuanVideo's guidance_scale is an embedded (distilled) guidance; its classifier-free guidance is true_cfg_scale
     cfg = {"negative_prompt": ["blurry", "dark"], "true_cfg_scale": 3.0} if "hunyuan" in name else {}
+    cfg["max_sequence_length"] = get_preset(name).call_defaults["max_sequence_length"]  # CogVideoX: its text length
+
+    seen = []  # video tokens reaching the first video attention layer, one entry per call
+    first_layers = ("blocks.0.attn1", "transformer_blocks.0.attn1", "transformer_blocks.0.attn")
+    first_attention = next(m for n, m in transformer.named_modules() if n in first_layers)
+
+    def record(module, args, kwargs):
+        tokens = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        if not seen or seen[-1][1] != len(calls):
+            seen.append((tokens, len(calls)))
+
+    first_attention.register_forward_pre_hook(record, with_kwargs=True)
+    calls = []
 
     def call():
+        calls.append(1)
         out = pipe(["a boat on the sea", "a dog"], num_inference_steps=3, num_frames=frames, height=height, width=width,
                    guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
                    output_type="pt", **cfg)  # fmt: skip
@@ -47,21 +63,21 @@ def main() -> None:
         from diffattn.parallel import enable_context_parallel
 
         enable_context_parallel(pipe, dist.get_world_size())
-        processors_before = dict(transformer.attn_processors)
+        processors_before = dict(attention_processors(transformer))
         handle = diffattn.apply(pipe, config)
     elif order == "apply-first":
-        processors_before = dict(transformer.attn_processors)
+        processors_before = dict(attention_processors(transformer))
         handle = diffattn.apply(pipe, config)
         transformer.enable_parallelism(config=cp)
     else:
-        processors_before = dict(transformer.attn_processors)
+        processors_before = dict(attention_processors(transformer))
         transformer.enable_parallelism(config=cp)
         handle = diffattn.apply(pipe, config)
     parallel = call()
     method = handle.method(diffattn.RadialAttentionConfig)
     layouts = sum(len(c.layouts) for c in method.caches.values())
     handle.remove()
-    restored = all(transformer.attn_processors[k] is v for k, v in processors_before.items())
+    restored = all(attention_processors(transformer)[k] is v for k, v in processors_before.items())
     dense_parallel = call()  # the parallel model as it was: its own Ulysses path
     report = {
         "rank": dist.get_rank(),
@@ -69,7 +85,9 @@ def main() -> None:
         "radial_vs_dense": float((parallel - dense).abs().max()),
         "dense_after_remove": float((dense_parallel - dense).abs().max()),
         "layouts": layouts,
-        "processors": sorted({type(p).__name__ for p in transformer.attn_processors.values()}),
+        "tokens_single": seen[1][0],  # the single-process radial call
+        "tokens_parallel": seen[2][0],  # each rank's shard
+        "processors": sorted({type(p).__name__ for p in attention_processors(transformer).values()}),
         "restored": restored,
     }
     print("REPORT " + json.dumps(report), flush=True)

@@ -24,6 +24,10 @@ WORKER = Path(__file__).parent / "cp_radial_worker.py"
         ("parallel-first", ["33", "64", "64", "shapes-wan"], 4),
         # joint attention ([video | text], text padding masked): diffattn's plan, the text whole on every rank
         ("diffattn-plan", ["33", "128", "128", "tiny-hunyuan-video"], 2),
+        # text first ([text | video]), no text mask
+        ("diffattn-plan", ["33", "128", "128", "tiny-cogvideox"], 2),
+        # [video | valid text], padded text outputs zero; 6 latent frames (Mochi: 6x in time)
+        ("diffattn-plan", ["31", "128", "128", "tiny-mochi"], 2),
     ],
 )
 def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, processes):
@@ -39,34 +43,40 @@ def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, pro
         assert report["radial_vs_single"] <= 1e-6
         assert report["radial_vs_dense"] > 1e-3  # the sparse steps really ran sparse
         assert report["layouts"] == 1  # the mask was built once per rank, over the whole sequence
+        assert report["tokens_parallel"] * processes == report["tokens_single"]  # each rank held its shard
         assert (
             report["restored"] and report["dense_after_remove"] <= 1e-6
         )  # remove leaves the parallel model as it was
         if order == "diffattn-plan":  # its dense path is diffattn's Ulysses processor, kept after remove
-            assert "UlyssesHunyuanVideoProcessor" in report["processors"]
+            family = {"tiny-hunyuan-video": "HunyuanVideo", "tiny-cogvideox": "CogVideoX", "tiny-mochi": "Mochi"}
+            assert f"Ulysses{family[geometry[3]]}Processor" in report["processors"]
 
 
-@pytest.mark.parametrize("name", ["tiny-cogvideox", "tiny-mochi"])
-def test_families_without_a_plan_are_refused_clearly(name):
+def test_a_model_without_any_plan_is_refused_clearly():
     import diffattn
     from diffattn.parallel import enable_context_parallel
 
-    with pytest.raises(ValueError, match="has no transformer with a context-parallel plan.*CogVideoX and Mochi"):
-        enable_context_parallel(diffattn.load_pipeline(name), 2)
+    with pytest.raises(ValueError, match="StableDiffusionPipeline has no transformer with a context-parallel plan"):
+        enable_context_parallel(diffattn.load_pipeline("tiny-sd"), 2)
 
 
-def test_hunyuan_video_plan_goes_before_apply_and_is_ulysses_only():
+@pytest.mark.parametrize(
+    "name, model", [("tiny-hunyuan-video", "HunyuanVideoTransformer3DModel"),
+                    ("tiny-cogvideox", "CogVideoXTransformer3DModel"), ("tiny-mochi", "MochiTransformer3DModel")]
+)  # fmt: skip
+def test_diffattn_plans_go_before_apply_and_are_ulysses_only(name, model):
     import diffattn
+    from diffattn.adapters import attention_processors
     from diffattn.parallel import enable_context_parallel
 
-    pipe = diffattn.load_pipeline("tiny-hunyuan-video")
-    with pytest.raises(ValueError, match="ring=True is not allowed for HunyuanVideoTransformer3DModel"):
+    pipe = diffattn.load_pipeline(name)
+    with pytest.raises(ValueError, match=f"ring=True is not allowed for {model}"):
         enable_context_parallel(pipe, 2, ring=True)
     handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig())
-    before = dict(pipe.transformer.attn_processors)
+    before = dict(attention_processors(pipe.transformer))
     with pytest.raises(ValueError, match="before diffattn.apply"):
         enable_context_parallel(pipe, 2)
-    assert pipe.transformer.attn_processors == before and pipe.transformer._parallel_config is None
+    assert attention_processors(pipe.transformer) == before and pipe.transformer._parallel_config is None
     handle.remove()
 
 

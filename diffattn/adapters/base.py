@@ -125,6 +125,12 @@ class ModelAdapter:
             return args[0]
         raise ValueError(f"{type(self.model).__name__}.forward was called without `{self.sample_argument}`")
 
+    def own_context_parallel_plan(self) -> tuple[dict, type] | None:
+        """diffattn's context-parallel plan for a family diffusers has none for, and the Ulysses processor its joint
+        attention layers must run under it (the text kept whole on every rank); None: diffusers' `_cp_plan` or none.
+        """
+        return None
+
     @staticmethod
     def timestep_from_call(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | float | None:
         if "timestep" in kwargs:

@@ -22,6 +22,9 @@ class CogVideoXAdapter(ModelAdapter):
 
         return self._layers_by_kind(classify)
 
+    def own_context_parallel_plan(self) -> tuple[dict, type]:
+        return cogvideox_cp_plan(), UlyssesCogVideoXProcessor
+
     def geometry(self, sample: torch.Tensor) -> LatentGeometry:
         if sample.ndim != 5:
             raise ValueError(f"CogVideoX sample must be [B, F, C, H, W], got shape {tuple(sample.shape)}")
@@ -70,3 +73,36 @@ class CogVideoXJointAttnProcessor:
             [num_text, hidden_states.shape[1] - num_text], dim=1
         )
         return hidden_states, encoder_hidden_states
+
+
+def cogvideox_cp_plan() -> dict:
+    """A context-parallel plan for CogVideoX (diffusers has none): the video tokens are split across ranks at the
+    first block, with their rotary embeddings (passed to the transformer as `image_rotary_emb`); the text tokens,
+    which come first in every attention, stay whole on every rank; the output is gathered at `proj_out`. Its
+    attention layers must run `UlyssesCogVideoXProcessor` (or radial attention over it).
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    rotary = ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)
+    return {
+        "": {"image_rotary_emb": [rotary, rotary]},
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+class UlyssesCogVideoXProcessor(CogVideoXJointAttnProcessor):
+    """CogVideoX's attention under Ulysses context parallelism with `cogvideox_cp_plan` (each rank: the whole text,
+    then its video shard; see `ulysses.ulysses_joint_attention`); without a parallel config, the plain one."""
+
+    _parallel_config = None  # set by `enable_parallelism`, or by whoever installs this processor afterwards
+
+    def attend(self, attn, query, key, value, num_text: int) -> torch.Tensor:
+        from .ulysses import sdpa_joint, ulysses_group, ulysses_joint_attention
+
+        group = ulysses_group(self._parallel_config)
+        if group is None:
+            return sdpa_bnhd(query, key, value)
+        return ulysses_joint_attention(query, key, value, slice(num_text, query.shape[1]), group, sdpa_joint)

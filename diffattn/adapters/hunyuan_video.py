@@ -26,6 +26,9 @@ class HunyuanVideoAdapter(ModelAdapter):
 
         return self._layers_by_kind(classify)
 
+    def own_context_parallel_plan(self) -> tuple[dict, type]:
+        return hunyuan_video_cp_plan(), UlyssesHunyuanVideoProcessor
+
     def geometry(self, sample: torch.Tensor) -> LatentGeometry:
         # sample: [B, C, F, H, W] latents; patch_size_t over frames, patch_size over height and width.
         if sample.ndim != 5:
@@ -120,12 +123,11 @@ class UlyssesHunyuanVideoProcessor(HunyuanVideoJointAttnProcessor):
     _parallel_config = None  # set by `enable_parallelism`, or by whoever installs this processor afterwards
 
     def attend(self, attn, query, key, value, num_video: int, key_mask: torch.Tensor | None) -> torch.Tensor:
-        from .ulysses import ulysses_group, ulysses_joint_attention
+        from .ulysses import sdpa_joint, text_mask_of, ulysses_group, ulysses_joint_attention
 
         group = ulysses_group(self._parallel_config)
         if group is None:
             return sdpa_bnhd(query, key, value, key_mask)
         # key_mask spans [all video | text]: the transformer builds it before the plan splits the video
-        return ulysses_joint_attention(
-            query, key, value, num_video, group, lambda q, k, v: sdpa_bnhd(q, k, v, key_mask)
-        )  # fmt: skip
+        text_mask = text_mask_of(key_mask, query.shape[1] - num_video, text_first=False)
+        return ulysses_joint_attention(query, key, value, slice(0, num_video), group, sdpa_joint, text_mask)

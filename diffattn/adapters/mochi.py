@@ -22,6 +22,9 @@ class MochiAdapter(ModelAdapter):
 
         return self._layers_by_kind(classify)
 
+    def own_context_parallel_plan(self) -> tuple[dict, type]:
+        return mochi_cp_plan(), UlyssesMochiProcessor
+
     def geometry(self, sample: torch.Tensor) -> LatentGeometry:
         if sample.ndim != 5:
             raise ValueError(f"Mochi sample must be [B, C, F, H, W], got shape {tuple(sample.shape)}")
@@ -80,3 +83,41 @@ class MochiJointAttnProcessor:
         if hasattr(attn, "to_add_out"):
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
+
+
+def mochi_cp_plan() -> dict:
+    """A context-parallel plan for Mochi (diffusers has none): the video tokens are split across ranks at the first
+    block, with their rotary embeddings (the `rope` module's output); the text stays whole on every rank (its padding
+    mask is per caption, not per shard); the output is gathered at `proj_out`. Its attention layers must run
+    `UlyssesMochiProcessor` (or radial attention over it).
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return {
+        "rope": {
+            0: ContextParallelInput(split_dim=0, expected_dims=3, split_output=True),
+            1: ContextParallelInput(split_dim=0, expected_dims=3, split_output=True),
+        },
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+class UlyssesMochiProcessor(MochiJointAttnProcessor):
+    """Mochi's attention under Ulysses context parallelism with `mochi_cp_plan` (each rank: its video shard, then the
+    whole text; see `ulysses.ulysses_joint_attention`); without a parallel config, the plain one."""
+
+    _parallel_config = None  # set by `enable_parallelism`, or by whoever installs this processor afterwards
+
+    def attend(self, attn, query, key, value, num_video: int, key_mask: torch.Tensor) -> torch.Tensor:
+        from .ulysses import sdpa_joint, ulysses_group, ulysses_joint_attention
+
+        group = ulysses_group(self._parallel_config)
+        if group is None:
+            return super().attend(attn, query, key, value, num_video, key_mask)
+        out = ulysses_joint_attention(
+            query, key, value, slice(0, num_video), group, sdpa_joint, key_mask[:, num_video:]
+        )  # fmt: skip
+        return out * key_mask[:, :, None, None].to(out.dtype)  # padded text positions get zero output, as Mochi's

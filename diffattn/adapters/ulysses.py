@@ -3,8 +3,8 @@ with every head; an all-to-all gives it every token of 1/P of the heads, attenti
 brings the output back to token shards.
 
 Used by processors that run their own attention under diffusers' context-parallel config: radial attention (the
-mask needs the whole sequence) and the joint-attention families diffusers has no plan for (HunyuanVideo, whose text
-is kept whole on every rank: see `hunyuan_video.hunyuan_video_cp_plan`).
+mask needs the whole sequence) and the joint-attention families diffusers has no plan for (HunyuanVideo, CogVideoX,
+Mochi), whose text is kept whole on every rank: see the `*_cp_plan` functions of their adapters.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+
+from .base import sdpa_bnhd
 
 
 def ulysses_group(parallel_config: Any):
@@ -62,33 +64,62 @@ def ulysses_joint_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    num_video: int,
+    video: slice,
     group,
-    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, slice, torch.Tensor | None], torch.Tensor],
+    text_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over [video | text] when each rank holds its shard of the video and the whole text.
+    """Joint attention over video and text when each rank holds its shard of the video and the whole text.
 
-    query, key, value: [B, num_video + T, H, D], this rank's `num_video` video tokens then all T text tokens (the
-    same on every rank). The video part is exchanged for every video token of H/P heads; the text's H/P heads are
-    sliced locally (no exchange). `attend(q, k, v)` gets [B, P * num_video + T, H/P, D] over [all video | text] and
-    returns the same layout. The video output goes back to token shards; the text output's heads are gathered, so
-    every rank returns [B, num_video + T, H, D] with the text outputs whole.
+    query, key, value: [B, n + T, H, D], this rank's n video tokens at `video` and the T text tokens (the same on
+    every rank) before them (CogVideoX: [text | video]) or after them (HunyuanVideo, Mochi: [video | text]);
+    text_mask: bool [B, T] (True = a valid text token) or None; video keys are always valid. The video part is
+    exchanged for every video token of H/P heads; the text's H/P heads are sliced locally (no exchange).
+    `attend(q, k, v, video, key_mask)` gets [B, P * n + T, H/P, D] in the same order (text first or last),
+    the slice of all P * n video tokens in it and the bool key mask [B, P * n + T] (None without a text mask), and
+    returns that layout. The video output goes back to token shards, the text output's heads are gathered: every
+    rank returns [B, n + T, H, D] in its input's order, the text outputs whole.
     """
     import torch.distributed as dist
 
+    length = query.shape[1]
+    if video.start != 0 and video.stop != length:
+        raise ValueError(f"expected the video tokens first or last in the joint sequence, got {video} of {length}")
     ranks, rank = dist.get_world_size(group), dist.get_rank(group)
     heads = query.shape[2]
     check_heads(heads, group)
     local = slice(rank * heads // ranks, (rank + 1) * heads // ranks)
+    text_first = video.start > 0
+    num_text = length - (video.stop - video.start)
+    total = ranks * (video.stop - video.start)
+    all_video = slice(num_text, num_text + total) if text_first else slice(0, total)
+
+    def join(text: torch.Tensor, video_part: torch.Tensor) -> torch.Tensor:
+        return torch.cat([text, video_part] if text_first else [video_part, text], dim=1)
 
     def gather(x: torch.Tensor) -> torch.Tensor:
-        video = all_to_all(x[:, :num_video].contiguous(), group, scatter_heads=True)
-        return torch.cat([video, x[:, num_video:, local]], dim=1)
+        text = x[:, :num_text] if text_first else x[:, video.stop :]
+        return join(text[:, :, local], all_to_all(x[:, video].contiguous(), group, scatter_heads=True))
 
-    out = attend(gather(query), gather(key), gather(value))
-    total = ranks * num_video
-    video_out = all_to_all(out[:, :total].contiguous(), group, scatter_heads=False)
-    text_out = out[:, total:].contiguous()
+    key_mask = None
+    if text_mask is not None:
+        video_valid = torch.ones(text_mask.shape[0], total, dtype=torch.bool, device=text_mask.device)
+        key_mask = join(text_mask.bool(), video_valid)
+    out = attend(gather(query), gather(key), gather(value), all_video, key_mask)
+    video_out = all_to_all(out[:, all_video].contiguous(), group, scatter_heads=False)
+    text_out = (out[:, :num_text] if text_first else out[:, all_video.stop :]).contiguous()
     parts = [torch.empty_like(text_out) for _ in range(ranks)]
     dist.all_gather(parts, text_out, group=group)
-    return torch.cat([video_out, torch.cat(parts, dim=2)], dim=1)
+    return join(torch.cat(parts, dim=2), video_out)
+
+
+def sdpa_joint(query, key, value, video: slice, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Dense joint attention in `ulysses_joint_attention`'s `attend` signature: [B, N, H, D] -> [B, N, H, D]."""
+    return sdpa_bnhd(query, key, value, key_mask)
+
+
+def text_mask_of(key_mask: torch.Tensor | None, num_text: int, text_first: bool) -> torch.Tensor | None:
+    """The text part, [B, num_text], of a joint key mask [B, N] (None stays None)."""
+    if key_mask is None:
+        return None
+    return key_mask[:, :num_text] if text_first else key_mask[:, key_mask.shape[1] - num_text :]

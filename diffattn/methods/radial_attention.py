@@ -30,7 +30,7 @@ from ..adapters import (
     WanSelfAttnProcessor,
     attention_processors,
 )
-from ..adapters.ulysses import all_to_all, check_heads, ulysses_group, ulysses_joint_attention
+from ..adapters.ulysses import all_to_all, check_heads, text_mask_of, ulysses_group, ulysses_joint_attention
 from ..control import AttentionMethod, MethodConfig
 from ..kernels import BACKENDS, BlockSparseLayout, block_sparse_attention, merge_attention_outputs
 from ..state import DenoiserState
@@ -229,10 +229,6 @@ class _Scheduled:
             return self.original(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
-    # Under Ulysses: True for the families whose layers hold the whole sequence after the exchange (video only, or
-    # video then the whole text); CogVideoX (text first) and Mochi (valid text only) have no context-parallel plan.
-    context_parallel = True
-
     def _video_attention(self, query, key, value, video: slice, key_mask=None):
         group = ulysses_group(self._cp)
         if group is None:
@@ -241,32 +237,31 @@ class _Scheduled:
         return self._ulysses_attention(query, key, value, video, key_mask, group)
 
     def _ulysses_attention(self, query, key, value, video: slice, key_mask, group):
+        """query, key, value: [B, n (+ T), H, D], this rank's shard of the video at `video` and the whole text (the
+        families' context-parallel plans keep it on every rank, before or after the video)."""
         import torch.distributed as dist
 
-        if not self.context_parallel:
-            raise ValueError(f"radial attention under context parallelism is not supported for {type(self).__name__}")
         ranks = dist.get_world_size(group)
         state = self.schedule.state
         total = state.frames * state.height * state.width
         backend = self.schedule.config.backend
-        if video.start != 0:
-            raise ValueError(f"{type(self).__name__} under context parallelism: expected the video tokens first")
-        if video.stop * ranks != total:
+        num_video = video.stop - video.start
+        if num_video * ranks != total:
             raise ValueError(
                 f"radial attention under context parallelism needs equal token shards: {total} video tokens over "
-                f"ulysses_degree={ranks} leave this rank {video.stop}"
+                f"ulysses_degree={ranks} leave this rank {num_video}"
             )
         check_heads(query.shape[2], group)
         layout = self.schedule.layout(total, query.device)
-        if video.stop == query.shape[1] and key_mask is None:  # video only (Wan, LTX self-attention)
+        if num_video == query.shape[1] and key_mask is None:  # video only (Wan, LTX self-attention)
             q, k, v = (all_to_all(t, group, scatter_heads=True) for t in (query, key, value))
             out = radial_joint_attention(q, k, v, layout, slice(0, total), None, backend)
             return all_to_all(out.contiguous(), group, scatter_heads=False)
-        # this rank's video shard, then the whole text (HunyuanVideo under hunyuan_video.hunyuan_video_cp_plan);
-        # key_mask already spans [all video | text]
+        text_mask = text_mask_of(key_mask, query.shape[1] - num_video, text_first=video.start > 0)
         return ulysses_joint_attention(
-            query, key, value, video.stop, group,
-            lambda q, k, v: radial_joint_attention(q, k, v, layout, slice(0, total), key_mask, backend),
+            query, key, value, video, group,
+            lambda q, k, v, all_video, mask: radial_joint_attention(q, k, v, layout, all_video, mask, backend),
+            text_mask,
         )  # fmt: skip
 
 
@@ -297,8 +292,6 @@ class RadialHunyuanVideoProcessor(_Scheduled, HunyuanVideoJointAttnProcessor):
 class RadialCogVideoXProcessor(_Scheduled, CogVideoXJointAttnProcessor):
     """Radial attention on CogVideoX's joint attention ([text | video])."""
 
-    context_parallel = False
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
@@ -318,8 +311,6 @@ class RadialLTXVideoProcessor(_Scheduled, LTXVideoSelfAttnProcessor):
 
 class RadialMochiProcessor(_Scheduled, MochiJointAttnProcessor):
     """Radial attention on Mochi's joint attention ([video | valid text]; padded text outputs are zero)."""
-
-    context_parallel = False
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
         return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
