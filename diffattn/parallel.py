@@ -92,46 +92,52 @@ def enable_context_parallel(pipe: Any, degree: int, ring: bool = False, mesh: An
             config = ContextParallelConfig(ring_degree=degree)
         else:
             config = ContextParallelConfig(ulysses_degree=degree, mesh=mesh)
-        plan = None
-        if getattr(denoiser, "_cp_plan", None) is None:
-            plan = _install_own_plan(denoiser, ring)
+        plan = _install_own_processors(denoiser, ring) if _support(denoiser) is not None else None
         with _cpu_device_count():
             denoiser.enable_parallelism(config=config, cp_plan=plan)
 
 
-def _own_plan(denoiser: Any) -> tuple[dict, type] | None:
-    """diffattn's context-parallel plan and Ulysses processor for a transformer diffusers has none for (HunyuanVideo,
-    CogVideoX, Mochi), else None."""
+def _support(denoiser: Any) -> tuple[dict | None, dict[str, type]] | None:
+    """What diffattn adds to diffusers' context parallelism for this transformer (`ModelAdapter.
+    context_parallel_support`), or None."""
     from .adapters import adapter_for
 
     try:
         adapter = adapter_for(denoiser)
     except ValueError:
         return None
-    return adapter.own_context_parallel_plan()
+    return adapter.context_parallel_support()
 
 
-def _install_own_plan(denoiser: Any, ring: bool) -> dict:
-    """Install the Ulysses processor diffattn's plan needs on every joint attention layer; returns the plan."""
+def _own_plan(denoiser: Any) -> dict | None:
+    """diffattn's context-parallel plan for a transformer diffusers has none for (HunyuanVideo, CogVideoX, Mochi)."""
+    support = _support(denoiser)
+    return None if support is None else support[0]
+
+
+def _install_own_processors(denoiser: Any, ring: bool) -> dict | None:
+    """Install the Ulysses processors diffattn's support for this family names (HunyuanVideo, CogVideoX, Mochi: the
+    joint attention its plan needs; LTX-Video: the cross-attention diffusers' fails on); returns diffattn's plan, or
+    None to keep diffusers'."""
     from .adapters import adapter_for, attention_processors, set_attention_processors
     from .control import applied
 
     name = type(denoiser).__name__
     if ring:
-        raise ValueError(f"ring=True is not allowed for {name}: diffattn's plan for it is Ulysses only")
+        raise ValueError(f"ring=True is not allowed for {name}: diffattn's context parallelism for it is Ulysses only")
     if getattr(denoiser.config, "image_condition_type", None) == "token_replace":
         raise ValueError(f"{name} image-to-video (token_replace) has no context-parallel plan: its first frame is "
                          "handled apart from the sharded tokens")  # fmt: skip
     if applied(denoiser):
         raise ValueError(
-            f"enable context parallelism on {name} before diffattn.apply: its plan installs the attention processors "
-            "the methods build on"
+            f"enable context parallelism on {name} before diffattn.apply: it installs the attention processors the "
+            "methods build on"
         )
     adapter = adapter_for(denoiser)
-    plan, processor_cls = adapter.own_context_parallel_plan()
+    plan, processor_classes = adapter.context_parallel_support()
     processors = attention_processors(denoiser)
     for layer in adapter.attention_layers():
-        if layer.kind == "joint":
-            processors[layer.key] = processor_cls()
+        if layer.kind in processor_classes:
+            processors[layer.key] = processor_classes[layer.kind]()
     set_attention_processors(denoiser, processors)
     return plan

@@ -28,6 +28,8 @@ WORKER = Path(__file__).parent / "cp_radial_worker.py"
         ("diffattn-plan", ["33", "128", "128", "tiny-cogvideox"], 2),
         # [video | valid text], padded text outputs zero; 6 latent frames (Mochi: 6x in time)
         ("diffattn-plan", ["31", "128", "128", "tiny-mochi"], 2),
+        # diffusers' own LTX plan, its text-masked cross-attention run by diffattn's Ulysses processor
+        ("diffattn-plan", ["33", "128", "128", "tiny-ltx-video"], 2),
     ],
 )
 def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, processes):
@@ -48,7 +50,8 @@ def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, pro
             report["restored"] and report["dense_after_remove"] <= 1e-6
         )  # remove leaves the parallel model as it was
         if order == "diffattn-plan":  # its dense path is diffattn's Ulysses processor, kept after remove
-            family = {"tiny-hunyuan-video": "HunyuanVideo", "tiny-cogvideox": "CogVideoX", "tiny-mochi": "Mochi"}
+            family = {"tiny-hunyuan-video": "HunyuanVideo", "tiny-cogvideox": "CogVideoX", "tiny-mochi": "Mochi",
+                      "tiny-ltx-video": "LTXCrossAttn"}  # fmt: skip
             assert f"Ulysses{family[geometry[3]]}Processor" in report["processors"]
 
 
@@ -62,9 +65,10 @@ def test_a_model_without_any_plan_is_refused_clearly():
 
 @pytest.mark.parametrize(
     "name, model", [("tiny-hunyuan-video", "HunyuanVideoTransformer3DModel"),
-                    ("tiny-cogvideox", "CogVideoXTransformer3DModel"), ("tiny-mochi", "MochiTransformer3DModel")]
+                    ("tiny-cogvideox", "CogVideoXTransformer3DModel"), ("tiny-mochi", "MochiTransformer3DModel"),
+                    ("tiny-ltx-video", "LTXVideoTransformer3DModel")]
 )  # fmt: skip
-def test_diffattn_plans_go_before_apply_and_are_ulysses_only(name, model):
+def test_diffattn_processors_go_before_apply_and_are_ulysses_only(name, model):
     import diffattn
     from diffattn.adapters import attention_processors
     from diffattn.parallel import enable_context_parallel

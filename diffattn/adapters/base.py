@@ -125,9 +125,10 @@ class ModelAdapter:
             return args[0]
         raise ValueError(f"{type(self.model).__name__}.forward was called without `{self.sample_argument}`")
 
-    def own_context_parallel_plan(self) -> tuple[dict, type] | None:
-        """diffattn's context-parallel plan for a family diffusers has none for, and the Ulysses processor its joint
-        attention layers must run under it (the text kept whole on every rank); None: diffusers' `_cp_plan` or none.
+    def context_parallel_support(self) -> tuple[dict | None, dict[str, type]] | None:
+        """What diffattn adds to diffusers' context parallelism for this family: (plan, {layer kind: processor class
+        to install on those layers}). The plan is diffattn's for a family diffusers has none for (None: keep
+        diffusers' `_cp_plan`); the processors run those layers under Ulysses. None: diffusers' as they are.
         """
         return None
 

@@ -22,8 +22,8 @@ class CogVideoXAdapter(ModelAdapter):
 
         return self._layers_by_kind(classify)
 
-    def own_context_parallel_plan(self) -> tuple[dict, type]:
-        return cogvideox_cp_plan(), UlyssesCogVideoXProcessor
+    def context_parallel_support(self) -> tuple[dict, dict[str, type]]:
+        return cogvideox_cp_plan(), {"joint": UlyssesCogVideoXProcessor}
 
     def geometry(self, sample: torch.Tensor) -> LatentGeometry:
         if sample.ndim != 5:

@@ -26,8 +26,8 @@ class HunyuanVideoAdapter(ModelAdapter):
 
         return self._layers_by_kind(classify)
 
-    def own_context_parallel_plan(self) -> tuple[dict, type]:
-        return hunyuan_video_cp_plan(), UlyssesHunyuanVideoProcessor
+    def context_parallel_support(self) -> tuple[dict, dict[str, type]]:
+        return hunyuan_video_cp_plan(), {"joint": UlyssesHunyuanVideoProcessor}
 
     def geometry(self, sample: torch.Tensor) -> LatentGeometry:
         # sample: [B, C, F, H, W] latents; patch_size_t over frames, patch_size over height and width.

@@ -22,8 +22,8 @@ class MochiAdapter(ModelAdapter):
 
         return self._layers_by_kind(classify)
 
-    def own_context_parallel_plan(self) -> tuple[dict, type]:
-        return mochi_cp_plan(), UlyssesMochiProcessor
+    def context_parallel_support(self) -> tuple[dict, dict[str, type]]:
+        return mochi_cp_plan(), {"joint": UlyssesMochiProcessor}
 
     def geometry(self, sample: torch.Tensor) -> LatentGeometry:
         if sample.ndim != 5:
