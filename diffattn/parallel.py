@@ -6,7 +6,7 @@
 Each process loads the pipeline on its device and `transformer.enable_parallelism(ContextParallelConfig(...))`
 shards the sequence across them (Ulysses by default, ring with `ring=True`); radial attention follows the parallel
 config (see `diffattn.methods.radial_attention`). HunyuanVideo, CogVideoX and Mochi, for which diffusers has no
-plan, get diffattn's (`ModelAdapter.own_context_parallel_plan`: video sharded, text whole on every rank, Ulysses
+plan, get diffattn's (`ModelAdapter.context_parallel_support`: video sharded, text whole on every rank, Ulysses
 only). Every process runs the same call with the same seed; process 0 writes the outputs.
 """
 
