@@ -29,7 +29,9 @@ class LTXVideoAdapter(ModelAdapter):
         return self._layers_by_kind(classify)
 
     def context_parallel_support(self) -> tuple[None, dict[str, type]]:
-        return None, {"cross": UlyssesLTXCrossAttnProcessor}  # diffusers' plan; its masked cross-attention fails under Ulysses
+        return None, {
+            "cross": UlyssesLTXCrossAttnProcessor
+        }  # diffusers' plan; its masked cross-attention fails under Ulysses
 
     def geometry_from_call(self, args: tuple, kwargs: dict[str, Any]) -> LatentGeometry:
         sample = self.sample_from_call(args, kwargs)
