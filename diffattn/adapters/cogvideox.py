@@ -81,16 +81,9 @@ def cogvideox_cp_plan() -> dict:
     which come first in every attention, stay whole on every rank; the output is gathered at `proj_out`. Its
     attention layers must run `UlyssesCogVideoXProcessor` (or radial attention over it).
     """
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+    from .ulysses import video_shard_plan
 
-    rotary = ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)
-    return {
-        "": {"image_rotary_emb": [rotary, rotary]},
-        "transformer_blocks.0": {
-            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-        },
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
-    }
+    return video_shard_plan("", "image_rotary_emb", rotary_dims=2)
 
 
 class UlyssesCogVideoXProcessor(CogVideoXJointAttnProcessor):

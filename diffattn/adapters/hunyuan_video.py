@@ -102,18 +102,9 @@ def hunyuan_video_cp_plan() -> dict:
 
     The text cannot be split like the video: the attention mask marks padding by its position in the whole text.
     """
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+    from .ulysses import video_shard_plan
 
-    return {
-        "rope": {
-            0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
-            1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
-        },
-        "transformer_blocks.0": {
-            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-        },
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
-    }
+    return video_shard_plan("rope", None, rotary_dims=2)
 
 
 class UlyssesHunyuanVideoProcessor(HunyuanVideoJointAttnProcessor):

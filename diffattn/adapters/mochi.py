@@ -91,18 +91,9 @@ def mochi_cp_plan() -> dict:
     mask is per caption, not per shard); the output is gathered at `proj_out`. Its attention layers must run
     `UlyssesMochiProcessor` (or radial attention over it).
     """
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+    from .ulysses import video_shard_plan
 
-    return {
-        "rope": {
-            0: ContextParallelInput(split_dim=0, expected_dims=3, split_output=True),
-            1: ContextParallelInput(split_dim=0, expected_dims=3, split_output=True),
-        },
-        "transformer_blocks.0": {
-            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-        },
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
-    }
+    return video_shard_plan("rope", None, rotary_dims=3)
 
 
 class UlyssesMochiProcessor(MochiJointAttnProcessor):

@@ -123,3 +123,27 @@ def text_mask_of(key_mask: torch.Tensor | None, num_text: int, text_first: bool)
     if key_mask is None:
         return None
     return key_mask[:, :num_text] if text_first else key_mask[:, key_mask.shape[1] - num_text :]
+
+
+def video_shard_plan(rotary_source: str, rotary_argument: str | None, rotary_dims: int) -> dict:
+    """A context-parallel plan (diffusers' `_cp_plan` format) for a joint-attention transformer whose text stays
+    whole on every rank: the video tokens are split at `transformer_blocks.0`'s `hidden_states` and gathered at
+    `proj_out`; the rotary embeddings (cos, sin) [N, ...] of `rotary_dims` dims are split over their tokens too,
+    as the outputs of the module `rotary_source` (rotary_argument None) or as its forward argument
+    `rotary_argument` (`rotary_source` "" is the transformer itself).
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    if rotary_argument is None:
+        split = ContextParallelInput(split_dim=0, expected_dims=rotary_dims, split_output=True)
+        rotary = {0: split, 1: split}
+    else:
+        split = ContextParallelInput(split_dim=0, expected_dims=rotary_dims, split_output=False)
+        rotary = {rotary_argument: [split, split]}
+    return {
+        rotary_source: rotary,
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
