@@ -1,10 +1,11 @@
-"""The shapes-sd training curve: mean loss per window of steps from `train-shapes` logs, one leg per run folder.
+"""Training curves of shapes-sd and shapes-wan: mean loss per window of steps from `train-shapes` /
+`train-shapes-video` logs, one leg per run folder.
 
     python benchmarks/shapes_training_curve.py --leg "H100, batch 128" runs/shapes-gpu \
         --leg "2 CPU cores, batch 32" runs/shapes-cpu --out benchmarks/results/shapes_training_curve.json
 
-Each run folder holds the `train_log.jsonl` that `diffattn train-shapes` appends to (one line per step: phase,
-step, loss). Writes the windows as JSON beside the benchmark results.
+Each run folder holds the `train_log.jsonl` that the trainer appends to (one line per step: phase, step, loss).
+Writes the windows as JSON beside the benchmark results.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def windows(log: Path, every: int) -> list[dict]:
     # A resumed run repeats the steps since its last checkpoint (the same data, seeded per step): keep the last.
     latest = {(line["phase"], line["step"]): line for line in lines}
     out = []
-    for phase in ("vae", "unet"):
+    for phase in dict.fromkeys(line["phase"] for line in lines):  # vae, then unet or denoiser
         steps = sorted((line for (p, _), line in latest.items() if p == phase), key=lambda line: line["step"])
         for i in range(0, len(steps), every):
             chunk = steps[i : i + every]
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "shapes_training_curve", "legs": legs}, indent=1) + "\n")
     for leg in legs:
-        last = [w for w in leg["windows"] if w["phase"] == "unet"][-1:]
+        last = [w for w in leg["windows"] if w["phase"] != "vae"][-1:]
         print(leg["label"], f"{len(leg['windows'])} windows", last)
     return 0
 

@@ -96,3 +96,7 @@ def test_training_curve_keeps_the_last_record_of_a_repeated_step(tmp_path):
         {"phase": "unet", "first_step": 0, "last_step": 1, "mean_loss": 0.35},  # (0.4 + 0.3) / 2: step 1's last
         {"phase": "unet", "first_step": 2, "last_step": 2, "mean_loss": 0.5},
     ]
+    # train-shapes-video logs its transformer phase as "denoiser"
+    video = [("vae", 0, 1.0), ("denoiser", 0, 0.6), ("denoiser", 1, 0.2)]
+    log.write_text("".join(json.dumps({"phase": p, "step": s, "loss": x}) + "\n" for p, s, x in video))
+    assert [(w["phase"], w["mean_loss"]) for w in windows(log, every=2)] == [("vae", 1.0), ("denoiser", 0.4)]
