@@ -95,6 +95,28 @@ def enable_context_parallel(pipe: Any, degree: int, ring: bool = False, mesh: An
         plan = _install_own_processors(denoiser, ring) if _support(denoiser) is not None else None
         with _cpu_device_count():
             denoiser.enable_parallelism(config=config, cp_plan=plan)
+        denoiser.register_forward_pre_hook(even_shards_check(denoiser, degree), with_kwargs=True)
+
+
+def even_shards_check(denoiser: Any, degree: int):
+    """A forward pre-hook refusing a call whose video tokens do not split into `degree` equal shards, with the
+    geometry in the message (diffusers' splitter only asserts). Runs before diffusers' hooks: they live inside
+    `forward`, torch's pre-hooks before it. Shapes only, no device sync."""
+    from .adapters import adapter_for
+
+    adapter = adapter_for(denoiser)
+
+    def check(module, args, kwargs):
+        geometry = adapter.geometry_from_call(args, kwargs)
+        tokens = geometry.frames * geometry.height * geometry.width
+        if tokens % degree:
+            raise ValueError(
+                f"context_parallel={degree} needs video tokens that split into {degree} equal shards: "
+                f"{geometry.frames} latent frames x {geometry.height} x {geometry.width} = {tokens} tokens do not; "
+                "choose a frame count or size whose token count the degree divides"
+            )
+
+    return check
 
 
 def _support(denoiser: Any) -> tuple[dict | None, dict[str, type]] | None:

@@ -84,6 +84,27 @@ def test_diffattn_processors_go_before_apply_and_are_ulysses_only(name, model):
     handle.remove()
 
 
+@pytest.mark.parametrize(
+    "name, even, uneven",
+    [
+        ("tiny-wan", (1, 4, 3, 16, 16), (1, 4, 3, 18, 18)),  # [B, C, F, H, W], patch 1x2x2: 192 / 243 tokens
+        ("tiny-cogvideox", (1, 9, 4, 16, 16), (1, 9, 4, 18, 18)),  # [B, F, C, H, W]
+        ("tiny-mochi", (1, 12, 6, 16, 16), (1, 12, 5, 18, 18)),
+    ],
+)
+def test_the_even_shards_check_names_the_geometry(name, even, uneven):
+    import torch
+
+    import diffattn
+    from diffattn.parallel import even_shards_check
+
+    transformer = diffattn.load_pipeline(name).transformer
+    check = even_shards_check(transformer, 2)
+    check(transformer, (torch.zeros(even),), {})  # splits evenly: no error
+    with pytest.raises(ValueError, match="context_parallel=2 needs video tokens that split into 2 equal shards"):
+        check(transformer, (), {"hidden_states": torch.zeros(uneven)})
+
+
 def test_ring_context_parallelism_is_refused_clearly():
     ring = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
     with pytest.raises(ValueError, match="ring context parallelism \\(ring_degree=2\\) is not supported"):
@@ -113,6 +134,16 @@ def test_the_command_line_generates_one_video_across_processes(tmp_path):
     two = sorted((tmp_path / "two").glob("*.mp4"))
     assert len(one) == len(two) == 1  # process 0 wrote the video, once
     np.testing.assert_array_equal(iio.imread(one[0]), iio.imread(two[0]))
+    # 9 frames of 144x144: 3 x 9 x 9 = 243 tokens, not two equal shards: refused with the geometry, nothing written
+    uneven = [*flags[: flags.index("--num-frames")], "--num-frames", "9", "--height", "144", "--width", "144",
+              *flags[flags.index("--steps") :], "--context-parallel", "2", "--out", str(tmp_path / "uneven")]  # fmt: skip
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "diffattn",
+                              *uneven], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert refused.returncode != 0
+    assert "context_parallel=2 needs video tokens that split into 2 equal shards: 3 latent frames x 9 x 9" in (
+        refused.stdout + refused.stderr
+    )
+    assert not list((tmp_path / "uneven").glob("*.mp4"))
     ring = subprocess.run([sys.executable, "-m", "diffattn", *flags, "--ring", "--out", str(tmp_path / "r")], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert ring.returncode == 2 and "--ring needs --context-parallel N" in ring.stderr
