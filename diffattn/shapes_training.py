@@ -233,6 +233,15 @@ def save_checkpoint(path: Path, models: dict, optimizers: dict, state: dict, ema
     tmp.replace(path)  # a crash never leaves a half-written checkpoint
 
 
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Resume `optimizer` from its saved state but keep the learning rate it was built with: torch's load_state_dict
+    would restore the saved rate and silently ignore the one this run was given."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+
+
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     """A training checkpoint, loaded with `weights_only=True`: tensors, numbers, strings and containers only, so a
     planted checkpoint cannot run code (torch refuses any other pickled object)."""
@@ -300,7 +309,7 @@ def train_shapes(
         for name, weights in saved["models"].items():
             components[name].load_state_dict(weights)
         for name, opt_state in saved["optimizers"].items():
-            optimizers[name].load_state_dict(opt_state)
+            load_optimizer(optimizers[name], opt_state)
         kept = ("vae_step", "unet_step", "vae_loss", "unet_loss", "latent_scale")
         state.update({k: saved["state"][k] for k in kept if k in saved["state"]})
         saved_ema = saved.get("ema")

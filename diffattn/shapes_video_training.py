@@ -37,7 +37,14 @@ import torch
 
 from .presets.shapes_video import NUM_FRAMES, build_shapes_wan
 from .scenes import render_clip
-from .shapes_training import _ema_update, _LossLog, export_pipeline, load_checkpoint, save_checkpoint
+from .shapes_training import (
+    _ema_update,
+    _LossLog,
+    export_pipeline,
+    load_checkpoint,
+    load_optimizer,
+    save_checkpoint,
+)
 from .training import flow_matching_loss
 from .validation import check_int_range, check_number, check_str
 
@@ -198,7 +205,7 @@ def train_shapes_video(
         for name in ("vae", "transformer", "text_encoder"):
             getattr(pipe, name).load_state_dict(saved["models"][name])
         for name, opt_state in saved["optimizers"].items():
-            optimizers[name].load_state_dict(opt_state)
+            load_optimizer(optimizers[name], opt_state)
         state.update({k: v for k, v in saved["state"].items() if k != "config"})
         if state.get("calibrated"):
             vae.register_to_config(

@@ -100,3 +100,21 @@ def test_training_curve_keeps_the_last_record_of_a_repeated_step(tmp_path):
     video = [("vae", 0, 1.0), ("denoiser", 0, 0.6), ("denoiser", 1, 0.2)]
     log.write_text("".join(json.dumps({"phase": p, "step": s, "loss": x}) + "\n" for p, s, x in video))
     assert [(w["phase"], w["mean_loss"]) for w in windows(log, every=2)] == [("vae", 1.0), ("denoiser", 0.4)]
+
+
+def test_a_resumed_optimizer_keeps_the_learning_rate_it_is_given():
+    """torch's Optimizer.load_state_dict restores the saved rate; a resumed run given --lr must train at that rate,
+    with its moments resumed."""
+    import torch
+
+    from diffattn.shapes_training import load_optimizer
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    first = torch.optim.AdamW([weight], lr=1e-3)
+    weight.grad = torch.full((3,), 0.5)
+    first.step()
+    saved = first.state_dict()
+    resumed = torch.optim.AdamW([weight], lr=2e-4)
+    load_optimizer(resumed, saved)
+    assert resumed.param_groups[0]["lr"] == 2e-4
+    torch.testing.assert_close(resumed.state[weight]["exp_avg"], torch.full((3,), 0.05))  # (1 - 0.9) * 0.5
