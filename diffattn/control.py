@@ -256,6 +256,23 @@ class Handle:
             f"maps() needs diffattn.AttentionMapConfig among the applied configs (applied: {self.configs})"
         )
 
+    def installed(self, model: torch.nn.Module, key: str) -> Any | None:
+        """The processor this handle installed on `model`'s layer `key` (None: it left that layer alone)."""
+        return self._installed.get(id(model), {}).get(key)
+
+    def replace_original(self, model: torch.nn.Module, key: str, processor: Any) -> None:
+        """Put `processor` beneath this handle's processor on layer `key`: the one it falls back on (dense steps) and
+        the one `remove()` restores. For changes made to the model after `apply` (context parallelism's processors);
+        refused for a processor that has no fallback."""
+        installed = self.installed(model, key)
+        if installed is None or not hasattr(installed, "original"):
+            raise ValueError(
+                f"{key} runs {type(installed).__name__}, which has no processor beneath it to replace; remove "
+                f"{self.configs} first, or make the change before diffattn.apply"
+            )
+        installed.original = processor
+        self._originals[id(model)][key] = processor
+
     def remove(self) -> None:
         """Restore the exact processor objects and remove the hooks and scheduler wrappers. Idempotent."""
         if not self.active:

@@ -140,7 +140,8 @@ def _own_plan(denoiser: Any) -> dict | None:
 def _install_own_processors(denoiser: Any, ring: bool) -> dict | None:
     """Install the Ulysses processors diffattn's support for this family names (HunyuanVideo, CogVideoX, Mochi: the
     joint attention its plan needs; LTX-Video: the cross-attention diffusers' fails on); returns diffattn's plan, or
-    None to keep diffusers'."""
+    None to keep diffusers'. On a layer a diffattn method already controls (apply came first), the new processor
+    goes beneath the method's: its dense path, and what `remove()` restores."""
     from .adapters import adapter_for, attention_processors, set_attention_processors
     from .control import applied
 
@@ -150,16 +151,25 @@ def _install_own_processors(denoiser: Any, ring: bool) -> dict | None:
     if getattr(denoiser.config, "image_condition_type", None) == "token_replace":
         raise ValueError(f"{name} image-to-video (token_replace) has no context-parallel plan: its first frame is "
                          "handled apart from the sharded tokens")  # fmt: skip
-    if applied(denoiser):
-        raise ValueError(
-            f"enable context parallelism on {name} before diffattn.apply: it installs the attention processors the "
-            "methods build on"
-        )
     adapter = adapter_for(denoiser)
     plan, processor_classes = adapter.context_parallel_support()
     processors = attention_processors(denoiser)
-    for layer in adapter.attention_layers():
-        if layer.kind in processor_classes:
-            processors[layer.key] = processor_classes[layer.kind]()
+    handles = applied(denoiser)
+    layers = [layer for layer in adapter.attention_layers() if layer.kind in processor_classes]
+    owners = {layer.key: next((h for h in handles if h.installed(denoiser, layer.key) is not None), None)
+              for layer in layers}  # fmt: skip
+    for key, owner in owners.items():  # all or nothing: check every layer before changing one
+        if owner is not None and not hasattr(owner.installed(denoiser, key), "original"):
+            raise ValueError(
+                f"{key} of {name} runs {type(owner.installed(denoiser, key)).__name__} from {owner.configs}, which "
+                "has no processor beneath it for context parallelism to replace; enable context parallelism first"
+            )
+    for layer in layers:
+        processor = processor_classes[layer.kind]()
+        owner = owners[layer.key]
+        if owner is None:
+            processors[layer.key] = processor
+        else:  # applied first: the method's processor falls back on this one, and remove() restores it
+            owner.replace_original(denoiser, layer.key, processor)
     set_attention_processors(denoiser, processors)
     return plan

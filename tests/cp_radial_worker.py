@@ -20,7 +20,8 @@ def main() -> None:
     from diffattn.adapters import attention_processors
     from diffattn.presets import get_preset
 
-    order = sys.argv[1]  # "apply-first", "parallel-first" or "diffattn-plan"
+    # "apply-first", "parallel-first", "diffattn-plan" (enable_context_parallel, then apply) or "apply-then-plan"
+    order = sys.argv[1]
     frames, height, width = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     name = sys.argv[5] if len(sys.argv) > 5 else "tiny-wan"
     if dist.get_rank() == 0:
@@ -65,6 +66,12 @@ def main() -> None:
         enable_context_parallel(pipe, dist.get_world_size())
         processors_before = dict(attention_processors(transformer))
         handle = diffattn.apply(pipe, config)
+    elif order == "apply-then-plan":  # diffattn's processors go beneath radial's; remove() leaves them
+        from diffattn.parallel import enable_context_parallel
+
+        processors_before = {}
+        handle = diffattn.apply(pipe, config)
+        enable_context_parallel(pipe, dist.get_world_size())
     elif order == "apply-first":
         processors_before = dict(attention_processors(transformer))
         handle = diffattn.apply(pipe, config)

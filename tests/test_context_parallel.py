@@ -30,6 +30,9 @@ WORKER = Path(__file__).parent / "cp_radial_worker.py"
         ("diffattn-plan", ["31", "128", "128", "tiny-mochi"], 2),
         # diffusers' own LTX plan, its text-masked cross-attention run by diffattn's Ulysses processor
         ("diffattn-plan", ["33", "128", "128", "tiny-ltx-video"], 2),
+        # apply first: diffattn's processors go beneath radial's (its dense path; what remove() restores)
+        ("apply-then-plan", ["33", "128", "128", "tiny-cogvideox"], 2),
+        ("apply-then-plan", ["33", "128", "128", "tiny-ltx-video"], 2),
     ],
 )
 def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, processes):
@@ -49,7 +52,7 @@ def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, pro
         assert (
             report["restored"] and report["dense_after_remove"] <= 1e-6
         )  # remove leaves the parallel model as it was
-        if order == "diffattn-plan":  # its dense path is diffattn's Ulysses processor, kept after remove
+        if order in ("diffattn-plan", "apply-then-plan"):  # diffattn's Ulysses processor, kept after remove
             family = {"tiny-hunyuan-video": "HunyuanVideo", "tiny-cogvideox": "CogVideoX", "tiny-mochi": "Mochi",
                       "tiny-ltx-video": "LTXCrossAttn"}  # fmt: skip
             assert f"Ulysses{family[geometry[3]]}Processor" in report["processors"]
@@ -64,23 +67,67 @@ def test_a_model_without_any_plan_is_refused_clearly():
 
 
 @pytest.mark.parametrize(
-    "name, model", [("tiny-hunyuan-video", "HunyuanVideoTransformer3DModel"),
-                    ("tiny-cogvideox", "CogVideoXTransformer3DModel"), ("tiny-mochi", "MochiTransformer3DModel"),
-                    ("tiny-ltx-video", "LTXVideoTransformer3DModel")]
+    "name, model, ulysses",
+    [("tiny-hunyuan-video", "HunyuanVideoTransformer3DModel", "UlyssesHunyuanVideoProcessor"),
+     ("tiny-cogvideox", "CogVideoXTransformer3DModel", "UlyssesCogVideoXProcessor"),
+     ("tiny-mochi", "MochiTransformer3DModel", "UlyssesMochiProcessor"),
+     ("tiny-ltx-video", "LTXVideoTransformer3DModel", "UlyssesLTXCrossAttnProcessor")],
 )  # fmt: skip
-def test_diffattn_processors_go_before_apply_and_are_ulysses_only(name, model):
+def test_diffattn_processors_go_beneath_an_applied_method_and_are_ulysses_only(name, model, ulysses):
+    """enable_context_parallel after apply: on a layer radial controls, the Ulysses processor becomes radial's dense
+    path and what remove() restores; other layers get it directly (what the 2-process run checks end to end)."""
     import diffattn
-    from diffattn.adapters import attention_processors
-    from diffattn.parallel import enable_context_parallel
+    from diffattn.adapters import adapter_for, attention_processors
+    from diffattn.parallel import _install_own_processors, enable_context_parallel
 
     pipe = diffattn.load_pipeline(name)
     with pytest.raises(ValueError, match=f"ring=True is not allowed for {model}"):
         enable_context_parallel(pipe, 2, ring=True)
-    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig())
+    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=1))
+    radial = {k: p for k, p in attention_processors(pipe.transformer).items() if type(p).__name__.startswith("Radial")}
+    beneath = {k: p.original for k, p in radial.items()}
+    adapter = adapter_for(pipe.transformer)
+    kinds = adapter.context_parallel_support()[1]
+    targets = {layer.key for layer in adapter.attention_layers() if layer.kind in kinds}  # LTX: attn2, not radial's
+    _install_own_processors(pipe.transformer, ring=False)  # what enable_context_parallel does before diffusers' part
+    current = attention_processors(pipe.transformer)
+    for key, processor in radial.items():
+        assert current[key] is processor
+        if key in targets:
+            assert type(processor.original).__name__ == ulysses
+        else:
+            assert processor.original is beneath[key]
+    handle.remove()
+    after = attention_processors(pipe.transformer)
+    assert not any(type(p).__name__.startswith("Radial") for p in after.values())
+    assert targets and all(type(after[k]).__name__ == ulysses for k in targets)
+    assert targets - set(radial)  # layers radial leaves alone got it directly too (dense_layers=1; LTX's attn2)
+
+
+def test_a_method_without_a_fallback_keeps_context_parallelism_out():
+    """A method whose processor has nothing beneath it cannot take the Ulysses processor: refused, nothing changed."""
+    from dataclasses import dataclass
+
+    import diffattn
+    from diffattn.adapters import attention_processors
+    from diffattn.control import AttentionMethod, MethodConfig
+    from diffattn.parallel import _install_own_processors
+
+    class Replace(AttentionMethod):
+        def processors(self, adapter, layers, state):
+            originals = attention_processors(adapter.model)
+            return {layer.key: type(originals[layer.key])() for layer in layers if layer.kind == "joint"}
+
+    @dataclass(frozen=True)
+    class ReplaceConfig(MethodConfig):
+        method_class = Replace
+
+    pipe = diffattn.load_pipeline("tiny-cogvideox")
+    handle = diffattn.apply(pipe, ReplaceConfig())
     before = dict(attention_processors(pipe.transformer))
-    with pytest.raises(ValueError, match="before diffattn.apply"):
-        enable_context_parallel(pipe, 2)
-    assert attention_processors(pipe.transformer) == before and pipe.transformer._parallel_config is None
+    with pytest.raises(ValueError, match="has no processor beneath it for context parallelism to replace"):
+        _install_own_processors(pipe.transformer, ring=False)
+    assert attention_processors(pipe.transformer) == before
     handle.remove()
 
 
