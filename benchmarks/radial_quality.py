@@ -14,6 +14,9 @@ Parts:
   judge's scores (presence of each captioned object with its colour and shape in >= 90% of frames; direction).
 - energy: the dense model's attention mass by temporal distance and by spatial distance within a frame, measured on
   every self-attention layer and step of dense sampling (a strided subset of queries), as JSON and a PNG.
+- targets: the model itself against the issue's targets, dense at the preset's settings on held-out single-object
+  prompts (`--target-videos`): the share kept (the object with its colour and shape in >= 90% of frames) and
+  moving the captioned way, with 95% intervals.
 - extension: trained at L frames, generated at 4L: dense and radial as they are, and each after a LoRA fine-tune at
   4L (`diffattn.training.train_radial_lora`, the same steps, rank and clips for both) on rendered clips, judged over
   the whole video, with each LoRA's training time.
@@ -55,7 +58,7 @@ from _report import RESULTS, write_report  # noqa: E402
 
 
 MODEL = "shapes-wan"
-PARTS = ("fidelity", "energy", "extension")
+PARTS = ("targets", "fidelity", "energy", "extension")
 SECOND_DECAY = 1.0  # the other decay factor measured beside the preset's
 BASELINES = ("random", "local", "temporal")
 Z95 = 1.96
@@ -218,6 +221,25 @@ def judge_summary(rows: list[dict]) -> dict[str, float]:
         "direction": statistics.fmean(r["direction"] for r in rows),
         "kept_and_direction": statistics.fmean(r["kept"] and r["direction"] for r in rows),
         "mean_presence": statistics.fmean(r["present"] for r in rows),
+    }
+
+
+# ---- the model against the issue's targets ------------------------------------------------------------------------
+
+
+def targets(pipe, args, defaults: dict) -> dict:
+    """Dense videos at the preset's settings on held-out single-object prompts, judged: shares kept / direction."""
+    frames = defaults["num_frames"]
+    prompts = held_out_prompts(args.target_videos, frames, single_only=True)
+    rows = judge_videos(sample(pipe, prompts, frames=frames, steps=args.steps, batch=args.batch, defaults=defaults),
+                        prompts)  # fmt: skip
+    return {
+        "videos": len(rows),
+        "kept": interval([float(r["kept"]) for r in rows]),
+        "direction": interval([float(r["direction"]) for r in rows]),
+        "presence": interval([r["present"] for r in rows]),
+        "targets": {"kept": 0.85, "direction": 0.80},
+        "rows": [{"caption": p.caption, "seed": p.seed, **r} for p, r in zip(prompts, rows)],
     }
 
 
@@ -500,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=MODEL, help="shapes-wan or a folder of an exported shapes-wan pipeline")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--videos", type=int, default=96, help="held-out videos per fidelity variant (96)")
+    parser.add_argument("--target-videos", type=int, default=96, help="single-object videos the targets part judges")
     parser.add_argument("--energy-videos", type=int, default=8, help="dense videos the energy is measured on (8)")
     parser.add_argument("--extension-videos", type=int, default=96, help="held-out videos per extension variant")
     parser.add_argument("--lora-clips", type=int, default=64, help="rendered 4L clips the LoRAs train on (64)")
@@ -520,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     fields: dict = {"model": args.model, "steps": args.steps, "call": defaults}
     pictures = RESULTS / "radial_quality"
     pictures.mkdir(parents=True, exist_ok=True)
+    if "targets" in args.parts:
+        fields["targets"] = targets(pipe, args, defaults)
     if "energy" in args.parts:
         fields["energy"] = energy(pipe, args, defaults)
         plot_energy(fields["energy"], pictures / "energy_decay.png")
