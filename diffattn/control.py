@@ -260,17 +260,20 @@ class Handle:
         """The processor this handle installed on `model`'s layer `key` (None: it left that layer alone)."""
         return self._installed.get(id(model), {}).get(key)
 
+    def replaceable(self, model: torch.nn.Module, key: str) -> bool:
+        """Whether `replace_original` can act on layer `key`: this handle's processor there falls back on another."""
+        return hasattr(self.installed(model, key), "original")
+
     def replace_original(self, model: torch.nn.Module, key: str, processor: Any) -> None:
         """Put `processor` beneath this handle's processor on layer `key`: the one it falls back on (dense steps) and
         the one `remove()` restores. For changes made to the model after `apply` (context parallelism's processors);
-        refused for a processor that has no fallback."""
-        installed = self.installed(model, key)
-        if installed is None or not hasattr(installed, "original"):
+        refused where `replaceable` is False."""
+        if not self.replaceable(model, key):
             raise ValueError(
-                f"{key} runs {type(installed).__name__}, which has no processor beneath it to replace; remove "
-                f"{self.configs} first, or make the change before diffattn.apply"
+                f"{key} runs {type(self.installed(model, key)).__name__}, which has no processor beneath it to "
+                f"replace; remove {self.configs} first, or make the change before diffattn.apply"
             )
-        installed.original = processor
+        self.installed(model, key).original = processor
         self._originals[id(model)][key] = processor
 
     def remove(self) -> None:

@@ -82,7 +82,14 @@ def enable_context_parallel(pipe: Any, degree: int, ring: bool = False, mesh: An
     denoisers = [
         d for d in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if d is not None
     ]
-    if not denoisers or any(getattr(d, "_cp_plan", None) is None and _own_plan(d) is None for d in denoisers):
+    adapters = {id(d): _adapter(d) for d in denoisers}
+    supports = {
+        id(d): None if a is None else a.context_parallel_support() for d, a in zip(denoisers, adapters.values())
+    }
+    if not denoisers or any(
+        getattr(d, "_cp_plan", None) is None and (supports[id(d)] is None or supports[id(d)][0] is None)
+        for d in denoisers
+    ):
         raise ValueError(
             f"{type(pipe).__name__} has no transformer with a context-parallel plan: diffusers has plans for Wan, "
             "LTX-Video and others (_cp_plan), diffattn adds HunyuanVideo's, CogVideoX's and Mochi's"
@@ -92,10 +99,22 @@ def enable_context_parallel(pipe: Any, degree: int, ring: bool = False, mesh: An
             config = ContextParallelConfig(ring_degree=degree)
         else:
             config = ContextParallelConfig(ulysses_degree=degree, mesh=mesh)
-        plan = _install_own_processors(denoiser, ring) if _support(denoiser) is not None else None
+        adapter, support = adapters[id(denoiser)], supports[id(denoiser)]
+        plan = None if support is None else _install_own_processors(denoiser, adapter, support, ring)
         with _cpu_device_count():
             denoiser.enable_parallelism(config=config, cp_plan=plan)
-        denoiser.register_forward_pre_hook(even_shards_check(denoiser, degree), with_kwargs=True)
+        if adapter is not None:
+            denoiser.register_forward_pre_hook(even_shards_check(denoiser, degree), with_kwargs=True)
+
+
+def _adapter(denoiser: Any):
+    """diffattn's adapter for the transformer, or None for one it does not know (diffusers' plan alone then)."""
+    from .adapters import adapter_for
+
+    try:
+        return adapter_for(denoiser)
+    except ValueError:
+        return None
 
 
 def even_shards_check(denoiser: Any, degree: int):
@@ -119,30 +138,13 @@ def even_shards_check(denoiser: Any, degree: int):
     return check
 
 
-def _support(denoiser: Any) -> tuple[dict | None, dict[str, type]] | None:
-    """What diffattn adds to diffusers' context parallelism for this transformer (`ModelAdapter.
-    context_parallel_support`), or None."""
-    from .adapters import adapter_for
-
-    try:
-        adapter = adapter_for(denoiser)
-    except ValueError:
-        return None
-    return adapter.context_parallel_support()
-
-
-def _own_plan(denoiser: Any) -> dict | None:
-    """diffattn's context-parallel plan for a transformer diffusers has none for (HunyuanVideo, CogVideoX, Mochi)."""
-    support = _support(denoiser)
-    return None if support is None else support[0]
-
-
-def _install_own_processors(denoiser: Any, ring: bool) -> dict | None:
-    """Install the Ulysses processors diffattn's support for this family names (HunyuanVideo, CogVideoX, Mochi: the
-    joint attention its plan needs; LTX-Video: the cross-attention diffusers' fails on); returns diffattn's plan, or
-    None to keep diffusers'. On a layer a diffattn method already controls (apply came first), the new processor
-    goes beneath the method's: its dense path, and what `remove()` restores."""
-    from .adapters import adapter_for, attention_processors, set_attention_processors
+def _install_own_processors(denoiser: Any, adapter: Any, support: tuple, ring: bool) -> dict | None:
+    """Install the Ulysses processors diffattn's support for this family names (`support`, from
+    `adapter.context_parallel_support()`: HunyuanVideo, CogVideoX, Mochi: the joint attention its plan needs;
+    LTX-Video: the cross-attention diffusers' fails on); returns diffattn's plan, or None to keep diffusers'. On a
+    layer a diffattn method already controls (apply came first), the new processor goes beneath the method's: its
+    dense path, and what `remove()` restores."""
+    from .adapters import attention_processors, set_attention_processors
     from .control import applied
 
     name = type(denoiser).__name__
@@ -151,15 +153,14 @@ def _install_own_processors(denoiser: Any, ring: bool) -> dict | None:
     if getattr(denoiser.config, "image_condition_type", None) == "token_replace":
         raise ValueError(f"{name} image-to-video (token_replace) has no context-parallel plan: its first frame is "
                          "handled apart from the sharded tokens")  # fmt: skip
-    adapter = adapter_for(denoiser)
-    plan, processor_classes = adapter.context_parallel_support()
+    plan, processor_classes = support
     processors = attention_processors(denoiser)
     handles = applied(denoiser)
     layers = [layer for layer in adapter.attention_layers() if layer.kind in processor_classes]
     owners = {layer.key: next((h for h in handles if h.installed(denoiser, layer.key) is not None), None)
               for layer in layers}  # fmt: skip
     for key, owner in owners.items():  # all or nothing: check every layer before changing one
-        if owner is not None and not hasattr(owner.installed(denoiser, key), "original"):
+        if owner is not None and not owner.replaceable(denoiser, key):
             raise ValueError(
                 f"{key} of {name} runs {type(owner.installed(denoiser, key)).__name__} from {owner.configs}, which "
                 "has no processor beneath it for context parallelism to replace; enable context parallelism first"

@@ -89,7 +89,8 @@ def test_diffattn_processors_go_beneath_an_applied_method_and_are_ulysses_only(n
     adapter = adapter_for(pipe.transformer)
     kinds = adapter.context_parallel_support()[1]
     targets = {layer.key for layer in adapter.attention_layers() if layer.kind in kinds}  # LTX: attn2, not radial's
-    _install_own_processors(pipe.transformer, ring=False)  # what enable_context_parallel does before diffusers' part
+    # what enable_context_parallel does before diffusers' part
+    _install_own_processors(pipe.transformer, adapter, adapter.context_parallel_support(), ring=False)
     current = attention_processors(pipe.transformer)
     for key, processor in radial.items():
         assert current[key] is processor
@@ -109,7 +110,7 @@ def test_a_method_without_a_fallback_keeps_context_parallelism_out():
     from dataclasses import dataclass
 
     import diffattn
-    from diffattn.adapters import attention_processors
+    from diffattn.adapters import adapter_for, attention_processors
     from diffattn.control import AttentionMethod, MethodConfig
     from diffattn.parallel import _install_own_processors
 
@@ -125,8 +126,9 @@ def test_a_method_without_a_fallback_keeps_context_parallelism_out():
     pipe = diffattn.load_pipeline("tiny-cogvideox")
     handle = diffattn.apply(pipe, ReplaceConfig())
     before = dict(attention_processors(pipe.transformer))
+    adapter = adapter_for(pipe.transformer)
     with pytest.raises(ValueError, match="has no processor beneath it for context parallelism to replace"):
-        _install_own_processors(pipe.transformer, ring=False)
+        _install_own_processors(pipe.transformer, adapter, adapter.context_parallel_support(), ring=False)
     assert attention_processors(pipe.transformer) == before
     handle.remove()
 

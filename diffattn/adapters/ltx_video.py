@@ -29,9 +29,8 @@ class LTXVideoAdapter(ModelAdapter):
         return self._layers_by_kind(classify)
 
     def context_parallel_support(self) -> tuple[None, dict[str, type]]:
-        return None, {
-            "cross": UlyssesLTXCrossAttnProcessor
-        }  # diffusers' plan; its masked cross-attention fails under Ulysses
+        # diffusers' own plan; its text-masked cross-attention fails under Ulysses, so attn2 gets diffattn's
+        return None, {"cross": UlyssesLTXCrossAttnProcessor}
 
     def geometry_from_call(self, args: tuple, kwargs: dict[str, Any]) -> LatentGeometry:
         sample = self.sample_from_call(args, kwargs)

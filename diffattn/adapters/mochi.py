@@ -45,12 +45,12 @@ class MochiJointAttnProcessor:
     """The computation of diffusers' `MochiAttnProcessor2_0`, with `attend` overridable.
 
     `attend(attn, q, k, v, num_video, key_mask)` gets q, k, v: [B, N, H, D] over [video | text] and key_mask: bool
-    [B, N] (False for text padding); it returns [B, N, H, D] with zeros at padded text positions, as Mochi does.
+    [B, N] (False for text padding); it returns [B, N, H, D]. The padded text positions' outputs are then zeroed, as
+    Mochi does, whatever `attend` computed there.
     """
 
     def attend(self, attn, query, key, value, num_video: int, key_mask: torch.Tensor) -> torch.Tensor:
-        out = sdpa_bnhd(query, key, value, key_mask)
-        return out * key_mask[:, :, None, None].to(out.dtype)
+        return sdpa_bnhd(query, key, value, key_mask)
 
     def __call__(
         self,
@@ -77,7 +77,8 @@ class MochiJointAttnProcessor:
             torch.cat([value, enc_value], 1),
             num_video,
             key_mask,
-        ).flatten(2, 3)
+        )
+        out = (out * key_mask[:, :, None, None].to(out.dtype)).flatten(2, 3)
         hidden_states, encoder_hidden_states = out.split_with_sizes((num_video, num_text), dim=1)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if hasattr(attn, "to_add_out"):
@@ -108,7 +109,6 @@ class UlyssesMochiProcessor(MochiJointAttnProcessor):
         group = ulysses_group(self._parallel_config)
         if group is None:
             return super().attend(attn, query, key, value, num_video, key_mask)
-        out = ulysses_joint_attention(
+        return ulysses_joint_attention(
             query, key, value, slice(0, num_video), group, sdpa_joint, key_mask[:, num_video:]
-        )  # fmt: skip
-        return out * key_mask[:, :, None, None].to(out.dtype)  # padded text positions get zero output, as Mochi's
+        )

@@ -316,8 +316,7 @@ class RadialMochiProcessor(_Scheduled, MochiJointAttnProcessor):
         return self._dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
     def attend(self, attn, query, key, value, num_video, key_mask):
-        out = self._video_attention(query, key, value, slice(0, num_video), key_mask)
-        return out * key_mask[:, :, None, None].to(out.dtype)
+        return self._video_attention(query, key, value, slice(0, num_video), key_mask)
 
 
 # family -> (layer kind that carries video self-attention, processor class)
