@@ -32,7 +32,6 @@ WORKER = Path(__file__).parent / "cp_radial_worker.py"
         ("diffattn-plan", ["33", "128", "128", "tiny-ltx-video"], 2),
         # apply first: diffattn's processors go beneath radial's (its dense path; what remove() restores)
         ("apply-then-plan", ["33", "128", "128", "tiny-cogvideox"], 2),
-        ("apply-then-plan", ["33", "128", "128", "tiny-ltx-video"], 2),
     ],
 )
 def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, processes):
