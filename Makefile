@@ -21,7 +21,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(OFFLINE) TRITON_INTERPRET=1 $(PY) -m pytest -q
+	$(OFFLINE) TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15
 
 demo: setup
 	$(OFFLINE) $(VENV)/bin/diffattn demo --out outputs/demo

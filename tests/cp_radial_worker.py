@@ -1,5 +1,8 @@
 """Run under `torchrun --nproc-per-node N` (gloo, CPU) by tests/test_context_parallel.py: radial attention under
-diffusers' Ulysses context parallelism against the single-process run, printed as one JSON line per rank."""
+diffusers' Ulysses context parallelism against the single-process run, printed as one JSON line per rank and case.
+
+Arguments: one or more cases, each `order:frames:height:width:preset`, run one after another in the same process
+group (each on a freshly loaded pipeline), so the processes start once."""
 
 import json
 import sys
@@ -14,6 +17,13 @@ def main() -> None:
     # on a CPU-only machine; seen as 1 here (this worker only), the engine builds a CPU mesh and runs on gloo.
     torch.accelerator.device_count = lambda: 1
     torch.set_num_threads(1)
+    for case in sys.argv[1:]:
+        run_case(case)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_case(case: str) -> None:
     from diffusers import ContextParallelConfig
 
     import diffattn
@@ -21,9 +31,8 @@ def main() -> None:
     from diffattn.presets import get_preset
 
     # "apply-first", "parallel-first", "diffattn-plan" (enable_context_parallel, then apply) or "apply-then-plan"
-    order = sys.argv[1]
-    frames, height, width = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    name = sys.argv[5] if len(sys.argv) > 5 else "tiny-wan"
+    order, frames, height, width, name = case.split(":")
+    frames, height, width = int(frames), int(height), int(width)
     if dist.get_rank() == 0:
         diffattn.preset_path(name)  # one process builds the preset into the test session's cache
     dist.barrier()
@@ -87,6 +96,7 @@ def main() -> None:
     restored = all(attention_processors(transformer)[k] is v for k, v in processors_before.items())
     dense_parallel = call()  # the parallel model as it was: its own Ulysses path
     report = {
+        "case": case,
         "rank": dist.get_rank(),
         "radial_vs_single": float((parallel - single).abs().max()),
         "radial_vs_dense": float((parallel - dense).abs().max()),
@@ -98,7 +108,6 @@ def main() -> None:
         "restored": restored,
     }
     print("REPORT " + json.dumps(report), flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

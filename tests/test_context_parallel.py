@@ -15,32 +15,51 @@ from diffattn.adapters.ulysses import ulysses_group
 WORKER = Path(__file__).parent / "cp_radial_worker.py"
 
 
-@pytest.mark.parametrize(
-    "order, geometry, processes",
-    [
-        ("apply-first", ["33", "128", "128", "tiny-wan"], 2),
-        ("parallel-first", ["33", "128", "128", "tiny-wan"], 2),
-        # 4 processes: shapes-wan's 4 heads, one a process; 2,304 tokens, 576 a process
-        ("parallel-first", ["33", "64", "64", "shapes-wan"], 4),
-        # joint attention ([video | text], text padding masked): diffattn's plan, the text whole on every rank
-        ("diffattn-plan", ["33", "128", "128", "tiny-hunyuan-video"], 2),
-        # text first ([text | video]), no text mask
-        ("diffattn-plan", ["33", "128", "128", "tiny-cogvideox"], 2),
-        # [video | valid text], padded text outputs zero; 6 latent frames (Mochi: 6x in time)
-        ("diffattn-plan", ["31", "128", "128", "tiny-mochi"], 2),
-        # diffusers' own LTX plan, its text-masked cross-attention run by diffattn's Ulysses processor
-        ("diffattn-plan", ["33", "128", "128", "tiny-ltx-video"], 2),
-        # apply first: diffattn's processors go beneath radial's (its dense path; what remove() restores)
-        ("apply-then-plan", ["33", "128", "128", "tiny-cogvideox"], 2),
-    ],
-)
-def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, processes):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), str(WORKER), order,
-               *geometry]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    reports = [json.loads(line.split("REPORT ", 1)[1]) for line in proc.stdout.splitlines() if "REPORT " in line]
+CASES = [
+    ("apply-first", ["33", "128", "128", "tiny-wan"], 2),
+    # parallel first; 4 processes: shapes-wan's 4 heads, one a process; 2,304 tokens, 576 a process
+    ("parallel-first", ["33", "64", "64", "shapes-wan"], 4),
+    # joint attention ([video | text], text padding masked): diffattn's plan, the text whole on every rank
+    ("diffattn-plan", ["33", "128", "128", "tiny-hunyuan-video"], 2),
+    # text first ([text | video]), no text mask
+    ("diffattn-plan", ["33", "128", "128", "tiny-cogvideox"], 2),
+    # [video | valid text], padded text outputs zero; 6 latent frames (Mochi: 6x in time)
+    ("diffattn-plan", ["31", "128", "128", "tiny-mochi"], 2),
+    # diffusers' own LTX plan, its text-masked cross-attention run by diffattn's Ulysses processor
+    ("diffattn-plan", ["33", "128", "128", "tiny-ltx-video"], 2),
+    # apply first: diffattn's processors go beneath radial's (its dense path; what remove() restores)
+    ("apply-then-plan", ["33", "128", "128", "tiny-cogvideox"], 2),
+]
+
+
+def _case(order: str, geometry: list[str]) -> str:
+    return ":".join([order, *geometry])
+
+
+@pytest.fixture(scope="module")
+def ulysses_reports():
+    """Every case with the same process count runs in one torchrun launch (the processes start once); its reports
+    by case, or the launch's failure."""
+    launches = {}
+
+    def reports_of(order: str, geometry: list[str], processes: int) -> list[dict]:
+        if processes not in launches:
+            cases = [_case(o, g) for o, g, n in CASES if n == processes]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                       str(WORKER), *cases]  # fmt: skip
+            launches[processes] = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+        proc = launches[processes]
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        reports = [json.loads(line.split("REPORT ", 1)[1]) for line in proc.stdout.splitlines() if "REPORT " in line]
+        return [r for r in reports if r["case"] == _case(order, geometry)]
+
+    return reports_of
+
+
+@pytest.mark.parametrize("order, geometry, processes", CASES)
+def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, processes, ulysses_reports):
+    reports = ulysses_reports(order, geometry, processes)
     assert sorted(r["rank"] for r in reports) == list(range(processes))
     for report in reports:
         # batch 2 with CFG, 3 steps (step 0 dense, 1-2 sparse): every rank's output equals one process's radial run
@@ -161,7 +180,7 @@ def test_ring_context_parallelism_is_refused_clearly():
     assert ulysses_group(SimpleNamespace(context_parallel_config=None)) is None
 
 
-def test_the_command_line_generates_one_video_across_processes(tmp_path):
+def test_the_command_line_generates_one_video_across_processes(tmp_path, capsys):
     import imageio.v3 as iio
     import numpy as np
 
@@ -192,9 +211,11 @@ def test_the_command_line_generates_one_video_across_processes(tmp_path):
         refused.stdout + refused.stderr
     )
     assert not list((tmp_path / "uneven").glob("*.mp4"))
-    ring = subprocess.run([sys.executable, "-m", "diffattn", *flags, "--ring", "--out", str(tmp_path / "r")], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert ring.returncode == 2 and "--ring needs --context-parallel N" in ring.stderr
+    from diffattn.cli import main
+
+    capsys.readouterr()
+    assert main([*flags, "--ring", "--out", str(tmp_path / "r")]) == 2
+    assert "--ring needs --context-parallel N" in capsys.readouterr().err
 
 
 def test_a_batch_job_in_groups_of_context_parallel_processes(tmp_path):

@@ -115,7 +115,7 @@ def test_kill_at_random_moments_across_runs(tmp_path):
     whole = time.monotonic() - start
     rng = random.Random(1234)
     kills = 0
-    for trial in range(4):  # each trial: up to two kills at random moments, then a run to the end
+    for trial in range(2):  # each trial: up to two kills at random moments, then a run to the end
         out = tmp_path / f"out{trial}"
         for attempt in range(2):
             proc = _batch(job, out)
@@ -132,7 +132,7 @@ def test_kill_at_random_moments_across_runs(tmp_path):
         _, stderr = final.communicate(timeout=300)
         assert final.returncode == 0, stderr[-2000:]
         _check_exactly_once(out, names, after_kill)
-    assert kills >= 4
+    assert kills >= 2
 
 
 def test_a_second_run_on_a_folder_being_written_is_refused_at_once(tmp_path):
