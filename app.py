@@ -490,10 +490,10 @@ def _preset_defaults(*keys: str):
 
 
 def _compare_defaults(model: str):
-    """Steps of the model; the frames box only for video models, with the preset's frames (33 for radial to be
-    sparse on the tiny presets' short latent clips)."""
+    """Steps of the model; the frames box only for video models, with the preset's comparison frames (enough latent
+    frames for the radial mask to be sparse)."""
     video = model in VIDEO_PRESETS
-    frames = max(PRESETS[model].call_defaults.get("num_frames", 0), 33) if video else None
+    frames = PRESETS[model].compare_frames if video else None
     return gr.update(value=default_steps(model) if model in PRESETS else None), gr.update(value=frames, visible=video)
 
 

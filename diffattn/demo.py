@@ -27,8 +27,7 @@ from .video_metrics import psnr
 logger = logging.getLogger(__name__)
 
 DEMO_PROMPT = "a photo of a red cat sitting on a blue chair"
-# Radial comparison: longer clips than the presets' defaults, so the mask is really sparse (8-9 latent frames).
-RADIAL_FRAMES = {"tiny-mochi": 49, "tiny-ltx-video": 65}
+# Radial comparison on the random presets: sparse from the second step, at each preset's compare_frames.
 RADIAL_DEMO = RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64)
 AGENT_DEMO = AgentAttentionConfig()
 AGENT_SIZE = {"tiny-sd": 256, "tiny-sdxl": 512}  # larger than the defaults, so merging has tokens to work on
@@ -77,7 +76,7 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
     radial_rows = []
     for name in tqdm([n for n in names if PRESETS[n].kind == "video"], desc="diffattn demo: radial"):
         preset = PRESETS[name]
-        frames = RADIAL_FRAMES.get(name, 33)
+        frames = preset.compare_frames
         config = RADIAL_DEMO  # the random presets: sparse from the second step
         if preset.radial is not None:  # a trained preset's own settings, its dense quarter of the steps kept a quarter
             quarter = (steps or preset.steps) // 4

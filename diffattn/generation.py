@@ -72,6 +72,40 @@ def is_video_pipeline(pipe: Any) -> bool:
     return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
+def frames_per_latent_frame(pipe: Any) -> int:
+    """How many frames a video pipeline's autoencoder folds into one latent frame (Wan, HunyuanVideo, CogVideoX: 4;
+    LTX: 8; Mochi: 6): the frame counts it makes are 1 + a multiple of it. 1 when the pipeline names none."""
+    # diffusers names it three ways: Wan, HunyuanVideo, CogVideoX / LTX / Mochi
+    for name in ("vae_scale_factor_temporal", "vae_temporal_compression_ratio", "vae_temporal_scale_factor"):
+        value = getattr(pipe, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1
+
+
+def check_frame_count(num_frames: int, pipe: Any, model: str) -> None:
+    """Raise ValueError for a frame count the pipeline would change: Wan's rounds it to the nearest 1 + 4k (with
+    a log line), the others floor it to their latent frames, so 30 frames asked would silently be 29 made."""
+    step = frames_per_latent_frame(pipe)
+    if (num_frames - 1) % step:
+        below = (num_frames - 1) // step * step + 1
+        raise ValueError(
+            f"num_frames={num_frames} is not allowed for {model!r}: its autoencoder keeps the first frame and folds "
+            f"every {step} after it into one latent frame, so a video has 1 + a multiple of {step} frames "
+            f"({below} or {below + step})"
+        )
+
+
+def check_step_count(steps: int, pipe: Any, model: str) -> None:
+    """Raise ValueError for a step count the pipeline cannot run (Mochi's linear-then-quadratic sigma schedule
+    divides by half the steps: one step is a ZeroDivisionError inside diffusers)."""
+    if type(pipe).__name__ == "MochiPipeline" and steps < 2:
+        raise ValueError(
+            f"steps={steps} is not allowed for {model!r}: Mochi's sigma schedule (linear, then quadratic) needs "
+            "at least 2 steps"
+        )
+
+
 def has_sd_unet(pipe: Any) -> bool:
     unet = getattr(pipe, "unet", None)
     return unet is not None and type(unet).__name__ == "UNet2DConditionModel" and hasattr(pipe, "tokenizer")
@@ -213,9 +247,12 @@ def _pipeline_arguments(request: GenerationRequest, pipe: Any, batch: int) -> _C
         if request.num_frames is not None:
             raise ValueError(f"num_frames={request.num_frames} is for video models; {model!r} is an image model")
         kwargs.pop("num_frames", None)
+    elif kwargs.get("num_frames") is not None:
+        check_frame_count(kwargs["num_frames"], pipe, model)
     if request.negative_prompt:  # diffusers wants a list beside a list of prompts
         kwargs["negative_prompt"] = request.negative_prompt if batch == 1 else [request.negative_prompt] * batch
     steps = default_steps(model) if request.steps is None else request.steps
+    check_step_count(steps, pipe, model)
     return _Call(kwargs, steps, interval, video)
 
 

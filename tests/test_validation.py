@@ -261,3 +261,37 @@ def test_requests_round_trip_through_json():
     assert GenerationRequest.from_dict(json.loads(json.dumps(ir.to_dict()))) == ir
     with pytest.raises(ValueError, match="unknown request field 'colour'"):
         GenerationRequest.from_dict({"model": "x", "prompt": "y", "colour": 1})
+
+
+@pytest.mark.parametrize(
+    # each family's time compression (its autoencoder's): the first frame alone, then `step` frames a latent frame
+    "model, step",
+    [("tiny-wan", 4), ("tiny-hunyuan-video", 4), ("tiny-cogvideox", 4), ("tiny-ltx-video", 8), ("tiny-mochi", 6)],
+)
+def test_a_video_has_the_frames_asked_or_is_refused_naming_the_counts_allowed(model, step):
+    asked, steps = 1 + 2 * step, 2 if model == "tiny-mochi" else 1
+    result = generate(model, "a boat", num_frames=asked, steps=steps)
+    assert len(result.frames) == asked
+    # one more or one fewer would have been rounded (Wan) or floored (the others) by the pipeline, silently
+    for wrong, nearest in ((asked + 1, (asked, asked + step)), (asked - 1, (asked - step, asked))):
+        message = (
+            f"num_frames={wrong} is not allowed for '{model}': .* 1 \\+ a multiple of {step} frames "
+            f"\\({nearest[0]} or {nearest[1]}\\)"
+        )
+        with pytest.raises(ValueError, match=message):
+            generate(model, "a boat", num_frames=wrong, steps=steps)
+
+
+def test_mochi_with_one_step_is_refused_naming_the_field():
+    # diffusers' Mochi schedule divides by steps // 2: one step would end in a ZeroDivisionError
+    with pytest.raises(ValueError, match="steps=1 is not allowed for 'tiny-mochi': .* at least 2 steps"):
+        generate("tiny-mochi", "a boat", num_frames=13, steps=1)
+
+
+def test_every_video_preset_runs_at_frame_counts_its_autoencoder_keeps():
+    from diffattn.presets import PRESETS
+
+    time_compression = {"wan": 4, "hunyuan-video": 4, "cogvideox": 4, "ltx-video": 8, "mochi": 6}
+    for preset in (p for p in PRESETS.values() if p.kind == "video"):
+        for frames in (preset.call_defaults["num_frames"], preset.compare_frames):
+            assert (frames - 1) % time_compression[preset.family] == 0, (preset.name, frames)

@@ -57,6 +57,9 @@ class Preset:
     # describe(image) -> what a judge sees in it, in words (None: no judge for this model's pictures)
     describe: Callable[[Any], str] | None = None
     radial: RadialAttentionConfig | None = None  # the radial settings this model runs with (None: the library's)
+    # frames of the dense-vs-radial comparisons (demo, the UI's Compare tab): enough latent frames that the mask is
+    # sparse, and a count the model's autoencoder keeps (1 + a multiple of its time compression)
+    compare_frames: int | None = None
 
 
 SHIPPED = Path(__file__).parent
@@ -90,6 +93,7 @@ PRESETS: dict[str, Preset] = {
             demo_prompt="a red circle moving right",
             # 16-token blocks: a frame is 16 blocks, so the band is resolved; a quarter of the steps dense, as upstream
             radial=RadialAttentionConfig(block_size=16, decay_factor=0.25, dense_timesteps=5, dense_layers=0),
+            compare_frames=33,
         ),
         Preset(
             "tiny-sd",
@@ -114,6 +118,7 @@ PRESETS: dict[str, Preset] = {
             "Wan 2.1 T2V-shaped transformer, 9 frames of 128x128 px (3x8x8 tokens)",
             build_tiny_wan,
             {"height": 128, "width": 128, "num_frames": 9, "guidance_scale": 5.0, "max_sequence_length": 64},
+            compare_frames=33,
         ),
         Preset(
             "tiny-hunyuan-video",
@@ -122,6 +127,7 @@ PRESETS: dict[str, Preset] = {
             "HunyuanVideo-shaped joint-attention transformer, 9 frames of 128x128 px",
             build_tiny_hunyuan_video,
             {"height": 128, "width": 128, "num_frames": 9, "guidance_scale": 6.0, "max_sequence_length": 64},
+            compare_frames=33,
         ),
         Preset(
             "tiny-cogvideox",
@@ -130,6 +136,7 @@ PRESETS: dict[str, Preset] = {
             "CogVideoX-shaped joint-attention transformer (text then video), 9 frames of 128x128 px",
             build_tiny_cogvideox,
             {"height": 128, "width": 128, "num_frames": 9, "guidance_scale": 6.0, "max_sequence_length": 32},
+            compare_frames=33,
         ),
         Preset(
             "tiny-ltx-video",
@@ -138,6 +145,7 @@ PRESETS: dict[str, Preset] = {
             "LTX-Video-shaped transformer on packed tokens, 9 frames of 128x128 px",
             build_tiny_ltx_video,
             {"height": 128, "width": 128, "num_frames": 9, "guidance_scale": 3.0, "max_sequence_length": 32},
+            compare_frames=65,
         ),
         Preset(
             "tiny-mochi",
@@ -146,6 +154,7 @@ PRESETS: dict[str, Preset] = {
             "Mochi-shaped asymmetric joint-attention transformer, 7 frames of 128x128 px",
             build_tiny_mochi,
             {"height": 128, "width": 128, "num_frames": 7, "guidance_scale": 4.5, "max_sequence_length": 32},
+            compare_frames=49,
         ),
     )
 }
