@@ -96,6 +96,34 @@ def check_frame_count(num_frames: int, pipe: Any, model: str) -> None:
         )
 
 
+def pixels_per_video_token(pipe: Any) -> int:
+    """The side in pixels of one video token: the autoencoder's spatial compression times the transformer's spatial
+    patch (Wan 2.1, HunyuanVideo, CogVideoX, Mochi: 8 x 2; LTX-Video: 32 x 1). 1 when the pipeline names neither."""
+    # diffusers names the compression three ways: Wan, HunyuanVideo, CogVideoX / LTX / Mochi
+    scale = 1
+    for name in ("vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_spatial_scale_factor"):
+        value = getattr(pipe, name, None)
+        if isinstance(value, int) and value > 0:
+            scale = value
+            break
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    patch = config.get("patch_size", 1) if config is not None else 1
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch  # Wan: (time, height, width)
+    return scale * (patch if isinstance(patch, int) and patch > 0 else 1)
+
+
+def check_video_size(height: int | None, width: int | None, pipe: Any, model: str) -> None:
+    """Raise ValueError for a video height or width that is not a whole number of tokens (CogVideoX and Mochi
+    would fail deep inside the transformer with a shape error)."""
+    side = pixels_per_video_token(pipe)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value % side:
+            raise ValueError(
+                f"{name}={value} is not allowed for {model!r}: expected a multiple of {side} pixels (one video "
+                f"token; {value // side * side} or {value // side * side + side})"
+            )
+
+
 def check_step_count(steps: int, pipe: Any, model: str) -> None:
     """Raise ValueError for a step count the pipeline cannot run (Mochi's linear-then-quadratic sigma schedule
     divides by half the steps: one step is a ZeroDivisionError inside diffusers)."""
@@ -247,8 +275,10 @@ def _pipeline_arguments(request: GenerationRequest, pipe: Any, batch: int) -> _C
         if request.num_frames is not None:
             raise ValueError(f"num_frames={request.num_frames} is for video models; {model!r} is an image model")
         kwargs.pop("num_frames", None)
-    elif kwargs.get("num_frames") is not None:
-        check_frame_count(kwargs["num_frames"], pipe, model)
+    else:
+        if kwargs.get("num_frames") is not None:
+            check_frame_count(kwargs["num_frames"], pipe, model)
+        check_video_size(kwargs.get("height"), kwargs.get("width"), pipe, model)
     if request.negative_prompt:  # diffusers wants a list beside a list of prompts
         kwargs["negative_prompt"] = request.negative_prompt if batch == 1 else [request.negative_prompt] * batch
     steps = default_steps(model) if request.steps is None else request.steps

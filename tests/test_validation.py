@@ -295,3 +295,17 @@ def test_every_video_preset_runs_at_frame_counts_its_autoencoder_keeps():
     for preset in (p for p in PRESETS.values() if p.kind == "video"):
         for frames in (preset.call_defaults["num_frames"], preset.compare_frames):
             assert (frames - 1) % time_compression[preset.family] == 0, (preset.name, frames)
+
+
+@pytest.mark.parametrize(
+    # one video token's side in pixels: the autoencoder's spatial compression times the transformer's patch (not
+    # tiny-ltx-video: its autoencoder compresses 8x with patch 1, every request's multiple of 8 already)
+    "model, side",
+    [("tiny-wan", 16), ("tiny-hunyuan-video", 16), ("tiny-cogvideox", 16), ("tiny-mochi", 16)],
+)
+def test_a_video_size_that_is_not_whole_tokens_is_refused_naming_the_sizes_allowed(model, side):
+    for field, size in (("height", 128 + side // 2), ("width", 128 - side // 2)):
+        low = size // side * side
+        with pytest.raises(ValueError, match=f"{field}={size} is not allowed for '{model}': expected a multiple of "
+                                             f"{side} pixels .*{low} or {low + side}"):  # fmt: skip
+            generate(model, "a boat", steps=2, **{field: size})
