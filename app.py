@@ -325,7 +325,7 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
         phases = "".join(f"<br>{p} {t:.2f} s" for p, t in result.phase_seconds.items())
         rows.append(f"| {name} | {seconds:.2f} s{phases} | {plain_seconds / seconds:.2f}x | {verdict or '–'} |")
     table = "\n".join(rows)
-    table += "\n\n" + _request_line(requests[0], plain_seconds)
+    table += "\n\n" + _request_line(requests[0], plain_seconds) + _notes(results[0][1])
     dense_video = radial_video = mask = None
     if video:
         dense, radial = results[0][1], results[1][1]
@@ -393,7 +393,13 @@ def run_image(model, prompt, negative, seed, steps, guidance, height, width, met
     verdict = _describe(request.model, image)
     if verdict:
         info += f" · judge sees: {verdict}"
+    info += _notes(result)
     return image, explorer, tokens, steps_slider, token_map, result.subject_grid, info, _zip([("image", result)])
+
+
+def _notes(result) -> str:
+    """What the model did not take as asked (a prompt cut to its text length), for the end of an info line."""
+    return "".join(f" · **note:** {note}" for note in result.notes)
 
 
 def render_explorer(explorer: dict | None, token: str | None, step: int | float):
@@ -424,6 +430,7 @@ def run_video(model, prompt, seed, steps, frames, height, width, radial, decay, 
             f" · every step ran dense: dense first steps ({request.radial.dense_timesteps}) >= steps; lower "
             "*Dense first steps* (about a quarter of the steps, as the paper does) to see radial attention"
         )
+    info += _notes(result)
     video = _video_file(result, f"{Path(request.model).name}-seed{request.seed}")
     return video, result.radial_mask, info, _zip([("video", result)])
 
@@ -471,6 +478,7 @@ def run_generation(
         info += " · radial attention applied, but every step ran dense (dense timesteps >= steps)"
     if result.subject_grid is not None:
         info += f" · IR-Diffusion with {len(result.reference_images)} subject references"
+    info += _notes(result)
     return image, video, result.attention_grid, result.radial_mask, result.subject_grid, info
 
 

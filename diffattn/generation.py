@@ -124,6 +124,38 @@ def check_video_size(height: int | None, width: int | None, pipe: Any, model: st
             )
 
 
+def unread_prompt_tail(pipe: Any, prompt: str, call_kwargs: dict[str, Any]) -> tuple[int, int, str] | None:
+    """(prompt tokens, tokens the model reads, the end it cuts off) when `prompt` is longer than the pipeline's text
+    encoder takes (CLIP: its 77; T5/UMT5/Llama pipelines: `max_sequence_length`), else None. Both count the
+    tokenizer's special tokens; the pipeline keeps the first `limit - 1` prompt tokens and its end token."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "max_sequence_length" in parameters:
+        limit = call_kwargs.get("max_sequence_length", parameters["max_sequence_length"].default)
+    else:
+        limit = tokenizer.model_max_length
+    if not isinstance(limit, int) or limit < 2:
+        return None
+    ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+    if len(ids) <= limit:
+        return None
+    return len(ids), limit, tokenizer.decode(ids[limit - 1 :], skip_special_tokens=True).strip()
+
+
+def _note_unread_prompts(results: list[GenerationResult], pipe: Any, call_kwargs: dict[str, Any]) -> None:
+    """Say, in the result and the log, when a prompt was cut to the model's text length (diffusers cuts it, for
+    most models without a word)."""
+    for result in results:
+        unread = unread_prompt_tail(pipe, result.prompt, call_kwargs)
+        if unread is not None:
+            tokens, limit, tail = unread
+            note = f"the prompt is {tokens} tokens and {result.model!r} reads {limit}: the end, {tail!r}, was not seen"
+            result.notes.append(note)
+            logger.warning(note)
+
+
 def check_step_count(steps: int, pipe: Any, model: str) -> None:
     """Raise ValueError for a step count the pipeline cannot run (Mochi's linear-then-quadratic sigma schedule
     divides by half the steps: one step is a ZeroDivisionError inside diffusers)."""
@@ -161,6 +193,7 @@ class GenerationResult:
     attention_maps: torch.Tensor | None = None  # [steps, tokens, h, w]: the prompt's tokens (start to end token)
     attention_labels: list[str] = field(default_factory=list)  # one per token of attention_maps
     phase_seconds: dict[str, float] = field(default_factory=dict)  # IR-Diffusion: rehearsal, references and scene
+    notes: list[str] = field(default_factory=list)  # what the model did not take as asked (a prompt cut short)
 
 
 def default_steps(model: str) -> int:
@@ -242,10 +275,13 @@ def generate_batch(
     pipe = pipe if pipe is not None else cached_pipeline(first.model, torch_dtype, device)
     call = _pipeline_arguments(first, pipe, len(requests))
     if first.subjects:
-        return [_generate_ir(first, pipe, call)]
-    if first.astar is not None:
-        return [_generate_astar(first, pipe, call)]
-    return _generate_plain(requests, pipe, call)
+        results = [_generate_ir(first, pipe, call)]
+    elif first.astar is not None:
+        results = [_generate_astar(first, pipe, call)]
+    else:
+        results = _generate_plain(requests, pipe, call)
+    _note_unread_prompts(results, pipe, call.kwargs)
+    return results
 
 
 @dataclass

@@ -22,7 +22,12 @@ def test_handler_generates_image_and_maps():
     app = _load_app()
     image, video, grid, mask, subjects, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9)
     assert image.size == (128, 128) and video is None and grid is not None and mask is None and subjects is None
-    assert "tiny-sd" in info
+    assert "tiny-sd" in info and "note:" not in info
+    # 120 words and CLIP's start and end tokens: it keeps the start token, 75 words and the end token
+    long = " ".join(["a red cat"] * 40)
+    *_, info = app.run_generation("tiny-sd", long, "", 1, 1, 7.5, 128, 128, 9)
+    lost = " ".join(["a red cat"] * 15)
+    assert f"**note:** the prompt is 122 tokens and 'tiny-sd' reads 77: the end, '{lost}', was not seen" in info
     merged, *_ = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 256, 256, 9, False, 1.0, 1, 0, 64, True)
     assert merged.size == (256, 256)
     for editing in ("structured guidance", "A-STAR"):

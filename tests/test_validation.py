@@ -309,3 +309,39 @@ def test_a_video_size_that_is_not_whole_tokens_is_refused_naming_the_sizes_allow
         with pytest.raises(ValueError, match=f"{field}={size} is not allowed for '{model}': expected a multiple of "
                                              f"{side} pixels .*{low} or {low + side}"):  # fmt: skip
             generate(model, "a boat", steps=2, **{field: size})
+
+
+@pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-sd"])
+def test_a_prompt_longer_than_the_model_reads_is_noted_with_the_end_it_lost(model, tmp_path):
+    import logging
+    import re
+
+    from diffattn.generation import cached_pipeline
+    from diffattn.jobs import JobDefaults, read_job, run_job
+
+    prompt = " ".join(["a red circle moving right"] * 20) + " and a blue cat"  # over 77 CLIP and 32 T5 tokens
+    cut = []  # the reference: diffusers' own report of the text it cut (CLIP's 77 tokens; max_sequence_length)
+    handler = logging.Handler()
+    handler.emit = lambda record: cut.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        long = generate(model, prompt, steps=1)
+        short = generate(model, "a red circle", steps=1)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    lost = [re.search(r"\['(.*)'\]", m).group(1) for m in cut if "was truncated" in m]
+    assert lost and len(set(lost)) == 1
+    tokens = len(cached_pipeline(model).tokenizer(prompt, verbose=False).input_ids)
+    reads = {"tiny-cogvideox": 32, "tiny-sd": 77}[model]  # the preset's max_sequence_length; CLIP's length
+    assert tokens > reads
+    assert long.notes == [f"the prompt is {tokens} tokens and '{model}' reads {reads}: the end, {lost[0].strip()!r}, "
+                          "was not seen"]  # fmt: skip
+    assert short.notes == []
+    # a batch job keeps the note in the output's record
+    job = tmp_path / "job.jsonl"
+    job.write_text(json.dumps({"prompt": prompt, "name": "long"}) + "\n" + json.dumps({"prompt": "a cat"}) + "\n")
+    out = tmp_path / "out"
+    run_job(read_job(job, JobDefaults(model=model, steps=1)), out, process_index=0, num_processes=1)
+    records = {r["name"]: r for r in diffattn.jobs.read_manifests(out).values()}
+    assert records["long-seed0"]["notes"] == long.notes
+    assert "notes" not in records["00002-seed0"]
