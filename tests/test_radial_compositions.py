@@ -103,10 +103,14 @@ def test_the_radial_attention_path_compiles_as_one_graph():
 
 @pytest.mark.gpu
 def test_model_cpu_offload_builds_masks_on_the_execution_device():
+    on_gpu = load("tiny-wan").to("cuda")  # the reference: the same radial run with the whole pipeline on the GPU
+    with diffattn.apply(on_gpu, CONFIG):
+        expected = _run(on_gpu, steps=3)
     pipe = load("tiny-wan")
     pipe.enable_model_cpu_offload()
     with diffattn.apply(pipe, CONFIG) as handle:
-        _run(pipe, steps=3)
+        offloaded = _run(pipe, steps=3)
         layouts = [layout for cache in handle.method(diffattn.RadialAttentionConfig).caches.values()
                    for layout in cache.layouts.values()]  # fmt: skip
     assert layouts and all(layout.device.type == "cuda" for layout in layouts)
+    torch.testing.assert_close(offloaded.cpu(), expected.cpu(), rtol=1e-4, atol=1e-4)
