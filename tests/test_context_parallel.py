@@ -17,8 +17,8 @@ WORKER = Path(__file__).parent / "cp_radial_worker.py"
 
 CASES = [
     ("apply-first", ["33", "128", "128", "tiny-wan"], 2),
-    # parallel first; 4 processes: shapes-wan's 4 heads, one a process; 2,304 tokens, 576 a process
-    ("parallel-first", ["33", "64", "64", "shapes-wan"], 4),
+    # parallel first; 4 processes: shapes-wan's 4 heads, one a process; 17 frames: 1,280 tokens, 320 a process
+    ("parallel-first", ["17", "64", "64", "shapes-wan"], 4),
     # joint attention ([video | text], text padding masked): diffattn's plan, the text whole on every rank
     ("diffattn-plan", ["33", "128", "128", "tiny-hunyuan-video"], 2),
     # text first ([text | video]), no text mask
