@@ -316,6 +316,8 @@ def test_a_prompt_longer_than_the_model_reads_is_noted_with_the_end_it_lost(mode
     import logging
     import re
 
+    from diffusers.utils import logging as diffusers_logging
+
     from diffattn.generation import cached_pipeline
     from diffattn.jobs import JobDefaults, read_job, run_job
 
@@ -323,12 +325,15 @@ def test_a_prompt_longer_than_the_model_reads_is_noted_with_the_end_it_lost(mode
     cut = []  # the reference: diffusers' own report of the text it cut (CLIP's 77 tokens; max_sequence_length)
     handler = logging.Handler()
     handler.emit = lambda record: cut.append(record.getMessage())
+    verbosity = diffusers_logging.get_verbosity()  # the command line's tests leave diffusers at errors only
+    diffusers_logging.set_verbosity_warning()
     logging.getLogger("diffusers").addHandler(handler)
     try:
         long = generate(model, prompt, steps=1)
         short = generate(model, "a red circle", steps=1)
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
+        diffusers_logging.set_verbosity(verbosity)
     lost = [re.search(r"\['(.*)'\]", m).group(1) for m in cut if "was truncated" in m]
     assert lost and len(set(lost)) == 1
     tokens = len(cached_pipeline(model).tokenizer(prompt, verbose=False).input_ids)
