@@ -72,15 +72,26 @@ def is_video_pipeline(pipe: Any) -> bool:
     return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
-def frames_per_latent_frame(pipe: Any) -> int:
-    """How many frames a video pipeline's autoencoder folds into one latent frame (Wan, HunyuanVideo, CogVideoX: 4;
-    LTX: 8; Mochi: 6): the frame counts it makes are 1 + a multiple of it. 1 when the pipeline names none."""
-    # diffusers names it three ways: Wan, HunyuanVideo, CogVideoX / LTX / Mochi
-    for name in ("vae_scale_factor_temporal", "vae_temporal_compression_ratio", "vae_temporal_scale_factor"):
+# A video pipeline's autoencoder compression, as diffusers names it: Wan, HunyuanVideo, CogVideoX / LTX / Mochi
+_COMPRESSION_ATTRIBUTES = {
+    "temporal": ("vae_scale_factor_temporal", "vae_temporal_compression_ratio", "vae_temporal_scale_factor"),
+    "spatial": ("vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_spatial_scale_factor"),
+}
+
+
+def _autoencoder_compression(pipe: Any, axis: str) -> int:
+    """The pipeline's autoencoder compression along `axis` ("temporal" or "spatial"); 1 when it names none."""
+    for name in _COMPRESSION_ATTRIBUTES[axis]:
         value = getattr(pipe, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return 1
+
+
+def frames_per_latent_frame(pipe: Any) -> int:
+    """How many frames a video pipeline's autoencoder folds into one latent frame (Wan, HunyuanVideo, CogVideoX: 4;
+    LTX: 8; Mochi: 6): the frame counts it makes are 1 + a multiple of it. 1 when the pipeline names none."""
+    return _autoencoder_compression(pipe, "temporal")
 
 
 def check_frame_count(num_frames: int, pipe: Any, model: str) -> None:
@@ -99,17 +110,10 @@ def check_frame_count(num_frames: int, pipe: Any, model: str) -> None:
 def pixels_per_video_token(pipe: Any) -> int:
     """The side in pixels of one video token: the autoencoder's spatial compression times the transformer's spatial
     patch (Wan 2.1, HunyuanVideo, CogVideoX, Mochi: 8 x 2; LTX-Video: 32 x 1). 1 when the pipeline names neither."""
-    # diffusers names the compression three ways: Wan, HunyuanVideo, CogVideoX / LTX / Mochi
-    scale = 1
-    for name in ("vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_spatial_scale_factor"):
-        value = getattr(pipe, name, None)
-        if isinstance(value, int) and value > 0:
-            scale = value
-            break
     config = getattr(getattr(pipe, "transformer", None), "config", None)
     patch = config.get("patch_size", 1) if config is not None else 1
     patch = patch[-1] if isinstance(patch, (list, tuple)) else patch  # Wan: (time, height, width)
-    return scale * (patch if isinstance(patch, int) and patch > 0 else 1)
+    return _autoencoder_compression(pipe, "spatial") * (patch if isinstance(patch, int) and patch > 0 else 1)
 
 
 def check_video_size(height: int | None, width: int | None, pipe: Any, model: str) -> None:

@@ -82,24 +82,21 @@ def enable_context_parallel(pipe: Any, degree: int, ring: bool = False, mesh: An
     denoisers = [
         d for d in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if d is not None
     ]
-    adapters = {id(d): _adapter(d) for d in denoisers}
-    supports = {
-        id(d): None if a is None else a.context_parallel_support() for d, a in zip(denoisers, adapters.values())
-    }
+    adapters = [_adapter(d) for d in denoisers]
+    supports = [None if a is None else a.context_parallel_support() for a in adapters]
     if not denoisers or any(
-        getattr(d, "_cp_plan", None) is None and (supports[id(d)] is None or supports[id(d)][0] is None)
-        for d in denoisers
+        getattr(d, "_cp_plan", None) is None and (support is None or support[0] is None)
+        for d, support in zip(denoisers, supports)
     ):
         raise ValueError(
             f"{type(pipe).__name__} has no transformer with a context-parallel plan: diffusers has plans for Wan, "
             "LTX-Video and others (_cp_plan), diffattn adds HunyuanVideo's, CogVideoX's and Mochi's"
         )
-    for denoiser in denoisers:
+    for denoiser, adapter, support in zip(denoisers, adapters, supports):
         if ring:
             config = ContextParallelConfig(ring_degree=degree)
         else:
             config = ContextParallelConfig(ulysses_degree=degree, mesh=mesh)
-        adapter, support = adapters[id(denoiser)], supports[id(denoiser)]
         plan = None if support is None else _install_own_processors(denoiser, adapter, support, ring)
         with _cpu_device_count():
             denoiser.enable_parallelism(config=config, cp_plan=plan)
