@@ -77,6 +77,8 @@ def _add_training_run(parser: argparse.ArgumentParser) -> None:
                         help="wall-clock budget: stop there, checkpoint and export (resume later)")  # fmt: skip
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from an exported pipeline folder (e.g. the one kept in the repository)")  # fmt: skip
+    parser.add_argument("--ema-decay", type=float, default=0.999,
+                        help="moving average of the trained weights, which is what is exported (0: off; 0.999)")  # fmt: skip
 
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
@@ -245,8 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--batch-size", type=_positive_int, default=32, help="scenes per step (32)")
     shapes.add_argument("--workers", type=_nonnegative_int, default=0,
                         help="processes rendering scenes ahead of the training step (0)")  # fmt: skip
-    shapes.add_argument("--ema-decay", type=float, default=0.999,
-                        help="moving average of the UNet/text-encoder weights that is exported (0: off)")  # fmt: skip
 
     video = sub.add_parser(
         "train-shapes-video",
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 vae_batch_size=args.vae_batch_size, vae_frames=args.vae_frames, vae_crop=args.vae_crop, lr=args.lr,
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
-                max_minutes=args.max_minutes,
+                max_minutes=args.max_minutes, ema_decay=args.ema_decay,
             )  # fmt: skip
             state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from)
             print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, denoiser step {state['denoiser_step']})")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import diffattn
 from diffattn.adapters import attention_processors
 from diffattn.control import AttentionMethod, MethodConfig
 from diffattn.presets import PRESETS
+
+
+def torchrun(processes: int) -> list[str]:
+    """The command that launches `processes` local processes; --standalone picks a free port for each launch, so
+    consecutive or concurrent launches never meet on torchrun's default one."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
 
 
 def load(name: str):

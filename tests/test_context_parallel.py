@@ -11,6 +11,8 @@ import pytest
 
 from diffattn.adapters.ulysses import ulysses_group
 
+from helpers import torchrun
+
 
 WORKER = Path(__file__).parent / "cp_radial_worker.py"
 
@@ -46,8 +48,7 @@ def ulysses_reports():
         if processes not in launches:
             cases = [_case(o, g) for o, g, n in CASES if n == processes]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                       str(WORKER), *cases]  # fmt: skip
+            command = [*torchrun(processes), str(WORKER), *cases]
             launches[processes] = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         proc = launches[processes]
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -193,8 +194,7 @@ def test_the_command_line_generates_one_video_across_processes(tmp_path, capsys)
     single = subprocess.run([sys.executable, "-m", "diffattn", *flags, "--out", str(tmp_path / "one")], env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "diffattn", *flags,
-              "--context-parallel", "2", "--out", str(tmp_path / "two")]  # fmt: skip
+    launch = [*torchrun(2), "-m", "diffattn", *flags, "--context-parallel", "2", "--out", str(tmp_path / "two")]
     parallel = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert parallel.returncode == 0, (parallel.stdout + parallel.stderr)[-3000:]
     one = sorted((tmp_path / "one").glob("*.mp4"))
@@ -204,8 +204,8 @@ def test_the_command_line_generates_one_video_across_processes(tmp_path, capsys)
     # 9 frames of 144x144: 3 x 9 x 9 = 243 tokens, not two equal shards: refused with the geometry, nothing written
     uneven = [*flags[: flags.index("--num-frames")], "--num-frames", "9", "--height", "144", "--width", "144",
               *flags[flags.index("--steps") :], "--context-parallel", "2", "--out", str(tmp_path / "uneven")]  # fmt: skip
-    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "diffattn",
-                              *uneven], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    refused = subprocess.run([*torchrun(2), "-m", "diffattn", *uneven], env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
     assert refused.returncode != 0
     assert "context_parallel=2 needs video tokens that split into 2 equal shards: 3 latent frames x 9 x 9" in (
         refused.stdout + refused.stderr
@@ -232,7 +232,7 @@ def test_a_batch_job_in_groups_of_context_parallel_processes(tmp_path):
     job.write_text("".join(json.dumps({**line, "prompt": f"a boat {i}", "name": f"v{i}"}) + "\n" for i in range(3)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     grouped = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "-m", "diffattn", "batch", str(job),
+        [*torchrun(4), "-m", "diffattn", "batch", str(job),
          "--out", str(tmp_path / "grouped"), "--context-parallel", "2"],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip

@@ -1,7 +1,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +14,8 @@ from diffattn.methods.agent_attention import AgentAttentionConfig
 from diffattn.methods.ir_diffusion import IRDiffusionConfig
 from diffattn.presets import PRESETS
 from diffattn.request import GenerationRequest
+
+from helpers import torchrun
 
 
 def write_job(tmp_path, lines, name="job.jsonl"):
@@ -182,7 +183,7 @@ def test_batch_command_under_torchrun_with_two_processes(tmp_path):
     job = write_job(tmp_path, [{"prompt": f"a cat {i}", "name": f"cat{i}"} for i in range(3)])
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffattn", "batch",
+    command = [*torchrun(2), "-m", "diffattn", "batch",
                str(job), "--out", str(out), "--model", "tiny-sd", "--steps", "1"]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,12 +1,17 @@
 import json
+import logging
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
 
 import diffattn
-from diffattn.presets import PRESETS, get_preset, preset_path
+from diffattn.presets import PRESETS, get_preset, missing_components, preset_path
 
 from helpers import load, run
 
@@ -30,6 +35,79 @@ def test_preset_saves_and_reloads_through_from_pretrained(name, tmp_path):
     again = get_preset(name).build()
     for key, value in getattr(again, denoiser).state_dict().items():
         assert torch.equal(value, fresh_state[key]), key
+
+
+def _files(folder):
+    return sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+
+
+def test_a_preset_built_by_a_later_process_of_a_launch_is_whole(tmp_path):
+    """Once torch.distributed is initialised, transformers writes a model's files on rank 0 only: a preset that rank 1
+    of a launch built had an empty text_encoder folder, and every later load of it failed."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        folder = preset_path("tiny-sd", root=tmp_path / "rank1")
+    finally:
+        dist.destroy_process_group()
+    reference = preset_path("tiny-sd", root=tmp_path / "alone")
+    assert missing_components(folder) == []
+    assert _files(folder) == _files(reference)
+    built, alone = (load_file(f / "text_encoder" / "model.safetensors") for f in (folder, reference))
+    assert built.keys() == alone.keys() and all(torch.equal(built[k], alone[k]) for k in alone)
+    assert type(diffattn.load_pipeline(str(folder)).text_encoder).__name__ == "CLIPTextModel"
+
+
+@pytest.mark.parametrize("component, removed", [("text_encoder", "*"), ("unet", "*.safetensors")])
+def test_a_cached_preset_missing_a_component_is_rebuilt(tmp_path, caplog, component, removed):
+    folder = preset_path("tiny-sd", root=tmp_path)
+    weights = _files(folder)
+    for file in (folder / component).glob(removed):  # what an interrupted or rank-skipped save of old left
+        file.unlink()
+    assert missing_components(folder) == [component]
+    with caplog.at_level(logging.WARNING, logger="diffattn.presets"):
+        again = preset_path("tiny-sd", root=tmp_path)
+    assert again == folder and f"lacks {component}: rebuilding it" in caplog.text
+    assert _files(again) == weights
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]  # no temporary left behind
+    diffattn.load_pipeline(str(again))
+
+
+def test_processes_asking_for_one_preset_at_once_build_it_once(tmp_path):
+    """Every process of a launch asks for the model at the same moment: one builds (under a lock), the others wait
+    and load the same folder."""
+    child = (
+        "import dataclasses, sys, time\n"
+        "from diffattn import presets\n"
+        "preset = presets.PRESETS['tiny-sd']\n"
+        "def build():\n"
+        "    with open(sys.argv[1], 'a') as log:\n"
+        "        log.write('built\\n')\n"
+        "    time.sleep(2)  # the others ask meanwhile\n"
+        "    return preset.build()\n"
+        "presets.PRESETS['tiny-sd'] = dataclasses.replace(preset, build=build)\n"
+        "print(presets.preset_path('tiny-sd', root=sys.argv[2]))\n"
+    )
+    builds, root = tmp_path / "builds.txt", tmp_path / "root"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", child, str(builds), str(root)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-1500:] for _, err in outs]
+    folder = root / "presets" / f"tiny-sd-v{PRESETS['tiny-sd'].version}"
+    assert {out.strip() for out, _ in outs} == {str(folder)}
+    assert builds.read_text() == "built\n"
+    assert missing_components(folder) == []
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

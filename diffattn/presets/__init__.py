@@ -12,13 +12,16 @@ see `diffattn.shapes_training`) draws real pictures of coloured shapes, so the e
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..judge import describe, subject_mask
 from ..methods.radial_attention import RadialAttentionConfig
@@ -181,17 +184,66 @@ def _save_quietly(pipe: Any, folder: Path) -> None:
     was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # also the hub client's
     try:
-        pipe.save_pretrained(folder, safe_serialization=True)
+        with _every_rank_saves(pipe):
+            pipe.save_pretrained(folder, safe_serialization=True)
     finally:
         if was_enabled:
             transformers_logging.enable_progress_bar()
 
 
+@contextmanager
+def _every_rank_saves(pipe: Any) -> Iterator[None]:
+    """While torch.distributed is initialised, transformers writes a model's files on rank 0 only (its
+    `should_save_on_this_rank` hook, not a public API): a preset built by another process of a launch would have an
+    empty text encoder folder. The hook is overridden on this pipeline's models for the save, nowhere else; if
+    transformers renames it, `missing_components` still refuses the incomplete folder."""
+    patched = [c for c in pipe.components.values() if callable(getattr(c, "should_save_on_this_rank", None))]
+    for component in patched:
+        component.should_save_on_this_rank = lambda is_main_process: True
+    try:
+        yield
+    finally:
+        for component in patched:
+            del component.should_save_on_this_rank
+
+
+def missing_components(folder: Path) -> list[str]:
+    """Components model_index.json names whose subfolder is absent or empty, or holds a model config without
+    weights (what an interrupted or rank-skipped save leaves); every one when model_index.json itself is missing."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return ["model_index.json"]
+    missing = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = folder / name
+        files = [f.name for f in sub.iterdir()] if sub.is_dir() else []
+        has_weights = any(".safetensors" in f or f.endswith(".bin") for f in files)
+        if not files or ("config.json" in files and not has_weights):
+            missing.append(name)
+    return missing
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An flock held while one process builds a preset: the others wait, then find it built (the kernel releases
+    the lock of a killed builder)."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def preset_path(name: str, root: Path | None = None) -> Path:
     """The folder holding preset `name` in diffusers format, built and saved there on first use.
 
-    The folder is written under a temporary name and renamed into place, so a crash or a concurrent build never
-    leaves a half-written preset behind.
+    One process builds at a time (an flock beside the folder; the others wait and load its result), writing under a
+    temporary name renamed into place, so a crash never leaves a half-written preset behind. A folder missing a
+    component (see `missing_components`) is rebuilt, not loaded.
     """
     preset = get_preset(name)
     if preset.shipped is not None:  # trained weights in the package: loaded in place, nothing to build
@@ -201,19 +253,31 @@ def preset_path(name: str, root: Path | None = None) -> Path:
         return folder
     root = Path(root) if root is not None else cache_dir()
     target = root / "presets" / f"{preset.name}-v{preset.version}"
-    if (target / "model_index.json").is_file():
+    if not missing_components(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("building preset %s into %s", name, target)
-    pipe = preset.build()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=target.parent))
-    try:
-        _save_quietly(pipe, tmp)
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        broken = missing_components(target)
+        if not broken:  # another process built it while this one waited
+            return target
+        if target.exists():
+            logger.warning("preset %s in %s lacks %s: rebuilding it", name, target, ", ".join(broken))
+            trash = Path(tempfile.mkdtemp(prefix=f".{preset.name}-broken-", dir=target.parent))
+            os.replace(target, trash / "folder")
+            shutil.rmtree(trash, ignore_errors=True)
+        logger.info("building preset %s into %s", name, target)
+        pipe = preset.build()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=target.parent))
         try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _save_quietly(pipe, tmp)
+            unsaved = missing_components(tmp)
+            if unsaved:
+                raise RuntimeError(f"preset {name!r}: saving it wrote no files for {', '.join(unsaved)} ({tmp})")
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if missing_components(target):  # lost a race only if the winner's folder is whole
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
