@@ -66,6 +66,15 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# Commands that do one job in one process, and what to do instead of launching them many times.
+ONE_PROCESS_COMMANDS = {
+    "train-lora": "launch it as one process (its training is not distributed)",
+    "train-shapes": "launch it as one process (its training is not distributed)",
+    "train-shapes-video": "launch it as one process (its training is not distributed)",
+    "demo": "launch it as one process",
+}
+
+
 def _add_training_run(parser: argparse.ArgumentParser) -> None:
     """The options every from-scratch training command shares: its run folder, seed, checkpoints, device, budget."""
     parser.add_argument("--out", "-o", required=True, type=Path, help="run folder (checkpoint, log, pipeline)")
@@ -298,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "batch":
             return _batch(args)
+        if args.command in ONE_PROCESS_COMMANDS:
+            from .parallel import check_single_process
+
+            check_single_process(args.command, ONE_PROCESS_COMMANDS[args.command])
         if args.command == "train-lora":
             return _train_lora(args)
         if args.command == "train-shapes":
@@ -606,16 +619,20 @@ def _context_parallel_pipeline(args: argparse.Namespace, request):
 def _generate(args: argparse.Namespace) -> int:
     from .generation import check_request_limits, generate
     from .outputs import save_result
+    from .parallel import check_single_process
 
     limits = _limits(args)
     request = request_from_args(args)
     check_request_limits(request, limits)
+    if args.context_parallel is None:
+        if args.ring:
+            raise ValueError("--ring needs --context-parallel N")
+        check_single_process("generate", "share one video across processes with --context-parallel N, or spread "
+                             "many prompts with `diffattn batch`")  # fmt: skip
     _check_out_folder(args.out)
     pipe, rank = None, 0
     if args.context_parallel is not None:
         pipe, rank = _context_parallel_pipeline(args, request)
-    elif args.ring:
-        raise ValueError("--ring needs --context-parallel N")
     result = generate(request, torch_dtype=args.dtype, device=args.device, limits=limits, pipe=pipe)
     if rank != 0:
         return 0  # every process made the same video; process 0 writes it

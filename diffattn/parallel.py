@@ -21,6 +21,26 @@ import torch
 from .validation import check_bool, check_int_range
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate) started for this run: WORLD_SIZE, 1 without one."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={value!r} is not a process count") from None
+
+
+def check_single_process(command: str, instead: str) -> None:
+    """Refuse a command that does one job in one process when a launcher started several: each would do the same
+    work and write the same outputs."""
+    world = launched_processes()
+    if world > 1:
+        raise ValueError(
+            f"diffattn {command} runs in one process, but this launch started {world} (WORLD_SIZE={world}): each "
+            f"would do the same work and write the same outputs; {instead}"
+        )
+
+
 def init_processes(degree: int) -> tuple[int, int, str]:
     """(rank, world size, device) of this process in a launch of exactly `degree` processes (torchrun); starts
     torch.distributed (nccl on CUDA, gloo on the CPU) when the launcher has not."""

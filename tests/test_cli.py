@@ -225,3 +225,29 @@ def test_video_requests_default_to_the_trained_video_model_and_its_radial_settin
         **{**vars(PRESETS["shapes-wan"].radial), "decay_factor": 0.5}
     )
     assert request("-m", "tiny-wan", "--radial").radial == RadialAttentionConfig()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "-m", "tiny-sd", "-p", "a red cat", "--steps", "1", "--out", "{tmp}/out"],
+        ["train-lora", "--data", "{tmp}", "--out", "{tmp}/lora", "--steps", "1"],
+        ["train-shapes-video", "--out", "{tmp}/run", "--max-minutes", "0.1"],
+        ["demo", "--out", "{tmp}/demo"],
+    ],
+)
+def test_one_process_commands_refuse_a_many_process_launch(argv, tmp_path, monkeypatch, capsys):
+    """Under `torchrun --nproc-per-node 2` every process would do the same job and write the same outputs."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"diffattn {argv[0]}: error: diffattn {argv[0]} runs in one process, but this launch started 2" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_one_process_launch_generates(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "1")  # what `accelerate launch` / `torchrun --nproc-per-node 1` set
+    assert main(["generate", "-m", "tiny-sd", "-p", "a red cat", "--steps", "1", "--out", str(tmp_path)]) == 0
+    written = [p.name for p in tmp_path.iterdir()]
+    assert "tiny-sd-seed0.png" in written and all(name.endswith(".png") for name in written)
