@@ -100,12 +100,13 @@ def allowed_model(model: str) -> str:
 # ------------------------------------------------------------------------------------- UI fields -> one request
 
 
-def _int_or_none(value: Any) -> int | None:
-    """A number box's value: None when empty (the model's default), else the int it holds exactly."""
+def _int_or_none(value: Any, label: str) -> int | None:
+    """A number box's value: None when empty (the model's default), else the int it holds exactly. (The boxes have
+    no gradio precision: precision=0 rounds 7.5 to 8 before this sees it.)"""
     if value is None or value == "":
         return None
-    if isinstance(value, float) and not value.is_integer():
-        raise gr.Error(f"{value} is not allowed: expected a whole number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise gr.Error(f"{label} {value!r} is not allowed: expected a whole number")
     return int(value)
 
 
@@ -138,9 +139,10 @@ def radial_fields(
         return {}
     try:
         config = RadialAttentionConfig(
-            decay_factor=float(decay), dense_timesteps=int(dense_steps), dense_layers=int(dense_layers),
-            block_size=int(block),
-            dense_neighbor_frames=RADIAL.dense_neighbor_frames if neighbors is None else int(neighbors),
+            decay_factor=float(decay), dense_timesteps=_int_or_none(dense_steps, "Dense first steps"),
+            dense_layers=_int_or_none(dense_layers, "Dense first layers"), block_size=_int_or_none(block, "Block size"),
+            dense_neighbor_frames=RADIAL.dense_neighbor_frames if neighbors is None
+            else _int_or_none(neighbors, "Whole neighbour frames"),
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise gr.Error(str(exc)) from None
@@ -174,13 +176,13 @@ def ui_request(
         return GenerationRequest(
             model=model,
             prompt=prompt or "",
-            seed=_int_or_none(seed) if seed not in (None, "") else 0,
+            seed=_int_or_none(seed, "Seed") if seed not in (None, "") else 0,
             negative_prompt=negative or None,
-            steps=_int_or_none(steps),
+            steps=_int_or_none(steps, "Steps"),
             guidance_scale=None if guidance in (None, "") else float(guidance),
-            height=_int_or_none(height),
-            width=_int_or_none(width),
-            num_frames=_int_or_none(frames) if video else None,
+            height=_int_or_none(height, "Height"),
+            width=_int_or_none(width, "Width"),
+            num_frames=_int_or_none(frames, "Frames") if video else None,
             attention_maps=bool(maps) and not video,
             **method,
         )
@@ -568,7 +570,7 @@ def _job(run_button, stop_button, stop_state, fn, inputs, outputs, api_name, not
 
 def _seed_row():
     with gr.Row():
-        seed = gr.Number(value=0, precision=0, label="Seed", scale=4)
+        seed = gr.Number(value=0, label="Seed", scale=4)
         dice = gr.Button("Random seed", scale=1, min_width=60)
     dice.click(_random_seed, None, seed, queue=False)
     return seed
@@ -615,8 +617,8 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                     c_prompt = gr.Textbox(value=first.demo_prompt, label="Prompt", lines=2, elem_id="compare-prompt")
                     c_seed = _seed_row()
                     with gr.Row():
-                        c_steps = gr.Number(value=first.steps, precision=0, label="Steps")
-                        c_frames = gr.Number(value=None, precision=0, label="Frames", visible=False)
+                        c_steps = gr.Number(value=first.steps, label="Steps")
+                        c_frames = gr.Number(value=None, label="Frames", visible=False)
                     c_methods = gr.CheckboxGroup(
                         list(IMAGE_METHODS), value=["IR-Diffusion", "structured guidance"],
                         label="Methods beside plain (image models; video models compare dense with radial)",
@@ -662,12 +664,12 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                     i_subjects = gr.Textbox(value="a red circle\na blue square", lines=2, label="Subjects",
                                             info=HELP["subjects"], visible=False)  # fmt: skip
                     with gr.Accordion("Size, steps, guidance", open=False):
-                        i_steps = gr.Number(value=first.steps, precision=0, label="Steps")
+                        i_steps = gr.Number(value=first.steps, label="Steps")
                         i_guidance = gr.Number(value=first.call_defaults.get("guidance_scale"), label="Guidance",
                                                info=HELP["guidance"])  # fmt: skip
-                        i_height = gr.Number(value=first.call_defaults.get("height"), precision=0, label="Height",
+                        i_height = gr.Number(value=first.call_defaults.get("height"), label="Height",
                                              elem_id="image-height")  # fmt: skip
-                        i_width = gr.Number(value=first.call_defaults.get("width"), precision=0, label="Width",
+                        i_width = gr.Number(value=first.call_defaults.get("width"), label="Width",
                                             elem_id="image-width")  # fmt: skip
                     with gr.Row():
                         i_run = gr.Button("Generate", variant="primary", elem_id="image-run")
@@ -710,13 +712,13 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                                           allow_custom_value=custom, label="Model")  # fmt: skip
                     v_prompt = gr.Textbox(value=PRESETS[video_first].demo_prompt, label="Prompt", lines=2)
                     v_seed = _seed_row()
-                    v_steps = gr.Number(value=default_steps(video_first), precision=0, label="Steps")
-                    v_frames = gr.Number(value=PRESETS[video_first].call_defaults.get("num_frames"), precision=0,
+                    v_steps = gr.Number(value=default_steps(video_first), label="Steps")
+                    v_frames = gr.Number(value=PRESETS[video_first].call_defaults.get("num_frames"),
                                          label="Frames")  # fmt: skip
                     with gr.Accordion("Size", open=False):
-                        v_height = gr.Number(value=PRESETS[video_first].call_defaults.get("height"), precision=0,
+                        v_height = gr.Number(value=PRESETS[video_first].call_defaults.get("height"),
                                              label="Height")  # fmt: skip
-                        v_width = gr.Number(value=PRESETS[video_first].call_defaults.get("width"), precision=0,
+                        v_width = gr.Number(value=PRESETS[video_first].call_defaults.get("width"),
                                             label="Width")  # fmt: skip
                     v_radial = gr.Checkbox(value=True, label="Radial attention")
                     v_decay = gr.Slider(0.05, 2.0, value=video_radial.decay_factor, step=0.05, label="Decay factor",

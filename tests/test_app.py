@@ -127,3 +127,24 @@ def test_server_outputs_go_to_new_folders_in_gradios_cache_and_pipelines_are_bou
     assert all(Path(p).resolve().is_relative_to(cache) for p in (first, second))
     app.run_generation("tiny-sd", "a cat", "", 1, 0, 5.0, 128, 128, 0)
     assert [key[0] for key in PIPELINES.entries] == ["tiny-sd"]  # tiny-wan evicted
+
+
+def test_number_boxes_pass_fractions_through_and_the_request_refuses_them():
+    """gradio's Number(precision=0) rounds 7.5 steps to 8 before any handler sees it; the app's boxes keep what was
+    typed, and the one translation refuses a fraction naming the box (whole floats are taken as ints)."""
+    import gradio as gr
+
+    app = _load_app()
+    boxes = [b for b in app.build_demo().blocks.values() if isinstance(b, gr.Number)]
+    assert boxes and all(b.precision is None for b in boxes)
+    assert [b.preprocess(7.5) for b in boxes] == [7.5] * len(boxes)
+    request = app.ui_request("tiny-sd", "a red cat", 3.0, steps=20.0, height=64.0, width=64)
+    assert (request.seed, request.steps, request.height, request.width) == (3, 20, 64, 64)
+    for field, label in (("steps", "Steps"), ("height", "Height"), ("width", "Width")):
+        with pytest.raises(gr.Error, match=f"{label} 7.5 is not allowed: expected a whole number"):
+            app.ui_request("tiny-sd", "a red cat", 0, **{field: 7.5})
+    with pytest.raises(gr.Error, match="Seed 0.5 is not allowed"):
+        app.ui_request("tiny-sd", "a red cat", 0.5)
+    with pytest.raises(gr.Error, match="Dense first steps 2.5 is not allowed"):
+        app.radial_fields(True, 1.0, 2.5, 1, 64)
+    assert app.radial_fields(True, 1.0, 2.0, 1, 64)["radial"].dense_timesteps == 2
