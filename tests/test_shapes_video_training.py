@@ -121,3 +121,17 @@ def test_crops_and_warmup_clips(tmp_path, monkeypatch):
     assert state["denoiser_step"] == 3
     assert lengths[:2] == [5, 5]  # the autoencoder's clips (5 frames, cropped)
     assert lengths[-3:] == [1, 5, 5]  # one warmup step on 1-frame clips, then 5-frame clips
+
+
+def test_the_command_passes_its_ema_decay(tmp_path, monkeypatch, capsys):
+    import diffattn.shapes_video_training as training
+    from diffattn.cli import main
+
+    seen = []
+    monkeypatch.setattr(training, "train_shapes_video",
+                        lambda out, config, **kw: seen.append(config) or {"vae_step": 0, "denoiser_step": 0})  # fmt: skip
+    assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "0.99"]) == 0
+    assert main(["train-shapes-video", "--out", str(tmp_path)]) == 0
+    assert [c.ema_decay for c in seen] == [0.99, 0.999]
+    assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "1.5"]) == 2
+    assert "ema_decay=1.5 is not allowed" in capsys.readouterr().err
