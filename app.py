@@ -664,7 +664,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                     i_subjects = gr.Textbox(value="a red circle\na blue square", lines=2, label="Subjects",
                                             info=HELP["subjects"], visible=False)  # fmt: skip
                     with gr.Accordion("Size, steps, guidance", open=False):
-                        i_steps = gr.Number(value=first.steps, label="Steps")
+                        i_steps = gr.Number(value=first.steps, label="Steps", elem_id="image-steps")
                         i_guidance = gr.Number(value=first.call_defaults.get("guidance_scale"), label="Guidance",
                                                info=HELP["guidance"])  # fmt: skip
                         i_height = gr.Number(value=first.call_defaults.get("height"), label="Height",

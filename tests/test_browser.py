@@ -186,6 +186,16 @@ def test_an_absurd_size_is_refused_visibly_while_another_visitors_job_completes(
             if "Size, steps" in accordion.text:
                 accordion.click()
                 break
+        steps = _wait(first, lambda: [e for e in first.find_elements(*_by("#image-steps input")) if e.is_displayed()],
+                      timeout=20, what="the steps box")[0]  # fmt: skip
+        steps.clear()
+        steps.send_keys("7.5")  # taken as typed, refused, not rounded to 8
+        first.find_element(*_by("#image-run")).click()
+        _wait(first, lambda: "Steps 7.5 is not allowed: expected a whole number" in first.find_element(*_by("body")).text,
+              what="the refusal of 7.5 steps")  # fmt: skip
+        _wait(first, lambda: first.find_element(*_by("#image-run")).is_enabled(), timeout=20, what="Generate again")
+        steps.clear()
+        steps.send_keys("20")
         height = _wait(first, lambda: [e for e in first.find_elements(*_by("#image-height input")) if e.is_displayed()],
                        timeout=20, what="the height box")[0]  # fmt: skip
         height.clear()
