@@ -178,7 +178,11 @@ def _load_exported(pipe, folder: Path) -> dict[str, Any]:
     pipe.vae.register_to_config(latents_mean=exported.vae.config.latents_mean,
                                 latents_std=exported.vae.config.latents_std)  # fmt: skip
     state = json.loads((folder / "training_state.json").read_text())
-    return {k: state[k] for k in ("vae_step", "denoiser_step", "calibrated") if k in state}
+    counters = {k: state[k] for k in ("vae_step", "denoiser_step", "calibrated") if k in state}
+    # The calibration travels with the state: the run's checkpoints and its own export need it to resume.
+    calibration = {"latents_mean": list(exported.vae.config.latents_mean),
+                   "latents_std": list(exported.vae.config.latents_std)}  # fmt: skip
+    return {**counters, **calibration} if counters.get("calibrated") else counters
 
 
 def train_shapes_video(

@@ -42,6 +42,14 @@ def test_phases_resume_and_export_a_loadable_wan_pipeline(tmp_path):
                  output_type="np").frames[0]  # fmt: skip
     assert video.shape == (5, 64, 64, 3) and np.isfinite(video).all()
     assert json.loads((out / "pipeline" / "training_state.json").read_text())["denoiser_step"] == 3
+    # continued in a new folder from the export (another session), then resumed from that folder's checkpoint
+    second = tmp_path / "continued"
+    started = train_shapes_video(second, _config(denoiser_steps=4), init_from=out / "pipeline")
+    resumed = train_shapes_video(second, _config(denoiser_steps=5))
+    assert (started["denoiser_step"], resumed["denoiser_step"]) == (4, 5)
+    assert started["latents_std"] == resumed["latents_std"] == again["latents_std"]
+    exported = json.loads((second / "pipeline" / "training_state.json").read_text())
+    assert exported["latents_mean"] == again["latents_mean"]
 
 
 def test_captions_are_encoded_as_the_pipeline_encodes_prompts():
