@@ -49,8 +49,10 @@ def load_pipeline(
     Args:
         name_or_path: a preset name (`shapes-sd`, `tiny-sd`, `tiny-wan`, ...: `diffattn presets`), a local folder
             saved with `save_pretrained`, or a hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.
-        torch_dtype: e.g. torch.float16 or "bf16"; None keeps the saved dtype (shipped fp16 presets: fp32 on the
-            CPU).
+        torch_dtype: e.g. torch.float16 or "bf16". None: float32 for every component when the pipeline stays on
+            the CPU (diffusers loads its models in float32, but transformers keeps a text encoder's saved half
+            precision, which the CPU computes slowly and diffusers warns cannot run there); on a GPU, the saved
+            dtype (the shipped fp16 presets: float16).
         device: where to move the pipeline; None leaves it on the CPU.
 
     Safetensors weights only; remote code is never trusted. Raises ModelLoadError with a readable message when
@@ -60,13 +62,13 @@ def load_pipeline(
 
     dtype = parse_dtype(torch_dtype)
     name = str(name_or_path)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if dtype is None and on_cpu:
+        dtype = torch.float32  # one dtype for every component (see torch_dtype)
     if name in PRESETS:
         source = preset_path(name)
         if dtype is None and PRESETS[name].shipped is not None:
-            # Shipped weights are fp16 to stay small; the CPU computes in fp32 (half matmuls there are slow and
-            # transformers and diffusers would otherwise disagree on the loaded dtype).
-            on_cpu = device is None or torch.device(device).type == "cpu"
-            dtype = torch.float32 if on_cpu else torch.float16
+            dtype = torch.float16  # shipped weights are fp16 to stay small; on a GPU they run as saved
     elif Path(name).expanduser().exists():
         source = Path(name).expanduser()
         check_pipeline_folder(source)

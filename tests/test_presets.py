@@ -184,6 +184,24 @@ def test_load_pipeline_errors(tmp_path):
         diffattn.load_pipeline("tiny-sd", torch_dtype="fp8")
 
 
+def test_a_half_precision_folder_loads_in_one_dtype_on_the_cpu():
+    """A local folder with fp16 weights (the shipped shapes-wan's), no dtype asked: diffusers loads its models in
+    float32 but transformers kept the text encoder in float16 (diffusers then warns it cannot run on the CPU).
+    Every component is float32, holding the saved values exactly."""
+    from safetensors.torch import load_file
+
+    folder = preset_path("shapes-wan")
+    pipe = diffattn.load_pipeline(str(folder))
+    dtypes = {name: {p.dtype for p in module.parameters()} for name, module in pipe.components.items()
+              if isinstance(module, torch.nn.Module)}  # fmt: skip
+    assert dtypes == {"vae": {torch.float32}, "text_encoder": {torch.float32}, "transformer": {torch.float32}}
+    saved = load_file(next((folder / "text_encoder").glob("*.safetensors")))
+    assert {t.dtype for t in saved.values()} == {torch.float16}
+    loaded = pipe.text_encoder.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value.float()), key
+
+
 def test_load_pipeline_from_local_folder_with_dtype(tmp_path):
     folder = preset_path("tiny-sd")
     pipe = diffattn.load_pipeline(str(folder), torch_dtype="bf16")
