@@ -75,6 +75,11 @@ ONE_PROCESS_COMMANDS = {
 }
 
 
+def _add_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="weights dtype (default: float32 on the CPU, the saved one on a GPU)")  # fmt: skip
+
+
 def _add_training_run(parser: argparse.ArgumentParser) -> None:
     """The options every from-scratch training command shares: its run folder, seed, checkpoints, device, budget."""
     parser.add_argument("--out", "-o", required=True, type=Path, help="run folder (checkpoint, log, pipeline)")
@@ -137,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None, help="height in pixels")
     gen.add_argument("--width", type=int, default=None, help="width in pixels")
     gen.add_argument("--num-frames", type=int, default=None, help="frames (video models)")
-    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype")
+    _add_dtype(gen)
     gen.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     gen.add_argument("--context-parallel", type=int, default=None, metavar="N",
                      help="shard one video over N processes (launch with torchrun --nproc-per-node N -m diffattn "
@@ -202,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--maps", action="store_true", help="also save attention-map heatmaps (SD-family models)")
     batch.add_argument("--batch-size", type=_positive_int, default=1,
                        help="prompts per pipeline call, for lines with the same settings (default: 1)")  # fmt: skip
-    batch.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype")
+    _add_dtype(batch)
     batch.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
     batch.add_argument("--context-parallel", type=int, default=None, metavar="K",
                        help="groups of K processes, each making one video at a time with context parallelism")  # fmt: skip
