@@ -66,13 +66,8 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-# Commands that do one job in one process, and what to do instead of launching them many times.
-ONE_PROCESS_COMMANDS = {
-    "train-lora": "launch it as one process (its training is not distributed)",
-    "train-shapes": "launch it as one process (its training is not distributed)",
-    "train-shapes-video": "launch it as one process (its training is not distributed)",
-    "demo": "launch it as one process",
-}
+# Commands that do one job in one process (their training is not distributed; the demo writes one report).
+ONE_PROCESS_COMMANDS = ("train-lora", "train-shapes", "train-shapes-video", "demo")
 
 
 def _add_dtype(parser: argparse.ArgumentParser) -> None:
@@ -315,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ONE_PROCESS_COMMANDS:
             from .parallel import check_single_process
 
-            check_single_process(args.command, ONE_PROCESS_COMMANDS[args.command])
+            check_single_process(args.command, "launch it as one process")
         if args.command == "train-lora":
             return _train_lora(args)
         if args.command == "train-shapes":

@@ -175,13 +175,12 @@ def _load_exported(pipe, folder: Path) -> dict[str, Any]:
     exported = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
     for name in ("vae", "transformer", "text_encoder"):
         getattr(pipe, name).load_state_dict(getattr(exported, name).state_dict())
-    pipe.vae.register_to_config(latents_mean=exported.vae.config.latents_mean,
-                                latents_std=exported.vae.config.latents_std)  # fmt: skip
+    calibration = {"latents_mean": list(exported.vae.config.latents_mean),
+                   "latents_std": list(exported.vae.config.latents_std)}  # fmt: skip
+    pipe.vae.register_to_config(**calibration)
     state = json.loads((folder / "training_state.json").read_text())
     counters = {k: state[k] for k in ("vae_step", "denoiser_step", "calibrated") if k in state}
     # The calibration travels with the state: the run's checkpoints and its own export need it to resume.
-    calibration = {"latents_mean": list(exported.vae.config.latents_mean),
-                   "latents_std": list(exported.vae.config.latents_std)}  # fmt: skip
     return {**counters, **calibration} if counters.get("calibrated") else counters
 
 
