@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .methods.radial_mask import BLOCK_SIZES
 from .presets import DEFAULT_PRESET, DEFAULT_VIDEO_PRESET, PRESETS
+from .presets.shapes_video import ATTENTION_HEADS
 
 
 EXIT_USAGE = 2
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--warmup-frames", type=_positive_int, default=None,
                        help="frames of the clips of the first --warmup-steps transformer steps (4k+1; cheaper)")  # fmt: skip
     video.add_argument("--warmup-steps", type=_nonnegative_int, default=0, help="transformer steps on short clips (0)")
+    video.add_argument("--attention-heads", type=int, default=4, choices=ATTENTION_HEADS,
+                       help="heads of the transformer's 96-wide attention (4: 24-dim heads, 2: 48-dim heads, whose "
+                       "rotary embedding resolves a frame's positions better; --init-from re-splits its weights)")  # fmt: skip
 
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
                 vae_batch_size=args.vae_batch_size, vae_frames=args.vae_frames, vae_crop=args.vae_crop, lr=args.lr,
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
-                seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
+                attention_heads=args.attention_heads, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes, ema_decay=args.ema_decay,
             )  # fmt: skip
             state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from)

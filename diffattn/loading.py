@@ -76,7 +76,7 @@ def load_pipeline(
         source = name
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if dtype is not None:
-        kwargs[_dtype_keyword()] = dtype
+        kwargs[dtype_keyword()] = dtype
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as exc:  # the hub client raises many types; translate the "cannot get it" family
@@ -152,7 +152,7 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def _dtype_keyword() -> str:
+def dtype_keyword() -> str:
     """The name `from_pretrained` takes the dtype under. diffusers renamed `torch_dtype` to `dtype` in 2026 (PR
     #14205) and warns on the old name on every load; older releases know only `torch_dtype`. The rename came with
     the private helper checked here: the one place a diffusers upgrade can break this."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .loading import dtype_keyword
 from .presets.image import clip_text_config, stable_diffusion_pipeline
 from .presets.text_tokenizers import build_clip_tokenizer
 from .scenes import render_scene
@@ -268,7 +269,7 @@ def _load_exported(components: dict[str, Any], folder: Path, device: torch.devic
     loaders = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
     for name, cls in loaders.items():
         weights = cls.from_pretrained(
-            folder, subfolder=name, torch_dtype=torch.float32, use_safetensors=True
+            folder, subfolder=name, use_safetensors=True, **{dtype_keyword(): torch.float32}
         ).state_dict()
         components[name].load_state_dict(weights)
         components[name].to(device)

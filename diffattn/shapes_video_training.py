@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .presets.shapes_video import NUM_FRAMES, build_shapes_wan
+from .loading import dtype_keyword
+from .presets.shapes_video import ATTENTION_HEADS, NUM_FRAMES, build_shapes_wan
 from .scenes import render_clip
 from .shapes_training import (
     _ema_update,
@@ -66,6 +67,7 @@ class ShapesVideoTrainingConfig:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     denoiser_steps: int = 20000
+    attention_heads: int = 4  # the transformer's 96-wide attention in heads of 96 / attention_heads dims
     num_frames: int = NUM_FRAMES
     warmup_frames: int | None = None  # the first `warmup_steps` denoiser steps train on clips this long
     warmup_steps: int = 0
@@ -88,6 +90,9 @@ class ShapesVideoTrainingConfig:
         if crop % 4:
             raise ValueError(f"vae_crop={crop} is not allowed: expected a multiple of 4 in [8, 64] (the VAE's 4x)")
         check_int_range("warmup_steps", self.warmup_steps, 0)
+        if self.attention_heads not in ATTENTION_HEADS:
+            raise ValueError(f"attention_heads={self.attention_heads!r} is not allowed: expected one of "
+                             f"{ATTENTION_HEADS}")  # fmt: skip
         for name in ("vae_frames", "num_frames", "warmup_frames"):
             if name == "warmup_frames" and self.warmup_frames is None:
                 continue
@@ -172,7 +177,13 @@ def _load_exported(pipe, folder: Path) -> dict[str, Any]:
     """Weights of an exported pipeline folder (safetensors only) into `pipe`; returns its step counters."""
     from diffusers import DiffusionPipeline
 
-    exported = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
+    exported = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **{dtype_keyword(): torch.float32})
+    heads = (exported.transformer.config.num_attention_heads, pipe.transformer.config.num_attention_heads)
+    if heads[0] != heads[1]:
+        # Same weight shapes (the 96-wide attention is only split differently); the rotary layout changes, so the
+        # transformer starts from related weights rather than a trained model.
+        logger.warning("%s has %d attention heads, this run %d: its weights are re-split into %d heads",
+                       folder, heads[0], heads[1], heads[1])  # fmt: skip
     for name in ("vae", "transformer", "text_encoder"):
         getattr(pipe, name).load_state_dict(getattr(exported, name).state_dict())
     calibration = {"latents_mean": list(exported.vae.config.latents_mean),
@@ -193,7 +204,7 @@ def train_shapes_video(
     out.mkdir(parents=True, exist_ok=True)
     deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = build_shapes_wan(config.seed).to(device)
+    pipe = build_shapes_wan(config.seed, config.attention_heads).to(device)
     vae, transformer, text_encoder, tokenizer = pipe.vae, pipe.transformer, pipe.text_encoder, pipe.tokenizer
     denoiser_params = list(transformer.parameters()) + list(text_encoder.parameters())
     optimizers = {
@@ -205,6 +216,10 @@ def train_shapes_video(
     ema = None
     if resume and checkpoint.is_file():
         saved = load_checkpoint(checkpoint, device)
+        saved_heads = saved["state"].get("config", {}).get("attention_heads", 4)
+        if saved_heads != config.attention_heads:
+            raise ValueError(f"attention_heads={config.attention_heads} is not allowed for {checkpoint}: its run "
+                             f"trains {saved_heads} heads (pass --attention-heads {saved_heads}, or --fresh)")  # fmt: skip
         for name in ("vae", "transformer", "text_encoder"):
             getattr(pipe, name).load_state_dict(saved["models"][name])
         for name, opt_state in saved["optimizers"].items():

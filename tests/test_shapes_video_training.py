@@ -131,15 +131,47 @@ def test_crops_and_warmup_clips(tmp_path, monkeypatch):
     assert lengths[-3:] == [1, 5, 5]  # one warmup step on 1-frame clips, then 5-frame clips
 
 
-def test_the_command_passes_its_ema_decay(tmp_path, monkeypatch, capsys):
+def test_the_command_passes_its_ema_decay_and_heads(tmp_path, monkeypatch, capsys):
     import diffattn.shapes_video_training as training
     from diffattn.cli import main
 
     seen = []
     monkeypatch.setattr(training, "train_shapes_video",
                         lambda out, config, **kw: seen.append(config) or {"vae_step": 0, "denoiser_step": 0})  # fmt: skip
-    assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "0.99"]) == 0
+    assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "0.99", "--attention-heads", "2"]) == 0
     assert main(["train-shapes-video", "--out", str(tmp_path)]) == 0
-    assert [c.ema_decay for c in seen] == [0.99, 0.999]
+    assert [(c.ema_decay, c.attention_heads) for c in seen] == [(0.99, 2), (0.999, 4)]
     assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "1.5"]) == 2
     assert "ema_decay=1.5 is not allowed" in capsys.readouterr().err
+
+
+def test_attention_heads_split_the_same_width_and_a_run_keeps_its_split(tmp_path, caplog):
+    from diffusers import DiffusionPipeline
+
+    from diffattn.presets.shapes_video import build_shapes_wan
+
+    four, two = build_shapes_wan().transformer, build_shapes_wan(attention_heads=2).transformer
+    assert (four.config.num_attention_heads, four.config.attention_head_dim) == (4, 24)
+    assert (two.config.num_attention_heads, two.config.attention_head_dim) == (2, 48)
+    # Wan's rotary embedding gives each spatial axis 2 * (head_dim // 6) dimensions: 8 of 24, 16 of 48
+    assert (four.rope.h_dim, four.rope.w_dim, two.rope.h_dim, two.rope.w_dim) == (8, 8, 16, 16)
+    assert {k: v.shape for k, v in four.state_dict().items()} == {k: v.shape for k, v in two.state_dict().items()}
+    with pytest.raises(ValueError, match=r"attention_heads=3 is not allowed: expected one of \(1, 2, 4\)"):
+        build_shapes_wan(attention_heads=3)
+    with pytest.raises(ValueError, match="attention_heads=3 is not allowed"):
+        ShapesVideoTrainingConfig(attention_heads=3)
+
+    first = tmp_path / "four"
+    train_shapes_video(first, _config())
+    second = tmp_path / "two"
+    with caplog.at_level("WARNING", logger="diffattn.shapes_video_training"):
+        train_shapes_video(
+            second, _config(denoiser_steps=2, attention_heads=2, ema_decay=0), init_from=first / "pipeline"
+        )
+    assert "has 4 attention heads, this run 2: its weights are re-split" in caplog.text
+    exported = DiffusionPipeline.from_pretrained(second / "pipeline", use_safetensors=True, torch_dtype=torch.float32)
+    assert exported.transformer.config.num_attention_heads == 2
+    # the run resumes only with the split it trains
+    with pytest.raises(ValueError, match="attention_heads=4 is not allowed for .*checkpoint.pt: its run trains 2"):
+        train_shapes_video(second, _config(denoiser_steps=3))
+    assert train_shapes_video(second, _config(denoiser_steps=3, attention_heads=2))["denoiser_step"] == 3

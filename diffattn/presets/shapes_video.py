@@ -20,18 +20,28 @@ NUM_FRAMES = 33
 SIZE = 64
 LATENT_CHANNELS = 8
 TEXT_DIM = 64
+INNER_DIM = 96  # attention width (heads x head dim); the head count only changes how it is split
+ATTENTION_HEADS = (1, 2, 4)  # 96-, 48- or 24-dimensional heads
 
 
-def build_shapes_wan(seed: int = 0):
-    """A seeded, untrained WanPipeline of the shapes-wan geometry (see the module docstring)."""
+def build_shapes_wan(seed: int = 0, attention_heads: int = 4):
+    """A seeded, untrained WanPipeline of the shapes-wan geometry (see the module docstring).
+
+    attention_heads splits the 96-wide attention into heads of 96 / attention_heads dimensions. Wan's rotary
+    embedding gives a third of each head (2 * (head_dim // 6) dimensions) to each of height and width, so 24-dim
+    heads have 4 frequencies per spatial axis (1, 0.1, 0.01, 0.001 rad a token: only the first resolves a 16-token
+    frame, and it repeats every ~6 tokens) and 48-dim heads 8 (1, 0.32, 0.1, ...). Same weights' shapes either way.
+    """
+    if attention_heads not in ATTENTION_HEADS:
+        raise ValueError(f"attention_heads={attention_heads!r} is not allowed: expected one of {ATTENTION_HEADS}")
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     tokenizer = build_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
         patch_size=(1, 1, 1),
-        num_attention_heads=4,
-        attention_head_dim=24,
+        num_attention_heads=attention_heads,
+        attention_head_dim=INNER_DIM // attention_heads,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         text_dim=TEXT_DIM,
