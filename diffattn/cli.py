@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--warmup-frames", type=_positive_int, default=None,
                        help="frames of the clips of the first --warmup-steps transformer steps (4k+1; cheaper)")  # fmt: skip
     video.add_argument("--warmup-steps", type=_nonnegative_int, default=0, help="transformer steps on short clips (0)")
+    video.add_argument("--timestep-shift", type=float, default=1.0,
+                       help="train more at high noise: logit-normal noise levels mapped as the sampler's shift maps "
+                       "its sigmas (1: unshifted; shapes-wan samples with shift 3)")  # fmt: skip
     video.add_argument("--attention-heads", type=int, default=4, choices=ATTENTION_HEADS,
                        help="heads of the transformer's 96-wide attention (4: 24-dim heads, 2: 48-dim heads, whose "
                        "rotary embedding resolves a frame's positions better; --init-from re-splits its weights)")  # fmt: skip
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
                 vae_batch_size=args.vae_batch_size, vae_frames=args.vae_frames, vae_crop=args.vae_crop, lr=args.lr,
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
-                attention_heads=args.attention_heads, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
+                attention_heads=args.attention_heads, timestep_shift=args.timestep_shift, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes, ema_decay=args.ema_decay,
             )  # fmt: skip
             state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from)

@@ -68,6 +68,7 @@ class ShapesVideoTrainingConfig:
     kl_weight: float = 1e-6
     denoiser_steps: int = 20000
     attention_heads: int = 4  # the transformer's 96-wide attention in heads of 96 / attention_heads dims
+    timestep_shift: float = 1.0  # noise levels of the flow-matching loss, mapped as the sampler maps its sigmas
     num_frames: int = NUM_FRAMES
     warmup_frames: int | None = None  # the first `warmup_steps` denoiser steps train on clips this long
     warmup_steps: int = 0
@@ -101,6 +102,7 @@ class ShapesVideoTrainingConfig:
                 raise ValueError(f"{name}={frames} is not allowed: expected 4k + 1 frames (the VAE's 4x in time)")
         check_number("vae_lr", self.vae_lr, 0, 1, low_open=True)
         check_number("lr", self.lr, 0, 1, low_open=True)
+        check_number("timestep_shift", self.timestep_shift, 1, 100)
         check_number("kl_weight", self.kl_weight, 0, 1)
         check_number("caption_dropout", self.caption_dropout, 0, 1)
         check_number("ema_decay", self.ema_decay, 0, 0.999999)
@@ -287,7 +289,7 @@ def train_shapes_video(
             latents = _normalised_latents(vae, video.to(device))
         with autocast:
             embeds = encode_captions(tokenizer, text_encoder, captions, device)
-            loss = flow_matching_loss(transformer, latents, embeds, generator)
+            loss = flow_matching_loss(transformer, latents, embeds, generator, config.timestep_shift)
         optimizers["denoiser"].zero_grad(set_to_none=True)
         loss.backward()
         optimizers["denoiser"].step()

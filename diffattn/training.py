@@ -128,11 +128,18 @@ def flow_matching_loss(
     latents: torch.Tensor,
     prompt_embeds: torch.Tensor,
     generator: torch.Generator,
+    shift: float = 1.0,
 ) -> torch.Tensor:
-    """Rectified-flow loss on a batch. latents: [B, C, F, H, W]; prompt_embeds: [B, L, D]."""
+    """Rectified-flow loss on a batch. latents: [B, C, F, H, W]; prompt_embeds: [B, L, D].
+
+    Noise levels are logit-normal (as SD3 trains), mapped by `shift` as FlowMatchEulerDiscreteScheduler maps its
+    sampling sigmas (shift * s / (1 + (shift - 1) * s)): shift > 1 trains more at high noise, where a sampler with
+    the same shift spends its first steps (SD3 scales it with the square root of the token count).
+    """
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    sigma = torch.sigmoid(torch.randn(batch, generator=generator)).to(latents)  # logit-normal, as SD3/Wan train
+    sigma = torch.sigmoid(torch.randn(batch, generator=generator)).to(latents)
+    sigma = shift * sigma / (1.0 + (shift - 1.0) * sigma)
     sigma_b = sigma.view(batch, 1, 1, 1, 1)
     noisy = (1.0 - sigma_b) * latents + sigma_b * noise
     prediction = transformer(noisy, sigma * 1000.0, prompt_embeds, return_dict=False)[0]

@@ -69,6 +69,8 @@ def test_clip_batches_and_bad_configs():
         ShapesVideoTrainingConfig(num_frames=8)
     with pytest.raises(ValueError, match="lr=nan is not allowed"):
         ShapesVideoTrainingConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match=r"timestep_shift=0.5 is not allowed: expected a number in \[1, 100\]"):
+        ShapesVideoTrainingConfig(timestep_shift=0.5)
 
 
 def test_the_command_trains_and_exports(tmp_path, capsys):
@@ -131,16 +133,31 @@ def test_crops_and_warmup_clips(tmp_path, monkeypatch):
     assert lengths[-3:] == [1, 5, 5]  # one warmup step on 1-frame clips, then 5-frame clips
 
 
-def test_the_command_passes_its_ema_decay_and_heads(tmp_path, monkeypatch, capsys):
+def test_the_command_passes_its_ema_decay_heads_and_shift(tmp_path, monkeypatch, capsys):
     import diffattn.shapes_video_training as training
     from diffattn.cli import main
 
     seen = []
     monkeypatch.setattr(training, "train_shapes_video",
                         lambda out, config, **kw: seen.append(config) or {"vae_step": 0, "denoiser_step": 0})  # fmt: skip
-    assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "0.99", "--attention-heads", "2"]) == 0
+    assert (
+        main(
+            [
+                "train-shapes-video",
+                "--out",
+                str(tmp_path),
+                "--ema-decay",
+                "0.99",
+                "--attention-heads",
+                "2",
+                "--timestep-shift",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert main(["train-shapes-video", "--out", str(tmp_path)]) == 0
-    assert [(c.ema_decay, c.attention_heads) for c in seen] == [(0.99, 2), (0.999, 4)]
+    assert [(c.ema_decay, c.attention_heads, c.timestep_shift) for c in seen] == [(0.99, 2, 3.0), (0.999, 4, 1.0)]
     assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "1.5"]) == 2
     assert "ema_decay=1.5 is not allowed" in capsys.readouterr().err
 

@@ -48,6 +48,31 @@ def test_gradients_reach_lora_through_the_sparse_kernel(monkeypatch):
     )
 
 
+def test_the_loss_shifts_its_noise_levels_as_the_scheduler_shifts_sigmas():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    seen = []
+
+    class Recorder(torch.nn.Module):  # returns zeros; records the timesteps and the noisy latents it is given
+        def forward(self, noisy, timestep, embeds, return_dict=False):
+            seen.append((timestep / 1000.0, noisy))
+            return (torch.zeros_like(noisy),)
+
+    latents, embeds = torch.randn(4096, 1, 1, 1, 1), torch.zeros(4096, 1, 1)
+    for shift in (1.0, 3.0):
+        loss = flow_matching_loss(Recorder(), latents, embeds, torch.Generator().manual_seed(7), shift)
+        sigma, noisy = seen[-1]
+        noise = (noisy - (1 - sigma.view(-1, 1, 1, 1, 1)) * latents) / sigma.view(-1, 1, 1, 1, 1)
+        torch.testing.assert_close(loss, torch.mean((noise - latents) ** 2))  # the target is noise - latents
+    unshifted, shifted = seen[0][0], seen[1][0]
+    # the same draws, mapped by the scheduler's own sigma shift (set_timesteps with explicit sigmas applies it)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(sigmas=unshifted[:16].tolist())
+    torch.testing.assert_close(shifted[:16], scheduler.sigmas[:16].to(shifted.dtype))
+    # logit-normal's median 0.5 moves to 3 * 0.5 / (1 + 2 * 0.5) = 0.75
+    assert abs(unshifted.median().item() - 0.5) < 0.03 and abs(shifted.median().item() - 0.75) < 0.03
+
+
 def test_loss_on_a_fixed_batch_goes_down():
     pipe = load("tiny-wan")
     params = add_lora(pipe.transformer, rank=8)
