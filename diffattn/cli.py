@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                 vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
                 vae_batch_size=args.vae_batch_size, vae_frames=args.vae_frames, vae_crop=args.vae_crop, lr=args.lr,
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
-                attention_heads=args.attention_heads, timestep_shift=args.timestep_shift, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
+                attention_heads=args.attention_heads, timestep_shift=args.timestep_shift,
+                seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes, ema_decay=args.ema_decay,
             )  # fmt: skip
             state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from)

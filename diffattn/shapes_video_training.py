@@ -47,7 +47,7 @@ from .shapes_training import (
     save_checkpoint,
 )
 from .training import flow_matching_loss
-from .validation import check_int_range, check_number, check_str
+from .validation import check_choice, check_int_range, check_number, check_str
 
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,7 @@ class ShapesVideoTrainingConfig:
         if crop % 4:
             raise ValueError(f"vae_crop={crop} is not allowed: expected a multiple of 4 in [8, 64] (the VAE's 4x)")
         check_int_range("warmup_steps", self.warmup_steps, 0)
-        if self.attention_heads not in ATTENTION_HEADS:
-            raise ValueError(f"attention_heads={self.attention_heads!r} is not allowed: expected one of "
-                             f"{ATTENTION_HEADS}")  # fmt: skip
+        check_choice("attention_heads", self.attention_heads, ATTENTION_HEADS)
         for name in ("vae_frames", "num_frames", "warmup_frames"):
             if name == "warmup_frames" and self.warmup_frames is None:
                 continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_choice
 from .text_tokenizers import build_t5_tokenizer
 from .video import umt5_encoder
 
@@ -32,8 +33,7 @@ def build_shapes_wan(seed: int = 0, attention_heads: int = 4):
     heads have 4 frequencies per spatial axis (1, 0.1, 0.01, 0.001 rad a token: only the first resolves a 16-token
     frame, and it repeats every ~6 tokens) and 48-dim heads 8 (1, 0.32, 0.1, ...). Same weights' shapes either way.
     """
-    if attention_heads not in ATTENTION_HEADS:
-        raise ValueError(f"attention_heads={attention_heads!r} is not allowed: expected one of {ATTENTION_HEADS}")
+    check_choice("attention_heads", attention_heads, ATTENTION_HEADS)
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     tokenizer = build_t5_tokenizer()
