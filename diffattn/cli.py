@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .methods.radial_mask import BLOCK_SIZES
 from .presets import DEFAULT_PRESET, DEFAULT_VIDEO_PRESET, PRESETS
-from .presets.shapes_video import ATTENTION_HEADS
+from .presets.shapes_video import ATTENTION_HEADS, DEFAULT_ATTENTION_HEADS
 
 
 EXIT_USAGE = 2
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--timestep-shift", type=float, default=1.0,
                        help="train more at high noise: logit-normal noise levels mapped as the sampler's shift maps "
                        "its sigmas (1: unshifted; shapes-wan samples with shift 3)")  # fmt: skip
-    video.add_argument("--attention-heads", type=int, default=4, choices=ATTENTION_HEADS,
+    video.add_argument("--attention-heads", type=int, default=DEFAULT_ATTENTION_HEADS, choices=ATTENTION_HEADS,
                        help="heads of the transformer's 96-wide attention (4: 24-dim heads, 2: 48-dim heads, whose "
                        "rotary embedding resolves a frame's positions better; --init-from re-splits its weights)")  # fmt: skip
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .loading import dtype_keyword
-from .presets.shapes_video import ATTENTION_HEADS, NUM_FRAMES, build_shapes_wan
+from .presets.shapes_video import ATTENTION_HEADS, DEFAULT_ATTENTION_HEADS, NUM_FRAMES, build_shapes_wan
 from .scenes import render_clip
 from .shapes_training import (
     _ema_update,
@@ -67,7 +67,7 @@ class ShapesVideoTrainingConfig:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     denoiser_steps: int = 20000
-    attention_heads: int = 4  # the transformer's 96-wide attention in heads of 96 / attention_heads dims
+    attention_heads: int = DEFAULT_ATTENTION_HEADS  # the 96-wide attention in heads of 96 / attention_heads dims
     timestep_shift: float = 1.0  # noise levels of the flow-matching loss, mapped as the sampler maps its sigmas
     num_frames: int = NUM_FRAMES
     warmup_frames: int | None = None  # the first `warmup_steps` denoiser steps train on clips this long
@@ -216,7 +216,7 @@ def train_shapes_video(
     ema = None
     if resume and checkpoint.is_file():
         saved = load_checkpoint(checkpoint, device)
-        saved_heads = saved["state"].get("config", {}).get("attention_heads", 4)
+        saved_heads = saved["state"].get("config", {}).get("attention_heads", DEFAULT_ATTENTION_HEADS)
         if saved_heads != config.attention_heads:
             raise ValueError(f"attention_heads={config.attention_heads} is not allowed for {checkpoint}: its run "
                              f"trains {saved_heads} heads (pass --attention-heads {saved_heads}, or --fresh)")  # fmt: skip

@@ -140,22 +140,9 @@ def test_the_command_passes_its_ema_decay_heads_and_shift(tmp_path, monkeypatch,
     seen = []
     monkeypatch.setattr(training, "train_shapes_video",
                         lambda out, config, **kw: seen.append(config) or {"vae_step": 0, "denoiser_step": 0})  # fmt: skip
-    assert (
-        main(
-            [
-                "train-shapes-video",
-                "--out",
-                str(tmp_path),
-                "--ema-decay",
-                "0.99",
-                "--attention-heads",
-                "2",
-                "--timestep-shift",
-                "3",
-            ]
-        )
-        == 0
-    )
+    argv = ["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "0.99", "--attention-heads", "2",
+            "--timestep-shift", "3"]  # fmt: skip
+    assert main(argv) == 0
     assert main(["train-shapes-video", "--out", str(tmp_path)]) == 0
     assert [(c.ema_decay, c.attention_heads, c.timestep_shift) for c in seen] == [(0.99, 2, 3.0), (0.999, 4, 1.0)]
     assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "1.5"]) == 2

@@ -23,15 +23,17 @@ LATENT_CHANNELS = 8
 TEXT_DIM = 64
 INNER_DIM = 96  # attention width (heads x head dim); the head count only changes how it is split
 ATTENTION_HEADS = (1, 2, 4)  # 96-, 48- or 24-dimensional heads
+DEFAULT_ATTENTION_HEADS = 4  # what the shipped weights train
 
 
-def build_shapes_wan(seed: int = 0, attention_heads: int = 4):
+def build_shapes_wan(seed: int = 0, attention_heads: int = DEFAULT_ATTENTION_HEADS):
     """A seeded, untrained WanPipeline of the shapes-wan geometry (see the module docstring).
 
     attention_heads splits the 96-wide attention into heads of 96 / attention_heads dimensions. Wan's rotary
     embedding gives a third of each head (2 * (head_dim // 6) dimensions) to each of height and width, so 24-dim
-    heads have 4 frequencies per spatial axis (1, 0.1, 0.01, 0.001 rad a token: only the first resolves a 16-token
-    frame, and it repeats every ~6 tokens) and 48-dim heads 8 (1, 0.32, 0.1, ...). Same weights' shapes either way.
+    heads have 4 frequencies per spatial axis (1, 0.1, 0.01, 0.001 rad a token: across a 16-token frame the second
+    turns 1.5 rad and the first repeats every ~6 tokens) and 48-dim heads 8 (1, 0.32, 0.1, ...). Same weights' shapes
+    either way.
     """
     check_choice("attention_heads", attention_heads, ATTENTION_HEADS)
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
