@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .loading import dtype_keyword
-from .presets.shapes_video import ATTENTION_HEADS, DEFAULT_ATTENTION_HEADS, NUM_FRAMES, build_shapes_wan
+from .presets.shapes_video import ATTENTION_HEADS, DEFAULT_ATTENTION_HEADS, INNER_DIM, NUM_FRAMES, build_shapes_wan
 from .scenes import render_clip
 from .shapes_training import (
     _ema_update,
@@ -173,19 +173,83 @@ def _normalised_latents(vae, video: torch.Tensor) -> torch.Tensor:
     return (latents - mean) / std
 
 
+def rotary_pairs(head_dim: int, theta: float = 10000.0) -> list[tuple[str, float]]:
+    """(axis, frequency in rad a token) of each channel pair of a Wan attention head, in channel order.
+
+    As diffusers' WanRotaryPosEmbed lays a head out: time, height, width, each axis's pairs from the fastest
+    frequency down (theta ** (-2 i / axis_dim)), height and width 2 * (head_dim // 6) channels each.
+    """
+    spatial = 2 * (head_dim // 6)
+    return [(axis, theta ** (-2 * i / dim))
+            for axis, dim in (("t", head_dim - 2 * spatial), ("h", spatial), ("w", spatial))
+            for i in range(dim // 2)]  # fmt: skip
+
+
+def rotary_matched_channels(inner_dim: int, old_heads: int, new_heads: int) -> torch.Tensor:
+    """Channel order for re-splitting Wan's query/key projections from `old_heads` to `new_heads` heads.
+
+    new_channels = old_channels[order]: every channel pair keeps its rotary axis and, within the heads that merge
+    (or split), the pairs are matched by frequency rank (fastest to fastest), so what a pair learnt about position
+    lands on the nearest frequency of the new layout rather than on another axis. Pairs never leave the group of
+    channels the merged (or split) heads share, so the value channels stay with their heads.
+    """
+    old_dim, new_dim = inner_dim // old_heads, inner_dim // new_heads
+    group = max(old_dim, new_dim)
+    order: list[int] = []
+    for start in range(0, inner_dim, group):
+        olds, news = (
+            [(axis, freq, start + head * dim + 2 * j)
+             for head in range(group // dim) for j, (axis, freq) in enumerate(rotary_pairs(dim))]
+            for dim in (old_dim, new_dim)
+        )  # fmt: skip
+        source = {}
+        for axis in ("t", "h", "w"):
+            by_rank = [
+                sorted((p for p in pairs if p[0] == axis), key=lambda p: (-p[1], p[2])) for pairs in (olds, news)
+            ]
+            source.update({new[2]: old[2] for old, new in zip(*by_rank, strict=True)})
+        for channel in range(start, start + group, 2):
+            order += [source[channel], source[channel] + 1]
+    return torch.tensor(order)
+
+
+def resplit_attention_heads(state: dict[str, torch.Tensor], inner_dim: int, old_heads: int, new_heads: int):
+    """A Wan transformer's state dict re-split from `old_heads` to `new_heads` heads (the same weight shapes).
+
+    Self-attention's query/key channels are reordered so that each keeps its rotary axis and nearest frequency
+    (`rotary_matched_channels`), and every query/key norm weight is scaled by (new_dim / old_dim) ** 0.25, so that
+    q.k / sqrt(head_dim) keeps its scale per channel. Heads that merge share one softmax, so this is a start
+    close to the old model, not the same model.
+    """
+    order = rotary_matched_channels(inner_dim, old_heads, new_heads)
+    scale = (old_heads / new_heads) ** 0.25
+    out = {}
+    for key, value in state.items():
+        module = key.split(".")[-2] if "." in key else ""
+        if ".attn1." in key and module in ("to_q", "to_k", "norm_q", "norm_k"):
+            value = value[order]
+        if ".attn" in key and module in ("norm_q", "norm_k"):
+            value = value * scale
+        out[key] = value
+    return out
+
+
 def _load_exported(pipe, folder: Path) -> dict[str, Any]:
     """Weights of an exported pipeline folder (safetensors only) into `pipe`; returns its step counters."""
     from diffusers import DiffusionPipeline
 
     exported = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **{dtype_keyword(): torch.float32})
+    for name in ("vae", "text_encoder"):
+        getattr(pipe, name).load_state_dict(getattr(exported, name).state_dict())
+    transformer = exported.transformer.state_dict()
     heads = (exported.transformer.config.num_attention_heads, pipe.transformer.config.num_attention_heads)
     if heads[0] != heads[1]:
-        # Same weight shapes (the 96-wide attention is only split differently); the rotary layout changes, so the
-        # transformer starts from related weights rather than a trained model.
+        # Same weight shapes (the 96-wide attention is only split differently), but merged or split heads attend
+        # differently, so the transformer starts from related weights rather than a trained model.
         logger.warning("%s has %d attention heads, this run %d: its weights are re-split into %d heads",
                        folder, heads[0], heads[1], heads[1])  # fmt: skip
-    for name in ("vae", "transformer", "text_encoder"):
-        getattr(pipe, name).load_state_dict(getattr(exported, name).state_dict())
+        transformer = resplit_attention_heads(transformer, INNER_DIM, *heads)
+    pipe.transformer.load_state_dict(transformer)
     calibration = {"latents_mean": list(exported.vae.config.latents_mean),
                    "latents_std": list(exported.vae.config.latents_std)}  # fmt: skip
     pipe.vae.register_to_config(**calibration)

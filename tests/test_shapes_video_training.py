@@ -179,3 +179,69 @@ def test_attention_heads_split_the_same_width_and_a_run_keeps_its_split(tmp_path
     with pytest.raises(ValueError, match="attention_heads=4 is not allowed for .*checkpoint.pt: its run trains 2"):
         train_shapes_video(second, _config(denoiser_steps=3))
     assert train_shapes_video(second, _config(denoiser_steps=3, attention_heads=2))["denoiser_step"] == 3
+
+
+@pytest.mark.parametrize("head_dim", [24, 48, 96])
+def test_rotary_pairs_are_diffusers_wan_layout(head_dim):
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from diffattn.shapes_video_training import rotary_pairs
+
+    rope = WanRotaryPosEmbed(head_dim, (1, 1, 1), max_seq_len=8)
+    # the angle each channel pair turns from position 0 to 1 is its frequency; the split sizes give its axis
+    angles = torch.atan2(rope.freqs_sin[1, 0::2], rope.freqs_cos[1, 0::2]).tolist()
+    axes = ["t"] * (rope.t_dim // 2) + ["h"] * (rope.h_dim // 2) + ["w"] * (rope.w_dim // 2)
+    pairs = rotary_pairs(head_dim)
+    assert [axis for axis, _ in pairs] == axes
+    assert [freq for _, freq in pairs] == pytest.approx(angles, rel=1e-6)
+
+
+def test_rotary_matched_channels_keep_axes_pairs_and_groups():
+    from diffattn.shapes_video_training import rotary_matched_channels, rotary_pairs
+
+    order = rotary_matched_channels(96, 4, 2).tolist()
+    # hand-computed: the first time pairs of the merged head 0 come from old head 0's fastest pair (channels 0-1),
+    # old head 1's fastest (24-25), old head 0's second (2-3), old head 1's second (26-27)
+    assert order[:8] == [0, 1, 24, 25, 2, 3, 26, 27]
+    for old, new in [(4, 2), (4, 1), (2, 1), (2, 4), (1, 4), (1, 2)]:
+        order = rotary_matched_channels(96, old, new).tolist()
+        assert sorted(order) == list(range(96))
+        assert all(order[i] % 2 == 0 and order[i + 1] == order[i] + 1 for i in range(0, 96, 2))
+        old_axis = [axis for axis, _ in rotary_pairs(96 // old)] * old
+        new_axis = [axis for axis, _ in rotary_pairs(96 // new)] * new
+        assert all(new_axis[c // 2] == old_axis[order[c] // 2] for c in range(0, 96, 2))
+        group = 96 // min(old, new)
+        assert all(c // group == order[c] // group for c in range(96))
+        back = rotary_matched_channels(96, new, old)
+        assert torch.equal(torch.tensor(order)[back], torch.arange(96))  # re-splitting back restores the layout
+    assert torch.equal(rotary_matched_channels(96, 4, 4), torch.arange(96))
+
+
+def test_resplit_merged_heads_compute_what_the_old_heads_did():
+    """With every odd head of a 4-head model silenced (its query, key and value rows zero), merging pairs of heads
+    into 2 heads must not change the model's output: each merged head is the even head alone, on the same rotary
+    frequencies and logit scale. Loading the same weights without the re-split changes it."""
+    from diffattn.presets.shapes_video import build_shapes_wan
+    from diffattn.shapes_video_training import resplit_attention_heads
+
+    four = build_shapes_wan(attention_heads=4).transformer.eval()
+    state = four.state_dict()
+    for key in state:
+        module = key.split(".")[-2] if "." in key else ""
+        if module in ("to_q", "to_k", "to_v") and ".attn" in key:
+            for head in (1, 3):
+                state[key][head * 24 : (head + 1) * 24] = 0
+        if module in ("norm_q", "norm_k"):
+            state[key].uniform_(0.5, 2.0)  # untrained norms are ones: make the scale and order matter
+    four.load_state_dict(state)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 8, 3, 8, 8, generator=generator)
+    text = torch.randn(1, 6, 64, generator=generator)
+    timestep = torch.tensor([500.0])
+    with torch.no_grad():
+        expected = four(latents, timestep, text, return_dict=False)[0]
+        two = build_shapes_wan(attention_heads=2).transformer.eval()
+        two.load_state_dict(resplit_attention_heads(state, 96, 4, 2))
+        torch.testing.assert_close(two(latents, timestep, text, return_dict=False)[0], expected, atol=1e-5, rtol=1e-4)
+        two.load_state_dict(state)
+        assert (two(latents, timestep, text, return_dict=False)[0] - expected).abs().max() > 1e-2
