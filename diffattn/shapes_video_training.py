@@ -217,9 +217,9 @@ def resplit_attention_heads(state: dict[str, torch.Tensor], inner_dim: int, old_
     """A Wan transformer's state dict re-split from `old_heads` to `new_heads` heads (the same weight shapes).
 
     Self-attention's query/key channels are reordered so that each keeps its rotary axis and nearest frequency
-    (`rotary_matched_channels`), and every query/key norm weight is scaled by (new_dim / old_dim) ** 0.25, so that
-    q.k / sqrt(head_dim) keeps its scale per channel. Heads that merge share one softmax, so this is a start
-    close to the old model, not the same model.
+    (`rotary_matched_channels`), and every query/key norm weight is scaled by (new_dim / old_dim) ** 0.25, which is
+    (old_heads / new_heads) ** 0.25, so that q.k / sqrt(head_dim) keeps its scale per channel. Heads that merge share
+    one softmax, so this is a start close to the old model, not the same model.
     """
     order = rotary_matched_channels(inner_dim, old_heads, new_heads)
     scale = (old_heads / new_heads) ** 0.25
