@@ -3,6 +3,7 @@ prompts and seeds (CPU).
 
     python benchmarks/radial_quality.py                          # every part, 96 videos a variant (hours on a CPU)
     python benchmarks/radial_quality.py --parts fidelity --videos 32
+    python benchmarks/radial_quality.py --parts fidelity --store runs/fidelity   # resumes where a stopped run was
 
 Parts:
 
@@ -29,7 +30,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -159,21 +163,75 @@ def held_out_prompts(count: int, frames: int, *, first: int = 0, single_only: bo
     return prompts
 
 
-def sample(pipe, prompts: list[Prompt], *, frames: int, steps: int, batch: int, defaults: dict) -> list[np.ndarray]:
-    """Videos as uint8 [F, H, W, 3], one per prompt, each from its own seeded noise (batching changes nothing)."""
-    videos = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
+class VideoStore:
+    """Finished videos on disk, so a run of hours that stops (a closed session, a killed job) resumes where it was.
+
+    A video is found again only under the same setting: the transformer's weights, the call (frames, steps, size,
+    guidance), the variant (its name, its radial settings and its block mask) and the prompt (caption and noise
+    seed). Files are written whole (a temporary name, then a rename), so a stop mid-write leaves nothing half-read.
+    """
+
+    def __init__(self, folder: Path, pipe, call: dict):
+        self.folder = Path(folder)
+        weights = hashlib.sha256()
+        for name, tensor in sorted(pipe.transformer.state_dict().items()):
+            weights.update(name.encode())
+            weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.base = {"weights": weights.hexdigest(), "call": call}
+
+    def variant(
+        self, name: str, config: RadialAttentionConfig | None = None, mask: torch.Tensor | None = None
+    ) -> Path:
+        """The folder of one variant's videos under this setting."""
+        setting = {
+            **self.base,
+            "variant": name,
+            "config": dataclasses.asdict(config) if config else None,
+            "mask": hashlib.sha256(mask.cpu().numpy().tobytes()).hexdigest() if mask is not None else None,
+        }
+        key = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.folder / f"{name}-{key}"
+
+    @staticmethod
+    def path(folder: Path, prompt: Prompt) -> Path:
+        return folder / f"{prompt.seed:07d}-{hashlib.sha256(prompt.caption.encode()).hexdigest()[:12]}.npy"
+
+    @staticmethod
+    def save(path: Path, video: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.npy")
+        np.save(partial, video)
+        os.replace(partial, path)
+
+
+def sample(
+    pipe, prompts: list[Prompt], *, frames: int, steps: int, batch: int, defaults: dict, stored: Path | None = None
+) -> list[np.ndarray]:
+    """Videos as uint8 [F, H, W, 3], one per prompt, each from its own seeded noise (batching changes nothing).
+
+    With `stored` (a `VideoStore.variant` folder), videos already there are read back and each new one is saved
+    as soon as its batch is done."""
+    videos: dict[int, np.ndarray] = {}
+    if stored is not None:
+        for i, prompt in enumerate(prompts):
+            if VideoStore.path(stored, prompt).is_file():
+                videos[i] = np.load(VideoStore.path(stored, prompt))
+    todo = [i for i in range(len(prompts)) if i not in videos]
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
         out = pipe(
-            prompt=[p.caption for p in chunk],
-            generator=[torch.Generator().manual_seed(p.seed) for p in chunk],
+            prompt=[prompts[i].caption for i in chunk],
+            generator=[torch.Generator().manual_seed(prompts[i].seed) for i in chunk],
             num_frames=frames,
             num_inference_steps=steps,
             output_type="np",
             **{k: v for k, v in defaults.items() if k != "num_frames"},
         ).frames
-        videos += [(np.clip(np.asarray(v), 0, 1) * 255).round().astype(np.uint8) for v in out]
-    return videos
+        for i, video in zip(chunk, out):
+            videos[i] = (np.clip(np.asarray(video), 0, 1) * 255).round().astype(np.uint8)
+            if stored is not None:
+                VideoStore.save(VideoStore.path(stored, prompts[i]), videos[i])
+    return [videos[i] for i in range(len(prompts))]
 
 
 def latent_geometry(pipe, frames: int, height: int, width: int) -> tuple[int, int]:
@@ -248,6 +306,7 @@ def targets(pipe, args, defaults: dict) -> dict:
 
 def fidelity(pipe, preset_radial: RadialAttentionConfig, args, defaults: dict) -> tuple[dict, dict]:
     frames, steps = defaults["num_frames"], args.steps
+    store = VideoStore(args.store, pipe, {**defaults, "steps": steps}) if args.store else None
     geometry = latent_geometry(pipe, frames, defaults["height"], defaults["width"])
     prompts = held_out_prompts(args.videos, frames)
     sink = 1 if preset_radial.sink_frames is None else preset_radial.sink_frames
@@ -265,21 +324,26 @@ def fidelity(pipe, preset_radial: RadialAttentionConfig, args, defaults: dict) -
     main = f"radial-{decays[0]:g}"
     masks = {**radial_masks, **baseline_masks(radial_masks[main], *geometry, preset_radial.block_size, sink)}
     timings, videos = {}, {}
-    start = time.perf_counter()
-    videos["dense"] = sample(pipe, prompts, frames=frames, steps=steps, batch=args.batch, defaults=defaults)
-    timings["dense"] = time.perf_counter() - start
+
+    def run(name: str, stored: Path | None) -> None:
+        reused = sum(VideoStore.path(stored, p).is_file() for p in prompts) if stored else 0
+        start = time.perf_counter()
+        videos[name] = sample(pipe, prompts, frames=frames, steps=steps, batch=args.batch, defaults=defaults,
+                              stored=stored)  # fmt: skip
+        # seconds cover only the videos sampled in this run (a resumed run reads the others back)
+        timings[name] = {"seconds": time.perf_counter() - start, "videos_sampled": len(prompts) - reused}
+        print(f"fidelity: {name} done ({timings[name]})", flush=True)
+
+    run("dense", store.variant("dense") if store else None)
     for name, mask in masks.items():
         config = preset_radial
         if name.startswith("radial-"):
             config = dataclasses.replace(preset_radial, decay_factor=float(name[len("radial-") :]))
         handle = with_mask(pipe, config, None if name.startswith("radial-") else mask, geometry)
         try:
-            start = time.perf_counter()
-            videos[name] = sample(pipe, prompts, frames=frames, steps=steps, batch=args.batch, defaults=defaults)
-            timings[name] = time.perf_counter() - start
+            run(name, store.variant(name, config, mask) if store else None)
         finally:
             handle.remove()
-        print(f"fidelity: {name} done ({timings[name]:.0f} s)", flush=True)
     per_video = {
         name: {"psnr": [psnr(v, d) for v, d in zip(videos[name], videos["dense"])],
                "ssim": [ssim(v, d) for v, d in zip(videos[name], videos["dense"])]}
@@ -299,11 +363,11 @@ def fidelity(pipe, preset_radial: RadialAttentionConfig, args, defaults: dict) -
                 "psnr": interval(per_video[name]["psnr"]),
                 "ssim": interval(per_video[name]["ssim"]),
                 "judge": judge_summary(judged[name]),
-                "seconds": timings[name],
+                "sampling": timings[name],
             }
             for name, mask in masks.items()
         },
-        "dense": {"judge": judge_summary(judged["dense"]), "seconds": timings["dense"]},
+        "dense": {"judge": judge_summary(judged["dense"]), "sampling": timings["dense"]},
         "paired_psnr_difference": {
             f"{main} - {other}": interval([a - b for a, b in zip(per_video[main]["psnr"], per_video[other]["psnr"])])
             for other in masks
@@ -533,6 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="videos per pipeline call")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--device", default="cpu", help="cpu (the issue's setting) or cuda (a lent GPU)")
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="folder that keeps the fidelity part's finished videos, so a stopped run resumes there "
+        "(the same command again); videos are reused only under the same weights and settings",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[MODEL]
     args.steps = args.steps or preset.steps

@@ -132,3 +132,66 @@ def test_interval_is_the_normal_approximation():
     out = rq.interval(values)
     half = 1.96 * np.std(values, ddof=1) / 2
     assert out["mean"] == 2.5 and out["low"] == pytest.approx(2.5 - half) and out["high"] == pytest.approx(2.5 + half)
+
+
+class _SeededVideoPipe:
+    """Stands in for a Wan pipeline: each video is a function of its generator's seed; records what it sampled."""
+
+    def __init__(self, weight: float = 1.0):
+        self.transformer = torch.nn.Linear(2, 2)
+        torch.nn.init.constant_(self.transformer.weight, weight)
+        torch.nn.init.zeros_(self.transformer.bias)
+        self.sampled: list[str] = []
+
+    def __call__(self, prompt, generator, num_frames, output_type, **_):
+        self.sampled += prompt
+        frames = [torch.rand(num_frames, 4, 4, 3, generator=g).numpy() for g in generator]
+
+        class Out:
+            pass
+
+        out = Out()
+        out.frames = frames
+        return out
+
+
+def _sample(pipe, prompts, stored=None, batch=2):
+    return rq.sample(pipe, prompts, frames=3, steps=1, batch=batch, defaults={}, stored=stored)
+
+
+def test_sample_resumes_from_the_store(tmp_path):
+    prompts = [rq.Prompt(f"a red circle moving {d}", seed) for seed, d in enumerate(["left", "right", "up", "down"])]
+    fresh = _sample(_SeededVideoPipe(), prompts)
+
+    pipe = _SeededVideoPipe()
+    store = rq.VideoStore(tmp_path, pipe, {"num_frames": 3})
+    folder = store.variant("dense")
+    first = _sample(pipe, prompts[:3], stored=folder)
+    assert pipe.sampled == [p.caption for p in prompts[:3]]
+    pipe.sampled.clear()
+    resumed = _sample(pipe, prompts, stored=folder)  # a run that stopped after 3 videos, started again for 4
+    assert pipe.sampled == [prompts[3].caption]  # only the missing video is sampled
+    for a, b, c in zip(first + [fresh[3]], resumed, fresh):
+        assert np.array_equal(a, b) and np.array_equal(b, c) and b.dtype == np.uint8
+    assert not list(folder.glob("*.partial.npy"))
+    # the same seed with another caption is another video
+    pipe.sampled.clear()
+    _sample(pipe, [rq.Prompt("a blue star moving up", 0)], stored=folder)
+    assert pipe.sampled == ["a blue star moving up"]
+
+
+def test_store_keys_the_setting(tmp_path):
+    pipe = _SeededVideoPipe()
+    store = rq.VideoStore(tmp_path, pipe, {"num_frames": 3})
+    config = rq.RadialAttentionConfig(decay_factor=0.25)
+    mask = torch.eye(4, dtype=torch.bool)
+    folder = store.variant("random", config, mask)
+    assert folder == rq.VideoStore(tmp_path, _SeededVideoPipe(), {"num_frames": 3}).variant("random", config, mask)
+    others = [
+        rq.VideoStore(tmp_path, _SeededVideoPipe(weight=2.0), {"num_frames": 3}).variant("random", config, mask),
+        rq.VideoStore(tmp_path, pipe, {"num_frames": 5}).variant("random", config, mask),
+        store.variant("random", rq.RadialAttentionConfig(decay_factor=1.0), mask),
+        store.variant("random", config, ~mask),
+        store.variant("local", config, mask),
+    ]
+    assert len({folder, *others}) == 6
