@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from .validation import check_int_range, check_number
+
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -96,7 +98,11 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
 
 
 def render_scene(seed: int, *, size: int = 64, max_objects: int = 3, relation_probability: float = 0.5) -> Scene:
-    """A seeded scene of 1 to `max_objects` non-overlapping shapes with distinct (colour, shape) pairs."""
+    """A seeded scene of 1 to `max_objects` non-overlapping shapes with distinct (colour, shape) pairs (fewer where
+    the canvas has no room left). `size` >= 32: the shapes keep their pixel sizes (SIZES) on any canvas."""
+    check_int_range("size", size, max(SIZES.values()) + 8)
+    check_int_range("max_objects", max_objects, 1, len(SHAPES) * len(COLORS))
+    check_number("relation_probability", relation_probability, 0.0, 1.0)
     rng = random.Random(seed)
     count = rng.randint(1, max_objects)
     image = Image.new("RGB", (size, size), BACKGROUND)
@@ -182,8 +188,9 @@ def render_clip(seed: int, num_frames: int = 33, *, size: int = 64, max_objects:
     """A seeded clip of `num_frames` frames: 1 to `max_objects` shapes with distinct (colour, shape) pairs, each
     moving left, right, up or down at 1 or 2 px a frame from a start that leaves room to move that way, bouncing off
     the edges, never crossing each other (2 px apart in every frame; a shape that finds no such track is left out). Caption: "a red circle moving right" or "a blue square moving up and a green star moving left"."""
-    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
-        raise ValueError(f"num_frames={num_frames!r} is not allowed: expected an int >= 1")
+    check_int_range("num_frames", num_frames, 1)
+    check_int_range("size", size, 16)  # shapes scale with the frame: 16 px draws the small ones 3 px wide
+    check_int_range("max_objects", max_objects, 1, len(SHAPES) * len(COLORS))
     rng = random.Random(seed)
     count = rng.randint(1, max_objects)
     objects: list[MovingObject] = []

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from diffattn.judge import Detection, agrees, detect_objects, score_scene, summarize
-from diffattn.scenes import COLORS, RELATIONS, SHAPES, SceneObject, relation_holds, render_scene
+from diffattn.scenes import COLORS, RELATIONS, SHAPES, SIZES, SceneObject, relation_holds, render_clip, render_scene
 
 
 def test_judge_agrees_with_ground_truth_on_generated_scenes():
@@ -162,3 +162,29 @@ def test_video_judge_agrees_with_ground_truth_on_rendered_clips():
     assert track_direction([(10, 10), None, (10, 14)]) == "down" and track_direction([(3, 3), (3.5, 3)]) is None
     with pytest.raises(ValueError, match="expected 'a <colour> <shape> moving <direction>'"):
         parse_clip_caption("a red circle")
+
+
+@pytest.mark.parametrize(
+    "render, kwargs, message",
+    [
+        (render_clip, {"num_frames": 0}, "num_frames=0 is not allowed: expected an int >= 1"),
+        (render_clip, {"num_frames": 2.0}, "num_frames=2.0 is not allowed"),
+        (render_clip, {"size": 8}, "size=8 is not allowed: expected an int >= 16"),
+        (render_clip, {"max_objects": 0}, r"max_objects=0 is not allowed: expected an int in \[1, 24\]"),
+        (render_scene, {"size": 24}, "size=24 is not allowed: expected an int >= 32"),
+        (render_scene, {"max_objects": 25}, r"max_objects=25 is not allowed: expected an int in \[1, 24\]"),
+        (render_scene, {"relation_probability": 1.5}, r"relation_probability=1.5 is not allowed"),
+    ],
+)
+def test_bad_scene_arguments_are_refused_by_name(render, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        render(0, **kwargs)
+
+
+def test_the_smallest_allowed_frames_still_draw_every_captioned_object():
+    clip = render_clip(5, 3, size=16)
+    for obj in clip.objects:
+        x0, y0, x1, y1 = obj.boxes[0]
+        assert x1 - x0 == 16 * SIZES[obj.size] // 64 >= 3
+        pixels = np.asarray(clip.frames[0])[y0:y1, x0:x1].reshape(-1, 3)
+        assert (pixels == COLORS[obj.color]).all(-1).any()  # the object's own colour is drawn inside its box
