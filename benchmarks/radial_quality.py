@@ -3,7 +3,7 @@ prompts and seeds (CPU).
 
     python benchmarks/radial_quality.py                          # every part, 96 videos a variant (hours on a CPU)
     python benchmarks/radial_quality.py --parts fidelity --videos 32
-    python benchmarks/radial_quality.py --parts fidelity --store runs/fidelity   # resumes where a stopped run was
+    python benchmarks/radial_quality.py --parts fidelity --store runs/quality   # resumes where a stopped run was
 
 Parts:
 
@@ -22,6 +22,10 @@ Parts:
   4L (`diffattn.training.train_radial_lora`, the same steps, rank and clips for both) on rendered clips, judged over
   the whole video, with each LoRA's training time.
 
+With `--store DIR`, every finished video (fidelity, extension) and LoRA adapter (extension, with its training time)
+is kept in DIR under a key of the transformer's weights and every setting that shapes it; the same command again
+reads those back and computes only what is missing, so a part of hours can run across sessions.
+
 Baseline masks replace the radial mask in the method's mask cache, so they run through the same processors, kernel
 and dense-step schedule as radial attention itself.
 """
@@ -34,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -180,14 +185,20 @@ class VideoStore:
         self.base = {"weights": weights.hexdigest(), "call": call}
 
     def variant(
-        self, name: str, config: RadialAttentionConfig | None = None, mask: torch.Tensor | None = None
+        self,
+        name: str,
+        config: RadialAttentionConfig | None = None,
+        mask: torch.Tensor | None = None,
+        extra: dict | None = None,
     ) -> Path:
-        """The folder of one variant's videos under this setting."""
+        """The folder of one variant's videos (or adapter) under this setting; `extra`: whatever else sets it apart
+        (frame count, LoRA settings)."""
         setting = {
             **self.base,
             "variant": name,
             "config": dataclasses.asdict(config) if config else None,
             "mask": hashlib.sha256(mask.cpu().numpy().tobytes()).hexdigest() if mask is not None else None,
+            **({"extra": extra} if extra is not None else {}),
         }
         key = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self.folder / f"{name}-{key}"
@@ -519,51 +530,76 @@ def write_clips(folder: Path, count: int, frames: int, first: int) -> None:
 
 
 def extension(pipe, preset_radial: RadialAttentionConfig, args, defaults: dict) -> dict:
-    from diffattn.training import train_radial_lora
-
     frames = 4 * (defaults["num_frames"] - 1) + 1
     geometry = latent_geometry(pipe, frames, defaults["height"], defaults["width"])
     prompts = held_out_prompts(args.extension_videos, frames, first=2 * 10**6)
     sparse = dataclasses.replace(preset_radial, dense_layers=0, dense_timesteps=0)
+    store = VideoStore(args.store, pipe, {**defaults, "steps": args.steps}) if args.store else None
     report = {"frames": frames, "latent_geometry": list(geometry), "prompts": len(prompts), "lora": {},
               "variants": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        clips = Path(tmp) / "clips"
-        write_clips(clips, args.lora_clips, frames, first=HELD_OUT_CLIP_SEED - 10**6)
-        adapters = {}
+        adapters, settings = {}, {}
         for name, radial in (("dense", None), ("radial", sparse)):
-            out = Path(tmp) / f"lora-{name}"
-            start = time.perf_counter()
-            summary = train_radial_lora(
-                MODEL, clips, out, steps=args.lora_steps, rank=args.lora_rank, learning_rate=args.lora_lr,
-                num_frames=frames, height=defaults["height"], width=defaults["width"],
-                max_sequence_length=defaults.get("max_sequence_length", 32), radial=radial, dense=radial is None,
-                pipe=pipe,
-            )  # fmt: skip
-            report["lora"][name] = {"seconds": time.perf_counter() - start, "steps": args.lora_steps,
-                                    "rank": args.lora_rank, "final_loss": summary["losses"][-1]}  # fmt: skip
-            adapters[name] = out
-            _remove_adapters(pipe)
+            settings[name] = {"frames": frames, "steps": args.lora_steps, "rank": args.lora_rank, "lr": args.lora_lr,
+                              "clips": args.lora_clips, "radial": dataclasses.asdict(radial) if radial else None}  # fmt: skip
+            folder = store.variant(f"extension-lora-{name}", extra=settings[name]) if store else Path(tmp) / name
+            report["lora"][name] = train_lora_once(pipe, folder, Path(tmp) / "clips", radial, args, defaults, frames)
+            adapters[name] = folder
         report["lora"]["radial_over_dense_time"] = (
             report["lora"]["radial"]["seconds"] / report["lora"]["dense"]["seconds"]
         )
         for name, lora, attention in (("dense", None, None), ("radial", None, preset_radial),
                                       ("dense+lora", "dense", None), ("radial+lora", "radial", preset_radial)):  # fmt: skip
+            stored = None
+            if store is not None:
+                extra = {"frames": frames, "lora": settings[lora] if lora else None}
+                stored = store.variant(f"extension-{name}", attention, extra=extra)
             if lora is not None:
                 pipe.load_lora_weights(adapters[lora])
             handle = diffattn.apply(pipe, attention) if attention is not None else None
             try:
+                reused = sum(VideoStore.path(stored, p).is_file() for p in prompts) if stored else 0
                 start = time.perf_counter()
-                videos = sample(pipe, prompts, frames=frames, steps=args.steps, batch=args.batch, defaults=defaults)
-                seconds = time.perf_counter() - start
+                videos = sample(pipe, prompts, frames=frames, steps=args.steps, batch=args.batch, defaults=defaults,
+                                stored=stored)  # fmt: skip
+                sampling = {"seconds": time.perf_counter() - start, "videos_sampled": len(prompts) - reused}
             finally:
                 if handle is not None:
                     handle.remove()
                 if lora is not None:
                     pipe.unload_lora_weights()
-            report["variants"][name] = {"judge": judge_summary(judge_videos(videos, prompts)), "seconds": seconds}
-            print(f"extension: {name} done ({seconds:.0f} s)", flush=True)
+            report["variants"][name] = {"judge": judge_summary(judge_videos(videos, prompts)), "sampling": sampling}
+            print(f"extension: {name} done ({sampling})", flush=True)
     return report
+
+
+def train_lora_once(pipe, folder: Path, clips: Path, radial, args, defaults: dict, frames: int) -> dict:
+    """A LoRA fine-tune at `frames` into `folder` with its time in training.json, or, when `folder` already holds a
+    finished one (a resumed run with --store), that one's record. The adapter lands whole: it is trained in a
+    sibling folder and renamed when done."""
+    from diffattn.training import train_radial_lora
+
+    record = folder / "training.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    if not clips.is_dir():
+        write_clips(clips, args.lora_clips, frames, first=HELD_OUT_CLIP_SEED - 10**6)
+    partial = folder.with_name(folder.name + ".partial")
+    start = time.perf_counter()
+    summary = train_radial_lora(
+        MODEL, clips, partial, steps=args.lora_steps, rank=args.lora_rank, learning_rate=args.lora_lr,
+        num_frames=frames, height=defaults["height"], width=defaults["width"],
+        max_sequence_length=defaults.get("max_sequence_length", 32), radial=radial, dense=radial is None,
+        pipe=pipe, overwrite=True,
+    )  # fmt: skip
+    result = {"seconds": time.perf_counter() - start, "steps": args.lora_steps, "rank": args.lora_rank,
+              "final_loss": summary["losses"][-1]}  # fmt: skip
+    _remove_adapters(pipe)
+    (partial / "training.json").write_text(json.dumps(result, indent=2) + "\n")
+    if folder.exists():  # an earlier run's folder without its record: not a finished adapter
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return result
 
 
 def _remove_adapters(pipe) -> None:
@@ -601,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         "--store",
         type=Path,
         default=None,
-        help="folder that keeps the fidelity part's finished videos, so a stopped run resumes there "
-        "(the same command again); videos are reused only under the same weights and settings",
+        help="folder that keeps the finished videos (fidelity, extension) and LoRA adapters (extension), so a stopped "
+        "run resumes there (the same command again); each is reused only under the same weights and settings",
     )
     args = parser.parse_args(argv)
     preset = PRESETS[MODEL]

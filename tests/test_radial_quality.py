@@ -4,6 +4,7 @@ attention-energy tables."""
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -195,3 +196,49 @@ def test_store_keys_the_setting(tmp_path):
         store.variant("local", config, mask),
     ]
     assert len({folder, *others}) == 6
+
+
+class _AdapterPipe:
+    """Stands in for the pipeline a LoRA trains on: records adapter removals."""
+
+    def __init__(self):
+        self.removed = 0
+        outer = self
+
+        class Transformer:
+            def active_adapters(self):
+                return ["default"]
+
+            def delete_adapters(self, names):
+                outer.removed += 1
+
+        self.transformer = Transformer()
+
+
+def test_a_finished_lora_is_reused_and_an_unfinished_one_retrained(tmp_path, monkeypatch):
+    import diffattn.training
+
+    calls = []
+
+    def fake_train(model, clips, out, *, steps, overwrite, **kwargs):
+        calls.append(Path(out))
+        assert overwrite and clips.is_dir()
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "pytorch_lora_weights.safetensors").write_bytes(b"weights %d" % len(calls))
+        return {"losses": [0.5, 0.25]}
+
+    monkeypatch.setattr(diffattn.training, "train_radial_lora", fake_train)
+    monkeypatch.setattr(rq, "write_clips", lambda folder, *a, **k: folder.mkdir(parents=True))
+    args = SimpleNamespace(lora_clips=2, lora_steps=3, lora_rank=4, lora_lr=1e-4)
+    defaults = {"height": 64, "width": 64}
+    folder = tmp_path / "lora-radial"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"a killed run's")  # no training.json: unfinished
+    pipe = _AdapterPipe()
+    first = rq.train_lora_once(pipe, folder, tmp_path / "clips", None, args, defaults, frames=129)
+    assert calls == [tmp_path / "lora-radial.partial"] and pipe.removed == 1
+    assert first["steps"] == 3 and first["rank"] == 4 and first["final_loss"] == 0.25 and first["seconds"] >= 0
+    assert (folder / "pytorch_lora_weights.safetensors").read_bytes() == b"weights 1"
+    assert not (tmp_path / "lora-radial.partial").exists()
+    again = rq.train_lora_once(pipe, folder, tmp_path / "clips", None, args, defaults, frames=129)
+    assert again == first and len(calls) == 1  # the recorded time of the finished fine-tune, not a new one
