@@ -63,7 +63,7 @@ from diffattn.video_metrics import psnr, ssim
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import RESULTS, write_report  # noqa: E402
+from _report import RESULTS, device_name, write_report  # noqa: E402
 
 
 MODEL = "shapes-wan"
@@ -592,8 +592,10 @@ def train_lora_once(pipe, folder: Path, clips: Path, radial, args, defaults: dic
         max_sequence_length=defaults.get("max_sequence_length", 32), radial=radial, dense=radial is None,
         pipe=pipe, overwrite=True,
     )  # fmt: skip
+    # a resumed run reports this record: its time is of the run that trained it (when, on what: below)
     result = {"seconds": time.perf_counter() - start, "steps": args.lora_steps, "rank": args.lora_rank,
-              "final_loss": summary["losses"][-1]}  # fmt: skip
+              "final_loss": summary["losses"][-1], "trained": time.strftime("%Y-%m-%d %H:%M"),
+              "device": device_name(pipe.transformer.device.type)}  # fmt: skip
     _remove_adapters(pipe)
     (partial / "training.json").write_text(json.dumps(result, indent=2) + "\n")
     if folder.exists():  # an earlier run's folder without its record: not a finished adapter

@@ -206,6 +206,8 @@ class _AdapterPipe:
         outer = self
 
         class Transformer:
+            device = torch.device("cpu")
+
             def active_adapters(self):
                 return ["default"]
 
@@ -238,6 +240,7 @@ def test_a_finished_lora_is_reused_and_an_unfinished_one_retrained(tmp_path, mon
     first = rq.train_lora_once(pipe, folder, tmp_path / "clips", None, args, defaults, frames=129)
     assert calls == [tmp_path / "lora-radial.partial"] and pipe.removed == 1
     assert first["steps"] == 3 and first["rank"] == 4 and first["final_loss"] == 0.25 and first["seconds"] >= 0
+    assert first["device"].startswith("cpu") and first["trained"]
     assert (folder / "pytorch_lora_weights.safetensors").read_bytes() == b"weights 1"
     assert not (tmp_path / "lora-radial.partial").exists()
     again = rq.train_lora_once(pipe, folder, tmp_path / "clips", None, args, defaults, frames=129)
