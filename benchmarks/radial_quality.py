@@ -245,6 +245,15 @@ def sample(
     return [videos[i] for i in range(len(prompts))]
 
 
+def timed_sample(pipe, prompts: list[Prompt], *, stored: Path | None, **call) -> tuple[list[np.ndarray], dict]:
+    """`sample`, and its time: {"seconds", "videos_sampled"}, which cover only the videos sampled in this run (a
+    resumed run reads the others back from `stored`)."""
+    reused = sum(VideoStore.path(stored, p).is_file() for p in prompts) if stored else 0
+    start = time.perf_counter()
+    videos = sample(pipe, prompts, stored=stored, **call)
+    return videos, {"seconds": time.perf_counter() - start, "videos_sampled": len(prompts) - reused}
+
+
 def latent_geometry(pipe, frames: int, height: int, width: int) -> tuple[int, int]:
     """(latent frames, tokens per frame) of a Wan pipeline's video."""
     pt, ph, pw = pipe.transformer.config.patch_size
@@ -337,12 +346,8 @@ def fidelity(pipe, preset_radial: RadialAttentionConfig, args, defaults: dict) -
     timings, videos = {}, {}
 
     def run(name: str, stored: Path | None) -> None:
-        reused = sum(VideoStore.path(stored, p).is_file() for p in prompts) if stored else 0
-        start = time.perf_counter()
-        videos[name] = sample(pipe, prompts, frames=frames, steps=steps, batch=args.batch, defaults=defaults,
-                              stored=stored)  # fmt: skip
-        # seconds cover only the videos sampled in this run (a resumed run reads the others back)
-        timings[name] = {"seconds": time.perf_counter() - start, "videos_sampled": len(prompts) - reused}
+        videos[name], timings[name] = timed_sample(pipe, prompts, frames=frames, steps=steps, batch=args.batch,
+                                                   defaults=defaults, stored=stored)  # fmt: skip
         print(f"fidelity: {name} done ({timings[name]})", flush=True)
 
     run("dense", store.variant("dense") if store else None)
@@ -558,11 +563,8 @@ def extension(pipe, preset_radial: RadialAttentionConfig, args, defaults: dict) 
                 pipe.load_lora_weights(adapters[lora])
             handle = diffattn.apply(pipe, attention) if attention is not None else None
             try:
-                reused = sum(VideoStore.path(stored, p).is_file() for p in prompts) if stored else 0
-                start = time.perf_counter()
-                videos = sample(pipe, prompts, frames=frames, steps=args.steps, batch=args.batch, defaults=defaults,
-                                stored=stored)  # fmt: skip
-                sampling = {"seconds": time.perf_counter() - start, "videos_sampled": len(prompts) - reused}
+                videos, sampling = timed_sample(pipe, prompts, frames=frames, steps=args.steps, batch=args.batch,
+                                                defaults=defaults, stored=stored)  # fmt: skip
             finally:
                 if handle is not None:
                     handle.remove()

@@ -175,6 +175,10 @@ def test_sample_resumes_from_the_store(tmp_path):
     for a, b, c in zip(first + [fresh[3]], resumed, fresh):
         assert np.array_equal(a, b) and np.array_equal(b, c) and b.dtype == np.uint8
     assert not list(folder.glob("*.partial.npy"))
+    again, timing = rq.timed_sample(pipe, prompts, stored=folder, frames=3, steps=1, batch=2, defaults={})
+    assert timing["videos_sampled"] == 0 and all(np.array_equal(a, b) for a, b in zip(again, fresh))
+    _, timing = rq.timed_sample(pipe, prompts[:2], stored=None, frames=3, steps=1, batch=2, defaults={})
+    assert timing["videos_sampled"] == 2 and timing["seconds"] >= 0
     # the same seed with another caption is another video
     pipe.sampled.clear()
     _sample(pipe, [rq.Prompt("a blue star moving up", 0)], stored=folder)
