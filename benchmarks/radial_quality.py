@@ -171,8 +171,8 @@ def held_out_prompts(count: int, frames: int, *, first: int = 0, single_only: bo
 class VideoStore:
     """Finished videos on disk, so a run of hours that stops (a closed session, a killed job) resumes where it was.
 
-    A video is found again only under the same setting: the transformer's weights, the call (frames, steps, size,
-    guidance), the variant (its name, its radial settings and its block mask) and the prompt (caption and noise
+    A video is found again only under the same setting: the transformer's weights and device, the call (frames,
+    steps, size, guidance), the variant (its name, its radial settings and its block mask) and the prompt (caption and noise
     seed). Files are written whole (a temporary name, then a rename), so a stop mid-write leaves nothing half-read.
     """
 
@@ -183,6 +183,9 @@ class VideoStore:
             weights.update(name.encode())
             weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         self.base = {"weights": weights.hexdigest(), "call": call}
+        device = pipe.transformer.device.type
+        if device != "cpu":  # videos from another device differ in rounding; CPU keys stay as the first stores made
+            self.base["device"] = device
 
     def variant(
         self,

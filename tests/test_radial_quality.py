@@ -138,8 +138,11 @@ def test_interval_is_the_normal_approximation():
 class _SeededVideoPipe:
     """Stands in for a Wan pipeline: each video is a function of its generator's seed; records what it sampled."""
 
+    class Transformer(torch.nn.Linear):
+        device = torch.device("cpu")  # diffusers models have a device; a test may name another
+
     def __init__(self, weight: float = 1.0):
-        self.transformer = torch.nn.Linear(2, 2)
+        self.transformer = self.Transformer(2, 2)
         torch.nn.init.constant_(self.transformer.weight, weight)
         torch.nn.init.zeros_(self.transformer.bias)
         self.sampled: list[str] = []
@@ -199,7 +202,10 @@ def test_store_keys_the_setting(tmp_path):
         store.variant("random", config, ~mask),
         store.variant("local", config, mask),
     ]
-    assert len({folder, *others}) == 6
+    on_gpu = _SeededVideoPipe()
+    on_gpu.transformer.device = torch.device("cuda")  # the same weights on another device
+    others.append(rq.VideoStore(tmp_path, on_gpu, {"num_frames": 3}).variant("random", config, mask))
+    assert len({folder, *others}) == 7
 
 
 class _AdapterPipe:
