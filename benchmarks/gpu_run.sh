@@ -58,8 +58,9 @@ for stage in "$@"; do
         quality)  # radial_quality on shapes-wan (the exported run if there is one, else the shipped preset)
             model=shapes-wan
             [ -f runs/shapes-wan/pipeline/model_index.json ] && model=runs/shapes-wan/pipeline
+            # --store: a second call on the same warm machine resumes what a cut-off first call finished
             timeout 540 python3 benchmarks/radial_quality.py --model "$model" --device cuda --batch 32 \
-                2>&1 | tee logs/bench_quality.log | tail -20 ;;
+                --store runs/quality-store 2>&1 | tee logs/bench_quality.log | tail -20 ;;
         sparse)
             timeout 240 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 \
                 --write-launch-configs kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;
