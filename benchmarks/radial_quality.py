@@ -327,9 +327,10 @@ def targets(pipe, args, defaults: dict) -> dict:
 # ---- part 1: fidelity -------------------------------------------------------------------------------------------
 
 
-def fidelity(pipe, preset_radial: RadialAttentionConfig, args, defaults: dict) -> tuple[dict, dict]:
+def fidelity(
+    pipe, preset_radial: RadialAttentionConfig, args, defaults: dict, store: VideoStore | None = None
+) -> tuple[dict, dict]:
     frames, steps = defaults["num_frames"], args.steps
-    store = VideoStore(args.store, pipe, {**defaults, "steps": steps}) if args.store else None
     geometry = latent_geometry(pipe, frames, defaults["height"], defaults["width"])
     prompts = held_out_prompts(args.videos, frames)
     sink = 1 if preset_radial.sink_frames is None else preset_radial.sink_frames
@@ -537,12 +538,13 @@ def write_clips(folder: Path, count: int, frames: int, first: int) -> None:
         (folder / f"clip{index:04d}.txt").write_text(clip.caption)
 
 
-def extension(pipe, preset_radial: RadialAttentionConfig, args, defaults: dict) -> dict:
+def extension(
+    pipe, preset_radial: RadialAttentionConfig, args, defaults: dict, store: VideoStore | None = None
+) -> dict:
     frames = 4 * (defaults["num_frames"] - 1) + 1
     geometry = latent_geometry(pipe, frames, defaults["height"], defaults["width"])
     prompts = held_out_prompts(args.extension_videos, frames, first=2 * 10**6)
     sparse = dataclasses.replace(preset_radial, dense_layers=0, dense_timesteps=0)
-    store = VideoStore(args.store, pipe, {**defaults, "steps": args.steps}) if args.store else None
     report = {"frames": frames, "latent_geometry": list(geometry), "prompts": len(prompts), "lora": {},
               "variants": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -638,7 +640,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-lr", type=float, default=1e-4)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (the preset's)")
     parser.add_argument("--batch", type=int, default=8, help="videos per pipeline call")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/...); its pictures go beside it, in radial_quality/",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (the issue's setting) or cuda (a lent GPU)")
     parser.add_argument(
         "--store",
@@ -654,8 +661,11 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     preset_radial = preset.radial
+    # built before any LoRA is added: the key is the base model's weights
+    store = VideoStore(args.store, pipe, {**defaults, "steps": args.steps}) if args.store else None
     fields: dict = {"model": args.model, "steps": args.steps, "call": defaults}
-    pictures = RESULTS / "radial_quality"
+    # beside the JSON: a run with --out elsewhere (a trial, a partial run) leaves the committed pictures alone
+    pictures = (args.out.parent if args.out else RESULTS) / "radial_quality"
     pictures.mkdir(parents=True, exist_ok=True)
     if "targets" in args.parts:
         fields["targets"] = targets(pipe, args, defaults)
@@ -663,13 +673,13 @@ def main(argv: list[str] | None = None) -> int:
         fields["energy"] = energy(pipe, args, defaults)
         plot_energy(fields["energy"], pictures / "energy_decay.png")
     if "fidelity" in args.parts:
-        fields["fidelity"], kept = fidelity(pipe, preset_radial, args, defaults)
+        fields["fidelity"], kept = fidelity(pipe, preset_radial, args, defaults, store)
         names = ["dense", *kept["masks"]]
         side_by_side(kept["videos"], 0, pictures / "dense_vs_radial.png", names)
         fields["fidelity"]["picture"] = {"file": "radial_quality/dense_vs_radial.png", "rows": names,
                                          "prompt": kept["prompts"][0].caption}  # fmt: skip
     if "extension" in args.parts:
-        fields["extension"] = extension(pipe, preset_radial, args, defaults)
+        fields["extension"] = extension(pipe, preset_radial, args, defaults, store)
     write_report("radial_quality", args.device, fields, out=args.out)
     return 0
 
