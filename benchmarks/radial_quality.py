@@ -594,7 +594,7 @@ def train_lora_once(pipe, folder: Path, clips: Path, radial, args, defaults: dic
     partial = folder.with_name(folder.name + ".partial")
     start = time.perf_counter()
     summary = train_radial_lora(
-        MODEL, clips, partial, steps=args.lora_steps, rank=args.lora_rank, learning_rate=args.lora_lr,
+        args.model, clips, partial, steps=args.lora_steps, rank=args.lora_rank, learning_rate=args.lora_lr,
         num_frames=frames, height=defaults["height"], width=defaults["width"],
         max_sequence_length=defaults.get("max_sequence_length", 32), radial=radial, dense=radial is None,
         pipe=pipe, overwrite=True,

@@ -241,7 +241,7 @@ def test_a_finished_lora_is_reused_and_an_unfinished_one_retrained(tmp_path, mon
 
     monkeypatch.setattr(diffattn.training, "train_radial_lora", fake_train)
     monkeypatch.setattr(rq, "write_clips", lambda folder, *a, **k: folder.mkdir(parents=True))
-    args = SimpleNamespace(lora_clips=2, lora_steps=3, lora_rank=4, lora_lr=1e-4)
+    args = SimpleNamespace(model="shapes-wan", lora_clips=2, lora_steps=3, lora_rank=4, lora_lr=1e-4)
     defaults = {"height": 64, "width": 64}
     folder = tmp_path / "lora-radial"
     folder.mkdir()
