@@ -20,7 +20,8 @@ Parts:
   moving the captioned way, with 95% intervals.
 - extension: trained at L frames, generated at 4L: dense and radial as they are, and each after a LoRA fine-tune at
   4L (`diffattn.training.train_radial_lora`, the same steps, rank and clips for both) on rendered clips, judged over
-  the whole video, with each LoRA's training time.
+  the whole video (per video and paired: radial + LoRA - dense + LoRA), with each LoRA's training time, PSNR/SSIM
+  of radial against dense from the same noise (before and after the LoRAs) and a picture of the four videos.
 
 With `--store DIR`, every finished video (fidelity, extension) and LoRA adapter (extension, with its training time)
 is kept in DIR under a key of the transformer's weights and every setting that shapes it; the same command again
@@ -545,8 +546,15 @@ def extension(
     geometry = latent_geometry(pipe, frames, defaults["height"], defaults["width"])
     prompts = held_out_prompts(args.extension_videos, frames, first=2 * 10**6)
     sparse = dataclasses.replace(preset_radial, dense_layers=0, dense_timesteps=0)
-    report = {"frames": frames, "latent_geometry": list(geometry), "prompts": len(prompts), "lora": {},
-              "variants": {}}  # fmt: skip
+    mask = radial_block_mask(*geometry, block_size=sparse.block_size, decay_factor=sparse.decay_factor,
+                             sink_frames=1 if sparse.sink_frames is None else sparse.sink_frames,
+                             dense_neighbor_frames=sparse.dense_neighbor_frames)  # fmt: skip
+    report = {"frames": frames, "latent_geometry": list(geometry), "prompts": len(prompts), "steps": args.steps,
+              "radial": dataclasses.asdict(preset_radial), "radial_density": float(mask.float().mean()),
+              "lora_settings": {"steps": args.lora_steps, "rank": args.lora_rank, "lr": args.lora_lr,
+                                "clips": args.lora_clips, "clip_frames": frames},
+              "lora": {}, "variants": {}}  # fmt: skip
+    videos, judged = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         adapters, settings = {}, {}
         for name, radial in (("dense", None), ("radial", sparse)):
@@ -568,16 +576,43 @@ def extension(
                 pipe.load_lora_weights(adapters[lora])
             handle = diffattn.apply(pipe, attention) if attention is not None else None
             try:
-                videos, sampling = timed_sample(pipe, prompts, frames=frames, steps=args.steps, batch=args.batch,
-                                                defaults=defaults, stored=stored)  # fmt: skip
+                sampled, sampling = timed_sample(pipe, prompts, frames=frames, steps=args.steps, batch=args.batch,
+                                                 defaults=defaults, stored=stored)  # fmt: skip
             finally:
                 if handle is not None:
                     handle.remove()
                 if lora is not None:
                     pipe.unload_lora_weights()
-            report["variants"][name] = {"judge": judge_summary(judge_videos(videos, prompts)), "sampling": sampling}
+            videos[name], judged[name] = sampled, judge_videos(sampled, prompts)
+            report["variants"][name] = {"judge": judge_summary(judged[name]),
+                                        "presence": interval([r["present"] for r in judged[name]]),
+                                        "sampling": sampling,
+                                        "rows": [{"caption": p.caption, "seed": p.seed, **r}
+                                                 for p, r in zip(prompts, judged[name])]}  # fmt: skip
             print(f"extension: {name} done ({sampling})", flush=True)
-    return report
+    report.update(extension_comparisons(videos, judged))
+    return report, {"prompts": prompts, "videos": videos}
+
+
+def extension_comparisons(videos: dict[str, list[np.ndarray]], judged: dict[str, list[dict]]) -> dict:
+    """Radial against dense from the same noise (PSNR, SSIM), before and after the LoRAs, and per-video paired
+    differences of the judge's verdicts (kept, direction: 0/1; present: share of frames) between the variants."""
+    return {
+        "radial_vs_dense": {
+            f"{radial} vs {dense}": {
+                "psnr": interval([psnr(a, b) for a, b in zip(videos[radial], videos[dense])]),
+                "ssim": interval([ssim(a, b) for a, b in zip(videos[radial], videos[dense])]),
+            }
+            for radial, dense in (("radial", "dense"), ("radial+lora", "dense+lora"))
+        },  # fmt: skip
+        "paired_judge_difference": {
+            f"{a} - {b}": {
+                field: interval([float(x[field]) - float(y[field]) for x, y in zip(judged[a], judged[b])])
+                for field in ("kept", "direction", "present")
+            }
+            for a, b in (("radial+lora", "dense+lora"), ("dense+lora", "dense"), ("radial+lora", "radial"))
+        },
+    }
 
 
 def train_lora_once(pipe, folder: Path, clips: Path, radial, args, defaults: dict, frames: int) -> dict:
@@ -679,7 +714,11 @@ def main(argv: list[str] | None = None) -> int:
         fields["fidelity"]["picture"] = {"file": "radial_quality/dense_vs_radial.png", "rows": names,
                                          "prompt": kept["prompts"][0].caption}  # fmt: skip
     if "extension" in args.parts:
-        fields["extension"] = extension(pipe, preset_radial, args, defaults, store)
+        fields["extension"], kept = extension(pipe, preset_radial, args, defaults, store)
+        names = list(kept["videos"])
+        side_by_side(kept["videos"], 0, pictures / "extension.png", names, every=8)
+        fields["extension"]["picture"] = {"file": "radial_quality/extension.png", "rows": names,
+                                          "prompt": kept["prompts"][0].caption}  # fmt: skip
     write_report("radial_quality", args.device, fields, out=args.out)
     return 0
 

@@ -255,3 +255,27 @@ def test_a_finished_lora_is_reused_and_an_unfinished_one_retrained(tmp_path, mon
     assert not (tmp_path / "lora-radial.partial").exists()
     again = rq.train_lora_once(pipe, folder, tmp_path / "clips", None, args, defaults, frames=129)
     assert again == first and len(calls) == 1  # the recorded time of the finished fine-tune, not a new one
+
+
+def test_extension_comparisons_against_hand_computations():
+    names = ("dense", "radial", "dense+lora", "radial+lora")
+    videos = {name: [_video(10 * i + j) for j in range(3)] for i, name in enumerate(names)}
+    videos["radial"] = [videos["dense"][0], *videos["radial"][1:]]  # one video identical to dense: PSNR capped
+    verdicts = {  # (kept, direction, present) per video
+        "dense": [(0, 1, 0.5), (1, 1, 1.0), (0, 0, 0.25)],
+        "radial": [(0, 0, 0.5), (0, 1, 0.75), (0, 0, 0.0)],
+        "dense+lora": [(1, 1, 1.0), (1, 1, 1.0), (0, 1, 0.5)],
+        "radial+lora": [(1, 0, 0.75), (0, 1, 0.5), (0, 1, 0.5)],
+    }
+    judged = {n: [{"kept": bool(k), "direction": bool(d), "present": p} for k, d, p in v] for n, v in verdicts.items()}
+    out = rq.extension_comparisons(videos, judged)
+    psnrs = [PSNR_CAP, psnr(videos["radial"][1], videos["dense"][1]), psnr(videos["radial"][2], videos["dense"][2])]
+    assert out["radial_vs_dense"]["radial vs dense"]["psnr"]["mean"] == pytest.approx(sum(psnrs) / 3)
+    assert out["radial_vs_dense"]["radial vs dense"]["ssim"]["n"] == 3
+    pair = out["paired_judge_difference"]["radial+lora - dense+lora"]
+    # kept: 0, -1, 0; direction: -1, 0, 0; present: -0.25, -0.5, 0
+    assert pair["kept"]["mean"] == pytest.approx(-1 / 3)
+    assert pair["direction"]["mean"] == pytest.approx(-1 / 3)
+    assert pair["present"]["mean"] == pytest.approx(-0.25)
+    assert pair["present"]["low"] == pytest.approx(-0.25 - 1.96 * np.std([-0.25, -0.5, 0], ddof=1) / math.sqrt(3))
+    assert out["paired_judge_difference"]["dense+lora - dense"]["present"]["mean"] == pytest.approx(0.25)
