@@ -328,13 +328,18 @@ def targets(pipe, args, defaults: dict) -> dict:
 # ---- part 1: fidelity -------------------------------------------------------------------------------------------
 
 
+def wan_sink_frames(config: RadialAttentionConfig) -> int:
+    """The config's sink frames, None resolved to the Wan family's default (1) as the method resolves it."""
+    return 1 if config.sink_frames is None else config.sink_frames
+
+
 def fidelity(
     pipe, preset_radial: RadialAttentionConfig, args, defaults: dict, store: VideoStore | None = None
 ) -> tuple[dict, dict]:
     frames, steps = defaults["num_frames"], args.steps
     geometry = latent_geometry(pipe, frames, defaults["height"], defaults["width"])
     prompts = held_out_prompts(args.videos, frames)
-    sink = 1 if preset_radial.sink_frames is None else preset_radial.sink_frames
+    sink = wan_sink_frames(preset_radial)
     decays = [preset_radial.decay_factor, SECOND_DECAY]
     radial_masks = {
         f"radial-{d:g}": radial_block_mask(
@@ -547,7 +552,7 @@ def extension(
     prompts = held_out_prompts(args.extension_videos, frames, first=2 * 10**6)
     sparse = dataclasses.replace(preset_radial, dense_layers=0, dense_timesteps=0)
     mask = radial_block_mask(*geometry, block_size=sparse.block_size, decay_factor=sparse.decay_factor,
-                             sink_frames=1 if sparse.sink_frames is None else sparse.sink_frames,
+                             sink_frames=wan_sink_frames(sparse),
                              dense_neighbor_frames=sparse.dense_neighbor_frames)  # fmt: skip
     report = {"frames": frames, "latent_geometry": list(geometry), "prompts": len(prompts), "steps": args.steps,
               "radial": dataclasses.asdict(preset_radial), "radial_density": float(mask.float().mean()),
