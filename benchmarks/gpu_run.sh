@@ -49,10 +49,12 @@ for stage in "$@"; do
             # the rate, from tqdm's last line
             tail -c 2000 runs/shapes/train_log.jsonl | tail -1 | tee -a logs/train.log ;;
         trainvideo:*)  # shapes-wan (train-shapes-video), resuming runs/shapes-wan
+            # two 48-dim heads: their rotary embedding resolves a 16-token frame (README, "The video model")
             minutes=${stage#trainvideo:}
             repo=$PWD
             (cd /tmp && timeout $((minutes * 60 + 120)) python3 -m diffattn -v train-shapes-video \
-                --out "$repo/runs/shapes-wan" --batch-size 32 --vae-batch-size 16 --checkpoint-every 500 \
+                --out "$repo/runs/shapes-wan" --attention-heads 2 --batch-size 32 --vae-batch-size 16 \
+                --checkpoint-every 500 \
                 --max-minutes "$minutes" 2>&1) | tr "\r" "\n" | tail -15 | tee -a logs/train_video.log
             tail -c 2000 runs/shapes-wan/train_log.jsonl | tail -1 | tee -a logs/train_video.log ;;
         quality)  # radial_quality on shapes-wan (the exported run if there is one, else the shipped preset)
