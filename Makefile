@@ -32,11 +32,11 @@ app: setup
 bench: setup
 	$(PY) benchmarks/block_sparse_attention.py
 
-# On a machine with a CUDA GPU: the launch sweep for this GPU model (stored in kernels/launch_configs.json) and the
-# full benchmark, then the GPU tests (real Triton, fp16/bf16/fp32, with the configs just stored); results committed
-# under benchmarks/results/ with the GPU's name.
+# On a machine with a CUDA GPU: the launch sweep for this GPU model (stored in diffattn/kernels/launch_configs.json)
+# and the full benchmark, then the GPU tests (real Triton, fp16/bf16/fp32, with the configs just stored); results
+# committed under benchmarks/results/ with the GPU's name.
 gpu: setup
-	$(PY) benchmarks/block_sparse_attention.py --sweep --write-launch-configs kernels/launch_configs.json
+	$(PY) benchmarks/block_sparse_attention.py --sweep --write-launch-configs diffattn/kernels/launch_configs.json
 	$(OFFLINE) $(PY) -m pytest -q -m gpu tests
 
 clean:

@@ -2,7 +2,7 @@
 
     python benchmarks/block_sparse_attention.py            # GPU if present, else the reduced CPU set
     python benchmarks/block_sparse_attention.py --quick    # one small shape (smoke run)
-    python benchmarks/block_sparse_attention.py --sweep --write-launch-configs kernels/launch_configs.json
+    python benchmarks/block_sparse_attention.py --sweep --write-launch-configs diffattn/kernels/launch_configs.json
         # CUDA: first time the Triton kernels' launch configurations on the first shape's radial mask and store the
         # fastest for this GPU model, which the benchmark (and every later use of the kernel) then runs with
 

@@ -10,7 +10,7 @@
 # built beforehand with `pip wheel --no-deps -w .whl .` -- into /tmp/site), env (versions, GPU), tests
 # (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), trainvideo:MINUTES (train-shapes-video,
 # resuming runs/shapes-wan), quality (benchmarks/radial_quality.py on shapes-wan), sparse (the Triton launch sweep, whose
-# fastest configs go to kernels/launch_configs.json and the installed package, then the block-sparse benchmark:
+# fastest configs go to diffattn/kernels/launch_configs.json and the installed package, then the block-sparse benchmark:
 # run it before tests so they check the configs it picked), editing (editing.py on the SD 1.5 config),
 # radial (radial_e2e), agent (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
 set -u
@@ -21,7 +21,7 @@ if [ -d /tmp/site ]; then
     export PYTHONPATH=/tmp/site
 fi
 pack() {
-    tar czf "$OUT/gpu_results.tar.gz" logs benchmarks/results kernels/launch_configs.json runs/shapes/pipeline \
+    tar czf "$OUT/gpu_results.tar.gz" logs benchmarks/results diffattn/kernels/launch_configs.json runs/shapes/pipeline \
         runs/shapes/train_log.jsonl runs/shapes-wan/pipeline runs/shapes-wan/train_log.jsonl \
         2>/dev/null || true
 }
@@ -65,7 +65,7 @@ for stage in "$@"; do
                 --store runs/quality-store 2>&1 | tee logs/bench_quality.log | tail -20 ;;
         sparse)
             timeout 240 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 \
-                --write-launch-configs kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;
+                --write-launch-configs diffattn/kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;
         editing)
             timeout 120 python3 benchmarks/editing.py --model sd15-config 2>&1 | tee logs/bench_editing.log | tail -14 ;;
         radial)

@@ -56,5 +56,21 @@ def test_editable_install_maps_the_import_names():
     import diffattn.kernels
     import diffattn.pipelines
 
-    assert Path(diffattn.kernels.__file__).parent == ROOT / "kernels"
+    assert Path(diffattn.kernels.__file__).parent == ROOT / "diffattn" / "kernels"
     assert Path(diffattn.pipelines.__file__).parent == ROOT / "pipelines"
+
+
+def test_a_checkout_does_not_shadow_the_hugging_face_kernels_package():
+    """Python started in the repository root (`python app.py`, `python -m pytest`) has the root on sys.path, so a
+    top-level folder `kernels` there would be imported in place of Hugging Face's `kernels` package, which
+    transformers imports (its hub-kernels integration): every model load would then fail."""
+    code = (
+        "import importlib.util, sys; spec = importlib.util.find_spec('kernels');"
+        "print(spec.origin if spec and spec.origin else '')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert not proc.stdout.strip().startswith(str(ROOT)), proc.stdout
+    proc = subprocess.run([sys.executable, "-c", "import transformers.activations"], capture_output=True, text=True,
+                          cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
