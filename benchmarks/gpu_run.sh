@@ -1,22 +1,41 @@
 #!/usr/bin/env bash
-# What a lent GPU runs, stage by stage, each under its own time limit: the GPU tests, the three benchmarks and the
+# What a lent GPU runs, stage by stage, each under its own time limit: the GPU tests, the benchmarks and the
 # shapes-model training. Everything a stage produces is packed into $OUT/gpu_results.tar.gz after it, so a stage
 # cut off by its limit still leaves the earlier ones' results.
 #
-#   OUT=/tmp/out benchmarks/gpu_run.sh install env sparse tests editing radial agent
+#   OUT=/tmp/out DEADLINE=$(( $(date +%s) + 570 )) benchmarks/gpu_run.sh install env trainvideo:4 preset quality:targets
 #
+# DEADLINE (seconds since the epoch, optional): no stage runs past it (each one's limit is cut to what is left).
 # train:MINUTES continues from the shipped shapes-sd weights when runs/shapes has no checkpoint yet.
-# Stages: install (on a machine without network: the wheels in .whl/ -- diffusers, tomesd and diffattn itself,
-# built beforehand with `pip wheel --no-deps -w .whl .` -- into /tmp/site), env (versions, GPU), tests
+# Stages: install (on a machine without network: the wheels in .whl/ -- diffusers, importlib_metadata and diffattn
+# itself, built beforehand with `pip wheel --no-deps -w .whl .` -- into /tmp/site), env (versions, GPU), tests
 # (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), trainvideo:MINUTES (train-shapes-video,
-# resuming runs/shapes-wan), quality (benchmarks/radial_quality.py on shapes-wan), sparse (the Triton launch sweep, whose
-# fastest configs go to diffattn/kernels/launch_configs.json and the installed package, then the block-sparse benchmark:
-# run it before tests so they check the configs it picked), editing (editing.py on the SD 1.5 config),
-# radial (radial_e2e), agent (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
+# resuming runs/shapes-wan, else starting from the shipped shapes-wan weights re-split into two heads), preset (the
+# trained runs/shapes-wan/pipeline becomes the installed package's shapes-wan preset, so what follows measures it as
+# users load it), quality:PART[,PART] (benchmarks/radial_quality.py on the shapes-wan preset, PARTs of targets,
+# fidelity, energy, extension), sparse (the Triton launch sweep, whose fastest configs go to
+# diffattn/kernels/launch_configs.json and the installed package, then the block-sparse benchmark: run it before
+# tests so they check the configs it picked), editing (editing.py on the SD 1.5 config), radial (radial_e2e), agent
+# (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
+# DEVICE (default cuda), TRAIN_BATCH and QUALITY_ARGS (extra radial_quality flags) let a CPU rehearse the stages.
 set -u
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT" logs runs
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+DEVICE=${DEVICE:-cuda}
+QUALITY_ARGS=${QUALITY_ARGS:-}
+TRAIN_BATCH=${TRAIN_BATCH:-128}  # clips per shapes-wan step
+DEADLINE=${DEADLINE:-}
+# seconds a stage may run: its own cap, cut to what is left before DEADLINE (less 10 s to pack)
+limit() {
+    local cap=$1
+    if [ -n "$DEADLINE" ]; then
+        local left=$(( DEADLINE - $(date +%s) - 10 ))
+        [ "$left" -lt "$cap" ] && cap=$left
+    fi
+    [ "$cap" -lt 1 ] && cap=1
+    echo "$cap"
+}
 if [ -d /tmp/site ]; then
     export PYTHONPATH=/tmp/site
 fi
@@ -32,7 +51,7 @@ for stage in "$@"; do
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
                 .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1 ;;
         env)
-            { nvidia-smi; (cd /tmp && python3 -c "import torch, triton, diffusers, transformers, diffattn; print(torch.__version__, triton.__version__, diffusers.__version__, transformers.__version__, diffattn.__file__, torch.cuda.get_device_name())"); } 2>&1 | tee logs/env.log ;;
+            { nvidia-smi; nproc; df -h /dev/shm /tmp; (cd /tmp && python3 -c "import torch, triton, diffusers, transformers, diffattn; print(torch.__version__, triton.__version__, diffusers.__version__, transformers.__version__, diffattn.__file__, torch.cuda.get_device_name())"); } 2>&1 | tee logs/env.log ;;
         tests)
             # from outside the checkout, so the installed diffattn (with its diffattn.kernels mapping) is the one
             # imported
@@ -52,17 +71,43 @@ for stage in "$@"; do
             # two 48-dim heads: their rotary embedding resolves a 16-token frame (README, "The video model")
             minutes=${stage#trainvideo:}
             repo=$PWD
-            (cd /tmp && timeout $((minutes * 60 + 120)) python3 -m diffattn -v train-shapes-video \
-                --out "$repo/runs/shapes-wan" --attention-heads 2 --batch-size 32 --vae-batch-size 16 \
-                --checkpoint-every 500 \
-                --max-minutes "$minutes" 2>&1) | tr "\r" "\n" | tail -15 | tee -a logs/train_video.log
+            init=()
+            [ -f runs/shapes-wan/checkpoint.pt ] || init=(--init-from "$repo/diffattn/presets/shapes_wan")
+            workers=$(( $(nproc) - 2 ))
+            [ "$workers" -gt 12 ] && workers=12
+            # the workers hand their clips over in shared memory (about 54 MB a batch, 4 batches ahead each)
+            shm_mb=$(( $(df -k --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0) / 1024 ))
+            [ "$shm_mb" -lt $(( workers * 4 * 54 * 2 )) ] && workers=$(( shm_mb / (4 * 54 * 2) ))
+            echo "train workers: $workers (shm $shm_mb MB)" | tee -a logs/train_video.log
+            seconds=$(awk "BEGIN { print int($minutes * 60) + 120 }")
+            for attempt in 1 2; do
+                (cd /tmp && timeout "$(limit "$seconds")" python3 -m diffattn -v train-shapes-video \
+                    --out "$repo/runs/shapes-wan" "${init[@]}" --attention-heads 2 --batch-size "$TRAIN_BATCH" --lr 3e-4 \
+                    --ema-decay 0.997 --denoiser-steps 1000000 --checkpoint-every 500 --workers "$workers" \
+                    --device "$DEVICE" --max-minutes "$minutes" 2>&1) | tr "\r" "\n" | tail -25 \
+                    | tee -a logs/train_video.log
+                [ -f runs/shapes-wan/pipeline/model_index.json ] && break
+                # no export: once more without worker processes, for what is left of the time
+                workers=0
+                minutes=$(awk "BEGIN { m = ($(limit 100000) - 60) / 60; print (m > 0.5 ? m : 0.5) }")
+                echo "train: no export, again with no workers for $minutes minutes" | tee -a logs/train_video.log
+            done
             tail -c 2000 runs/shapes-wan/train_log.jsonl | tail -1 | tee -a logs/train_video.log ;;
-        quality)  # radial_quality on shapes-wan (the exported run if there is one, else the shipped preset)
-            model=shapes-wan
-            [ -f runs/shapes-wan/pipeline/model_index.json ] && model=runs/shapes-wan/pipeline
-            # --store: a second call on the same warm machine resumes what a cut-off first call finished
-            timeout 540 python3 benchmarks/radial_quality.py --model "$model" --device cuda --batch 32 \
-                --store runs/quality-store 2>&1 | tee logs/bench_quality.log | tail -20 ;;
+        preset)  # the trained pipeline becomes the installed package's shapes-wan
+            installed=$(cd /tmp && python3 -c "import diffattn.presets, pathlib; print(pathlib.Path(diffattn.presets.__file__).parent / 'shapes_wan')")
+            if [ -f runs/shapes-wan/pipeline/model_index.json ]; then
+                rm -rf "$installed" && cp -r runs/shapes-wan/pipeline "$installed" && echo "preset: $installed" \
+                    | tee -a logs/stages.log
+            else
+                echo "preset: no trained pipeline, the shipped shapes-wan stays" | tee -a logs/stages.log
+            fi ;;
+        quality:*)  # radial_quality on the shapes-wan preset; --store: a cut-off run resumes on the same machine
+            parts=${stage#quality:}
+            name=${parts//,/-}
+            DIFFATTN_JUDGE_WORKERS=$(nproc) timeout "$(limit 600)" python3 benchmarks/radial_quality.py \
+                --parts ${parts//,/ } --device "$DEVICE" --batch 32 --store runs/quality-store \
+                --out "benchmarks/results/radial_quality-$name-gpu.json" $QUALITY_ARGS 2>&1 \
+                | tee -a "logs/bench_quality_$name.log" | tail -20 ;;
         sparse)
             timeout 240 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 \
                 --write-launch-configs diffattn/kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;

@@ -220,12 +220,21 @@ class VideoStore:
 
 
 def sample(
-    pipe, prompts: list[Prompt], *, frames: int, steps: int, batch: int, defaults: dict, stored: Path | None = None
+    pipe,
+    prompts: list[Prompt],
+    *,
+    frames: int,
+    steps: int,
+    batch: int,
+    defaults: dict,
+    stored: Path | None = None,
+    non_finite: list[int] | None = None,
 ) -> list[np.ndarray]:
     """Videos as uint8 [F, H, W, 3], one per prompt, each from its own seeded noise (batching changes nothing).
 
     With `stored` (a `VideoStore.variant` folder), videos already there are read back and each new one is saved
-    as soon as its batch is done."""
+    as soon as its batch is done. A video with non-finite values (an overflow in half precision) keeps them as 0
+    (black) and its prompt's seed is appended to `non_finite` when given, and logged: never silently."""
     videos: dict[int, np.ndarray] = {}
     if stored is not None:
         for i, prompt in enumerate(prompts):
@@ -243,19 +252,27 @@ def sample(
             **{k: v for k, v in defaults.items() if k != "num_frames"},
         ).frames
         for i, video in zip(chunk, out):
-            videos[i] = (np.clip(np.asarray(video), 0, 1) * 255).round().astype(np.uint8)
+            video = np.asarray(video)
+            if not np.isfinite(video).all():
+                print(f"sample: the video of seed {prompts[i].seed} has non-finite values (kept as 0)", flush=True)
+                if non_finite is not None:
+                    non_finite.append(prompts[i].seed)
+                video = np.nan_to_num(video, nan=0.0, posinf=0.0, neginf=0.0)
+            videos[i] = (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
             if stored is not None:
                 VideoStore.save(VideoStore.path(stored, prompts[i]), videos[i])
     return [videos[i] for i in range(len(prompts))]
 
 
 def timed_sample(pipe, prompts: list[Prompt], *, stored: Path | None, **call) -> tuple[list[np.ndarray], dict]:
-    """`sample`, and its time: {"seconds", "videos_sampled"}, which cover only the videos sampled in this run (a
-    resumed run reads the others back from `stored`)."""
+    """`sample`, and its time: {"seconds", "videos_sampled", "non_finite_seeds"}, which cover only the videos sampled
+    in this run (a resumed run reads the others back from `stored`)."""
     reused = sum(VideoStore.path(stored, p).is_file() for p in prompts) if stored else 0
     start = time.perf_counter()
-    videos = sample(pipe, prompts, stored=stored, **call)
-    return videos, {"seconds": time.perf_counter() - start, "videos_sampled": len(prompts) - reused}
+    non_finite: list[int] = []
+    videos = sample(pipe, prompts, stored=stored, non_finite=non_finite, **call)
+    return videos, {"seconds": time.perf_counter() - start, "videos_sampled": len(prompts) - reused,
+                    "non_finite_seeds": non_finite}  # fmt: skip
 
 
 def latent_geometry(pipe, frames: int, height: int, width: int) -> tuple[int, int]:
@@ -277,18 +294,31 @@ def with_mask(pipe, config: RadialAttentionConfig, mask: torch.Tensor | None, ge
     return handle
 
 
+JUDGE_WORKERS = int(os.environ.get("DIFFATTN_JUDGE_WORKERS", "0"))  # processes judging videos (0: this one)
+
+
+def judge_video(video: np.ndarray, caption: str) -> dict:
+    """One video uint8 [F, H, W, 3]: every captioned object kept (colour and shape in >= 90% of frames) and moving
+    the captioned way."""
+    verdicts = judge_clip([Image.fromarray(f) for f in video], caption)
+    return {
+        "objects": len(verdicts),
+        "kept": all(v.kept for v in verdicts),
+        "direction": all(v.moves_right for v in verdicts),
+        "present": statistics.fmean(v.present for v in verdicts),
+    }
+
+
 def judge_videos(videos: list[np.ndarray], prompts: list[Prompt]) -> list[dict]:
-    """Per video: every captioned object kept (colour and shape in >= 90% of frames) and moving the captioned way."""
-    rows = []
-    for video, prompt in zip(videos, prompts):
-        verdicts = judge_clip([Image.fromarray(f) for f in video], prompt.caption)
-        rows.append({
-            "objects": len(verdicts),
-            "kept": all(v.kept for v in verdicts),
-            "direction": all(v.moves_right for v in verdicts),
-            "present": statistics.fmean(v.present for v in verdicts),
-        })  # fmt: skip
-    return rows
+    """`judge_video` of each, in order; with DIFFATTN_JUDGE_WORKERS=N in N forked processes (the judge is numpy
+    and PIL only, so a process that holds CUDA can fork it)."""
+    pairs = [(video, prompt.caption) for video, prompt in zip(videos, prompts)]
+    if JUDGE_WORKERS <= 1 or len(pairs) < 2:
+        return [judge_video(*pair) for pair in pairs]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(JUDGE_WORKERS) as pool:
+        return pool.starmap(judge_video, pairs, chunksize=4)
 
 
 def judge_summary(rows: list[dict]) -> dict[str, float]:
@@ -532,15 +562,22 @@ def plot_energy(tables: dict, path: Path) -> None:
 # ---- part 3: length extension ------------------------------------------------------------------------------------
 
 
-def write_clips(folder: Path, count: int, frames: int, first: int) -> None:
-    """Rendered training clips (MP4 + caption .txt) for the LoRA fine-tunes, from a stream no evaluation uses."""
-    import imageio.v3 as iio
+def write_clips(folder: Path, count: int, frames: int, first: int, pipe) -> None:
+    """Rendered training clips for the LoRA fine-tunes, from a stream no evaluation uses: each clip's latents (the
+    pipeline's VAE on the exact rendered frames: train-lora's cached-latent input, no video codec in between) and
+    its caption (.txt)."""
+    from safetensors.torch import save_file
+
+    from diffattn.training import encode_video
 
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         clip = render_clip(first + index, frames)
-        iio.imwrite(folder / f"clip{index:04d}.mp4", np.stack([np.asarray(f) for f in clip.frames]), fps=8,
-                    codec="libx264", quality=10)  # fmt: skip
+        pixels = torch.from_numpy(np.stack([np.asarray(f) for f in clip.frames]))  # [F, H, W, 3] uint8
+        video = (pixels.permute(3, 0, 1, 2).float() / 127.5 - 1.0).unsqueeze(0)  # [1, 3, F, H, W]
+        with torch.no_grad():
+            latents = encode_video(pipe, video)
+        save_file({"latents": latents.float().cpu().contiguous()}, str(folder / f"clip{index:04d}.safetensors"))
         (folder / f"clip{index:04d}.txt").write_text(clip.caption)
 
 
@@ -630,7 +667,7 @@ def train_lora_once(pipe, folder: Path, clips: Path, radial, args, defaults: dic
     if record.is_file():
         return json.loads(record.read_text())
     if not clips.is_dir():
-        write_clips(clips, args.lora_clips, frames, first=HELD_OUT_CLIP_SEED - 10**6)
+        write_clips(clips, args.lora_clips, frames, first=HELD_OUT_CLIP_SEED - 10**6, pipe=pipe)
     partial = folder.with_name(folder.name + ".partial")
     start = time.perf_counter()
     summary = train_radial_lora(

@@ -81,6 +81,8 @@ def _add_training_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "-o", required=True, type=Path, help="run folder (checkpoint, log, pipeline)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the data stream")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
+    parser.add_argument("--workers", type=_nonnegative_int, default=0,
+                        help="processes rendering the training data ahead of the step (0)")  # fmt: skip
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
     parser.add_argument("--max-minutes", type=float, default=None,
@@ -255,8 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--vae-steps", type=_nonnegative_int, default=2000, help="autoencoder steps (2000)")
     shapes.add_argument("--unet-steps", type=_nonnegative_int, default=20000, help="UNet + text encoder steps")
     shapes.add_argument("--batch-size", type=_positive_int, default=32, help="scenes per step (32)")
-    shapes.add_argument("--workers", type=_nonnegative_int, default=0,
-                        help="processes rendering scenes ahead of the training step (0)")  # fmt: skip
 
     video = sub.add_parser(
         "train-shapes-video",
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
                 attention_heads=args.attention_heads, timestep_shift=args.timestep_shift,
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
-                max_minutes=args.max_minutes, ema_decay=args.ema_decay,
+                max_minutes=args.max_minutes, ema_decay=args.ema_decay, num_workers=args.workers,
             )  # fmt: skip
             state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from)
             print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, denoiser step {state['denoiser_step']})")

@@ -41,6 +41,7 @@ from .scenes import render_clip
 from .shapes_training import (
     _ema_update,
     _LossLog,
+    _steps,
     export_pipeline,
     load_checkpoint,
     load_optimizer,
@@ -81,9 +82,10 @@ class ShapesVideoTrainingConfig:
     log_every: int = 50
     max_minutes: float | None = None
     device: str | None = None
+    num_workers: int = 0  # processes rendering the denoiser's clips ahead of the step
 
     def __post_init__(self):
-        for name in ("vae_steps", "denoiser_steps", "seed"):
+        for name in ("vae_steps", "denoiser_steps", "seed", "num_workers"):
             check_int_range(name, getattr(self, name), 0)
         for name in ("vae_batch_size", "batch_size", "checkpoint_every", "log_every"):
             check_int_range(name, getattr(self, name), 1)
@@ -109,11 +111,39 @@ class ShapesVideoTrainingConfig:
             check_str("device", self.device, max_length=100)
 
 
+def clip_pixels(start: int, size: int, num_frames: int) -> tuple[torch.Tensor, list[str]]:
+    """Clips start..start+size-1 of the seeded stream: pixels uint8 [B, F, 64, 64, 3] and their captions."""
+    clips = [render_clip(seed, num_frames) for seed in range(start, start + size)]
+    pixels = np.stack([np.stack([np.asarray(f, dtype=np.uint8) for f in c.frames]) for c in clips])
+    return torch.from_numpy(pixels), [c.caption for c in clips]
+
+
+def pixels_to_video(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3] -> video [B, 3, F, H, W] in [-1, 1] (float32), on the pixels' device."""
+    return (pixels.float() / 127.5 - 1.0).permute(0, 4, 1, 2, 3)
+
+
 def clip_batch(start: int, size: int, num_frames: int) -> tuple[torch.Tensor, list[str]]:
     """Clips start..start+size-1 of the seeded stream: video [B, 3, F, 64, 64] in [-1, 1] and their captions."""
-    clips = [render_clip(seed, num_frames) for seed in range(start, start + size)]
-    video = np.stack([np.stack([np.asarray(f, dtype=np.float32) for f in c.frames]) for c in clips]) / 127.5 - 1.0
-    return torch.from_numpy(video).permute(0, 4, 1, 2, 3), [c.caption for c in clips]
+    pixels, captions = clip_pixels(start, size, num_frames)
+    return pixels_to_video(pixels), captions
+
+
+class _DenoiserClips(torch.utils.data.Dataset):
+    """Item `step`: the clips of denoiser step `step` (`clip_pixels`: uint8, a quarter of float32's bytes between
+    processes), the same in a worker and in a resumed run."""
+
+    def __init__(self, config: ShapesVideoTrainingConfig):
+        self.config = config
+
+    def __len__(self) -> int:
+        return self.config.denoiser_steps
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        config = self.config
+        frames = config.warmup_frames if config.warmup_frames and step < config.warmup_steps else config.num_frames
+        start = config.seed * 10**7 + DENOISER_STREAM + step * config.batch_size
+        return clip_pixels(start, config.batch_size, frames)
 
 
 def encode_captions(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -339,16 +369,15 @@ def train_shapes_video(
         state.update(calibrated=True, latents_mean=mean, latents_std=std)
     transformer.train()
     text_encoder.train()
+    clips = iter(_steps(_DenoiserClips(config), state["denoiser_step"], config, device) if state["calibrated"] else ())
     while state["calibrated"] and state["denoiser_step"] < config.denoiser_steps and not out_of_time():
         step = state["denoiser_step"]
         generator = torch.Generator().manual_seed(base + DENOISER_STREAM + step)
-        frames = config.warmup_frames if config.warmup_frames and step < config.warmup_steps else config.num_frames
-        video, captions = clip_batch(base + DENOISER_STREAM + step * config.batch_size, config.batch_size,
-                                     frames)  # fmt: skip
+        pixels, captions = next(clips)
         drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, drop)]
         with torch.no_grad():
-            latents = _normalised_latents(vae, video.to(device))
+            latents = _normalised_latents(vae, pixels_to_video(pixels.to(device, non_blocking=True)))
         with autocast:
             embeds = encode_captions(tokenizer, text_encoder, captions, device)
             loss = flow_matching_loss(transformer, latents, embeds, generator, config.timestep_shift)

@@ -66,7 +66,7 @@ def _read_video(path: Path, num_frames: int, height: int, width: int) -> torch.T
     return video.permute(1, 0, 2, 3).unsqueeze(0)
 
 
-def _encode_video(pipe: Any, video: torch.Tensor) -> torch.Tensor:
+def encode_video(pipe: Any, video: torch.Tensor) -> torch.Tensor:
     """Wan VAE encoding with its latent normalisation: [1, 3, F, H, W] -> [C, F', H', W']."""
     vae = pipe.vae
     latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()
@@ -97,7 +97,7 @@ def load_examples(
                     raise ValueError(f"data: {path.name} needs a 'latents' tensor [C, F, H, W]")
                 latents = tensors["latents"]
             else:
-                latents = _encode_video(pipe, _read_video(path, num_frames, height, width))
+                latents = encode_video(pipe, _read_video(path, num_frames, height, width))
             embeds, _ = pipe.encode_prompt(
                 prompt, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length
             )

@@ -279,3 +279,72 @@ def test_extension_comparisons_against_hand_computations():
     assert pair["present"]["mean"] == pytest.approx(-0.25)
     assert pair["present"]["low"] == pytest.approx(-0.25 - 1.96 * np.std([-0.25, -0.5, 0], ddof=1) / math.sqrt(3))
     assert out["paired_judge_difference"]["dense+lora - dense"]["present"]["mean"] == pytest.approx(0.25)
+
+
+def test_judge_workers_judge_as_the_judge_does(monkeypatch):
+    """Videos judged in forked processes get the verdicts the judge gives each rendered clip in this process."""
+    from diffattn.judge import judge_clip
+    from diffattn.scenes import render_clip
+
+    clips = [render_clip(seed, 9) for seed in (3, 11, 20)]
+    videos = [np.stack([np.asarray(f) for f in clip.frames]) for clip in clips]
+    prompts = [rq.Prompt(clip.caption, i) for i, clip in enumerate(clips)]
+    monkeypatch.setattr(rq, "JUDGE_WORKERS", 2)
+    rows = rq.judge_videos(videos, prompts)
+    for row, clip in zip(rows, clips):
+        verdicts = judge_clip(list(clip.frames), clip.caption)
+        assert row == {"objects": len(clip.objects), "kept": all(v.kept for v in verdicts),
+                       "direction": all(v.moves_right for v in verdicts),
+                       "present": sum(v.present for v in verdicts) / len(verdicts)}  # fmt: skip
+    assert all(row["kept"] and row["direction"] for row in rows)  # rendered clips: the ground truth holds
+    monkeypatch.setattr(rq, "JUDGE_WORKERS", 0)
+    assert rq.judge_videos(videos, prompts) == rows
+
+
+def test_lora_clips_are_the_vae_latents_of_the_rendered_frames(tmp_path):
+    """The extension's LoRA clips: each rendered clip's normalised VAE latents (train-lora's cached input) and its
+    caption; train-lora's loader reads them back as they are."""
+    from safetensors.torch import load_file
+
+    from diffattn.loading import load_pipeline
+    from diffattn.scenes import render_clip
+    from diffattn.training import load_examples
+
+    pipe = load_pipeline("shapes-wan", device="cpu")
+    rq.write_clips(tmp_path, 2, 5, first=40, pipe=pipe)
+    vae = pipe.vae
+    for index in range(2):
+        clip = render_clip(40 + index, 5)
+        video = torch.tensor(np.stack([np.asarray(f) for f in clip.frames]), dtype=torch.float32)
+        video = (video / 127.5 - 1).permute(3, 0, 1, 2)[None]
+        with torch.no_grad():
+            mode = vae.encode(video).latent_dist.mode()[0]
+        mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1)
+        stored = load_file(str(tmp_path / f"clip{index:04d}.safetensors"))["latents"]
+        torch.testing.assert_close(stored, (mode - mean) / std)
+        assert (tmp_path / f"clip{index:04d}.txt").read_text() == clip.caption
+    examples = load_examples(pipe, tmp_path, num_frames=5, height=64, width=64, max_sequence_length=32)
+    assert [e.name for e in examples] == ["clip0000", "clip0001"]
+    assert torch.equal(examples[0].latents, load_file(str(tmp_path / "clip0000.safetensors"))["latents"])
+
+
+def test_non_finite_videos_are_reported_not_silently_cast():
+    """A video with NaN/inf values (a half-precision overflow) is counted by seed; its finite values stay as they are
+    and the non-finite ones become 0, where a bare uint8 cast would give platform-dependent garbage."""
+
+    class NaNPipe(_SeededVideoPipe):
+        def __call__(self, prompt, generator, num_frames, output_type, **_):
+            out = super().__call__(prompt, generator, num_frames, output_type)
+            out.frames[1][0, 0, 0] = [np.nan, np.inf, 0.5]
+            return out
+
+    prompts = [rq.Prompt("a red circle moving left", 5), rq.Prompt("a red circle moving up", 9)]
+    videos, timing = rq.timed_sample(NaNPipe(), prompts, stored=None, frames=3, steps=1, batch=2, defaults={})
+    assert timing["non_finite_seeds"] == [9]
+    clean = _sample(_SeededVideoPipe(), prompts)
+    assert np.array_equal(videos[0], clean[0])  # the finite video is untouched
+    assert list(videos[1][0, 0, 0]) == [0, 0, 128]
+    assert np.array_equal(videos[1][1:], clean[1][1:])
+    _, timing = rq.timed_sample(_SeededVideoPipe(), prompts, stored=None, frames=3, steps=1, batch=2, defaults={})
+    assert timing["non_finite_seeds"] == []

@@ -120,11 +120,13 @@ def test_crops_and_warmup_clips(tmp_path, monkeypatch):
     # the first warmup_steps denoiser steps train on the short clips, then the full length
     lengths = []
 
+    original = training.clip_pixels
+
     def recording(start, size, num_frames):
         lengths.append(num_frames)
-        return clip_batch(start, size, num_frames)
+        return original(start, size, num_frames)
 
-    monkeypatch.setattr(training, "clip_batch", recording)
+    monkeypatch.setattr(training, "clip_pixels", recording)
     state = train_shapes_video(
         tmp_path / "run", _config(vae_crop=32, warmup_frames=1, warmup_steps=1, denoiser_steps=3)
     )
@@ -245,3 +247,27 @@ def test_resplit_merged_heads_compute_what_the_old_heads_did():
         torch.testing.assert_close(two(latents, timestep, text, return_dict=False)[0], expected, atol=1e-5, rtol=1e-4)
         two.load_state_dict(state)
         assert (two(latents, timestep, text, return_dict=False)[0] - expected).abs().max() > 1e-2
+
+
+def test_workers_render_the_same_clips_as_the_training_process(tmp_path):
+    """Clips rendered ahead in worker processes train exactly the weights that rendering in the loop does."""
+    from diffattn.scenes import render_clip
+    from diffattn.shapes_training import load_checkpoint
+    from diffattn.shapes_video_training import _DenoiserClips, clip_pixels, pixels_to_video
+
+    config = _config(denoiser_steps=2, batch_size=2, ema_decay=0)
+    pixels, captions = _DenoiserClips(config)[1]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 5, 64, 64, 3)
+    reference, reference_captions = clip_batch(config.seed * 10**7 + 5 * 10**6 + 2, 2, 5)  # step 1's two clips
+    assert captions == reference_captions and torch.equal(pixels_to_video(pixels), reference)
+    frames = np.stack([np.asarray(f) for f in render_clip(7, 5).frames])  # [F, H, W, 3] uint8
+    assert torch.equal(clip_pixels(7, 1, 5)[0][0], torch.from_numpy(frames))
+    weights = []
+    for workers in (0, 2):
+        train_shapes_video(tmp_path / f"w{workers}", _config(**{**vars(config), "num_workers": workers}))
+        weights.append(load_checkpoint(tmp_path / f"w{workers}" / "checkpoint.pt", "cpu")["models"]["transformer"])
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    with pytest.raises(ValueError, match="num_workers"):
+        ShapesVideoTrainingConfig(num_workers=-1)
