@@ -10,7 +10,8 @@
 # Stages: install (on a machine without network: the wheels in .whl/ -- diffusers, importlib_metadata and diffattn
 # itself, built beforehand with `pip wheel --no-deps -w .whl .` -- into /tmp/site), env (versions, GPU), tests
 # (pytest -m gpu), train:MINUTES (train-shapes, resuming runs/shapes), trainvideo:MINUTES (train-shapes-video,
-# resuming runs/shapes-wan, else starting from the shipped shapes-wan weights re-split into two heads), preset (the
+# resuming runs/shapes-wan, else starting from INIT_FROM: by default the shipped shapes-wan weights re-split into two
+# heads; benchmarks/results/shapes_wan_h200/pipeline continues the H200 run of 2026-12-04), preset (the
 # trained runs/shapes-wan/pipeline becomes the installed package's shapes-wan preset, so what follows measures it as
 # users load it), quality:PART[,PART] (benchmarks/radial_quality.py on the shapes-wan preset, PARTs of targets,
 # fidelity, energy, extension), sparse (the Triton launch sweep, whose fastest configs go to
@@ -72,7 +73,7 @@ for stage in "$@"; do
             minutes=${stage#trainvideo:}
             repo=$PWD
             init=()
-            [ -f runs/shapes-wan/checkpoint.pt ] || init=(--init-from "$repo/diffattn/presets/shapes_wan")
+            [ -f runs/shapes-wan/checkpoint.pt ] || init=(--init-from "$repo/${INIT_FROM:-diffattn/presets/shapes_wan}")
             workers=$(( $(nproc) - 2 ))
             [ "$workers" -gt 12 ] && workers=12
             # the workers hand their clips over in shared memory (about 54 MB a batch, 4 batches ahead each)
