@@ -8,7 +8,9 @@ handle.remove()               # the exact original processors and hooks are back
 
 from .adapters import supported_families
 from .control import AttentionMethod, Handle, MethodConfig, applied, apply, remove
+from .generation import GenerationResult, NonFiniteOutputError, generate, generate_batch
 from .guidance import GuidanceInterval
+from .limits import Limits
 from .loading import ModelLoadError, load_pipeline
 from .methods import (
     AgentAttentionConfig,
@@ -26,6 +28,7 @@ from .methods import (
     render_attention_grid,
 )
 from .presets import PRESETS, preset_path
+from .request import GenerationRequest
 from .state import DenoiserState
 
 
@@ -58,4 +61,10 @@ __all__ = [
     "radial_block_mask",
     "plot_radial_mask",
     "supported_families",
+    "GenerationRequest",
+    "GenerationResult",
+    "generate",
+    "generate_batch",
+    "Limits",
+    "NonFiniteOutputError",
 ]

@@ -359,7 +359,7 @@ def _generate_plain(requests: list[GenerationRequest], pipe: Any, call: _Call) -
             kwargs = {**kwargs, **call.interval.pipeline_kwargs(kwargs["guidance_scale"], call.steps)}
         output = pipe(
             prompts[0] if single else prompts, num_inference_steps=call.steps,
-            generator=generators[0] if single else generators, output_type="pil", **kwargs,
+            generator=generators[0] if single else generators, output_type="np", **kwargs,
         )  # fmt: skip
         seconds = (time.perf_counter() - start) / len(requests)
         maps = None
@@ -379,9 +379,9 @@ def _generate_plain(requests: list[GenerationRequest], pipe: Any, call: _Call) -
         result.radial_mask = mask_image
         result.radial_density = density
         if video:
-            result.frames = [_to_pil(f) for f in output.frames[i]]
+            result.frames = [_to_pil(f) for f in _checked_pixels(output.frames[i], request, pipe)]
         else:
-            result.images = [output.images[i]]
+            result.images = [_to_pil(_checked_pixels(output.images[i], request, pipe))]
         if maps is not None:
             _attach_attention(result, pipe, maps[:, i : i + 1], request.prompt)
         results.append(result)
@@ -481,6 +481,24 @@ def _radial_mask_picture(handle) -> tuple[Image.Image | None, float | None]:
             image = plot_radial_mask(layout.block_mask, tokens_per_frame=per_frame, block_size=layout.block_q)
             return image, layout.density
     return None, None
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The pipeline returned NaN or infinite pixels (typically an overflow in float16): refused rather than saved
+    as black or garbage pixels."""
+
+
+def _checked_pixels(pixels: Any, request: GenerationRequest, pipe: Any) -> np.ndarray:
+    """A pipeline's output for one request (float [..., H, W, 3] in [0, 1]), refused when any value is not finite."""
+    array = np.asarray(pixels)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        dtype = getattr(pipe, "dtype", None)
+        raise NonFiniteOutputError(
+            f"{request.model!r} produced non-finite values (NaN or inf) for seed {request.seed} in "
+            f"{np.count_nonzero(~np.isfinite(array))} of {array.size} pixel values, running in {dtype}: an overflow, "
+            "most often of float16; run it in bfloat16 or float32 (torch_dtype / --dtype)"
+        )
+    return array
 
 
 def _to_pil(frame: Any) -> Image.Image:

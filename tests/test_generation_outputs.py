@@ -1,0 +1,52 @@
+"""What `generate` hands back is what the pipeline made: the same pixels diffusers' own PIL conversion gives, and
+non-finite pixels (an overflow) refused with an error naming the model, the seed and the remedy, never saved as
+black frames."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffattn.generation import NonFiniteOutputError, generate
+from diffattn.loading import load_pipeline
+
+
+def _poisoned(pipe):
+    """The autoencoder's last convolution outputs NaN: every decoded pixel is NaN."""
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias.fill_(float("nan"))
+    return pipe
+
+
+def test_images_are_diffusers_pixels_and_nan_images_are_refused():
+    pipe = load_pipeline("shapes-sd", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    result = generate("shapes-sd", "a red circle", seed=3, steps=2, pipe=pipe, attention_maps=False)
+    reference = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(3),
+                     guidance_scale=result.call_kwargs["guidance_scale"], output_type="pil").images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(reference))
+    with pytest.raises(NonFiniteOutputError, match=r"'shapes-sd' produced non-finite values .* seed 3 .*bfloat16"):
+        generate("shapes-sd", "a red circle", seed=3, steps=2, pipe=_poisoned(pipe), attention_maps=False)
+
+
+def test_nan_videos_are_refused():
+    pipe = load_pipeline("shapes-wan", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    result = generate("shapes-wan", "a red circle moving right", seed=1, steps=2, num_frames=5, pipe=pipe)
+    assert len(result.frames) == 5 and result.frames[0].size == (64, 64)
+    kwargs = {k: v for k, v in result.call_kwargs.items() if k != "num_frames"}
+    reference = pipe("a red circle moving right", num_inference_steps=2, num_frames=5, output_type="pil",
+                     generator=torch.Generator().manual_seed(1), **kwargs).frames[0]  # fmt: skip
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.frames, reference, strict=True))
+    with pytest.raises(NonFiniteOutputError, match=r"'shapes-wan' produced non-finite values .* seed 1 "):
+        generate("shapes-wan", "a red circle moving right", seed=1, steps=2, num_frames=5, pipe=_poisoned(pipe))
+
+
+def test_the_request_model_is_importable_from_the_package():
+    """The README's `diffattn.GenerationRequest`, `diffattn.Limits`, `diffattn.generate` are the package's."""
+    import diffattn
+    from diffattn import generation, limits, request
+
+    assert diffattn.GenerationRequest is request.GenerationRequest and diffattn.Limits is limits.Limits
+    assert (diffattn.generate, diffattn.generate_batch) == (generation.generate, generation.generate_batch)
+    assert diffattn.NonFiniteOutputError is NonFiniteOutputError
+    assert {"GenerationRequest", "Limits", "generate", "NonFiniteOutputError"} <= set(diffattn.__all__)
