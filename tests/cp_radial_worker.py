@@ -5,6 +5,7 @@ Arguments: one or more cases, each `order:frames:height:width:preset`, run one a
 group (each on a freshly loaded pipeline), so the processes start once."""
 
 import json
+import os
 import sys
 
 import torch
@@ -107,7 +108,9 @@ def run_case(case: str) -> None:
         "processors": sorted({type(p).__name__ for p in attention_processors(transformer).values()}),
         "restored": restored,
     }
-    print("REPORT " + json.dumps(report), flush=True)
+    # one write() of the whole line (< PIPE_BUF bytes, so atomic): the launch's processes share one stdout pipe
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), ("REPORT " + json.dumps(report) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def ulysses_reports():
             launches[processes] = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         proc = launches[processes]
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        reports = [json.loads(line.split("REPORT ", 1)[1]) for line in proc.stdout.splitlines() if "REPORT " in line]
+        # each report is read where it starts, whatever another process wrote after it on the same line
+        reports = [json.JSONDecoder().raw_decode(chunk)[0] for chunk in proc.stdout.split("REPORT ")[1:]]
         return [r for r in reports if r["case"] == _case(order, geometry)]
 
     return reports_of
