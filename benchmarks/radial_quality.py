@@ -568,17 +568,16 @@ def write_clips(folder: Path, count: int, frames: int, first: int, pipe) -> None
     its caption (.txt)."""
     from safetensors.torch import save_file
 
+    from diffattn.shapes_video_training import clip_batch
     from diffattn.training import encode_video
 
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        clip = render_clip(first + index, frames)
-        pixels = torch.from_numpy(np.stack([np.asarray(f) for f in clip.frames]))  # [F, H, W, 3] uint8
-        video = (pixels.permute(3, 0, 1, 2).float() / 127.5 - 1.0).unsqueeze(0)  # [1, 3, F, H, W]
+        video, (caption,) = clip_batch(first + index, 1, frames)  # [1, 3, F, H, W] in [-1, 1]
         with torch.no_grad():
             latents = encode_video(pipe, video)
         save_file({"latents": latents.float().cpu().contiguous()}, str(folder / f"clip{index:04d}.safetensors"))
-        (folder / f"clip{index:04d}.txt").write_text(clip.caption)
+        (folder / f"clip{index:04d}.txt").write_text(caption)
 
 
 def extension(

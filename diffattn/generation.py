@@ -379,9 +379,9 @@ def _generate_plain(requests: list[GenerationRequest], pipe: Any, call: _Call) -
         result.radial_mask = mask_image
         result.radial_density = density
         if video:
-            result.frames = [_to_pil(f) for f in _checked_pixels(output.frames[i], request, pipe)]
+            result.frames = _checked_images(output.frames[i], request, pipe)
         else:
-            result.images = [_to_pil(_checked_pixels(output.images[i], request, pipe))]
+            result.images = _checked_images(output.images[i : i + 1], request, pipe)
         if maps is not None:
             _attach_attention(result, pipe, maps[:, i : i + 1], request.prompt)
         results.append(result)
@@ -425,11 +425,12 @@ def _generate_astar(request: GenerationRequest, pipe: Any, call: _Call) -> Gener
     output = astar_pipe(
         request.prompt, loss=request.astar, num_inference_steps=call.steps,
         max_iter_to_alter=max(1, call.steps // 2), generator=_generator(request.seed),
-        guidance_interval=call.interval, **kwargs,
+        guidance_interval=call.interval, output_type="np", **kwargs,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     result = GenerationResult(
-        request.model, request.prompt, request.seed, "image", images=list(output.images), seconds=seconds,
+        request.model, request.prompt, request.seed, "image", images=_checked_images(output.images, request, pipe),
+        seconds=seconds,
         call_kwargs=_recorded(kwargs, call.interval), request=request,
     )  # fmt: skip
     _attach_attention(result, pipe, output.maps, request.prompt)
@@ -449,19 +450,20 @@ def _generate_ir(request: GenerationRequest, pipe: Any, call: _Call) -> Generati
     start = time.perf_counter()
     output = ir_pipe(
         request.prompt, list(request.subjects), config=request.ir, segmenter=segmenter, num_inference_steps=call.steps,
-        generator=_generator(request.seed), **kwargs,
+        generator=_generator(request.seed), output_type="np", **kwargs,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     result = GenerationResult(
-        model, request.prompt, request.seed, "image", images=list(output.images), seconds=seconds,
-        call_kwargs=kwargs, request=request,
+        model, request.prompt, request.seed, "image", images=_checked_images(output.images, request, pipe),
+        seconds=seconds, call_kwargs=kwargs, request=request,
     )  # fmt: skip
     result.phase_seconds = dict(output.phase_seconds or {})
-    result.reference_images = list(output.reference_images)
-    plain = output.rehearsal_images[0] if output.rehearsal_images is not None else None
-    result.plain_images = [] if plain is None else [plain]
+    result.reference_images = _checked_images(output.reference_images, request, pipe)
+    rehearsal = output.rehearsal_images
+    result.plain_images = [] if rehearsal is None else _checked_images(rehearsal[:1], request, pipe)
+    plain = result.plain_images[0] if result.plain_images else None
     result.subject_grid = render_subject_grid(
-        result.reference_images, output.reference_masks, output.images[0], output.target_masks, plain
+        result.reference_images, output.reference_masks, result.images[0], output.target_masks, plain
     )
     return result
 
@@ -488,17 +490,18 @@ class NonFiniteOutputError(RuntimeError):
     as black or garbage pixels."""
 
 
-def _checked_pixels(pixels: Any, request: GenerationRequest, pipe: Any) -> np.ndarray:
-    """A pipeline's output for one request (float [..., H, W, 3] in [0, 1]), refused when any value is not finite."""
-    array = np.asarray(pixels)
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        dtype = getattr(pipe, "dtype", None)
+def _checked_images(images: Any, request: GenerationRequest, pipe: Any) -> list[Image.Image]:
+    """A pipeline's images or frames for one request (output_type="np": float [N, H, W, 3] in [0, 1]; PIL images
+    pass as they are) as PIL images, refused when any value is not finite."""
+    arrays = [np.asarray(image) for image in images]
+    bad = sum(np.count_nonzero(~np.isfinite(a)) for a in arrays if np.issubdtype(a.dtype, np.floating))
+    if bad:
         raise NonFiniteOutputError(
-            f"{request.model!r} produced non-finite values (NaN or inf) for seed {request.seed} in "
-            f"{np.count_nonzero(~np.isfinite(array))} of {array.size} pixel values, running in {dtype}: an overflow, "
+            f"{request.model!r} produced non-finite values (NaN or inf) for seed {request.seed} in {bad} of "
+            f"{sum(a.size for a in arrays)} pixel values, running in {getattr(pipe, 'dtype', None)}: an overflow, "
             "most often of float16; run it in bfloat16 or float32 (torch_dtype / --dtype)"
         )
-    return array
+    return [_to_pil(image) for image in images]
 
 
 def _to_pil(frame: Any) -> Image.Image:

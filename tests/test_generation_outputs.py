@@ -50,3 +50,16 @@ def test_the_request_model_is_importable_from_the_package():
     assert (diffattn.generate, diffattn.generate_batch) == (generation.generate, generation.generate_batch)
     assert diffattn.NonFiniteOutputError is NonFiniteOutputError
     assert {"GenerationRequest", "Limits", "generate", "NonFiniteOutputError"} <= set(diffattn.__all__)
+
+
+@pytest.mark.parametrize("method", [{"astar": "astar"}, {"subjects": ("a red circle", "a blue square")}])
+def test_astar_and_ir_diffusion_refuse_nan_images_too(method):
+    """The same check on the methods that run their own pipelines (A-STAR, IR-Diffusion)."""
+    pipe = load_pipeline("shapes-sd", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle and a blue square"
+    result = generate("shapes-sd", prompt, seed=2, steps=2, pipe=pipe, **method)
+    assert result.images[0].size == (64, 64) and result.images[0].mode == "RGB"
+    assert all(image.size == (64, 64) for image in result.reference_images + result.plain_images)
+    with pytest.raises(NonFiniteOutputError, match=r"'shapes-sd' produced non-finite values .* seed 2 "):
+        generate("shapes-sd", prompt, seed=2, steps=2, pipe=_poisoned(pipe), **method)
