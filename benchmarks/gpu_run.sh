@@ -18,6 +18,8 @@
 # diffattn/kernels/launch_configs.json and the installed package, then the block-sparse benchmark: run it before
 # tests so they check the configs it picked), editing (editing.py on the SD 1.5 config), radial (radial_e2e), agent
 # (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
+# TRAIN_ARGS: extra train-shapes-video flags (e.g. "--warmup-frames 1 --warmup-steps 1500": single frames first);
+# INIT_VAE_ONLY=1: a run that starts (no checkpoint yet) takes INIT_FROM's autoencoder only, a new transformer.
 # DEVICE (default cuda), TRAIN_BATCH and QUALITY_ARGS (extra radial_quality flags) let a CPU rehearse the stages.
 set -u
 OUT=${OUT:-outputs/gpu}
@@ -26,6 +28,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 DEVICE=${DEVICE:-cuda}
 QUALITY_ARGS=${QUALITY_ARGS:-}
 TRAIN_BATCH=${TRAIN_BATCH:-128}  # clips per shapes-wan step
+read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"
 DEADLINE=${DEADLINE:-}
 # seconds a stage may run: its own cap, cut to what is left before DEADLINE (less 10 s to pack)
 limit() {
@@ -74,6 +77,7 @@ for stage in "$@"; do
             repo=$PWD
             init=()
             [ -f runs/shapes-wan/checkpoint.pt ] || init=(--init-from "$repo/${INIT_FROM:-diffattn/presets/shapes_wan}")
+            [ -f runs/shapes-wan/checkpoint.pt ] || [ "${INIT_VAE_ONLY:-0}" != 1 ] || init+=(--init-vae-only)
             workers=$(( $(nproc) - 2 ))
             [ "$workers" -gt 12 ] && workers=12
             # the workers hand their clips over in shared memory (about 54 MB a batch, 4 batches ahead each)
@@ -85,7 +89,7 @@ for stage in "$@"; do
                 (cd /tmp && timeout "$(limit "$seconds")" python3 -m diffattn -v train-shapes-video \
                     --out "$repo/runs/shapes-wan" "${init[@]}" --attention-heads 2 --batch-size "$TRAIN_BATCH" --lr 3e-4 \
                     --ema-decay 0.997 --denoiser-steps 1000000 --checkpoint-every 500 --workers "$workers" \
-                    --device "$DEVICE" --max-minutes "$minutes" 2>&1) | tr "\r" "\n" | tail -25 \
+                    --device "$DEVICE" --max-minutes "$minutes" "${TRAIN_EXTRA[@]}" 2>&1) | tr "\r" "\n" | tail -25 \
                     | tee -a logs/train_video.log
                 [ -f runs/shapes-wan/pipeline/model_index.json ] && break
                 # no export: once more without worker processes, for what is left of the time

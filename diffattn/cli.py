@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--attention-heads", type=int, default=DEFAULT_ATTENTION_HEADS, choices=ATTENTION_HEADS,
                        help="heads of the transformer's 96-wide attention (4: 24-dim heads, 2: 48-dim heads, whose "
                        "rotary embedding resolves a frame's positions better; --init-from re-splits its weights)")  # fmt: skip
+    video.add_argument("--init-vae-only", action="store_true",
+                       help="with --init-from: take its trained autoencoder only; the transformer and text encoder "
+                       "start fresh (e.g. to train another --attention-heads from scratch)")  # fmt: skip
 
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
@@ -342,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes, ema_decay=args.ema_decay, num_workers=args.workers,
             )  # fmt: skip
-            state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from)
+            if args.init_vae_only and args.init_from is None:
+                raise ValueError("--init-vae-only is not allowed without --init-from (the folder whose autoencoder "
+                                 "to start from)")  # fmt: skip
+            state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from,
+                                       init_vae_only=args.init_vae_only)  # fmt: skip
             print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, denoiser step {state['denoiser_step']})")
             return 0
         if args.command == "demo":

@@ -264,13 +264,26 @@ def resplit_attention_heads(state: dict[str, torch.Tensor], inner_dim: int, old_
     return out
 
 
-def _load_exported(pipe, folder: Path) -> dict[str, Any]:
-    """Weights of an exported pipeline folder (safetensors only) into `pipe`; returns its step counters."""
+def _load_exported(pipe, folder: Path, vae_only: bool = False) -> dict[str, Any]:
+    """Weights of an exported pipeline folder (safetensors only) into `pipe`; returns its step counters.
+
+    vae_only: the trained, calibrated autoencoder alone; the transformer and text encoder keep their fresh weights
+    and the denoiser's step counter starts at 0 (a new denoiser on a finished autoencoder).
+    """
     from diffusers import DiffusionPipeline
 
     exported = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **{dtype_keyword(): torch.float32})
-    for name in ("vae", "text_encoder"):
-        getattr(pipe, name).load_state_dict(getattr(exported, name).state_dict())
+    pipe.vae.load_state_dict(exported.vae.state_dict())
+    calibration = {"latents_mean": list(exported.vae.config.latents_mean),
+                   "latents_std": list(exported.vae.config.latents_std)}  # fmt: skip
+    pipe.vae.register_to_config(**calibration)
+    state = json.loads((folder / "training_state.json").read_text())
+    if vae_only:
+        if not state.get("calibrated"):
+            raise ValueError(f"init_from={str(folder)!r} is not allowed with vae_only: its autoencoder is not "
+                             "calibrated (train it to the end first)")  # fmt: skip
+        return {"vae_step": state["vae_step"], "denoiser_step": 0, "calibrated": True, **calibration}
+    pipe.text_encoder.load_state_dict(exported.text_encoder.state_dict())
     transformer = exported.transformer.state_dict()
     heads = (exported.transformer.config.num_attention_heads, pipe.transformer.config.num_attention_heads)
     if heads[0] != heads[1]:
@@ -280,19 +293,24 @@ def _load_exported(pipe, folder: Path) -> dict[str, Any]:
                        folder, heads[0], heads[1], heads[1])  # fmt: skip
         transformer = resplit_attention_heads(transformer, INNER_DIM, *heads)
     pipe.transformer.load_state_dict(transformer)
-    calibration = {"latents_mean": list(exported.vae.config.latents_mean),
-                   "latents_std": list(exported.vae.config.latents_std)}  # fmt: skip
-    pipe.vae.register_to_config(**calibration)
-    state = json.loads((folder / "training_state.json").read_text())
     counters = {k: state[k] for k in ("vae_step", "denoiser_step", "calibrated") if k in state}
     # The calibration travels with the state: the run's checkpoints and its own export need it to resume.
     return {**counters, **calibration} if counters.get("calibrated") else counters
 
 
 def train_shapes_video(
-    out: Path, config: ShapesVideoTrainingConfig | None = None, *, resume: bool = True, init_from: Path | None = None
+    out: Path,
+    config: ShapesVideoTrainingConfig | None = None,
+    *,
+    resume: bool = True,
+    init_from: Path | None = None,
+    init_vae_only: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the phases and export the pipeline. Returns the final state (steps and last losses)."""
+    """Run (or resume) the phases and export the pipeline. Returns the final state (steps and last losses).
+
+    init_from: an exported pipeline folder to continue from when `out` has no checkpoint (all of it, or with
+    init_vae_only its autoencoder alone: a fresh transformer and text encoder trained on it).
+    """
     config = config or ShapesVideoTrainingConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +345,7 @@ def train_shapes_video(
         logger.info("resumed from %s at vae step %d, denoiser step %d", checkpoint, state["vae_step"],
                     state["denoiser_step"])  # fmt: skip
     elif init_from is not None:
-        state.update(_load_exported(pipe, Path(init_from)))
+        state.update(_load_exported(pipe, Path(init_from), init_vae_only))
     if config.ema_decay > 0 and ema is None:
         ema = [p.detach().clone() for p in denoiser_params]
     autocast = (

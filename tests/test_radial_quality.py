@@ -348,3 +348,28 @@ def test_non_finite_videos_are_reported_not_silently_cast():
     assert np.array_equal(videos[1][1:], clean[1][1:])
     _, timing = rq.timed_sample(_SeededVideoPipe(), prompts, stored=None, frames=3, steps=1, batch=2, defaults={})
     assert timing["non_finite_seeds"] == []
+
+
+def test_layout_judge_counts_copies_of_the_captioned_colour():
+    import shapes_wan_layout as layout
+    from PIL import Image, ImageDraw
+
+    from diffattn.scenes import COLORS, draw_shape
+
+    def frame(boxes, color="red", shape="square"):
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        for box in boxes:
+            draw_shape(draw, shape, box, COLORS[color])
+        return np.asarray(image)
+
+    one = frame([(10, 10, 30, 30)])
+    two = frame([(4, 10, 20, 26), (40, 10, 56, 26)])  # two copies 36 px apart
+    other = frame([(10, 10, 30, 30)], color="blue")
+    assert layout.frame_layout(one, "red", "square") == {"found": True, "regions": 1}
+    assert layout.frame_layout(two, "red", "square") == {"found": True, "regions": 2}
+    assert layout.frame_layout(one, "red", "circle")["found"] is False  # colour right, shape wrong
+    assert layout.frame_layout(other, "red", "square") == {"found": False, "regions": 0}
+    # per video: means over its frames (found in 2 of 3, one region in 1 of 3, 1 region on average)
+    rows = layout.judge_layout([np.stack([one, two, other])], ["a red square moving left"])
+    assert rows == [pytest.approx({"found": 2 / 3, "one_region": 1 / 3, "regions": 1.0})]

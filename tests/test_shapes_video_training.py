@@ -271,3 +271,40 @@ def test_workers_render_the_same_clips_as_the_training_process(tmp_path):
         assert torch.equal(weights[0][name], weights[1][name]), name
     with pytest.raises(ValueError, match="num_workers"):
         ShapesVideoTrainingConfig(num_workers=-1)
+
+
+def test_init_vae_only_keeps_the_autoencoder_and_starts_a_fresh_denoiser(tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    from diffattn.cli import main
+    from diffattn.presets.shapes_video import build_shapes_wan
+
+    first = tmp_path / "first"
+    train_shapes_video(first, _config())
+    source = DiffusionPipeline.from_pretrained(first / "pipeline", use_safetensors=True, torch_dtype=torch.float32)
+    second = tmp_path / "second"
+    # no denoiser step: the export is the autoencoder it started from and an untrained transformer of 2 heads
+    state = train_shapes_video(second, _config(denoiser_steps=0, attention_heads=2, ema_decay=0),
+                               init_from=first / "pipeline", init_vae_only=True)  # fmt: skip
+    assert (state["vae_step"], state["denoiser_step"], state["calibrated"]) == (2, 0, True)
+    started = DiffusionPipeline.from_pretrained(second / "pipeline", use_safetensors=True, torch_dtype=torch.float32)
+    assert started.vae.config.latents_mean == source.vae.config.latents_mean
+    for name, value in source.vae.state_dict().items():
+        assert torch.equal(started.vae.state_dict()[name], value), name
+    fresh = build_shapes_wan(0, attention_heads=2)  # the run's seed: what an untrained build holds, fp16-rounded
+    for part in ("transformer", "text_encoder"):
+        for name, value in getattr(fresh, part).state_dict().items():
+            assert torch.equal(getattr(started, part).state_dict()[name], value.half().float()), (part, name)
+    # it trains on from there (resumes its own checkpoint, denoiser steps counted from 0)
+    assert train_shapes_video(second, _config(denoiser_steps=2, attention_heads=2))["denoiser_step"] == 2
+    # an autoencoder that is not calibrated yet is refused, and the flag needs a folder
+    import shutil
+
+    half = tmp_path / "half"
+    shutil.copytree(first / "pipeline", half)
+    saved = json.loads((half / "training_state.json").read_text())
+    (half / "training_state.json").write_text(json.dumps({**saved, "calibrated": False}))
+    with pytest.raises(ValueError, match="is not allowed with vae_only: its autoencoder is not calibrated"):
+        train_shapes_video(tmp_path / "third", _config(), init_from=half, init_vae_only=True)
+    assert main(["train-shapes-video", "--out", str(tmp_path / "x"), "--init-vae-only"]) == 2
+    assert "--init-vae-only is not allowed without --init-from" in capsys.readouterr().err
