@@ -312,6 +312,8 @@ def train_shapes_video(
     init_vae_only its autoencoder alone: a fresh transformer and text encoder trained on it).
     """
     config = config or ShapesVideoTrainingConfig()
+    if init_vae_only and init_from is None:
+        raise ValueError("init_vae_only=True is not allowed without init_from (the folder whose autoencoder to take)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes

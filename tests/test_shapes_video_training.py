@@ -306,5 +306,7 @@ def test_init_vae_only_keeps_the_autoencoder_and_starts_a_fresh_denoiser(tmp_pat
     (half / "training_state.json").write_text(json.dumps({**saved, "calibrated": False}))
     with pytest.raises(ValueError, match="is not allowed with vae_only: its autoencoder is not calibrated"):
         train_shapes_video(tmp_path / "third", _config(), init_from=half, init_vae_only=True)
+    with pytest.raises(ValueError, match="init_vae_only=True is not allowed without init_from"):
+        train_shapes_video(tmp_path / "third", _config(), init_vae_only=True)
     assert main(["train-shapes-video", "--out", str(tmp_path / "x"), "--init-vae-only"]) == 2
     assert "--init-vae-only is not allowed without --init-from" in capsys.readouterr().err
