@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[MODEL]
     steps = args.steps or preset.steps
     defaults = {**preset.call_defaults, "num_frames": args.frames}
-    prompts = held_out_prompts(args.videos, 33, first=args.first, single_only=True)
+    # the captions of the held-out clips the targets part uses (clips of the preset's length)
+    prompts = held_out_prompts(args.videos, preset.call_defaults["num_frames"], first=args.first, single_only=True)
     results, videos = {}, {}
     for model in args.models:
         pipe = load_pipeline(model, device="cpu")
