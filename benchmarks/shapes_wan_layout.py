@@ -2,13 +2,14 @@
 
     python benchmarks/shapes_wan_layout.py --models runs/a/pipeline runs/b/pipeline --frames 1 --videos 64
 
-The shipped weights often draw the captioned object as two or three same-coloured pieces 16-28 px apart, about the
-period of the fastest rotary frequency of 24-dim heads (1 rad a token repeats every 2 pi tokens, 25 px). This
+The shipped weights often draw the captioned object as two or three same-coloured pieces 16-28 px apart. This
 benchmark measures that layout directly, per model, on the same prompts and noise: in each frame, whether the
 captioned object is found with its colour and shape (the video judge's test), and how many separate regions of the
 captioned colour the frame holds (`judge.detect_objects`: 4-connected regions of at least 20 px; one object drawn
 whole is one region). With `--frames 1` it judges images, which a model trained on single frames can be compared
-on (a cheap test of a change in the transformer, such as its head width, before a video run).
+on (a cheap test of a change in the transformer before a video run: it showed that 48-dim heads, whose rotary
+embedding does not repeat within a frame as 24-dim heads' fastest frequency does every ~25 px, draw no fewer
+copies; README, "Is the head width the cause of the copies?").
 
 Reports, per model: the share of frames with the object found, the share with exactly one region of its colour,
 the mean region count, with 95% intervals, and per pair of models the paired differences (same prompt and noise);
