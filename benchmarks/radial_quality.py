@@ -172,7 +172,8 @@ def held_out_prompts(count: int, frames: int, *, first: int = 0, single_only: bo
 class VideoStore:
     """Finished videos on disk, so a run of hours that stops (a closed session, a killed job) resumes where it was.
 
-    A video is found again only under the same setting: the transformer's weights and device, the call (frames,
+    A video is found again only under the same setting: the model's weights (transformer, text encoder and
+    autoencoder: a retrained decoder draws other frames from the same latents) and device, the call (frames,
     steps, size, guidance), the variant (its name, its radial settings and its block mask) and the prompt (caption and noise
     seed). Files are written whole (a temporary name, then a rename), so a stop mid-write leaves nothing half-read.
     """
@@ -180,9 +181,13 @@ class VideoStore:
     def __init__(self, folder: Path, pipe, call: dict):
         self.folder = Path(folder)
         weights = hashlib.sha256()
-        for name, tensor in sorted(pipe.transformer.state_dict().items()):
-            weights.update(name.encode())
-            weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        for part in ("transformer", "text_encoder", "vae"):
+            module = getattr(pipe, part, None)
+            if module is None:  # a pipeline without that part (a test's stand-in)
+                continue
+            for name, tensor in sorted(module.state_dict().items()):
+                weights.update(f"{part}.{name}".encode())
+                weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         self.base = {"weights": weights.hexdigest(), "call": call}
         device = pipe.transformer.device.type
         if device != "cpu":  # videos from another device differ in rounding; CPU keys stay as the first stores made

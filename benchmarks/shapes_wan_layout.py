@@ -11,7 +11,8 @@ on (a cheap test of a change in the transformer before a video run: it showed th
 embedding does not repeat within a frame as 24-dim heads' fastest frequency does every ~25 px, draw no fewer
 copies; README, "Is the head width the cause of the copies?").
 
-Reports, per model: the share of frames with the object found, the share with exactly one region of its colour,
+Reports, per model: the share of frames with the object found, the share with its colour anywhere (a region of
+it, whatever its shape: what a detector of colour alone sees), the share with exactly one region of its colour,
 the mean region count, with 95% intervals, and per pair of models the paired differences (same prompt and noise);
 a picture of the first prompts' frames, one row per model.
 """
@@ -36,6 +37,9 @@ from _report import write_report  # noqa: E402
 from radial_quality import MODEL, held_out_prompts, interval, sample  # noqa: E402
 
 
+KEYS = ("found", "colour", "one_region", "regions")
+
+
 def frame_layout(frame: np.ndarray, color: str, shape: str) -> dict:
     """One frame uint8 [H, W, 3] against its caption's object: found (colour and shape) and the regions of its
     colour."""
@@ -51,6 +55,7 @@ def judge_layout(videos: list[np.ndarray], captions: list[str]) -> list[dict]:
         frames = [frame_layout(frame, color, shape) for frame in video]
         rows.append({
             "found": statistics.fmean(f["found"] for f in frames),
+            "colour": statistics.fmean(f["regions"] >= 1 for f in frames),
             "one_region": statistics.fmean(f["regions"] == 1 for f in frames),
             "regions": statistics.fmean(f["regions"] for f in frames),
         })  # fmt: skip
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         results[model] = {
             "heads": pipe.transformer.config.num_attention_heads,
             "head_dim": pipe.transformer.config.attention_head_dim,
-            **{key: interval([r[key] for r in rows]) for key in ("found", "one_region", "regions")},
+            **{key: interval([r[key] for r in rows]) for key in KEYS},
             "rows": rows,
         }
     paired = {}
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.models[i + 1 :]:
             paired[f"{a} - {b}"] = {
                 key: interval([ra[key] - rb[key] for ra, rb in zip(results[a]["rows"], results[b]["rows"])])
-                for key in ("found", "one_region", "regions")
+                for key in KEYS
             }
     shown = min(12, len(prompts))
     grid = np.concatenate(
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_report("shapes_wan_layout", "cpu", fields, out=args.out)
     for model, result in results.items():
-        print(f"{model}: found {result['found']['mean']:.1%}, one region {result['one_region']['mean']:.1%}, "
+        print(f"{model}: found {result['found']['mean']:.1%}, colour {result['colour']['mean']:.1%}, "
+              f"one region {result['one_region']['mean']:.1%}, "
               f"regions {result['regions']['mean']:.2f}")  # fmt: skip
     return 0
 

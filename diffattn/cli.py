@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .methods.radial_mask import BLOCK_SIZES
 from .presets import DEFAULT_PRESET, DEFAULT_VIDEO_PRESET, PRESETS
-from .presets.shapes_video import ATTENTION_HEADS, DEFAULT_ATTENTION_HEADS
+from .presets.shapes_video import ATTENTION_HEADS, DEFAULT_ATTENTION_HEADS, NUM_FRAMES
 
 
 EXIT_USAGE = 2
@@ -278,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     video.add_argument("--vae-crop", type=_positive_int, default=64,
                        help="side of the seeded window the autoencoder trains on (64: whole frames)")  # fmt: skip
+    video.add_argument("--decoder-steps", type=_nonnegative_int, default=0,
+                       help="after the autoencoder: steps of its decoder alone on --decoder-frames clips, the encoder "
+                       "frozen so the transformer's latents stay valid (0)")  # fmt: skip
+    video.add_argument("--decoder-frames", type=_positive_int, default=NUM_FRAMES,
+                       help="frames of a decoder clip (4k+1; 33: the generated length)")  # fmt: skip
+    video.add_argument("--decoder-lr", type=float, default=3e-4, help="decoder learning rate (3e-4)")
     video.add_argument("--lr", type=float, default=3e-4, help="transformer + text encoder learning rate (3e-4)")
     video.add_argument("--warmup-frames", type=_positive_int, default=None,
                        help="frames of the clips of the first --warmup-steps transformer steps (4k+1; cheaper)")  # fmt: skip
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             config = ShapesVideoTrainingConfig(
                 vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
                 vae_batch_size=args.vae_batch_size, vae_frames=args.vae_frames, vae_crop=args.vae_crop, lr=args.lr,
+                decoder_steps=args.decoder_steps, decoder_frames=args.decoder_frames, decoder_lr=args.decoder_lr,
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
                 attention_heads=args.attention_heads, timestep_shift=args.timestep_shift,
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
@@ -350,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "to start from)")  # fmt: skip
             state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from,
                                        init_vae_only=args.init_vae_only)  # fmt: skip
-            print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, denoiser step {state['denoiser_step']})")
+            print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, decoder step {state['decoder_step']}, "
+                  f"denoiser step {state['denoiser_step']})")  # fmt: skip
             return 0
         if args.command == "demo":
             from .demo import run_demo

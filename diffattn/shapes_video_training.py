@@ -4,13 +4,15 @@
 
 Phases, each seeded and resumable from `out/checkpoint.pt` (loaded with `weights_only=True`):
 
-1. the autoencoder (AutoencoderKLWan: 4x space, 4x time) on short clips (`vae_frames`; its convolutions are causal
-   in time, so what it learns on 9 frames holds for 33: the first frame, a 4-frame chunk after it, and a chunk after
-   a chunk, the path every later chunk takes; 5 frames would leave that last path untrained, and later frames come
-   out in the wrong colours), seeded windows of the frames (`vae_crop`), reconstruction before diffusers' output
-   clamp (`decode_unclamped`) + a small KL term;
+1. the autoencoder (AutoencoderKLWan: 4x space, 4x time) on short clips (`vae_frames`, at least 9: the first frame,
+   a 4-frame chunk after it, and a chunk after a chunk, the path every later chunk takes), seeded windows of the
+   frames (`vae_crop`), reconstruction before diffusers' output clamp (`decode_unclamped`) + a small KL term;
 2. calibration: each latent channel's mean and std over clips no phase trains on, stored as the VAE's
    `latents_mean`/`latents_std` (WanPipeline normalises with them), so the denoiser sees unit-variance latents;
+   then, optionally (`decoder_steps`), the decoder alone on clips of the generated length (`decoder_frames`): the
+   decoder carries a cache from chunk to chunk, and one trained on 9 frames has taken the chunk-after-chunk path
+   once; repeated over a 33-frame clip its errors compound (colours drift after frame 9). The encoder stays frozen,
+   so the latents the denoiser learns, and their calibration, do not change;
 3. the transformer and the UMT5 text encoder together, flow matching on `num_frames` clips (optionally shorter
    `warmup_frames` clips for the first `warmup_steps`: the same shapes and motion at a fraction of the cost; Wan's
    rotary embeddings are relative, so what is learnt there carries over) (x_t = (1 - s) x0 + s e,
@@ -56,7 +58,7 @@ logger = logging.getLogger(__name__)
 MAX_SEQUENCE_LENGTH = 32  # caption tokens (the preset's call default too: training and sampling agree)
 # Where each stream of the seeded clip sequence starts (plus seed * 10**7); evaluation clips start at
 # scenes.HELD_OUT_CLIP_SEED, far above every stream.
-VAE_STREAM, DENOISER_STREAM, CALIBRATION_STREAM = 0, 5 * 10**6, 9 * 10**6
+VAE_STREAM, DENOISER_STREAM, DECODER_STREAM, CALIBRATION_STREAM = 0, 5 * 10**6, 7 * 10**6, 9 * 10**6
 
 
 @dataclass
@@ -67,6 +69,9 @@ class ShapesVideoTrainingConfig:
     vae_batch_size: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
+    decoder_steps: int = 0  # after calibration: the decoder alone on `decoder_frames` clips, the encoder frozen
+    decoder_frames: int = NUM_FRAMES
+    decoder_lr: float = 3e-4
     denoiser_steps: int = 20000
     attention_heads: int = DEFAULT_ATTENTION_HEADS  # the 96-wide attention in heads of 96 / attention_heads dims
     timestep_shift: float = 1.0  # noise levels of the flow-matching loss, mapped as the sampler maps its sigmas
@@ -85,7 +90,7 @@ class ShapesVideoTrainingConfig:
     num_workers: int = 0  # processes rendering the denoiser's clips ahead of the step
 
     def __post_init__(self):
-        for name in ("vae_steps", "denoiser_steps", "seed", "num_workers"):
+        for name in ("vae_steps", "decoder_steps", "denoiser_steps", "seed", "num_workers"):
             check_int_range(name, getattr(self, name), 0)
         for name in ("vae_batch_size", "batch_size", "checkpoint_every", "log_every"):
             check_int_range(name, getattr(self, name), 1)
@@ -94,13 +99,14 @@ class ShapesVideoTrainingConfig:
             raise ValueError(f"vae_crop={crop} is not allowed: expected a multiple of 4 in [8, 64] (the VAE's 4x)")
         check_int_range("warmup_steps", self.warmup_steps, 0)
         check_choice("attention_heads", self.attention_heads, ATTENTION_HEADS)
-        for name in ("vae_frames", "num_frames", "warmup_frames"):
+        for name in ("vae_frames", "decoder_frames", "num_frames", "warmup_frames"):
             if name == "warmup_frames" and self.warmup_frames is None:
                 continue
             frames = check_int_range(name, getattr(self, name), 1)
             if (frames - 1) % 4:
                 raise ValueError(f"{name}={frames} is not allowed: expected 4k + 1 frames (the VAE's 4x in time)")
         check_number("vae_lr", self.vae_lr, 0, 1, low_open=True)
+        check_number("decoder_lr", self.decoder_lr, 0, 1, low_open=True)
         check_number("lr", self.lr, 0, 1, low_open=True)
         check_number("timestep_shift", self.timestep_shift, 1, 100)
         check_number("kl_weight", self.kl_weight, 0, 1)
@@ -183,6 +189,11 @@ def decode_unclamped(vae, latents: torch.Tensor) -> torch.Tensor:
     finally:
         hook.remove()
     return torch.cat(chunks, dim=2)
+
+
+def decoder_parameters(vae) -> list[torch.nn.Parameter]:
+    """What the decoder phase trains: everything after the latents (post_quant_conv and the decoder)."""
+    return list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
 
 
 def _random_crop(video: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -282,7 +293,8 @@ def _load_exported(pipe, folder: Path, vae_only: bool = False) -> dict[str, Any]
         if not state.get("calibrated"):
             raise ValueError(f"init_from={str(folder)!r} is not allowed with vae_only: its autoencoder is not "
                              "calibrated (train it to the end first)")  # fmt: skip
-        return {"vae_step": state["vae_step"], "denoiser_step": 0, "calibrated": True, **calibration}
+        return {"vae_step": state["vae_step"], "decoder_step": state.get("decoder_step", 0), "denoiser_step": 0,
+                "calibrated": True, **calibration}  # fmt: skip
     pipe.text_encoder.load_state_dict(exported.text_encoder.state_dict())
     transformer = exported.transformer.state_dict()
     heads = (exported.transformer.config.num_attention_heads, pipe.transformer.config.num_attention_heads)
@@ -293,7 +305,7 @@ def _load_exported(pipe, folder: Path, vae_only: bool = False) -> dict[str, Any]
                        folder, heads[0], heads[1], heads[1])  # fmt: skip
         transformer = resplit_attention_heads(transformer, INNER_DIM, *heads)
     pipe.transformer.load_state_dict(transformer)
-    counters = {k: state[k] for k in ("vae_step", "denoiser_step", "calibrated") if k in state}
+    counters = {k: state[k] for k in ("vae_step", "decoder_step", "denoiser_step", "calibrated") if k in state}
     # The calibration travels with the state: the run's checkpoints and its own export need it to resume.
     return {**counters, **calibration} if counters.get("calibrated") else counters
 
@@ -323,9 +335,11 @@ def train_shapes_video(
     denoiser_params = list(transformer.parameters()) + list(text_encoder.parameters())
     optimizers = {
         "vae": torch.optim.AdamW(vae.parameters(), lr=config.vae_lr),
+        "decoder": torch.optim.AdamW(decoder_parameters(vae), lr=config.decoder_lr),
         "denoiser": torch.optim.AdamW(denoiser_params, lr=config.lr),
     }
-    state: dict[str, Any] = {"vae_step": 0, "denoiser_step": 0, "calibrated": False, "config": asdict(config)}
+    state: dict[str, Any] = {"vae_step": 0, "decoder_step": 0, "denoiser_step": 0, "calibrated": False,
+                             "config": asdict(config)}  # fmt: skip
     checkpoint = out / "checkpoint.pt"
     ema = None
     if resume and checkpoint.is_file():
@@ -387,6 +401,30 @@ def train_shapes_video(
         mean, std = latent_statistics(vae, config, device)
         vae.register_to_config(latents_mean=mean, latents_std=std)
         state.update(calibrated=True, latents_mean=mean, latents_std=std)
+    if state["calibrated"] and state["decoder_step"] < config.decoder_steps:
+        for p in decoder_parameters(vae):
+            p.requires_grad_(True)
+        vae.decoder.train()
+    while state["calibrated"] and state["decoder_step"] < config.decoder_steps and not out_of_time():
+        step = state["decoder_step"]
+        video, _ = clip_batch(base + DECODER_STREAM + step * config.vae_batch_size, config.vae_batch_size,
+                              config.decoder_frames)  # fmt: skip
+        video = _random_crop(video, config.vae_crop, base + DECODER_STREAM + step).to(device)
+        generator = torch.Generator().manual_seed(base + DECODER_STREAM + step)
+        with autocast:
+            with torch.no_grad():
+                latents = vae.encode(video).latent_dist.sample(generator=generator)
+            reconstruction = decode_unclamped(vae, latents)
+        loss = torch.nn.functional.mse_loss(reconstruction.float(), video)
+        optimizers["decoder"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["decoder"].step()
+        state["decoder_step"] = step + 1
+        log.add("decoder", step, loss)
+        if state["decoder_step"] % config.checkpoint_every == 0:
+            save()
+    vae.eval()
+    vae.requires_grad_(False)
     transformer.train()
     text_encoder.train()
     clips = iter(_steps(_DenoiserClips(config), state["denoiser_step"], config, device) if state["calibrated"] else ())

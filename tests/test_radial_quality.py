@@ -205,7 +205,10 @@ def test_store_keys_the_setting(tmp_path):
     on_gpu = _SeededVideoPipe()
     on_gpu.transformer.device = torch.device("cuda")  # the same weights on another device
     others.append(rq.VideoStore(tmp_path, on_gpu, {"num_frames": 3}).variant("random", config, mask))
-    assert len({folder, *others}) == 7
+    redecoded = _SeededVideoPipe()  # the same transformer, another decoder
+    redecoded.vae = torch.nn.Linear(2, 2)
+    others.append(rq.VideoStore(tmp_path, redecoded, {"num_frames": 3}).variant("random", config, mask))
+    assert len({folder, *others}) == 8
 
 
 class _AdapterPipe:
@@ -370,6 +373,8 @@ def test_layout_judge_counts_copies_of_the_captioned_colour():
     assert layout.frame_layout(two, "red", "square") == {"found": True, "regions": 2}
     assert layout.frame_layout(one, "red", "circle")["found"] is False  # colour right, shape wrong
     assert layout.frame_layout(other, "red", "square") == {"found": False, "regions": 0}
-    # per video: means over its frames (found in 2 of 3, one region in 1 of 3, 1 region on average)
-    rows = layout.judge_layout([np.stack([one, two, other])], ["a red square moving left"])
-    assert rows == [pytest.approx({"found": 2 / 3, "one_region": 1 / 3, "regions": 1.0})]
+    # per video: means over its frames (found in 2 of 3, the colour in 2 of 3, one region in 1 of 3, 1 region on
+    # average); a red circle where a square was asked is the colour without the shape
+    wrong_shape = frame([(10, 10, 30, 30)], shape="circle")
+    rows = layout.judge_layout([np.stack([one, two, other, wrong_shape])], ["a red square moving left"])
+    assert rows == [pytest.approx({"found": 2 / 4, "colour": 3 / 4, "one_region": 2 / 4, "regions": 1.0})]

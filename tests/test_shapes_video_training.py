@@ -81,7 +81,7 @@ def test_the_command_trains_and_exports(tmp_path, capsys):
             "--vae-batch-size", "1", "--device", "cpu"]  # fmt: skip
     # the command trains 33-frame clips; one step of each phase is enough to check it wires up
     assert main(argv) == 0
-    assert capsys.readouterr().out.strip() == f"{out / 'pipeline'} (vae step 1, denoiser step 1)"
+    assert capsys.readouterr().out.strip() == f"{out / 'pipeline'} (vae step 1, decoder step 0, denoiser step 1)"
     assert (out / "pipeline" / "model_index.json").is_file()
 
 
@@ -141,12 +141,14 @@ def test_the_command_passes_its_ema_decay_heads_and_shift(tmp_path, monkeypatch,
 
     seen = []
     monkeypatch.setattr(training, "train_shapes_video",
-                        lambda out, config, **kw: seen.append(config) or {"vae_step": 0, "denoiser_step": 0})  # fmt: skip
+                        lambda out, config, **kw: seen.append(config) or {"vae_step": 0, "decoder_step": 0,
+                                                                          "denoiser_step": 0})  # fmt: skip
     argv = ["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "0.99", "--attention-heads", "2",
-            "--timestep-shift", "3"]  # fmt: skip
+            "--timestep-shift", "3", "--decoder-steps", "7", "--decoder-frames", "17", "--decoder-lr", "1e-4"]  # fmt: skip
     assert main(argv) == 0
     assert main(["train-shapes-video", "--out", str(tmp_path)]) == 0
     assert [(c.ema_decay, c.attention_heads, c.timestep_shift) for c in seen] == [(0.99, 2, 3.0), (0.999, 4, 1.0)]
+    assert [(c.decoder_steps, c.decoder_frames, c.decoder_lr) for c in seen] == [(7, 17, 1e-4), (0, 33, 3e-4)]
     assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "1.5"]) == 2
     assert "ema_decay=1.5 is not allowed" in capsys.readouterr().err
 
@@ -310,3 +312,53 @@ def test_init_vae_only_keeps_the_autoencoder_and_starts_a_fresh_denoiser(tmp_pat
         train_shapes_video(tmp_path / "third", _config(), init_vae_only=True)
     assert main(["train-shapes-video", "--out", str(tmp_path / "x"), "--init-vae-only"]) == 2
     assert "--init-vae-only is not allowed without --init-from" in capsys.readouterr().err
+
+
+def test_decoder_phase_trains_the_decoder_on_long_clips_and_keeps_the_latents(tmp_path, capsys):
+    """--decoder-steps: after calibration, the decoder alone on clips of decoder_frames frames. The encoder (so the
+    latents the transformer learnt, and their calibration) and the transformer stay bit for bit; the logged loss of
+    the first step is the MSE of the unclamped reconstruction of that step's seeded 9-frame clips."""
+    from diffusers import DiffusionPipeline
+
+    from diffattn.cli import main
+    from diffattn.shapes_video_training import DECODER_STREAM, _random_crop, decode_unclamped
+
+    first = tmp_path / "first"
+    train_shapes_video(first, _config())
+    source = DiffusionPipeline.from_pretrained(first / "pipeline", use_safetensors=True, torch_dtype=torch.float32)
+    video, _ = clip_batch(DECODER_STREAM, 1, 9)
+    video = _random_crop(video, 64, DECODER_STREAM)
+    with torch.no_grad():
+        latents = source.vae.encode(video).latent_dist.sample(generator=torch.Generator().manual_seed(DECODER_STREAM))
+        expected = torch.nn.functional.mse_loss(decode_unclamped(source.vae, latents), video).item()
+    second = tmp_path / "second"
+    config = _config(denoiser_steps=2, decoder_steps=2, decoder_frames=9, ema_decay=0)
+    state = train_shapes_video(second, config, init_from=first / "pipeline")
+    assert (state["vae_step"], state["decoder_step"], state["denoiser_step"]) == (2, 2, 2)
+    log = [json.loads(line) for line in (second / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in log] == [("decoder", 0), ("decoder", 1)]
+    assert log[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    tuned = DiffusionPipeline.from_pretrained(second / "pipeline", use_safetensors=True, torch_dtype=torch.float32)
+    assert tuned.vae.config.latents_mean == source.vae.config.latents_mean
+    assert tuned.vae.config.latents_std == source.vae.config.latents_std
+    changed = set()
+    for name, value in source.vae.state_dict().items():
+        if not torch.equal(tuned.vae.state_dict()[name], value):
+            changed.add(name.split(".")[0])
+    assert changed == {"decoder", "post_quant_conv"} or changed == {"decoder"}
+    for part in ("transformer", "text_encoder"):
+        for name, value in getattr(source, part).state_dict().items():
+            assert torch.equal(getattr(tuned, part).state_dict()[name], value), (part, name)
+    assert json.loads((second / "pipeline" / "training_state.json").read_text())["decoder_step"] == 2
+    # resumes its counter; the CLI passes the flags through
+    assert (
+        train_shapes_video(second, _config(denoiser_steps=2, decoder_steps=3, decoder_frames=9))["decoder_step"] == 3
+    )
+    assert main(["train-shapes-video", "--out", str(tmp_path / "cli"), "--init-from", str(first / "pipeline"),
+                 "--decoder-steps", "1", "--decoder-frames", "9", "--denoiser-steps", "2", "--vae-steps", "2",
+                 "--vae-batch-size", "1", "--device", "cpu"]) == 0  # fmt: skip
+    assert "decoder step 1, denoiser step 2" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="decoder_frames=8 is not allowed: expected 4k \\+ 1 frames"):
+        _config(decoder_frames=8)
+    with pytest.raises(ValueError, match="decoder_lr=0 is not allowed"):
+        _config(decoder_lr=0)
