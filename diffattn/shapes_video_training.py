@@ -377,6 +377,16 @@ def train_shapes_video(
         models = {n: getattr(pipe, n) for n in ("vae", "transformer", "text_encoder")}
         save_checkpoint(checkpoint, models, optimizers, state, ema)
 
+    def autoencoder_step(phase: str, step: int, loss: torch.Tensor) -> None:
+        """The optimizer step of phase "vae" or "decoder", its counter, its log line and its checkpoint."""
+        optimizers[phase].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[phase].step()
+        state[f"{phase}_step"] = step + 1
+        log.add(phase, step, loss)
+        if state[f"{phase}_step"] % config.checkpoint_every == 0:
+            save()
+
     base = config.seed * 10**7
     vae.train()
     while state["vae_step"] < config.vae_steps and not out_of_time():
@@ -388,13 +398,7 @@ def train_shapes_video(
             posterior = vae.encode(video).latent_dist
             reconstruction = decode_unclamped(vae, posterior.sample(generator=None))
         loss = torch.nn.functional.mse_loss(reconstruction.float(), video) + config.kl_weight * posterior.kl().mean()
-        optimizers["vae"].zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers["vae"].step()
-        state["vae_step"] = step + 1
-        log.add("vae", step, loss)
-        if state["vae_step"] % config.checkpoint_every == 0:
-            save()
+        autoencoder_step("vae", step, loss)
     vae.eval()
     vae.requires_grad_(False)
     if state["vae_step"] >= config.vae_steps and not state["calibrated"]:
@@ -415,14 +419,7 @@ def train_shapes_video(
             with torch.no_grad():
                 latents = vae.encode(video).latent_dist.sample(generator=generator)
             reconstruction = decode_unclamped(vae, latents)
-        loss = torch.nn.functional.mse_loss(reconstruction.float(), video)
-        optimizers["decoder"].zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers["decoder"].step()
-        state["decoder_step"] = step + 1
-        log.add("decoder", step, loss)
-        if state["decoder_step"] % config.checkpoint_every == 0:
-            save()
+        autoencoder_step("decoder", step, torch.nn.functional.mse_loss(reconstruction.float(), video))
     vae.eval()
     vae.requires_grad_(False)
     transformer.train()
