@@ -73,14 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.clips < 1:
         parser.error(f"--clips {args.clips} is not allowed: expected at least 1")
     results: dict[str, dict] = {}
-    pictures = []
+    picture_rows = []
     for frames in args.frames:
         results[str(frames)] = {}
-        rendered_row = None
-        rows_of_models = []
+        shown_by_model = {}
         for model in args.models:
             vae = load_pipeline(model, device="cpu").vae
-            rows, shown = judge_round_trips(vae, args.clips, frames)
+            rows, shown_by_model[model] = judge_round_trips(vae, args.clips, frames)
             per_frame = [statistics.fmean(r["found"][t] for r in rows) for t in range(frames)]
             results[str(frames)][model] = {
                 "objects": len(rows),
@@ -90,24 +89,17 @@ def main(argv: list[str] | None = None) -> int:
                 "found": interval([statistics.fmean(r["found"]) for r in rows]),
                 "found_per_frame": [round(v, 4) for v in per_frame],
             }
-            rendered_row = np.concatenate([np.concatenate(list(rendered[::4]), axis=1) for rendered, _ in shown], 0)
-            rows_of_models.append(np.concatenate([np.concatenate(list(dec[::4]), axis=1) for _, dec in shown], 0))
             print(f"{frames} frames, {model}: kept and moving the captioned way "
                   f"{results[str(frames)][model]['kept_and_direction']} of {len(rows)} objects, found in "
                   f"{results[str(frames)][model]['found']['mean']:.1%} of frames")  # fmt: skip
-        if frames == args.frames[0]:
-            # per clip: the rendered frames, then each model's decoding of them
-            height = rendered_row.shape[0] // len(shown)
-            blocks = []
-            for i in range(len(shown)):
-                blocks += [rendered_row[i * height : (i + 1) * height]]
-                blocks += [row[i * height : (i + 1) * height] for row in rows_of_models]
-            pictures.append(np.concatenate(blocks, axis=0))
+        if frames == args.frames[0]:  # per clip: its rendered frames, then each model's decoding of them
+            for i, (rendered, _) in enumerate(shown_by_model[args.models[0]]):
+                picture_rows.append(np.concatenate(list(rendered[::4]), axis=1))
+                picture_rows += [np.concatenate(list(shown_by_model[m][i][1][::4]), axis=1) for m in args.models]
+    grid = np.concatenate(picture_rows, axis=0)
     picture = args.out.with_suffix(".png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pictures[0]).resize((pictures[0].shape[1] * 2, pictures[0].shape[0] * 2), Image.NEAREST).save(
-        picture
-    )
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(picture)
     fields = {
         "clips": args.clips,
         "first_seed": HELD_OUT_CLIP_SEED,

@@ -50,19 +50,21 @@ def test_video_judge_agrees_with_ground_truth_through_the_shapes_wan_autoencoder
     nearly every clip, and the object found in nearly every frame, the last ones included (the decoder carries a cache
     from chunk to chunk; one trained on 9-frame clips only drifted in colour from frame 9 on: 47% of objects kept,
     later frames 55-60%)."""
+    import sys
+    from pathlib import Path
+
     from diffattn import load_pipeline
     from diffattn.judge import judge_clip
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from shapes_wan_autoencoder import round_trip
 
     vae = load_pipeline("shapes-wan").vae
     agree = total = 0
     late_frames = []
     for seed in range(2 * 10**9, 2 * 10**9 + 24):
         clip = render_clip(seed, 33)
-        pixels = torch.from_numpy(np.stack([np.asarray(f) for f in clip.frames])).float() / 127.5 - 1
-        with torch.no_grad():
-            decoded = vae.decode(vae.encode(pixels.permute(3, 0, 1, 2)[None]).latent_dist.mode()).sample[0]
-        frames = [Image.fromarray(((f.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-                  for f in decoded.permute(1, 0, 2, 3)]  # fmt: skip
+        frames = [Image.fromarray(f) for f in round_trip(vae, clip.frames)]
         for verdict, obj in zip(judge_clip(frames, clip.caption), clip.objects):
             total += 1
             agree += verdict.kept and verdict.moves_right and (verdict.color, verdict.shape) == (obj.color, obj.shape)
