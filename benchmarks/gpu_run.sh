@@ -20,6 +20,8 @@
 # (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
 # TRAIN_ARGS: extra train-shapes-video flags (e.g. "--warmup-frames 1 --warmup-steps 1500": single frames first);
 # INIT_VAE_ONLY=1: a run that starts (no checkpoint yet) takes INIT_FROM's autoencoder only, a new transformer.
+# DECODER_FROM: a run that starts takes this folder's decoder instead of INIT_FROM's (the same encoder and latent
+# calibration, checked), e.g. DECODER_FROM=diffattn/presets/shapes_wan (trained on 33-frame clips) with the H200 run.
 # DEVICE (default cuda), TRAIN_BATCH and QUALITY_ARGS (extra radial_quality flags) let a CPU rehearse the stages.
 set -u
 OUT=${OUT:-outputs/gpu}
@@ -78,6 +80,8 @@ for stage in "$@"; do
             init=()
             [ -f runs/shapes-wan/checkpoint.pt ] || init=(--init-from "$repo/${INIT_FROM:-diffattn/presets/shapes_wan}")
             [ -f runs/shapes-wan/checkpoint.pt ] || [ "${INIT_VAE_ONLY:-0}" != 1 ] || init+=(--init-vae-only)
+            [ -f runs/shapes-wan/checkpoint.pt ] || [ -z "${DECODER_FROM:-}" ] \
+                || init+=(--init-decoder-from "$repo/$DECODER_FROM")
             workers=$(( $(nproc) - 2 ))
             [ "$workers" -gt 12 ] && workers=12
             # the workers hand their clips over in shared memory (about 54 MB a batch, 4 batches ahead each)

@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--init-vae-only", action="store_true",
                        help="with --init-from: take its trained autoencoder only; the transformer and text encoder "
                        "start fresh (e.g. to train another --attention-heads from scratch)")  # fmt: skip
+    video.add_argument("--init-decoder-from", type=Path, default=None,
+                       help="with --init-from: take this exported folder's decoder instead (its encoder and latent "
+                       "calibration must be --init-from's), e.g. the shipped decoder trained on 33-frame clips")  # fmt: skip
 
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
@@ -355,8 +358,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.init_vae_only and args.init_from is None:
                 raise ValueError("--init-vae-only is not allowed without --init-from (the folder whose autoencoder "
                                  "to start from)")  # fmt: skip
+            if args.init_decoder_from is not None and args.init_from is None:
+                raise ValueError("--init-decoder-from is not allowed without --init-from (the folder whose encoder "
+                                 "its decoder must match)")  # fmt: skip
             state = train_shapes_video(args.out, config, resume=not args.fresh, init_from=args.init_from,
-                                       init_vae_only=args.init_vae_only)  # fmt: skip
+                                       init_vae_only=args.init_vae_only,
+                                       init_decoder_from=args.init_decoder_from)  # fmt: skip
             print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, decoder step {state['decoder_step']}, "
                   f"denoiser step {state['denoiser_step']})")  # fmt: skip
             return 0

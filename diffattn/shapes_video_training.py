@@ -310,6 +310,33 @@ def _load_exported(pipe, folder: Path, vae_only: bool = False) -> dict[str, Any]
     return {**counters, **calibration} if counters.get("calibrated") else counters
 
 
+def _load_decoder(pipe, folder: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The decoder side of an exported pipeline folder's autoencoder (post_quant_conv and the decoder) into `pipe`;
+    returns its decoder step counter.
+
+    Only a decoder trained on the same latents is taken: the folder's encoder, quant_conv and latent calibration must
+    equal those `pipe` (and `state`) hold, since the transformer learnt those latents.
+    """
+    from diffusers import AutoencoderKLWan
+
+    exported = AutoencoderKLWan.from_pretrained(
+        folder / "vae", use_safetensors=True, **{dtype_keyword(): torch.float32}
+    )
+    source = exported.state_dict()
+    for name, value in pipe.vae.state_dict().items():
+        if name.split(".")[0] in ("encoder", "quant_conv") and not torch.equal(source[name].to(value), value):
+            raise ValueError(f"init_decoder_from={str(folder)!r} is not allowed: its encoder differs from this run's "
+                             f"({name}); a decoder is taken only from an autoencoder with the same encoder")  # fmt: skip
+    for key in ("latents_mean", "latents_std"):
+        if not state.get("calibrated") or list(exported.config[key]) != list(state[key]):
+            raise ValueError(f"init_decoder_from={str(folder)!r} is not allowed: its {key} differs from this run's "
+                             "(or this run is not calibrated yet); a decoder is taken only for the same latents")  # fmt: skip
+    pipe.vae.post_quant_conv.load_state_dict(exported.post_quant_conv.state_dict())
+    pipe.vae.decoder.load_state_dict(exported.decoder.state_dict())
+    saved = json.loads((folder / "training_state.json").read_text())
+    return {"decoder_step": saved.get("decoder_step", 0)}
+
+
 def train_shapes_video(
     out: Path,
     config: ShapesVideoTrainingConfig | None = None,
@@ -317,15 +344,22 @@ def train_shapes_video(
     resume: bool = True,
     init_from: Path | None = None,
     init_vae_only: bool = False,
+    init_decoder_from: Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the phases and export the pipeline. Returns the final state (steps and last losses).
 
     init_from: an exported pipeline folder to continue from when `out` has no checkpoint (all of it, or with
     init_vae_only its autoencoder alone: a fresh transformer and text encoder trained on it).
+    init_decoder_from: with init_from, another exported folder whose decoder (and decoder step) replaces
+    init_from's; its encoder and calibration must be init_from's (e.g. a decoder trained on longer clips, joined
+    to a transformer trained elsewhere on the same latents).
     """
     config = config or ShapesVideoTrainingConfig()
     if init_vae_only and init_from is None:
         raise ValueError("init_vae_only=True is not allowed without init_from (the folder whose autoencoder to take)")
+    if init_decoder_from is not None and init_from is None:
+        raise ValueError("init_decoder_from is not allowed without init_from (the folder whose encoder its decoder "
+                         "must match)")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
@@ -362,6 +396,8 @@ def train_shapes_video(
                     state["denoiser_step"])  # fmt: skip
     elif init_from is not None:
         state.update(_load_exported(pipe, Path(init_from), init_vae_only))
+        if init_decoder_from is not None:
+            state.update(_load_decoder(pipe, Path(init_decoder_from), state))
     if config.ema_decay > 0 and ema is None:
         ema = [p.detach().clone() for p in denoiser_params]
     autocast = (

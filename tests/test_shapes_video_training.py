@@ -362,3 +362,54 @@ def test_decoder_phase_trains_the_decoder_on_long_clips_and_keeps_the_latents(tm
         _config(decoder_frames=8)
     with pytest.raises(ValueError, match="decoder_lr=0 is not allowed"):
         _config(decoder_lr=0)
+
+
+def test_init_decoder_from_joins_a_decoder_to_the_transformer_it_was_trained_beside(tmp_path, capsys):
+    """--init-decoder-from: init_from's transformer, text encoder and encoder with another folder's decoder (and its
+    decoder step), taken only when that folder's encoder and latent calibration are init_from's."""
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    from diffattn.cli import main
+
+    def load(folder):
+        return DiffusionPipeline.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
+
+    first = tmp_path / "first"
+    train_shapes_video(first, _config())
+    tuned = tmp_path / "tuned"  # the decoder trained on from first's: same encoder and calibration
+    train_shapes_video(tuned, _config(decoder_steps=2, decoder_frames=9, ema_decay=0), init_from=first / "pipeline")
+    joined = tmp_path / "joined"
+    state = train_shapes_video(joined, _config(), init_from=first / "pipeline", init_decoder_from=tuned / "pipeline")
+    assert (state["vae_step"], state["decoder_step"], state["denoiser_step"]) == (2, 2, 2)
+    source, decoder, result = load(first / "pipeline"), load(tuned / "pipeline"), load(joined / "pipeline")
+    differs = 0
+    for name, value in result.vae.state_dict().items():
+        part = name.split(".")[0]
+        expected = (decoder if part in ("decoder", "post_quant_conv") else source).vae.state_dict()[name]
+        assert torch.equal(value, expected), name
+        differs += not torch.equal(decoder.vae.state_dict()[name], source.vae.state_dict()[name])
+    assert differs > 0  # the two decoders differ, so the equalities above say which one was taken
+    for part in ("transformer", "text_encoder"):
+        for name, value in getattr(source, part).state_dict().items():
+            assert torch.equal(getattr(result, part).state_dict()[name], value), (part, name)
+    assert json.loads((joined / "pipeline" / "training_state.json").read_text())["decoder_step"] == 2
+
+    other = tmp_path / "other"  # another seed: another encoder
+    train_shapes_video(other, _config(seed=1))
+    with pytest.raises(ValueError, match="init_decoder_from=.* is not allowed: its encoder differs"):
+        train_shapes_video(
+            tmp_path / "x", _config(), init_from=first / "pipeline", init_decoder_from=other / "pipeline"
+        )
+    shifted = tmp_path / "shifted"
+    shutil.copytree(tuned / "pipeline", shifted)
+    vae_config = json.loads((shifted / "vae" / "config.json").read_text())
+    vae_config["latents_std"] = [v * 2 for v in vae_config["latents_std"]]
+    (shifted / "vae" / "config.json").write_text(json.dumps(vae_config))
+    with pytest.raises(ValueError, match="init_decoder_from=.* is not allowed: its latents_std differs"):
+        train_shapes_video(tmp_path / "y", _config(), init_from=first / "pipeline", init_decoder_from=shifted)
+    with pytest.raises(ValueError, match="init_decoder_from is not allowed without init_from"):
+        train_shapes_video(tmp_path / "z", _config(), init_decoder_from=tuned / "pipeline")
+    assert main(["train-shapes-video", "--out", str(tmp_path / "c"), "--init-decoder-from", str(tuned)]) == 2
+    assert "--init-decoder-from is not allowed without --init-from" in capsys.readouterr().err
