@@ -58,7 +58,7 @@ from diffattn.kernels import BlockSparseLayout
 from diffattn.loading import load_pipeline
 from diffattn.methods.radial_attention import RadialAttentionConfig
 from diffattn.methods.radial_mask import radial_block_mask
-from diffattn.presets import PRESETS
+from diffattn.presets import PRESETS, preset_path
 from diffattn.scenes import HELD_OUT_CLIP_SEED, render_clip
 from diffattn.video_metrics import psnr, ssim
 
@@ -278,6 +278,15 @@ def timed_sample(pipe, prompts: list[Prompt], *, stored: Path | None, **call) ->
     videos = sample(pipe, prompts, stored=stored, non_finite=non_finite, **call)
     return videos, {"seconds": time.perf_counter() - start, "videos_sampled": len(prompts) - reused,
                     "non_finite_seeds": non_finite}  # fmt: skip
+
+
+def training_counters(model: str) -> dict[str, int]:
+    """The step counters of the weights `model` (a preset name or an exported folder) holds, from its
+    training_state.json: which autoencoder, decoder and transformer a part measured (a decoder never trained on its
+    own counts 0 steps)."""
+    folder = preset_path(model) if model in PRESETS else Path(model)
+    saved = json.loads((folder / "training_state.json").read_text())
+    return {key: int(saved.get(key, 0)) for key in ("vae_step", "decoder_step", "denoiser_step")}
 
 
 def latent_geometry(pipe, frames: int, height: int, width: int) -> tuple[int, int]:
@@ -765,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
         side_by_side(kept["videos"], 0, pictures / "extension.png", names, every=8)
         fields["extension"]["picture"] = {"file": "radial_quality/extension.png", "rows": names,
                                           "prompt": kept["prompts"][0].caption}  # fmt: skip
+    weights = training_counters(args.model)
+    for part in args.parts:  # parts are often measured apart and merged: each says which weights it measured
+        fields[part]["weights"] = weights
     write_report("radial_quality", args.device, fields, out=args.out)
     return 0
 

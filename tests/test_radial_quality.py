@@ -378,3 +378,12 @@ def test_layout_judge_counts_copies_of_the_captioned_colour():
     wrong_shape = frame([(10, 10, 30, 30)], shape="circle")
     rows = layout.judge_layout([np.stack([one, two, other, wrong_shape])], ["a red square moving left"])
     assert rows == [pytest.approx({"found": 2 / 4, "colour": 3 / 4, "one_region": 2 / 4, "regions": 1.0})]
+
+
+def test_each_part_names_the_training_counters_of_the_weights_it_measured(tmp_path):
+    (tmp_path / "training_state.json").write_text('{"vae_step": 5700, "denoiser_step": 9235, "calibrated": true}')
+    assert rq.training_counters(str(tmp_path)) == {"vae_step": 5700, "decoder_step": 0, "denoiser_step": 9235}
+    (tmp_path / "training_state.json").write_text('{"vae_step": 3, "decoder_step": 594, "denoiser_step": 7}')
+    assert rq.training_counters(str(tmp_path)) == {"vae_step": 3, "decoder_step": 594, "denoiser_step": 7}
+    shipped = rq.training_counters("shapes-wan")
+    assert shipped["decoder_step"] > 0 and shipped["vae_step"] > 0 and shipped["denoiser_step"] > 0
