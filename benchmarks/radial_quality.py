@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image, ImageDraw
 
 import diffattn
@@ -169,12 +170,25 @@ def held_out_prompts(count: int, frames: int, *, first: int = 0, single_only: bo
     return prompts
 
 
+def scheduler_setting(scheduler) -> dict | None:
+    """A scheduler as a store key sees it: its class and public config (the shift sets every noise level)."""
+    if scheduler is None:
+        return None
+    config = {key: value for key, value in dict(scheduler.config).items() if not key.startswith("_")}
+    return {"class": type(scheduler).__name__, **config}
+
+
+def first_stores_scheduler() -> dict:
+    """shapes-wan's sampler when the first stores were made (flow matching, shift 3): no key names it."""
+    return scheduler_setting(FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
 class VideoStore:
     """Finished videos on disk, so a run of hours that stops (a closed session, a killed job) resumes where it was.
 
     A video is found again only under the same setting: the model's weights (transformer, text encoder and
-    autoencoder: a retrained decoder draws other frames from the same latents) and device, the call (frames,
-    steps, size, guidance), the variant (its name, its radial settings and its block mask) and the prompt (caption and noise
+    autoencoder: a retrained decoder draws other frames from the same latents) and device, the scheduler (its shift
+    sets the noise levels), the call (frames, steps, size, guidance), the variant (its name, its radial settings and its block mask) and the prompt (caption and noise
     seed). Files are written whole (a temporary name, then a rename), so a stop mid-write leaves nothing half-read.
     """
 
@@ -189,6 +203,9 @@ class VideoStore:
                 weights.update(f"{part}.{name}".encode())
                 weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         self.base = {"weights": weights.hexdigest(), "call": call}
+        scheduler = scheduler_setting(getattr(pipe, "scheduler", None))
+        if scheduler not in (None, first_stores_scheduler()):  # the stores made so far keep their keys
+            self.base["scheduler"] = scheduler
         device = pipe.transformer.device.type
         if device != "cpu":  # videos from another device differ in rounding; CPU keys stay as the first stores made
             self.base["device"] = device

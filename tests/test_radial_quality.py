@@ -387,3 +387,44 @@ def test_each_part_names_the_training_counters_of_the_weights_it_measured(tmp_pa
     assert rq.training_counters(str(tmp_path)) == {"vae_step": 3, "decoder_step": 594, "denoiser_step": 7}
     shipped = rq.training_counters("shapes-wan")
     assert shipped["decoder_step"] > 0 and shipped["vae_step"] > 0 and shipped["denoiser_step"] > 0
+
+
+def test_the_sampler_sweep_changes_one_setting_at_a_time_from_the_preset():
+    import shapes_wan_sampler as sweep
+
+    from diffattn.presets import PRESETS
+
+    preset = PRESETS["shapes-wan"]
+    args = SimpleNamespace(guidance=[2.0, 5.0, 8.0], steps=[40], shift=[3.0, 6.0], base_shift=3.0)
+    runs = sweep.settings_to_run(args, preset)
+    base = {"guidance_scale": 5.0, "steps": 20, "shift": 3.0}
+    assert (preset.call_defaults["guidance_scale"], preset.steps) == (5.0, 20)
+    assert runs[0] == {"name": "preset", **base}
+    # the preset's own values (guidance 5, shift 3) are not sampled twice; every other run differs in one setting
+    assert [r["name"] for r in runs[1:]] == ["guidance_scale 2", "guidance_scale 8", "steps 40", "shift 6"]
+    for run in runs[1:]:
+        changed = [key for key in base if run[key] != base[key]]
+        assert len(changed) == 1 and run["name"].startswith(changed[0])
+
+
+def test_store_keys_the_scheduler_and_keeps_the_first_stores_keys(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffattn.loading import load_pipeline
+
+    config = rq.RadialAttentionConfig(decay_factor=0.25)
+
+    def folder(scheduler):
+        pipe = _SeededVideoPipe()
+        if scheduler is not None:
+            pipe.scheduler = scheduler
+        return rq.VideoStore(tmp_path, pipe, {"num_frames": 3}).variant("radial", config)
+
+    # the shipped preset samples with the scheduler the first stores were made with: their keys are unchanged
+    shipped = load_pipeline("shapes-wan").scheduler
+    assert rq.scheduler_setting(shipped) == rq.first_stores_scheduler()
+    assert rq.scheduler_setting(shipped)["shift"] == 3.0
+    assert folder(shipped) == folder(None) == folder(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    # another shift sets other noise levels: other videos, another folder
+    assert folder(FlowMatchEulerDiscreteScheduler(shift=6.0)) != folder(shipped)
+    assert folder(FlowMatchEulerDiscreteScheduler(shift=3.0, use_karras_sigmas=True)) != folder(shipped)

@@ -1,0 +1,94 @@
+"""Are shapes-wan's sampler settings what misses its targets? The targets judged at other settings (CPU).
+
+    python benchmarks/shapes_wan_sampler.py --videos 32 --guidance 2 8 12 --steps 40 --shift 1 6
+
+The targets part of `radial_quality.py` judges dense videos at the preset's settings (20 flow-matching steps,
+guidance 5, the scheduler's shift 3). This benchmark samples the same held-out single-object prompts from the same
+noise at the preset's settings and at each other setting given, one setting changed at a time, and judges every
+video as the targets part does (`radial_quality.judge_video`): the object kept (found with its colour and shape in
+at least 90% of frames), the right motion direction, the mean share of frames it is found in; and, as
+`shapes_wan_layout.py` counts it, the share of frames holding a region of its colour whatever the shape (what a
+detector of colour alone sees). Reports each setting's means with 95% intervals, its paired differences against the
+preset's settings (same prompt and noise), and its sampling time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from diffattn.loading import load_pipeline
+from diffattn.presets import PRESETS
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import device_name, write_report  # noqa: E402
+from radial_quality import MODEL, held_out_prompts, interval, judge_videos, sample, training_counters  # noqa: E402
+from shapes_wan_layout import judge_layout  # noqa: E402
+
+
+KEYS = ("kept", "direction", "present", "colour")
+
+
+def settings_to_run(args, preset) -> list[dict]:
+    """The preset's settings first, then one change each: {"name", "guidance_scale", "steps", "shift"}."""
+    base = {"guidance_scale": preset.call_defaults["guidance_scale"], "steps": preset.steps, "shift": args.base_shift}
+    runs = [{"name": "preset", **base}]
+    for key, values in (("guidance_scale", args.guidance), ("steps", args.steps), ("shift", args.shift)):
+        runs += [{**base, key: value, "name": f"{key} {value:g}"} for value in values if value != base[key]]
+    return runs
+
+
+def judged(videos, prompts) -> list[dict]:
+    """Per video: kept, direction, present (the targets judge) and colour (share of frames with its colour)."""
+    rows = judge_videos(videos, prompts)
+    layout = judge_layout(videos, [p.caption for p in prompts])
+    return [{"kept": float(r["kept"]), "direction": float(r["direction"]), "present": r["present"],
+             "colour": lay["colour"]} for r, lay in zip(rows, layout)]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=MODEL, help="shapes-wan or a folder of an exported shapes-wan pipeline")
+    parser.add_argument("--videos", type=int, default=32, help="held-out single-object prompts (32)")
+    parser.add_argument("--guidance", type=float, nargs="*", default=[], help="guidance scales to try")
+    parser.add_argument("--steps", type=int, nargs="*", default=[], help="step counts to try")
+    parser.add_argument("--shift", type=float, nargs="*", default=[], help="flow-matching shifts to try")
+    parser.add_argument("--batch", type=int, default=4, help="videos per pipeline call")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    preset = PRESETS[MODEL]
+    pipe = load_pipeline(args.model, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    scheduler_config = pipe.scheduler.config
+    args.base_shift = scheduler_config["shift"]
+    frames = preset.call_defaults["num_frames"]
+    prompts = held_out_prompts(args.videos, frames, single_only=True)  # the targets part's prompts and noise
+    results, rows_of = {}, {}
+    for setting in settings_to_run(args, preset):
+        pipe.scheduler = type(pipe.scheduler).from_config(scheduler_config, shift=setting["shift"])
+        call = {**preset.call_defaults, "guidance_scale": setting["guidance_scale"]}
+        start = time.perf_counter()
+        videos = sample(pipe, prompts, frames=frames, steps=setting["steps"], batch=args.batch, defaults=call)
+        seconds = time.perf_counter() - start
+        rows = rows_of[setting["name"]] = judged(videos, prompts)
+        results[setting["name"]] = {
+            "settings": {k: setting[k] for k in ("guidance_scale", "steps", "shift")},
+            "sampling_seconds": seconds,
+            **{key: interval([r[key] for r in rows]) for key in KEYS},
+            "paired_vs_preset": {
+                key: interval([r[key] - p[key] for r, p in zip(rows, rows_of["preset"])]) for key in KEYS
+            },
+        }
+        print(setting["name"], {key: round(results[setting["name"]][key]["mean"], 3) for key in KEYS}, flush=True)
+    write_report("shapes_wan_sampler", "cpu", {
+        "model": args.model, "weights": training_counters(args.model), "frames": frames, "videos": len(prompts),
+        "threads": device_name("cpu"), "targets": {"kept": 0.85, "direction": 0.80}, "settings": results,
+    }, out=args.out)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
