@@ -791,9 +791,10 @@ def main(argv: list[str] | None = None) -> int:
         side_by_side(kept["videos"], 0, pictures / "extension.png", names, every=8)
         fields["extension"]["picture"] = {"file": "radial_quality/extension.png", "rows": names,
                                           "prompt": kept["prompts"][0].caption}  # fmt: skip
-    weights = training_counters(args.model)
-    for part in args.parts:  # parts are often measured apart and merged: each says which weights it measured
+    weights, scheduler = training_counters(args.model), scheduler_setting(pipe.scheduler)
+    for part in args.parts:  # parts are often measured apart and merged: each says which weights and sampler it used
         fields[part]["weights"] = weights
+        fields[part]["scheduler"] = {"class": scheduler["class"], "shift": scheduler["shift"]}
     write_report("radial_quality", args.device, fields, out=args.out)
     return 0
 
