@@ -188,8 +188,9 @@ class VideoStore:
 
     A video is found again only under the same setting: the model's weights (transformer, text encoder and
     autoencoder: a retrained decoder draws other frames from the same latents) and device, the scheduler (its shift
-    sets the noise levels), the call (frames, steps, size, guidance), the variant (its name, its radial settings and its block mask) and the prompt (caption and noise
-    seed). Files are written whole (a temporary name, then a rename), so a stop mid-write leaves nothing half-read.
+    sets the noise levels), the call (frames, steps, size, guidance), the variant (its name, its radial settings and
+    its block mask) and the prompt (caption and noise seed). Files are written whole (a temporary name, then a
+    rename), so a stop mid-write leaves nothing half-read.
     """
 
     def __init__(self, folder: Path, pipe, call: dict):
@@ -794,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     weights, scheduler = training_counters(args.model), scheduler_setting(pipe.scheduler)
     for part in args.parts:  # parts are often measured apart and merged: each says which weights and sampler it used
         fields[part]["weights"] = weights
-        fields[part]["scheduler"] = {"class": scheduler["class"], "shift": scheduler["shift"]}
+        fields[part]["scheduler"] = {"class": scheduler["class"], "shift": scheduler.get("shift")}
     write_report("radial_quality", args.device, fields, out=args.out)
     return 0
 
