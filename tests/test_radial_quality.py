@@ -410,7 +410,7 @@ def test_the_sampler_sweep_changes_one_setting_at_a_time_from_the_preset():
 def test_store_keys_the_scheduler_and_keeps_the_first_stores_keys(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from diffattn.loading import load_pipeline
+    from diffattn.presets import preset_path
 
     config = rq.RadialAttentionConfig(decay_factor=0.25)
 
@@ -421,7 +421,7 @@ def test_store_keys_the_scheduler_and_keeps_the_first_stores_keys(tmp_path):
         return rq.VideoStore(tmp_path, pipe, {"num_frames": 3}).variant("radial", config)
 
     # the shipped preset samples with the scheduler the first stores were made with: their keys are unchanged
-    shipped = load_pipeline("shapes-wan").scheduler
+    shipped = FlowMatchEulerDiscreteScheduler.from_pretrained(preset_path("shapes-wan"), subfolder="scheduler")
     assert rq.scheduler_setting(shipped) == rq.first_stores_scheduler()
     assert rq.scheduler_setting(shipped)["shift"] == 3.0
     assert folder(shipped) == folder(None) == folder(FlowMatchEulerDiscreteScheduler(shift=3.0))
