@@ -27,8 +27,16 @@ from diffattn.presets import PRESETS
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import device_name, write_report  # noqa: E402
-from radial_quality import MODEL, held_out_prompts, interval, judge_videos, sample, training_counters  # noqa: E402
+from _report import write_report  # noqa: E402
+from radial_quality import (  # noqa: E402
+    MODEL,
+    TARGETS,
+    held_out_prompts,
+    interval,
+    judge_videos,
+    sample,
+    training_counters,
+)
 from shapes_wan_layout import judge_layout  # noqa: E402
 
 
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report("shapes_wan_sampler", "cpu", {
         "model": args.model, "weights": training_counters(args.model), "frames": frames, "videos": len(prompts),
         "first_clip": args.first,
-        "threads": device_name("cpu"), "targets": {"kept": 0.85, "direction": 0.80}, "settings": results,
+        "targets": dict(TARGETS), "settings": results,
     }, out=args.out)  # fmt: skip
     return 0
 
