@@ -64,13 +64,14 @@ def test_radial_under_ulysses_equals_the_single_process_run(order, geometry, pro
     reports = ulysses_reports(order, geometry, processes)
     assert sorted(r["rank"] for r in reports) == list(range(processes))
     for report in reports:
-        # batch 2 with CFG, 3 steps (step 0 dense, 1-2 sparse): every rank's output equals one process's radial run
-        assert report["radial_vs_single"] <= 1e-6
-        assert report["radial_vs_dense"] > 1e-3  # the sparse steps really ran sparse
+        # batch 2 with CFG, 3 steps (step 0 dense, 1-2 sparse): every rank's denoised latents equal one process's
+        # radial run's (differences relative to the latents' largest value: float32 rounding, ~1e-7 here)
+        assert report["radial_vs_single"] <= 2e-6
+        assert report["radial_vs_dense"] > 1e-4  # the sparse steps really ran sparse (6e-4 to 0.14 here)
         assert report["layouts"] == 1  # the mask was built once per rank, over the whole sequence
         assert report["tokens_parallel"] * processes == report["tokens_single"]  # each rank held its shard
         assert (
-            report["restored"] and report["dense_after_remove"] <= 1e-6
+            report["restored"] and report["dense_after_remove"] <= 2e-6
         )  # remove leaves the parallel model as it was
         if order in ("diffattn-plan", "apply-then-plan"):  # diffattn's Ulysses processor, kept after remove
             family = {"tiny-hunyuan-video": "HunyuanVideo", "tiny-cogvideox": "CogVideoX", "tiny-mochi": "Mochi",
@@ -182,6 +183,13 @@ def test_ring_context_parallelism_is_refused_clearly():
     assert ulysses_group(SimpleNamespace(context_parallel_config=None)) is None
 
 
+def _beside(command: list[str], env: dict, tmp_path: Path) -> subprocess.Popen:
+    """A one-process run started beside a launch (both cores busy), its output in beside.log, not in a pipe that
+    nobody reads while the launch runs."""
+    with open(tmp_path / "beside.log", "w") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 def test_the_command_line_generates_one_video_across_processes(tmp_path, capsys):
     import imageio.v3 as iio
     import numpy as np
@@ -192,11 +200,11 @@ def test_the_command_line_generates_one_video_across_processes(tmp_path, capsys)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     flags = ["generate", "-m", "tiny-wan", "-p", "a boat", "--num-frames", "33", "--height", "128", "--width", "128",
              "--steps", "3", "--radial", "--dense-timesteps", "1", "--dense-layers", "0", "--block-size", "64"]  # fmt: skip
-    single = subprocess.run([sys.executable, "-m", "diffattn", *flags, "--out", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert single.returncode == 0, single.stderr[-2000:]
+    # the one-process run (one thread) beside the launch, which waits on its rendezvous part of the time
+    single = _beside([sys.executable, "-m", "diffattn", *flags, "--out", str(tmp_path / "one")], env, tmp_path)
     launch = [*torchrun(2), "-m", "diffattn", *flags, "--context-parallel", "2", "--out", str(tmp_path / "two")]
     parallel = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert single.wait(timeout=600) == 0, (tmp_path / "beside.log").read_text()[-2000:]
     assert parallel.returncode == 0, (parallel.stdout + parallel.stderr)[-3000:]
     one = sorted((tmp_path / "one").glob("*.mp4"))
     two = sorted((tmp_path / "two").glob("*.mp4"))
@@ -232,19 +240,19 @@ def test_a_batch_job_in_groups_of_context_parallel_processes(tmp_path):
             "radial": {"dense_layers": 0, "dense_timesteps": 1, "block_size": 64}}  # fmt: skip
     job.write_text("".join(json.dumps({**line, "prompt": f"a boat {i}", "name": f"v{i}"}) + "\n" for i in range(3)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    single = _beside([sys.executable, "-m", "diffattn", "batch", str(job), "--out", str(tmp_path / "single")], env,
+                     tmp_path)  # fmt: skip
     grouped = subprocess.run(
         [*torchrun(4), "-m", "diffattn", "batch", str(job),
          "--out", str(tmp_path / "grouped"), "--context-parallel", "2"],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
+    assert single.wait(timeout=600) == 0, (tmp_path / "beside.log").read_text()[-2000:]
     assert grouped.returncode == 0, (grouped.stdout + grouped.stderr)[-3000:]
     assert "3 of 3 outputs done" in grouped.stdout
     records = read_manifests(tmp_path / "grouped")
     assert {r["name"]: r["process"] for r in records.values()} == {"v0-seed0": 0, "v1-seed0": 2, "v2-seed0": 0}
     assert sorted(p.name for p in (tmp_path / "grouped").glob("*.mp4")) == ["v0-seed0.mp4", "v1-seed0.mp4",
                                                                             "v2-seed0.mp4"]  # fmt: skip
-    single = subprocess.run([sys.executable, "-m", "diffattn", "batch", str(job), "--out", str(tmp_path / "single")],
-                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert single.returncode == 0, single.stderr[-2000:]
     for name in ("v0-seed0.mp4", "v1-seed0.mp4"):
         np.testing.assert_array_equal(iio.imread(tmp_path / "grouped" / name), iio.imread(tmp_path / "single" / name))

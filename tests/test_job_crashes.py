@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -70,29 +71,44 @@ def _check_exactly_once(out: Path, names: list[str], after_kill: dict[str, bytes
         assert (out / name).read_bytes() == data, name
 
 
-@pytest.mark.parametrize(
-    "point",
-    [
-        "temp-written:1",  # between the two files of a unit (the first written, the second not)
-        "temp-written:2",  # every file of the unit written, not yet fsynced as a whole / committed
-        "before-commit",  # files durable, record not written
-        "after-commit",  # record durable, no file linked yet
-        "between-links",  # one file of the unit linked, the other not
-        "after-links",  # every file linked, temporaries not removed
-        "unit-done:2",  # between units
-    ],
-)
-def test_kill_at_each_moment_then_rerun_gives_every_output_once(tmp_path, point):
-    job, out = _job(tmp_path), tmp_path / "out"
-    first = _batch(job, out, fault=point)
-    first.communicate(timeout=300)
-    assert first.returncode == -signal.SIGKILL
-    after_kill = _snapshot(out)
-    second = _batch(job, out)
-    stdout, stderr = second.communicate(timeout=300)
-    assert second.returncode == 0, stderr[-2000:]
-    assert f"{out}: 3 of 3 outputs done" in stdout
-    _check_exactly_once(out, NAMES, after_kill)
+POINTS = [
+    "temp-written:1",  # between the two files of a unit (the first written, the second not)
+    "temp-written:2",  # every file of the unit written, not yet fsynced as a whole / committed
+    "before-commit",  # files durable, record not written
+    "after-commit",  # record durable, no file linked yet
+    "between-links",  # one file of the unit linked, the other not
+    "after-links",  # every file linked, temporaries not removed
+    "unit-done:2",  # between units
+]
+
+
+@pytest.fixture(scope="module")
+def killed_then_rerun(tmp_path_factory):
+    """For each moment: a run killed there, what it left, and a rerun to the end. Each moment has its own folder
+    and the runs are one-thread processes, so two moments run side by side (the machine's two cores)."""
+
+    def kill_then_rerun(point: str) -> dict:
+        root = tmp_path_factory.mktemp(point.replace(":", "-"))
+        job, out = _job(root), root / "out"
+        first = _batch(job, out, fault=point)
+        first.communicate(timeout=300)
+        after_kill = _snapshot(out)
+        second = _batch(job, out)
+        stdout, stderr = second.communicate(timeout=300)
+        return {"killed": first.returncode, "after_kill": after_kill, "out": out, "rerun": second.returncode,
+                "stdout": stdout, "stderr": stderr}  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(POINTS, pool.map(kill_then_rerun, POINTS)))
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_kill_at_each_moment_then_rerun_gives_every_output_once(point, killed_then_rerun):
+    run = killed_then_rerun[point]
+    assert run["killed"] == -signal.SIGKILL
+    assert run["rerun"] == 0, run["stderr"][-2000:]
+    assert f"{run['out']}: 3 of 3 outputs done" in run["stdout"]
+    _check_exactly_once(run["out"], NAMES, run["after_kill"])
 
 
 def _wait_for_lock(out: Path, proc: subprocess.Popen) -> None:
