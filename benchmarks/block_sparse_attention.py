@@ -39,14 +39,19 @@ RADIAL = {
     "wan-1.3b-720p": (21, 3600, 0.2, 1),
     "hunyuan-720p": (30, 3840, 0.95, 0),
     "cpu-reduced": (16, 512, 0.2, 1),
+    "shapes-wan-129f": (33, 256, 0.25, 1),
     "quick": (8, 256, 1.0, 1),
 }
+# shapes whose blocks are not 128 tokens, and that are measured on their radial mask only: shapes-wan at 4x its
+# trained length, the length-extension LoRA's attention (16-token blocks, 4 heads of 24)
+BLOCK = {"shapes-wan-129f": 16}
+RADIAL_ONLY = {"shapes-wan-129f"}
 GPU_SHAPES = [  # (name, batch, heads, tokens, head dim)
     ("wan-1.3b-480p", 1, 12, 32760, 128),
     ("wan-1.3b-720p", 1, 12, 75600, 128),
     ("hunyuan-720p", 1, 24, 115200, 128),
 ]
-CPU_SHAPES = [("cpu-reduced", 1, 4, 8192, 64)]
+CPU_SHAPES = [("cpu-reduced", 1, 4, 8192, 64), ("shapes-wan-129f", 1, 4, 8448, 24)]
 QUICK_SHAPES = [("quick", 1, 2, 2048, 64)]
 DENSITIES = (0.10, 0.25, 0.50)
 
@@ -197,14 +202,17 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool,
                          flops * flop_factor)
                 )  # fmt: skip
                 print(_fmt(rows[-1]), flush=True)
-            blocks = math.ceil(n / 128)
-            masks = [(f"random-{d:.2f}", random_block_mask(blocks, d, seed=blocks, device=device)) for d in densities]
+            block = BLOCK.get(name, 128)
+            blocks = math.ceil(n / block)
+            masks = [] if name in RADIAL_ONLY else [
+                (f"random-{d:.2f}", random_block_mask(blocks, d, seed=blocks, device=device)) for d in densities
+            ]  # fmt: skip
             if name in RADIAL:
                 frames, per_frame, decay, sink = RADIAL[name]
-                radial = radial_block_mask(frames, per_frame, decay_factor=decay, sink_frames=sink)
+                radial = radial_block_mask(frames, per_frame, block_size=block, decay_factor=decay, sink_frames=sink)
                 masks.append((f"radial-{frames}x{per_frame}", radial.to(device)))
             for mask_name, mask in masks:
-                layout = BlockSparseLayout(mask, 128)
+                layout = BlockSparseLayout(mask, block)
                 for backend in sparse_backends:
                     if backend == "flex" and train and device != "cuda":
                         continue  # PyTorch has no FlexAttention backward on the CPU
@@ -218,6 +226,7 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool,
                     rows.append(
                         _row(name, b, h, n, d, dtype, pass_name, backend, layout.density, t_sparse, t_dense,
                              flops * flop_factor) | {"mask": mask_name}
+                        | ({"block": block} if block != 128 else {})
                         | ({} if t_default is None else
                            {"fraction_of_ideal_vs_default_sdpa": round(t_default / t_sparse * layout.density, 3)})
                     )  # fmt: skip
@@ -299,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = None
     fields = {
         "triton": triton_version,
-        "notes": "random block masks (diagonal kept) and the radial mask of the shape's geometry, block 128; "
+        "notes": "random block masks (diagonal kept) and the radial mask of the shape's geometry, block 128 "
+        "(shapes-wan-129f: its radial mask alone, block 16, as the length-extension LoRA runs it); "
         "dense = SDPA (flash backend on GPU; dense-sdpa-default: the default backend, and each sparse row's "
         "fraction_of_ideal_vs_default_sdpa against it); "
         "flex = FlexAttention compiled on the same BlockMask; CPU has no flex backward",

@@ -10,8 +10,9 @@ Backends:
   as the custom ops `diffattn::block_sparse_attention_fwd/_bwd` with autograd and fake (meta) kernels, so it
   trains (LoRA) and runs inside `torch.compile` and CUDA graphs.
 - "flex": PyTorch FlexAttention with a `BlockMask` made from the same layout (compiled on first use).
-- "gather": block-gather in plain torch (CPU and GPU): each group of query blocks gathers only its key blocks and
-  runs batched matmuls; autograd comes from torch. The fast CPU path.
+- "gather": block-gather in plain torch (`block_sparse_gather.py`; CPU and GPU): each query block gathers only its
+  key blocks and runs fused attention on them; on the CPU forward and backward run on PyTorch's fused CPU kernels
+  group by group. The fast CPU path, for inference and training.
 - "auto": on CUDA triton for fp16/bf16 with head dims up to 128 (inference and training), flex for fp32 and head
   dims over 128 (measured on an H100 and an H200, see `resolve_backend`); gather elsewhere.
 """
@@ -23,6 +24,7 @@ import os
 
 import torch
 
+from .block_sparse_gather import gather_block_sparse_attention
 from .block_sparse_layout import BlockSparseLayout
 from .triton_support import triton_usable
 
@@ -159,64 +161,6 @@ def reference_block_sparse_attention(
     probs = torch.exp(scores - lse.unsqueeze(-1))
     out = torch.matmul(probs, v.to(compute)).to(q.dtype)
     return out, lse.float() if compute == torch.float32 else lse
-
-
-# ---- block-gather path ------------------------------------------------------------------------------------------
-
-
-def gather_block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: BlockSparseLayout,
-    scale: float,
-    return_lse: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q, k, v: [B, H, N, D] -> out [B, H, N, D], lse [B, H, N] float32 (None unless asked).
-
-    Each group of query blocks gathers its key blocks into one short sequence and runs SDPA on it (fused on
-    CPU and GPU; a key mask only where a group has padding slots or the ragged tail). With `return_lse` the
-    group runs an explicit fp32 softmax instead, which yields the log-sum-exp too.
-    """
-    batch, heads, n, d = q.shape
-    bq, bk = layout.block_q, layout.block_k
-    qb_count, kb_count = layout.num_q_blocks, layout.num_k_blocks
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_blocks = _pad_tokens(q, qb_count * bq).view(batch, heads * qb_count, bq, d)
-    k_blocks = _pad_tokens(k, kb_count * bk).view(batch, heads * kb_count, bk, d)
-    v_blocks = _pad_tokens(v, kb_count * bk).view(batch, heads * kb_count, bk, d)
-    out = q.new_empty(batch, heads * qb_count, bq, d)
-    lse_out = q.new_empty(batch, heads * qb_count, bq, dtype=compute) if return_lse else None
-    for step in layout.gather_plan(n, heads):
-        rows = heads * step.group_size
-        qg = q_blocks.index_select(1, step.q_index)  # [B, H*G, bq, D]
-        kg = k_blocks.index_select(1, step.kv_index).view(batch, rows, step.width * bk, d)
-        vg = v_blocks.index_select(1, step.kv_index).view(batch, rows, step.width * bk, d)
-        keep = step.key_mask
-        if not return_lse:
-            part = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=keep, scale=scale)
-            out.index_copy_(1, step.q_index, part)
-            continue
-        scores = torch.matmul(qg.to(compute), kg.to(compute).transpose(-1, -2)) * scale  # [B, H*G, bq, K*bk]
-        if keep is not None:
-            scores = scores.masked_fill(~keep, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        part = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype), vg)
-        out.index_copy_(1, step.q_index, part)
-        lse_out.index_copy_(1, step.q_index, lse)
-    out = out.view(batch, heads, qb_count * bq, d)[:, :, :n]
-    if not return_lse:
-        return out, None
-    lse_out = lse_out.view(batch, heads, qb_count * bq)[:, :, :n]
-    return out, lse_out.float() if compute == torch.float32 else lse_out
-
-
-def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
-    """[B, H, N, D] -> [B, H, length, D] with zero rows appended (no copy when N == length and contiguous)."""
-    n = t.shape[2]
-    if n == length:
-        return t.contiguous()
-    return torch.nn.functional.pad(t, (0, 0, 0, length - n))
 
 
 # ---- FlexAttention path -----------------------------------------------------------------------------------------

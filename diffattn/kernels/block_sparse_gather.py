@@ -1,0 +1,187 @@
+"""Block-sparse attention by block gather, in plain torch: each query block gathers only its key blocks.
+
+    out, lse = gather_block_sparse_attention(q, k, v, layout, scale)      # q, k, v: [B, H, N, D]
+
+Each group of query blocks (`BlockSparseLayout.gather_plan`) gathers its key blocks into one short sequence and runs
+fused attention on it. On the CPU the forward and the backward are one autograd Function around PyTorch's fused CPU
+flash-attention kernels, run group by group, the backward adding each group's key and value gradients into one
+buffer: letting autograd differentiate the gathers instead gives every group's `index_select` a full-size gradient
+and every `index_copy_` a full-size copy, which makes the backward cost grow with groups x sequence length and left
+training no faster than dense attention. Elsewhere (a GPU, inside `torch.compile`) the same gathers run under plain
+autograd. The spec is `block_sparse_attention.reference_block_sparse_attention`; tests compare both directions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .block_sparse_layout import BlockSparseLayout, GatherStep
+
+
+def gather_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float,
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q, k, v: [B, H, N, D] -> out [B, H, N, D], lse [B, H, N] (float32; float64 for float64 inputs; None unless
+    asked)."""
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        out, lse = _CpuGatherAttention.apply(q, k, v, layout, scale)
+        return out, lse if return_lse else None
+    return _autograd_gather_attention(q, k, v, layout, scale, return_lse)
+
+
+def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, H, N, D] -> [B, H, length, D] with zero rows appended (no copy when N == length and contiguous)."""
+    n = t.shape[2]
+    if n == length:
+        return t.contiguous()
+    return torch.nn.functional.pad(t, (0, 0, 0, length - n))
+
+
+def _blocks(t: torch.Tensor, count: int, block: int) -> torch.Tensor:
+    """[B, H, N, D] -> [B, H * count, block, D]: the sequence cut into blocks, padded with zero rows."""
+    batch, heads, _, d = t.shape
+    return _pad_tokens(t, count * block).view(batch, heads * count, block, d)
+
+
+def _unblock(t: torch.Tensor, heads: int, n: int) -> torch.Tensor:
+    """[B, H * count, block, ...] -> [B, H, N, ...], the padding rows dropped."""
+    return t.view(t.shape[0], heads, -1, *t.shape[3:])[:, :, :n]
+
+
+def _gathered(step: GatherStep, blocks: tuple[torch.Tensor, ...], q_side: tuple[torch.Tensor, ...], batch: int):
+    """One group's inputs: the query-side block tensors at its query blocks ([B, H*G, bq, ...]) and the key-side ones
+    at its key blocks, each group's key blocks joined into one sequence ([B, H*G, K*bk, D])."""
+    rows = step.q_index.shape[0]
+    keys = tuple(t.index_select(1, step.kv_index).view(batch, rows, -1, t.shape[-1]) for t in blocks)
+    return tuple(t.index_select(1, step.q_index) for t in q_side), keys
+
+
+def _additive_mask(step: GatherStep, dtype: torch.dtype) -> torch.Tensor | None:
+    """The group's key mask as the additive bias the fused kernels take (0 kept, -inf dropped), in the inputs'
+    dtype: [1, H*G, 1, K*bk] or None."""
+    if step.key_mask is None:
+        return None
+    return torch.zeros(step.key_mask.shape, dtype=dtype, device=step.key_mask.device).masked_fill(
+        ~step.key_mask, float("-inf")
+    )
+
+
+# PyTorch's fused CPU flash attention, forward with its log-sum-exp and backward from it. These aten ops are private
+# (scaled_dot_product_attention calls them on the CPU but returns neither the log-sum-exp nor a backward one can call
+# group by group); they are used here only.
+def _cpu_flash_forward(q, k, v, bias, scale):
+    """q: [B, R, L, D], k, v: [B, R, S, D], bias: broadcastable to [B, R, L, S] or None -> out, lse [B, R, L]."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+
+
+def _cpu_flash_backward(grad_out, q, k, v, out, lse, bias, scale):
+    """Gradients (dq, dk, dv) of `_cpu_flash_forward`'s out, given its out and lse."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
+    )
+
+
+def _explicit_backward(grad_out, grad_lse, q, k, v, out, lse, bias, scale):
+    """Gradients (dq, dk, dv) of one group when its log-sum-exp has a gradient too (joint attention merges the video
+    part with the text part through it): dS = P * (dP - rowsum(dO * O) + dlse), in float32 (float64 for float64)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc, go = q.to(compute), k.to(compute), v.to(compute), grad_out.to(compute)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(compute)
+    probs = torch.exp(scores - lse.to(compute).unsqueeze(-1))  # [B, R, L, S]
+    grad_v = torch.matmul(probs.transpose(-1, -2), go)
+    delta = (go * out.to(compute)).sum(-1) - grad_lse.to(compute)  # [B, R, L]
+    grad_scores = probs * (torch.matmul(go, vc.transpose(-1, -2)) - delta.unsqueeze(-1))
+    grad_q = torch.matmul(grad_scores, kc) * scale
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), qc) * scale
+    return grad_q, grad_k, grad_v
+
+
+class _CpuGatherAttention(torch.autograd.Function):
+    """Block-gather attention on the CPU: forward and backward group by group on the fused kernels.
+
+    forward: q, k, v [B, H, N, D] -> out [B, H, N, D], lse [B, H, N] (float32; float64 for float64 inputs)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: BlockSparseLayout, scale: float):
+        batch, heads, n, d = q.shape
+        bq, bk = layout.block_q, layout.block_k
+        q_blocks = _blocks(q, layout.num_q_blocks, bq)
+        kv_blocks = (_blocks(k, layout.num_k_blocks, bk), _blocks(v, layout.num_k_blocks, bk))
+        out = q.new_empty(q_blocks.shape)
+        lse = q.new_empty(q_blocks.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        for step in layout.gather_plan(n, heads):
+            (qg,), (kg, vg) = _gathered(step, kv_blocks, (q_blocks,), batch)
+            part, part_lse = _cpu_flash_forward(qg, kg, vg, _additive_mask(step, q.dtype), scale)
+            out.index_copy_(1, step.q_index, part)
+            lse.index_copy_(1, step.q_index, part_lse.to(lse.dtype))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        ctx.set_materialize_grads(False)
+        return _unblock(out, heads, n), _unblock(lse, heads, n)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out_blocks, lse_blocks = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        batch, heads, n, d = q.shape
+        bq, bk = layout.block_q, layout.block_k
+        if grad_out is None:
+            grad_out = torch.zeros_like(q)
+        q_side = (_blocks(q, layout.num_q_blocks, bq), out_blocks, _blocks(grad_out, layout.num_q_blocks, bq),
+                  lse_blocks)  # fmt: skip
+        if grad_lse is not None:
+            q_side += (_blocks(grad_lse.unsqueeze(-1), layout.num_q_blocks, bq).squeeze(-1),)
+        kv_blocks = (_blocks(k, layout.num_k_blocks, bk), _blocks(v, layout.num_k_blocks, bk))
+        # key and value gradients gather from many groups: summed in float32 (float64 for float64 inputs)
+        accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+        grad_q = q.new_empty(q_side[0].shape)
+        grad_k = torch.zeros(kv_blocks[0].shape, dtype=accumulate, device=q.device)
+        grad_v = torch.zeros(kv_blocks[1].shape, dtype=accumulate, device=q.device)
+        for step in layout.gather_plan(n, heads):
+            gathered, (kg, vg) = _gathered(step, kv_blocks, q_side, batch)
+            qg, og, gog, lg = gathered[:4]
+            bias = _additive_mask(step, q.dtype)
+            if grad_lse is None:
+                dq, dk, dv = _cpu_flash_backward(gog, qg, kg, vg, og, lg, bias, scale)
+            else:
+                dq, dk, dv = _explicit_backward(gog, gathered[4], qg, kg, vg, og, lg, bias, scale)
+            grad_q.index_copy_(1, step.q_index, dq.to(q.dtype))
+            flat = (batch, step.kv_index.shape[0], bk, d)
+            grad_k.index_add_(1, step.kv_index, dk.reshape(flat).to(accumulate))
+            grad_v.index_add_(1, step.kv_index, dv.reshape(flat).to(accumulate))
+        return (_unblock(grad_q, heads, n), _unblock(grad_k.to(k.dtype), heads, n),
+                _unblock(grad_v.to(v.dtype), heads, n), None, None)  # fmt: skip
+
+
+def _autograd_gather_attention(q, k, v, layout: BlockSparseLayout, scale: float, return_lse: bool):
+    """The gathers under plain autograd (a GPU, torch.compile): SDPA per group, or with `return_lse` an explicit
+    softmax in float32 (float64 for float64) that yields the log-sum-exp too."""
+    batch, heads, n, d = q.shape
+    bq, bk = layout.block_q, layout.block_k
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_blocks = _blocks(q, layout.num_q_blocks, bq)
+    kv_blocks = (_blocks(k, layout.num_k_blocks, bk), _blocks(v, layout.num_k_blocks, bk))
+    out = q.new_empty(q_blocks.shape)
+    lse_out = q.new_empty(q_blocks.shape[:3], dtype=compute) if return_lse else None
+    for step in layout.gather_plan(n, heads):
+        (qg,), (kg, vg) = _gathered(step, kv_blocks, (q_blocks,), batch)
+        keep = step.key_mask
+        if not return_lse:
+            part = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=keep, scale=scale)
+            out.index_copy_(1, step.q_index, part)
+            continue
+        scores = torch.matmul(qg.to(compute), kg.to(compute).transpose(-1, -2)) * scale  # [B, H*G, bq, K*bk]
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        part = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype), vg)
+        out.index_copy_(1, step.q_index, part)
+        lse_out.index_copy_(1, step.q_index, lse)
+    return _unblock(out, heads, n), _unblock(lse_out, heads, n) if return_lse else None
