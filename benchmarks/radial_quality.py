@@ -639,9 +639,12 @@ def extension(
             folder = store.variant(f"extension-lora-{name}", extra=settings[name]) if store else Path(tmp) / name
             report["lora"][name] = train_lora_once(pipe, folder, Path(tmp) / "clips", radial, args, defaults, frames)
             adapters[name] = folder
-        report["lora"]["radial_over_dense_time"] = (
-            report["lora"]["radial"]["seconds"] / report["lora"]["dense"]["seconds"]
-        )
+        dense_lora, radial_lora = report["lora"]["dense"], report["lora"]["radial"]
+        report["lora"]["radial_over_dense_time"] = radial_lora["seconds"] / dense_lora["seconds"]
+        if "median_step_seconds" in dense_lora and "median_step_seconds" in radial_lora:  # stores made before lack it
+            report["lora"]["radial_over_dense_median_step"] = (
+                radial_lora["median_step_seconds"] / dense_lora["median_step_seconds"]
+            )
         for name, lora, attention in (("dense", None, None), ("radial", None, preset_radial),
                                       ("dense+lora", "dense", None), ("radial+lora", "radial", preset_radial)):  # fmt: skip
             stored = None
@@ -712,6 +715,7 @@ def train_lora_once(pipe, folder: Path, clips: Path, radial, args, defaults: dic
     )  # fmt: skip
     # a resumed run reports this record: its time is of the run that trained it (when, on what: below)
     result = {"seconds": time.perf_counter() - start, "steps": args.lora_steps, "rank": args.lora_rank,
+              "median_step_seconds": statistics.median(summary["step_seconds"]),
               "final_loss": summary["losses"][-1], "trained": time.strftime("%Y-%m-%d %H:%M"),
               "device": device_name(pipe.transformer.device.type)}  # fmt: skip
     _remove_adapters(pipe)

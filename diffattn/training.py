@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,9 +199,11 @@ def train_radial_lora(
     dev = transformer.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _NullContext()
     losses: list[float] = []
+    step_seconds: list[float] = []  # wall time of each step: a median resists a busy host better than a total
     transformer.train()
     try:
         for step in tqdm(range(steps), desc="train-lora"):
+            started = time.perf_counter()
             picks = torch.randint(len(examples), (batch_size,), generator=order).tolist()
             latents = torch.stack([examples[i].latents for i in picks]).to(dev, transformer.dtype)
             embeds = torch.stack([examples[i].prompt_embeds for i in picks]).to(dev, transformer.dtype)
@@ -211,13 +214,15 @@ def train_radial_lora(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             losses.append(float(loss.detach()))
+            step_seconds.append(time.perf_counter() - started)
             logger.info("step %d loss %.5f", step, losses[-1])
     finally:
         transformer.eval()
         if handle is not None:
             handle.remove()
     _save(pipe, out, losses, radial, rank)
-    return {"out": str(out), "steps": steps, "losses": losses, "examples": [e.name for e in examples]}
+    return {"out": str(out), "steps": steps, "losses": losses, "step_seconds": step_seconds,
+            "examples": [e.name for e in examples]}  # fmt: skip
 
 
 class _NullContext:

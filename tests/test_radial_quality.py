@@ -240,7 +240,7 @@ def test_a_finished_lora_is_reused_and_an_unfinished_one_retrained(tmp_path, mon
         assert overwrite and clips.is_dir()
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "pytorch_lora_weights.safetensors").write_bytes(b"weights %d" % len(calls))
-        return {"losses": [0.5, 0.25]}
+        return {"losses": [0.5, 0.25, 0.125], "step_seconds": [0.3, 0.1, 0.2]}
 
     monkeypatch.setattr(diffattn.training, "train_radial_lora", fake_train)
     monkeypatch.setattr(rq, "write_clips", lambda folder, *a, **k: folder.mkdir(parents=True))
@@ -252,7 +252,8 @@ def test_a_finished_lora_is_reused_and_an_unfinished_one_retrained(tmp_path, mon
     pipe = _AdapterPipe()
     first = rq.train_lora_once(pipe, folder, tmp_path / "clips", None, args, defaults, frames=129)
     assert calls == [tmp_path / "lora-radial.partial"] and pipe.removed == 1
-    assert first["steps"] == 3 and first["rank"] == 4 and first["final_loss"] == 0.25 and first["seconds"] >= 0
+    assert first["steps"] == 3 and first["rank"] == 4 and first["final_loss"] == 0.125 and first["seconds"] >= 0
+    assert first["median_step_seconds"] == 0.2
     assert first["device"].startswith("cpu") and first["trained"]
     assert (folder / "pytorch_lora_weights.safetensors").read_bytes() == b"weights 1"
     assert not (tmp_path / "lora-radial.partial").exists()
