@@ -28,7 +28,7 @@ def gather_block_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q, k, v: [B, H, N, D] -> out [B, H, N, D], lse [B, H, N] (float32; float64 for float64 inputs; None unless
     asked)."""
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+    if q.device.type == "cpu" and _HAS_CPU_FLASH and not torch.compiler.is_compiling():
         out, lse = _CpuGatherAttention.apply(q, k, v, layout, scale)
         return out, lse if return_lse else None
     return _autograd_gather_attention(q, k, v, layout, scale, return_lse)
@@ -73,7 +73,12 @@ def _additive_mask(step: GatherStep, dtype: torch.dtype) -> torch.Tensor | None:
 
 # PyTorch's fused CPU flash attention, forward with its log-sum-exp and backward from it. These aten ops are private
 # (scaled_dot_product_attention calls them on the CPU but returns neither the log-sum-exp nor a backward one can call
-# group by group); they are used here only.
+# group by group); they are used here only, and a torch without them takes the plain-autograd path.
+_HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
+)
+
+
 def _cpu_flash_forward(q, k, v, bias, scale):
     """q: [B, R, L, D], k, v: [B, R, S, D], bias: broadcastable to [B, R, L, S] or None -> out, lse [B, R, L]."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
