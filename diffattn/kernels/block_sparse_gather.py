@@ -42,6 +42,11 @@ def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, length - n))
 
 
+def _float_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax statistics and summed gradients are kept in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _blocks(t: torch.Tensor, count: int, block: int) -> torch.Tensor:
     """[B, H, N, D] -> [B, H * count, block, D]: the sequence cut into blocks, padded with zero rows."""
     batch, heads, _, d = t.shape
@@ -94,7 +99,7 @@ def _cpu_flash_backward(grad_out, q, k, v, out, lse, bias, scale):
 def _explicit_backward(grad_out, grad_lse, q, k, v, out, lse, bias, scale):
     """Gradients (dq, dk, dv) of one group when its log-sum-exp has a gradient too (joint attention merges the video
     part with the text part through it): dS = P * (dP - rowsum(dO * O) + dlse), in float32 (float64 for float64)."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = _float_for(q.dtype)
     qc, kc, vc, go = q.to(compute), k.to(compute), v.to(compute), grad_out.to(compute)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     if bias is not None:
@@ -120,14 +125,16 @@ class _CpuGatherAttention(torch.autograd.Function):
         q_blocks = _blocks(q, layout.num_q_blocks, bq)
         kv_blocks = (_blocks(k, layout.num_k_blocks, bk), _blocks(v, layout.num_k_blocks, bk))
         out = q.new_empty(q_blocks.shape)
-        lse = q.new_empty(q_blocks.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        for step in layout.gather_plan(n, heads):
+        lse = q.new_empty(q_blocks.shape[:3], dtype=_float_for(q.dtype))
+        steps = layout.gather_plan(n, heads)
+        biases = [_additive_mask(step, q.dtype) for step in steps]  # the backward reuses them
+        for step, bias in zip(steps, biases):
             (qg,), (kg, vg) = _gathered(step, kv_blocks, (q_blocks,), batch)
-            part, part_lse = _cpu_flash_forward(qg, kg, vg, _additive_mask(step, q.dtype), scale)
+            part, part_lse = _cpu_flash_forward(qg, kg, vg, bias, scale)
             out.index_copy_(1, step.q_index, part)
-            lse.index_copy_(1, step.q_index, part_lse.to(lse.dtype))
+            lse.index_copy_(1, step.q_index, part_lse)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.layout, ctx.scale, ctx.biases = layout, scale, biases
         ctx.set_materialize_grads(False)
         return _unblock(out, heads, n), _unblock(lse, heads, n)
 
@@ -145,14 +152,13 @@ class _CpuGatherAttention(torch.autograd.Function):
             q_side += (_blocks(grad_lse.unsqueeze(-1), layout.num_q_blocks, bq).squeeze(-1),)
         kv_blocks = (_blocks(k, layout.num_k_blocks, bk), _blocks(v, layout.num_k_blocks, bk))
         # key and value gradients gather from many groups: summed in float32 (float64 for float64 inputs)
-        accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+        accumulate = _float_for(q.dtype)
         grad_q = q.new_empty(q_side[0].shape)
         grad_k = torch.zeros(kv_blocks[0].shape, dtype=accumulate, device=q.device)
         grad_v = torch.zeros(kv_blocks[1].shape, dtype=accumulate, device=q.device)
-        for step in layout.gather_plan(n, heads):
+        for step, bias in zip(layout.gather_plan(n, heads), ctx.biases):
             gathered, (kg, vg) = _gathered(step, kv_blocks, q_side, batch)
             qg, og, gog, lg = gathered[:4]
-            bias = _additive_mask(step, q.dtype)
             if grad_lse is None:
                 dq, dk, dv = _cpu_flash_backward(gog, qg, kg, vg, og, lg, bias, scale)
             else:
@@ -170,7 +176,7 @@ def _autograd_gather_attention(q, k, v, layout: BlockSparseLayout, scale: float,
     softmax in float32 (float64 for float64) that yields the log-sum-exp too."""
     batch, heads, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = _float_for(q.dtype)
     q_blocks = _blocks(q, layout.num_q_blocks, bq)
     kv_blocks = (_blocks(k, layout.num_k_blocks, bk), _blocks(v, layout.num_k_blocks, bk))
     out = q.new_empty(q_blocks.shape)
