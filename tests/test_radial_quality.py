@@ -429,3 +429,33 @@ def test_store_keys_the_scheduler_and_keeps_the_first_stores_keys(tmp_path):
     # another shift sets other noise levels: other videos, another folder
     assert folder(FlowMatchEulerDiscreteScheduler(shift=6.0)) != folder(shipped)
     assert folder(FlowMatchEulerDiscreteScheduler(shift=3.0, use_karras_sigmas=True)) != folder(shipped)
+
+
+def test_table_formatting_against_hand_written_rows():
+    import radial_quality_tables as tables
+
+    assert tables.signed(-1.234, 2) == "\u22121.23" and tables.signed(0.5, 1) == "+0.5"
+    stat = {"mean": 0.0891, "low": -0.0012, "high": 0.099, "n": 96}
+    assert tables.with_interval(stat, 3, sign=True) == "+0.089 [\u22120.001, +0.099]"
+    judge = {"single_object_videos": 4, "single_kept": 0.25, "single_direction": 0.75, "kept": 0.125,
+             "direction": 0.5, "mean_presence": 0.3}  # fmt: skip
+    variant = {"judge": judge, "presence": {"mean": 0.3, "low": 0.2, "high": 0.4, "n": 8}}
+    extension = {"variants": dict.fromkeys(tables.EXTENSION_LABELS, variant)}
+    assert tables.extension_rows(extension)[0] == "| dense, as trained | 1 of 8 | 4 of 8 | 1 / 3 of 4 | 30% [20%, 40%] |"
+
+
+def test_readme_tables_are_the_committed_json():
+    """Every row the table writer makes from the committed CPU JSON stands in the README word for word, and the
+    JSON's equal-density baselines have exactly the radial mask's block count."""
+    import json
+
+    import radial_quality_tables as tables
+
+    report = json.loads(tables.DEFAULT_JSON.read_text())
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    written = tables.tables(report)
+    assert set(written) == {"fidelity", "paired", "extension", "lora_time"}
+    missing = [row for rows in written.values() for row in rows if row not in readme]
+    assert not missing, f"README rows that differ from {tables.DEFAULT_JSON.name}: {missing}"
+    variants = report["fidelity"]["variants"]
+    assert {variants[name]["blocks"] for name in rq.BASELINES} == {variants["radial-0.25"]["blocks"]}

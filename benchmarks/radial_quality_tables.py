@@ -1,0 +1,137 @@
+"""The README's tables of `radial_quality.py`, written from its JSON, so that the tables say exactly what was measured.
+
+    python benchmarks/radial_quality_tables.py [benchmarks/results/radial_quality-cpu-x86-64-2-threads.json]
+
+Prints the fidelity table (every variant against dense, with the judge's figures), its paired differences, the
+length-extension table and the LoRA-time table, as Markdown rows. `tests/test_readme_tables.py` checks that every
+row printed for the committed JSON stands in the README word for word.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_JSON = RESULTS / "radial_quality-cpu-x86-64-2-threads.json"
+MINUS = "\u2212"
+FIDELITY_LABELS = {
+    "radial-0.25": "radial, decay 0.25 (the preset's)",
+    "radial-1": "radial, decay 1.0",
+    "random": "random blocks (diagonal and sink kept)",
+    "local": "local window, no decay",
+    "temporal": "temporal band only",
+}
+PAIRED_LABELS = {
+    "radial-0.25 - radial-1": "radial 0.25 − radial 1.0",
+    "radial-0.25 - random": "radial 0.25 − random",
+    "radial-0.25 - local": "radial 0.25 − local window",
+    "radial-0.25 - temporal": "radial 0.25 − temporal band",
+}
+EXTENSION_LABELS = {
+    "dense": "dense, as trained",
+    "radial": "radial, as trained",
+    "dense+lora": "dense + LoRA",
+    "radial+lora": "radial + LoRA",
+}
+
+
+def signed(value: float, digits: int) -> str:
+    """+1.23 / −1.23 with a typographic minus, as the README writes differences."""
+    text = f"{value:+.{digits}f}"
+    return text.replace("-", MINUS)
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def with_interval(stat: dict, digits: int, *, sign: bool = False) -> str:
+    """`mean [low, high]` of an `interval` record."""
+    fmt = (lambda v: signed(v, digits)) if sign else (lambda v: f"{v:.{digits}f}")
+    return f"{fmt(stat['mean'])} [{fmt(stat['low'])}, {fmt(stat['high'])}]"
+
+
+def fidelity_rows(fidelity: dict) -> list[str]:
+    """One row per variant: block density, PSNR and SSIM against dense, the judge on single-object videos."""
+    judge = fidelity["dense"]["judge"]
+    rows = [
+        f"| dense (the reference) | 100% | – | – | {percent(judge['single_kept'])} / "
+        f"{percent(judge['single_direction'])} | {percent(judge['mean_presence'])} |"
+    ]
+    for name, label in FIDELITY_LABELS.items():
+        variant = fidelity["variants"][name]
+        judge = variant["judge"]
+        rows.append(
+            f"| {label} | {100 * variant['density']:.1f}% | {with_interval(variant['psnr'], 1)} | "
+            f"{with_interval(variant['ssim'], 3)} | {percent(judge['single_kept'])} / "
+            f"{percent(judge['single_direction'])} | {percent(judge['mean_presence'])} |"
+        )
+    return rows
+
+
+def paired_rows(fidelity: dict) -> list[str]:
+    """Paired PSNR and SSIM differences of radial 0.25 against each other variant (same noise)."""
+    return [
+        f"| {label} | {with_interval(fidelity['paired_psnr_difference'][key], 2, sign=True)} | "
+        f"{with_interval(fidelity['paired_ssim_difference'][key], 3, sign=True)} |"
+        for key, label in PAIRED_LABELS.items()
+    ]
+
+
+def extension_rows(extension: dict) -> list[str]:
+    """Per variant at 4x length: videos kept and moving the right way, the same on single-object videos, presence."""
+    rows = []
+    for name, label in EXTENSION_LABELS.items():
+        variant = extension["variants"][name]
+        judge, presence, n = variant["judge"], variant["presence"], variant["presence"]["n"]
+        singles = judge["single_object_videos"]
+        rows.append(
+            f"| {label} | {round(judge['kept'] * n)} of {n} | {round(judge['direction'] * n)} of {n} | "
+            f"{round(judge['single_kept'] * singles)} / {round(judge['single_direction'] * singles)} of {singles} | "
+            f"{percent(presence['mean'])} [{percent(presence['low'])}, {percent(presence['high'])}] |"
+        )
+    return rows
+
+
+def lora_time_row(extension: dict) -> str:
+    """The two LoRAs' training time, median step and final loss, and radial's time over dense's."""
+    lora, settings = extension["lora"], extension["lora_settings"]
+    frames, tokens = extension["latent_geometry"]
+    dense, radial = lora["dense"], lora["radial"]
+    step_ratio = lora.get("radial_over_dense_median_step")
+    step_text = f" (median step {step_ratio:.2f}×)" if step_ratio is not None else ""
+    return (
+        f"| LoRA training, {settings['steps']} steps at {frames * tokens:,} tokens (CPU) | {dense['seconds']:.0f} s "
+        f"(median step {dense['median_step_seconds']:.2f} s; final loss {dense['final_loss']:.3f}) | "
+        f"{radial['seconds']:.0f} s ({radial['median_step_seconds']:.2f} s; {radial['final_loss']:.3f}) | "
+        f"**{lora['radial_over_dense_time']:.2f}×**{step_text} |"
+    )
+
+
+def tables(report: dict) -> dict[str, list[str]]:
+    """Every table the JSON holds the parts of, by name."""
+    out = {}
+    if "fidelity" in report:
+        out["fidelity"] = fidelity_rows(report["fidelity"])
+        out["paired"] = paired_rows(report["fidelity"])
+    if "extension" in report:
+        out["extension"] = extension_rows(report["extension"])
+        out["lora_time"] = [lora_time_row(report["extension"])]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="?", type=Path, default=DEFAULT_JSON)
+    args = parser.parse_args()
+    for name, rows in tables(json.loads(args.json.read_text())).items():
+        print(f"<!-- {name} -->")
+        print("\n".join(rows))
+        print()
+
+
+if __name__ == "__main__":
+    main()
