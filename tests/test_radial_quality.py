@@ -441,7 +441,9 @@ def test_table_formatting_against_hand_written_rows():
              "direction": 0.5, "mean_presence": 0.3}  # fmt: skip
     variant = {"judge": judge, "presence": {"mean": 0.3, "low": 0.2, "high": 0.4, "n": 8}}
     extension = {"variants": dict.fromkeys(tables.EXTENSION_LABELS, variant)}
-    assert tables.extension_rows(extension)[0] == "| dense, as trained | 1 of 8 | 4 of 8 | 1 / 3 of 4 | 30% [20%, 40%] |"
+    assert (
+        tables.extension_rows(extension)[0] == "| dense, as trained | 1 of 8 | 4 of 8 | 1 / 3 of 4 | 30% [20%, 40%] |"
+    )
 
 
 def test_readme_tables_are_the_committed_json():
