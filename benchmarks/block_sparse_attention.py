@@ -213,11 +213,17 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool,
                 masks.append((f"radial-{frames}x{per_frame}", radial.to(device)))
             for mask_name, mask in masks:
                 layout = BlockSparseLayout(mask, block)
-                for backend in sparse_backends:
+                layouts = dict.fromkeys(sparse_backends, layout)
+                if "gather" in layouts and layout.gather_group_size() > 1:  # and the plan of one query block a call
+                    layouts["gather-single-blocks"] = BlockSparseLayout(mask, block, gather_group_size=1)
+                for backend, backend_layout in layouts.items():
                     if backend == "flex" and train and device != "cuda":
                         continue  # PyTorch has no FlexAttention backward on the CPU
+                    kernel = backend.split("-")[0]
                     try:
-                        fn = call(lambda be=backend: block_sparse_attention(q, k, v, layout, backend=be))
+                        fn = call(
+                            lambda be=kernel, lay=backend_layout: block_sparse_attention(q, k, v, lay, backend=be)
+                        )
                         t_sparse = measure(fn)
                     except Exception as exc:  # report, do not hide, a backend that fails at this shape
                         rows.append({"shape": name, "pass": pass_name, "backend": backend, "error": repr(exc)[:300]})
@@ -227,6 +233,7 @@ def run(shapes, device: str, dtype: torch.dtype, densities, with_backward: bool,
                         _row(name, b, h, n, d, dtype, pass_name, backend, layout.density, t_sparse, t_dense,
                              flops * flop_factor) | {"mask": mask_name}
                         | ({"block": block} if block != 128 else {})
+                        | ({"gather_group_size": backend_layout.gather_group_size()} if kernel == "gather" else {})
                         | ({} if t_default is None else
                            {"fraction_of_ideal_vs_default_sdpa": round(t_default / t_sparse * layout.density, 3)})
                     )  # fmt: skip
@@ -312,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         "(shapes-wan-129f: its radial mask alone, block 16, as the length-extension LoRA runs it); "
         "dense = SDPA (flash backend on GPU; dense-sdpa-default: the default backend, and each sparse row's "
         "fraction_of_ideal_vs_default_sdpa against it); "
-        "flex = FlexAttention compiled on the same BlockMask; CPU has no flex backward",
+        "flex = FlexAttention compiled on the same BlockMask; CPU has no flex backward; gather runs "
+        "gather_group_size consecutive query blocks a call against the union of their key blocks, "
+        "gather-single-blocks the same mask one query block a call (the plan before groups)",
         "results": rows,
         "triton_launch_configs": triton_launch_configs(device, dtype),
         **({"triton_launch_sweep": sweep} if sweep is not None else {}),

@@ -260,6 +260,71 @@ def test_gather_gradients_match_plain_masked_attention(case, lse_gradient):
         torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol, msg=f"d{name}")
 
 
+def banded_mask(heads, q_blocks, k_blocks, widths):
+    """Per head h, query block i keeps key blocks within widths[h] of i (a sliding window), plus block 0 (a sink)."""
+    i = torch.arange(q_blocks).view(-1, 1)
+    j = torch.arange(k_blocks).view(1, -1)
+    mask = torch.stack([(i - j).abs() <= w for w in widths[:heads]])
+    mask[..., 0] = True
+    return mask
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("lse_gradient", [False, True])
+def test_gather_groups_of_query_blocks_match_plain_masked_attention(group_size, lse_gradient):
+    """Consecutive query blocks run as one call against the union of their key blocks, each masked to its own:
+    outputs, log-sum-exps and gradients against autograd through SDPA with the token mask in float64, for every
+    group size, on per-head windows of different widths (unions padded to the widest head), a ragged tail and a
+    last group shorter than the others."""
+    g = torch.Generator().manual_seed(group_size)
+    b, h, n, d, block = 2, 3, 16 * 11 - 5, 24, 16
+    mask = banded_mask(h, 11, 11, (0, 1, 3))
+    layout = BlockSparseLayout(mask, block, gather_group_size=group_size)
+    q, k, v = qkv(g, b, h, n, d, requires_grad=True)
+    grad_out, grad_lse = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, generator=g)
+    out, lse = block_sparse_attention(q, k, v, layout, backend="gather", return_lse=True)
+    loss = (out.double() * grad_out.double()).sum() + ((lse.double() * grad_lse.double()).sum() if lse_gradient else 0)
+    got = torch.autograd.grad(loss, (q, k, v))
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = plain_masked_attention(q64, k64, v64, layout.token_mask(n, n).unsqueeze(0), d**-0.5)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    ref_loss = (ref_out * grad_out.double()).sum() + ((ref_lse * grad_lse.double()).sum() if lse_gradient else 0)
+    for name, a, e in zip("qkv", got, torch.autograd.grad(ref_loss, (q64, k64, v64))):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+    from diffattn.kernels.block_sparse_gather import _autograd_gather_attention  # the GPU / torch.compile path
+
+    auto_out, auto_lse = _autograd_gather_attention(q, k, v, layout, d**-0.5, True)
+    torch.testing.assert_close(auto_out.double(), ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(auto_lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_group_size_is_chosen_from_the_mask():
+    """The largest group whose union tiles stay within 1.3x the mask's own. Band |i - j| <= 2, 16 blocks: 74 tiles;
+    pairs of rows take unions of 4, 6, ..., 6, 4 blocks (88 tiles, 1.19x), fours 6, 8, 8, 6 (112, 1.51x): pairs.
+    Band |i - j| <= 1: 46 tiles, pairs 3, 4, ..., 4, 3 (60, 1.304x): single blocks. A random mask shares few key
+    blocks between neighbours: single blocks. The radial mask groups by four."""
+    from diffattn.methods.radial_mask import radial_block_mask
+
+    i = torch.arange(16)
+    distance = (i.view(-1, 1) - i.view(1, -1)).abs()
+    assert BlockSparseLayout(distance <= 2, 16).gather_group_size() == 2
+    assert BlockSparseLayout(distance <= 1, 16).gather_group_size() == 1
+    g = torch.Generator().manual_seed(3)
+    assert BlockSparseLayout(random_mask(g, None, 64, 64, 0.1), 16).gather_group_size() == 1
+    radial = radial_block_mask(9, 256, block_size=16, decay_factor=0.25, sink_frames=1)
+    assert BlockSparseLayout(radial, 16).gather_group_size() == 4
+    groups = BlockSparseLayout(radial, 16).gather_groups()
+    assert [int(x) for x in groups[1].q_blocks] == [4, 5, 6, 7]
+    union = radial[4:8].any(0).nonzero().squeeze(1)
+    assert groups[1].kv_blocks[0].tolist() == union.tolist()
+    assert torch.equal(groups[1].kv_valid[0], radial[4:8][:, union])
+    with pytest.raises(ValueError, match="gather_group_size=3 is not allowed"):
+        BlockSparseLayout(distance <= 1, 16, gather_group_size=3)
+
+
 def test_gather_backward_is_one_node_not_one_per_group():
     """On the CPU the whole gather attention is one autograd node: differentiating its per-group gathers instead
     gives every group a full-size key gradient and the backward a cost of groups x sequence length (it was no faster
@@ -462,7 +527,11 @@ def test_benchmark_smoke_run_writes_json(tmp_path):
     report = json.loads(out.read_text())
     assert report["device"].startswith("cpu") and report["torch"] == torch.__version__
     backends = {r["backend"] for r in report["results"]}
-    assert backends == {"dense-sdpa", "gather", "flex"}
+    # the radial mask groups query blocks, so its plan of one query block a call is measured beside it
+    assert backends == {"dense-sdpa", "gather", "flex", "gather-single-blocks"}
+    radial = [r for r in report["results"] if r.get("mask", "").startswith("radial")]
+    grouped = {r["backend"]: r["gather_group_size"] for r in radial if r["backend"].startswith("gather")}
+    assert grouped["gather-single-blocks"] == 1 and grouped["gather"] > 1
     assert any(r.get("mask", "").startswith("radial-") for r in report["results"])
     for row in report["results"]:
         assert row["time_ms"] > 0

@@ -2,8 +2,9 @@
 
     out, lse = gather_block_sparse_attention(q, k, v, layout, scale)      # q, k, v: [B, H, N, D]
 
-Each group of query blocks (`BlockSparseLayout.gather_plan`) gathers its key blocks into one short sequence and runs
-fused attention on it. On the CPU the forward and the backward are one autograd Function around PyTorch's fused CPU
+Each group of consecutive query blocks (`BlockSparseLayout.gather_plan`) gathers the union of its key blocks into
+one short sequence and runs fused attention on it, each query block masked to its own key blocks: neighbouring
+query blocks of a radial or windowed mask share most of their keys, so a group copies them once. On the CPU the forward and the backward are one autograd Function around PyTorch's fused CPU
 flash-attention kernels, run group by group, the backward adding each group's key and value gradients into one
 buffer: letting autograd differentiate the gathers instead gives every group's `index_select` a full-size gradient
 and every `index_copy_` a full-size copy, which makes the backward cost grow with groups x sequence length and left
@@ -59,16 +60,22 @@ def _unblock(t: torch.Tensor, heads: int, n: int) -> torch.Tensor:
 
 
 def _gathered(step: GatherStep, blocks: tuple[torch.Tensor, ...], q_side: tuple[torch.Tensor, ...], batch: int):
-    """One group's inputs: the query-side block tensors at its query blocks ([B, H*G, bq, ...]) and the key-side ones
-    at its key blocks, each group's key blocks joined into one sequence ([B, H*G, K*bk, D])."""
-    rows = step.q_index.shape[0]
-    keys = tuple(t.index_select(1, step.kv_index).view(batch, rows, -1, t.shape[-1]) for t in blocks)
-    return tuple(t.index_select(1, step.q_index) for t in q_side), keys
+    """One group's inputs: the query-side block tensors ([B, H*Qb, bq, ...]) at its query blocks, as
+    [B, H, G*bq, ...], and the key-side ones ([B, H*Kb, bk, D]) at the union of its key blocks, as [B, H, U*bk, D]."""
+    heads = step.q_index.shape[0] // step.group_size
+    keys = tuple(t.index_select(1, step.kv_index).view(batch, heads, -1, t.shape[-1]) for t in blocks)
+    queries = tuple(t.index_select(1, step.q_index).view(batch, heads, -1, *t.shape[3:]) for t in q_side)
+    return queries, keys
+
+
+def _scatter(step: GatherStep, target: torch.Tensor, part: torch.Tensor) -> None:
+    """Write one group's query-side result [B, H, G*bq, ...] into `target` [B, H*Qb, bq, ...] at its blocks."""
+    target.index_copy_(1, step.q_index, part.reshape(target.shape[0], -1, *target.shape[2:]))
 
 
 def _additive_mask(step: GatherStep, dtype: torch.dtype) -> torch.Tensor | None:
     """The group's key mask as the additive bias the fused kernels take (0 kept, -inf dropped), in the inputs'
-    dtype: [1, H*G, 1, K*bk] or None."""
+    dtype: [1, Hm, G*bq, U*bk] or None."""
     if step.key_mask is None:
         return None
     return torch.zeros(step.key_mask.shape, dtype=dtype, device=step.key_mask.device).masked_fill(
@@ -131,8 +138,8 @@ class _CpuGatherAttention(torch.autograd.Function):
         for step, bias in zip(steps, biases):
             (qg,), (kg, vg) = _gathered(step, kv_blocks, (q_blocks,), batch)
             part, part_lse = _cpu_flash_forward(qg, kg, vg, bias, scale)
-            out.index_copy_(1, step.q_index, part)
-            lse.index_copy_(1, step.q_index, part_lse)
+            _scatter(step, out, part)
+            _scatter(step, lse, part_lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.biases = layout, scale, biases
         ctx.set_materialize_grads(False)
@@ -163,7 +170,7 @@ class _CpuGatherAttention(torch.autograd.Function):
                 dq, dk, dv = _cpu_flash_backward(gog, qg, kg, vg, og, lg, bias, scale)
             else:
                 dq, dk, dv = _explicit_backward(gog, gathered[4], qg, kg, vg, og, lg, bias, scale)
-            grad_q.index_copy_(1, step.q_index, dq.to(q.dtype))
+            _scatter(step, grad_q, dq.to(q.dtype))
             flat = (batch, step.kv_index.shape[0], bk, d)
             grad_k.index_add_(1, step.kv_index, dk.reshape(flat).to(accumulate))
             grad_v.index_add_(1, step.kv_index, dv.reshape(flat).to(accumulate))
@@ -186,13 +193,13 @@ def _autograd_gather_attention(q, k, v, layout: BlockSparseLayout, scale: float,
         keep = step.key_mask
         if not return_lse:
             part = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=keep, scale=scale)
-            out.index_copy_(1, step.q_index, part)
+            _scatter(step, out, part)
             continue
-        scores = torch.matmul(qg.to(compute), kg.to(compute).transpose(-1, -2)) * scale  # [B, H*G, bq, K*bk]
+        scores = torch.matmul(qg.to(compute), kg.to(compute).transpose(-1, -2)) * scale  # [B, H, G*bq, U*bk]
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         part = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype), vg)
-        out.index_copy_(1, step.q_index, part)
-        lse_out.index_copy_(1, step.q_index, lse)
+        _scatter(step, out, part)
+        _scatter(step, lse_out, lse)
     return _unblock(out, heads, n), _unblock(lse_out, heads, n) if return_lse else None

@@ -6,7 +6,8 @@ tiles are computed. From it the layout keeps, on the mask's device:
 - forward CSR: `kv_counts: [Hm, Qb]` int32 and `kv_indices: [Hm, Qb, max_kv]` int32 (key blocks of each query block,
   ascending, padded with the last valid index so a stray read stays in bounds), Hm = 1 (shared) or H;
 - transposed CSR for the dk/dv backward: `q_counts: [Hm, Kb]`, `q_indices: [Hm, Kb, max_q]`;
-- a plan for the block-gather path (query blocks grouped by key count, each group padded to its own maximum).
+- a plan for the block-gather path (consecutive query blocks grouped, each group against the union of its key
+  blocks).
 
 Everything is derived here, at construction: calling attention with the same layout again does no host-side
 mask work and no device sync.
@@ -26,9 +27,11 @@ ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)
 
 @dataclass(frozen=True)
 class GatherGroup:
-    """Query blocks with similar key counts, processed together by the block-gather path.
+    """Consecutive query blocks that the block-gather path runs as one call against the union of their key blocks.
 
-    q_blocks: [G] query block ids; kv_blocks: [Hm, G, K] key block ids; kv_valid: [Hm, G, K] bool.
+    q_blocks: [G] consecutive query block ids; kv_blocks: [Hm, U] the union of their key block ids, ascending (per
+    head, a narrower head's union padded with its last block); kv_valid: [Hm, G, U] bool, whether query block g keeps
+    union block u (False on padding).
     """
 
     q_blocks: torch.Tensor
@@ -40,8 +43,9 @@ class GatherGroup:
 class GatherStep:
     """One group as the gather path runs it, for a given head count and sequence length.
 
-    q_index: [H*G] into query blocks flattened over (head, block); kv_index: [H*G*K] into key blocks flattened the
-    same way; key_mask: bool [1, H*G, 1, K*bk] or None when every gathered key is real.
+    q_index: [H*G] into query blocks flattened over (head, block), head-major, so the gathered [B, H*G, bq, D] is
+    [B, H, G*bq, D]; kv_index: [H*U] into key blocks flattened the same way; key_mask: bool [1, Hm, G*bq, U*bk]
+    (True = attend) or None when every query of the group attends every gathered key.
     """
 
     q_index: torch.Tensor
@@ -49,6 +53,12 @@ class GatherStep:
     key_mask: torch.Tensor | None
     group_size: int
     width: int
+
+
+GATHER_GROUP_SIZES = (1, 2, 4, 8)
+# A group attends the union of its blocks' keys: it gathers fewer bytes but computes the keys its rows drop. The
+# largest group whose extra computation stays within this factor is taken (benchmarks/block_sparse_attention.py).
+GATHER_MAX_EXTRA_COMPUTE = 1.3
 
 
 def _csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,12 +81,19 @@ class BlockSparseLayout:
         block_mask: bool `[Qb, Kb]` shared by all heads, or `[H, Qb, Kb]` per head. True = compute the tile.
         block_size: tile size in tokens, an int or a (query, key) pair, each one of 16, 32, 64, 128
             (64 and 128 are the fast GPU sizes; 16 and 32 keep tests small).
+        gather_group_size: how many consecutive query blocks the block-gather path runs as one call, one of
+            `GATHER_GROUP_SIZES`; None (the default) chooses from the mask (`gather_group_size()`).
 
     A sequence of N tokens needs `Qb == ceil(N / block_q)` and `Kb == ceil(N / block_k)`; the last block may be
     partial. Every query block must keep at least one key block.
     """
 
-    def __init__(self, block_mask: torch.Tensor, block_size: int | tuple[int, int] = 128):
+    def __init__(
+        self,
+        block_mask: torch.Tensor,
+        block_size: int | tuple[int, int] = 128,
+        gather_group_size: int | None = None,
+    ):
         if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
             kind = type(block_mask).__name__ if not isinstance(block_mask, torch.Tensor) else block_mask.dtype
             raise ValueError(f"block_mask must be a bool tensor [Qb, Kb] or [H, Qb, Kb], got {kind}")
@@ -89,6 +106,12 @@ class BlockSparseLayout:
             raise ValueError(
                 f"block_size={block_size!r} is not allowed: expected one of {ALLOWED_BLOCK_SIZES} or a (query, key) "
                 "pair of them"
+            )
+        if gather_group_size is not None and (
+            isinstance(gather_group_size, bool) or gather_group_size not in GATHER_GROUP_SIZES
+        ):
+            raise ValueError(
+                f"gather_group_size={gather_group_size!r} is not allowed: expected one of {GATHER_GROUP_SIZES} or None"
             )
         self.block_q, self.block_k = sizes
         self.per_head = block_mask.ndim == 3
@@ -104,8 +127,8 @@ class BlockSparseLayout:
         self.kv_counts, self.kv_indices = _csr(self.block_mask)
         self.q_counts, self.q_indices = _csr(self.block_mask.transpose(1, 2))
         self.density = float(self.block_mask.float().mean())
-        self._gather_groups: list[GatherGroup] | None = None
-        self._gather_inverse: torch.Tensor | None = None
+        self._gather_group_size = gather_group_size
+        self._gather_groups: dict[int, list[GatherGroup]] = {}
         self._gather_plans: dict[tuple[int, int], list[GatherStep]] = {}
         self.flex_masks: dict[int, Any] = {}  # FlexAttention BlockMasks by sequence length (built by the flex path)
 
@@ -116,7 +139,7 @@ class BlockSparseLayout:
     def to(self, device: torch.device | str) -> "BlockSparseLayout":
         """A copy on `device` (its compressed forms are rebuilt there once)."""
         mask = self.block_mask if self.per_head else self.block_mask[0]
-        return BlockSparseLayout(mask.to(device), (self.block_q, self.block_k))
+        return BlockSparseLayout(mask.to(device), (self.block_q, self.block_k), self._gather_group_size)
 
     def check_sequence(self, num_queries: int, num_keys: int, num_heads: int) -> None:
         """Raise if a [.., N, ..] problem does not fit this layout (host ints only: no device sync)."""
@@ -134,31 +157,45 @@ class BlockSparseLayout:
         expanded = self.block_mask.repeat_interleave(self.block_q, 1).repeat_interleave(self.block_k, 2)
         return expanded[:, :num_queries, :num_keys]
 
-    def gather_groups(self, group_size: int = 1) -> list[GatherGroup]:
-        """Query blocks sorted by key count and grouped; each group padded only to its own largest count.
+    def gather_group_size(self) -> int:
+        """How many consecutive query blocks the gather path runs as one call: the largest of
+        `GATHER_GROUP_SIZES` whose tiles (each block against its group's union of key blocks) stay within
+        `GATHER_MAX_EXTRA_COMPUTE` times the mask's own, unless the constructor fixed it. Masks whose neighbouring
+        query blocks share key blocks (radial, sliding windows) get groups that gather a fraction of the bytes; a
+        random mask keeps 1."""
+        if self._gather_group_size is None:
+            kept = self.block_mask.sum().item()
+            best = 1
+            for size in GATHER_GROUP_SIZES[1:]:
+                computed = sum(
+                    self.block_mask[:, start : start + size].any(1).sum(-1).max().item()
+                    * min(size, self.num_q_blocks - start)
+                    * self.block_mask.shape[0]
+                    for start in range(0, self.num_q_blocks, size)
+                )
+                if computed <= GATHER_MAX_EXTRA_COMPUTE * kept:
+                    best = size
+            self._gather_group_size = best
+        return self._gather_group_size
 
-        One query block per group is the default: measured on 2 CPU cores (N=8192, H=4, D=64), working sets that
-        stay in cache beat fewer, larger calls (10% density: 65 ms at 1, 89 at 4, 111 at 8, 260 at 64 blocks).
-        """
-        if self._gather_groups is None:
-            counts = self.kv_counts.max(0).values  # [Qb]: the widest head decides the padding
-            order = torch.argsort(counts, stable=True)
-            sorted_counts = counts[order].tolist()
+    def gather_groups(self, group_size: int | None = None) -> list[GatherGroup]:
+        """Consecutive query blocks, `group_size` a group (default `gather_group_size()`), each with the union of
+        their key blocks. Built once per group size."""
+        size = self.gather_group_size() if group_size is None else group_size
+        if size not in self._gather_groups:
             groups = []
-            for start in range(0, self.num_q_blocks, group_size):
-                rows = order[start : start + group_size]
-                width = max(sorted_counts[start : start + group_size])
-                kv = self.kv_indices[:, rows, :width]
-                valid = torch.arange(width, device=self.device) < self.kv_counts[:, rows].unsqueeze(-1)
-                groups.append(GatherGroup(rows.contiguous(), kv.long().contiguous(), valid.contiguous()))
-            self._gather_groups = groups
-        return self._gather_groups
-
-    def gather_inverse_order(self) -> torch.Tensor:
-        """Permutation that puts the groups' concatenated query blocks back in order."""
-        if self._gather_inverse is None:
-            self._gather_inverse = torch.argsort(torch.cat([g.q_blocks for g in self.gather_groups()]))
-        return self._gather_inverse
+            for start in range(0, self.num_q_blocks, size):
+                rows = torch.arange(start, min(start + size, self.num_q_blocks), device=self.device)
+                keep = self.block_mask[:, rows]  # [Hm, G, Kb]
+                union = keep.any(1)  # [Hm, Kb]
+                counts, blocks = _csr(union.unsqueeze(1))  # [Hm, 1], [Hm, 1, U]: ascending, padded with the last
+                blocks = blocks[:, 0].long()
+                valid = torch.gather(keep, 2, blocks.unsqueeze(1).expand(-1, rows.shape[0], -1))
+                slot = torch.arange(blocks.shape[1], device=self.device)
+                valid &= (slot < counts).unsqueeze(1)  # padding repeats a real block: never attended twice
+                groups.append(GatherGroup(rows, blocks.contiguous(), valid.contiguous()))
+            self._gather_groups[size] = groups
+        return self._gather_groups[size]
 
     def gather_plan(self, num_keys: int, num_heads: int) -> list[GatherStep]:
         """Per group of query blocks: flat block indices for `index_select` and the keep-mask of its keys.
@@ -168,19 +205,19 @@ class BlockSparseLayout:
         """
         key = (num_keys, num_heads)
         if key not in self._gather_plans:
-            bk = self.block_k
+            bq, bk = self.block_q, self.block_k
             in_range = (torch.arange(self.num_k_blocks * bk, device=self.device) < num_keys).view(-1, bk)
-            heads = torch.arange(num_heads, device=self.device).view(num_heads, 1, 1)
+            heads = torch.arange(num_heads, device=self.device).view(num_heads, 1)
             steps = []
             for group in self.gather_groups():
-                g, width = group.kv_blocks.shape[1], group.kv_blocks.shape[2]
-                kv = group.kv_blocks.expand(num_heads, g, width)  # [H, G, K]
-                q_flat = (heads[:, :, 0] * self.num_q_blocks + group.q_blocks.view(1, g)).reshape(-1)
-                kv_flat = (heads * self.num_k_blocks + kv).reshape(-1)
-                keep = group.kv_valid.unsqueeze(-1) & in_range[group.kv_blocks]  # [Hm, G, K, bk]
+                g, width = group.q_blocks.shape[0], group.kv_blocks.shape[1]
+                q_flat = (heads * self.num_q_blocks + group.q_blocks.view(1, g)).reshape(-1)
+                kv_flat = (heads * self.num_k_blocks + group.kv_blocks.expand(num_heads, width)).reshape(-1)
+                keep = group.kv_valid.unsqueeze(-1) & in_range[group.kv_blocks].unsqueeze(1)  # [Hm, G, U, bk]
                 mask = None
                 if not bool(keep.all()):
-                    mask = keep.expand(num_heads, g, width, bk).reshape(1, num_heads * g, 1, width * bk)
+                    rows = keep.shape[0]
+                    mask = keep.unsqueeze(2).expand(rows, g, bq, width, bk).reshape(1, rows, g * bq, width * bk)
                 steps.append(GatherStep(q_flat, kv_flat, mask, g, width))
             self._gather_plans[key] = steps
         return self._gather_plans[key]
