@@ -73,14 +73,22 @@ def _scatter(step: GatherStep, target: torch.Tensor, part: torch.Tensor) -> None
     target.index_copy_(1, step.q_index, part.reshape(target.shape[0], -1, *target.shape[2:]))
 
 
-def _additive_mask(step: GatherStep, dtype: torch.dtype) -> torch.Tensor | None:
-    """The group's key mask as the additive bias the fused kernels take (0 kept, -inf dropped), in the inputs'
-    dtype: [1, Hm, G*bq, U*bk] or None."""
+def _key_mask(step: GatherStep, block_q: int) -> torch.Tensor | None:
+    """The group's key mask per query, bool [1, Hm, G*bq, U*bk] (a broadcast view of the plan's [Hm, G, U*bk]),
+    or None."""
     if step.key_mask is None:
         return None
-    return torch.zeros(step.key_mask.shape, dtype=dtype, device=step.key_mask.device).masked_fill(
-        ~step.key_mask, float("-inf")
-    )
+    rows, size, keys = step.key_mask.shape
+    return step.key_mask.unsqueeze(2).expand(rows, size, block_q, keys).reshape(1, rows, size * block_q, keys)
+
+
+def _additive_mask(step: GatherStep, dtype: torch.dtype, block_q: int) -> torch.Tensor | None:
+    """`_key_mask` as the additive bias the fused CPU kernels take (0 kept, -inf dropped), in the inputs' dtype.
+    Built per group just before its call, so only one group's bias is ever held."""
+    keep = _key_mask(step, block_q)
+    if keep is None:
+        return None
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
 
 
 # PyTorch's fused CPU flash attention, forward with its log-sum-exp and backward from it. These aten ops are private
@@ -133,15 +141,13 @@ class _CpuGatherAttention(torch.autograd.Function):
         kv_blocks = (_blocks(k, layout.num_k_blocks, bk), _blocks(v, layout.num_k_blocks, bk))
         out = q.new_empty(q_blocks.shape)
         lse = q.new_empty(q_blocks.shape[:3], dtype=_float_for(q.dtype))
-        steps = layout.gather_plan(n, heads)
-        biases = [_additive_mask(step, q.dtype) for step in steps]  # the backward reuses them
-        for step, bias in zip(steps, biases):
+        for step in layout.gather_plan(n, heads):
             (qg,), (kg, vg) = _gathered(step, kv_blocks, (q_blocks,), batch)
-            part, part_lse = _cpu_flash_forward(qg, kg, vg, bias, scale)
+            part, part_lse = _cpu_flash_forward(qg, kg, vg, _additive_mask(step, q.dtype, bq), scale)
             _scatter(step, out, part)
             _scatter(step, lse, part_lse)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.biases = layout, scale, biases
+        ctx.layout, ctx.scale = layout, scale
         ctx.set_materialize_grads(False)
         return _unblock(out, heads, n), _unblock(lse, heads, n)
 
@@ -163,9 +169,10 @@ class _CpuGatherAttention(torch.autograd.Function):
         grad_q = q.new_empty(q_side[0].shape)
         grad_k = torch.zeros(kv_blocks[0].shape, dtype=accumulate, device=q.device)
         grad_v = torch.zeros(kv_blocks[1].shape, dtype=accumulate, device=q.device)
-        for step, bias in zip(layout.gather_plan(n, heads), ctx.biases):
+        for step in layout.gather_plan(n, heads):
             gathered, (kg, vg) = _gathered(step, kv_blocks, q_side, batch)
             qg, og, gog, lg = gathered[:4]
+            bias = _additive_mask(step, q.dtype, bq)
             if grad_lse is None:
                 dq, dk, dv = _cpu_flash_backward(gog, qg, kg, vg, og, lg, bias, scale)
             else:
@@ -190,7 +197,7 @@ def _autograd_gather_attention(q, k, v, layout: BlockSparseLayout, scale: float,
     lse_out = q.new_empty(q_blocks.shape[:3], dtype=compute) if return_lse else None
     for step in layout.gather_plan(n, heads):
         (qg,), (kg, vg) = _gathered(step, kv_blocks, (q_blocks,), batch)
-        keep = step.key_mask
+        keep = _key_mask(step, bq)
         if not return_lse:
             part = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=keep, scale=scale)
             _scatter(step, out, part)

@@ -43,9 +43,9 @@ class GatherGroup:
 class GatherStep:
     """One group as the gather path runs it, for a given head count and sequence length.
 
-    q_index: [H*G] into query blocks flattened over (head, block), head-major, so the gathered [B, H*G, bq, D] is
-    [B, H, G*bq, D]; kv_index: [H*U] into key blocks flattened the same way; key_mask: bool [1, Hm, G*bq, U*bk]
-    (True = attend) or None when every query of the group attends every gathered key.
+    q_index: [H*G] into query blocks flattened over (head, block), head-major; kv_index: [H*U] into key blocks
+    flattened the same way; key_mask: bool [Hm, G, U*bk], which gathered keys each query block of the group attends
+    (True), or None when every query block attends every gathered key.
     """
 
     q_index: torch.Tensor
@@ -205,7 +205,7 @@ class BlockSparseLayout:
         """
         key = (num_keys, num_heads)
         if key not in self._gather_plans:
-            bq, bk = self.block_q, self.block_k
+            bk = self.block_k
             in_range = (torch.arange(self.num_k_blocks * bk, device=self.device) < num_keys).view(-1, bk)
             heads = torch.arange(num_heads, device=self.device).view(num_heads, 1)
             steps = []
@@ -214,10 +214,7 @@ class BlockSparseLayout:
                 q_flat = (heads * self.num_q_blocks + group.q_blocks.view(1, g)).reshape(-1)
                 kv_flat = (heads * self.num_k_blocks + group.kv_blocks.expand(num_heads, width)).reshape(-1)
                 keep = group.kv_valid.unsqueeze(-1) & in_range[group.kv_blocks].unsqueeze(1)  # [Hm, G, U, bk]
-                mask = None
-                if not bool(keep.all()):
-                    rows = keep.shape[0]
-                    mask = keep.unsqueeze(2).expand(rows, g, bq, width, bk).reshape(1, rows, g * bq, width * bk)
+                mask = None if bool(keep.all()) else keep.reshape(keep.shape[0], g, width * bk)
                 steps.append(GatherStep(q_flat, kv_flat, mask, g, width))
             self._gather_plans[key] = steps
         return self._gather_plans[key]
