@@ -164,16 +164,17 @@ class BlockSparseLayout:
         query blocks share key blocks (radial, sliding windows) get groups that gather a fraction of the bytes; a
         random mask keeps 1."""
         if self._gather_group_size is None:
+            heads, rows, cols = self.block_mask.shape
             kept = self.block_mask.sum().item()
             best = 1
             for size in GATHER_GROUP_SIZES[1:]:
-                computed = sum(
-                    self.block_mask[:, start : start + size].any(1).sum(-1).max().item()
-                    * min(size, self.num_q_blocks - start)
-                    * self.block_mask.shape[0]
-                    for start in range(0, self.num_q_blocks, size)
-                )
-                if computed <= GATHER_MAX_EXTRA_COMPUTE * kept:
+                groups = -(-rows // size)
+                padded = torch.zeros(heads, groups * size, cols, dtype=torch.bool, device=self.device)
+                padded[:, :rows] = self.block_mask
+                union = padded.view(heads, groups, size, cols).any(2).sum(-1).amax(0)  # [groups]: widest head
+                lengths = torch.full((groups,), size, device=self.device)
+                lengths[-1] = rows - (groups - 1) * size
+                if (union * lengths).sum().item() * heads <= GATHER_MAX_EXTRA_COMPUTE * kept:
                     best = size
             self._gather_group_size = best
         return self._gather_group_size
