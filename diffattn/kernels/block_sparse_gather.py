@@ -6,10 +6,10 @@ Each group of consecutive query blocks (`BlockSparseLayout.gather_plan`) gathers
 one short sequence and runs fused attention on it, each query block masked to its own key blocks: neighbouring
 query blocks of a radial or windowed mask share most of their keys, so a group copies them once. On the CPU the
 forward and the backward are one autograd Function around PyTorch's fused CPU flash-attention kernels, run group by
-group, the backward adding each group's key and value gradients into one buffer: letting autograd differentiate the gathers instead gives every group's
-`index_select` a full-size gradient and every `index_copy_` a full-size copy, which makes the backward cost grow
-with groups x sequence length and left training no faster than dense attention. Elsewhere (a GPU, inside
-`torch.compile`) the same gathers run under plain autograd. The spec is
+group, the backward adding each group's key and value gradients into one buffer: letting autograd differentiate the
+gathers instead gives every group's `index_select` a full-size gradient and every `index_copy_` a full-size copy,
+which makes the backward cost grow with groups x sequence length and left training no faster than dense attention.
+Elsewhere (a GPU, inside `torch.compile`) the same gathers run under plain autograd. The spec is
 `block_sparse_attention.reference_block_sparse_attention`; tests compare both directions.
 """
 

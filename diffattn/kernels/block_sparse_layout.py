@@ -45,14 +45,13 @@ class GatherStep:
 
     q_index: [H*G] into query blocks flattened over (head, block), head-major; kv_index: [H*U] into key blocks
     flattened the same way; key_mask: bool [Hm, G, U*bk], which gathered keys each query block of the group attends
-    (True), or None when every query block attends every gathered key.
+    (True), or None when every query block attends every gathered key; group_size: G.
     """
 
     q_index: torch.Tensor
     kv_index: torch.Tensor
     key_mask: torch.Tensor | None
     group_size: int
-    width: int
 
 
 GATHER_GROUP_SIZES = (1, 2, 4, 8)
@@ -172,8 +171,7 @@ class BlockSparseLayout:
                 padded = torch.zeros(heads, groups * size, cols, dtype=torch.bool, device=self.device)
                 padded[:, :rows] = self.block_mask
                 union = padded.view(heads, groups, size, cols).any(2).sum(-1).amax(0)  # [groups]: widest head
-                lengths = torch.full((groups,), size, device=self.device)
-                lengths[-1] = rows - (groups - 1) * size
+                lengths = (rows - size * torch.arange(groups, device=self.device)).clamp(max=size)  # last may be short
                 if (union * lengths).sum().item() * heads <= GATHER_MAX_EXTRA_COMPUTE * kept:
                     best = size
             self._gather_group_size = best
@@ -216,7 +214,7 @@ class BlockSparseLayout:
                 kv_flat = (heads * self.num_k_blocks + group.kv_blocks.expand(num_heads, width)).reshape(-1)
                 keep = group.kv_valid.unsqueeze(-1) & in_range[group.kv_blocks].unsqueeze(1)  # [Hm, G, U, bk]
                 mask = None if bool(keep.all()) else keep.reshape(keep.shape[0], g, width * bk)
-                steps.append(GatherStep(q_flat, kv_flat, mask, g, width))
+                steps.append(GatherStep(q_flat, kv_flat, mask, g))
             self._gather_plans[key] = steps
         return self._gather_plans[key]
 
