@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import RESULTS  # noqa: E402
+
+
 DEFAULT_JSON = RESULTS / "radial_quality-cpu-x86-64-2-threads.json"
 MINUS = "\u2212"
 FIDELITY_LABELS = {
