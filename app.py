@@ -79,7 +79,7 @@ HELP = {
     "guidance": "Classifier-free guidance scale; 0 is used as given (no guidance).",
 }
 CSS = """
-.pixelated img, .pixelated canvas { image-rendering: pixelated; }
+.pixelated img, .pixelated canvas, .pixelated video { image-rendering: pixelated; }
 .pixelated .image-frame img, .pixelated .image-container img { width: 100%; height: 100%; object-fit: contain; }
 #compare-gallery .thumbnail-item img { image-rendering: pixelated; }
 """
@@ -499,12 +499,26 @@ def _preset_defaults(*keys: str):
     return fill
 
 
-def _compare_defaults(model: str):
+STARTING_PROMPTS = frozenset(preset.prompt for preset in PRESETS.values())
+
+
+def _prompt_for(model: str, prompt: str | None):
+    """The prompt box after a model change: a preset's own prompt where the box is empty or still holds the prompt
+    some preset started with (a video caption means nothing to an image model, and back); what a visitor typed
+    stays."""
+    if model in PRESETS and (not (prompt or "").strip() or prompt in STARTING_PROMPTS):
+        return gr.update(value=PRESETS[model].prompt)
+    return gr.update()
+
+
+def _compare_defaults(model: str, prompt: str | None):
     """Steps of the model; the frames box only for video models, with the preset's comparison frames (enough latent
-    frames for the radial mask to be sparse)."""
+    frames for the radial mask to be sparse); the prompt (`_prompt_for`); the image methods and their subjects only
+    for image models (a video model compares dense with radial)."""
     video = model in VIDEO_PRESETS
     frames = PRESETS[model].compare_frames if video else None
-    return gr.update(value=default_steps(model) if model in PRESETS else None), gr.update(value=frames, visible=video)
+    return (gr.update(value=default_steps(model) if model in PRESETS else None), gr.update(value=frames, visible=video),
+            _prompt_for(model, prompt), gr.update(visible=not video), gr.update(visible=not video))  # fmt: skip
 
 
 def _compare_radial(model: str) -> RadialAttentionConfig:
@@ -614,7 +628,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                 with gr.Column(scale=2):
                     c_model = gr.Dropdown(models, value=DEFAULT_PRESET, allow_custom_value=custom, label="Model",
                                           elem_id="compare-model")  # fmt: skip
-                    c_prompt = gr.Textbox(value=first.demo_prompt, label="Prompt", lines=2, elem_id="compare-prompt")
+                    c_prompt = gr.Textbox(value=first.prompt, label="Prompt", lines=2, elem_id="compare-prompt")
                     c_seed = _seed_row()
                     with gr.Row():
                         c_steps = gr.Number(value=first.steps, label="Steps")
@@ -622,10 +636,11 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                     c_methods = gr.CheckboxGroup(
                         list(IMAGE_METHODS), value=["IR-Diffusion", "structured guidance"],
                         label="Methods beside plain (image models; video models compare dense with radial)",
+                        elem_id="compare-methods",
                     )  # fmt: skip
                     c_subjects = gr.Textbox(
                         value="a red circle\na blue square", lines=2, label="IR-Diffusion subjects",
-                        info=HELP["subjects"],
+                        info=HELP["subjects"], elem_id="compare-subjects",
                     )  # fmt: skip
                     with gr.Row():
                         c_run = gr.Button("Compare", variant="primary", elem_id="compare-run")
@@ -636,8 +651,10 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                         object_fit="contain", format="png", elem_id="compare-gallery", elem_classes="pixelated",
                     )  # fmt: skip
                     with gr.Row():
-                        c_dense = gr.Video(label="Dense attention", visible=False, elem_id="compare-dense")
-                        c_radial = gr.Video(label="Radial attention", visible=False, elem_id="compare-radial")
+                        c_dense = gr.Video(label="Dense attention", visible=False, elem_id="compare-dense",
+                                           elem_classes="pixelated")  # fmt: skip
+                        c_radial = gr.Video(label="Radial attention", visible=False, elem_id="compare-radial",
+                                            elem_classes="pixelated")  # fmt: skip
                     c_mask = gr.Image(label="Radial mask (white: computed blocks)", visible=False, type="pil",
                                       format="png", elem_classes="pixelated")  # fmt: skip
                     c_table = gr.Markdown(elem_id="compare-table")
@@ -646,7 +663,8 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
             _job(c_run, c_stop, c_state, run_compare,
                  [c_model, c_prompt, c_seed, c_steps, c_methods, c_subjects, c_frames],
                  [c_gallery, c_dense, c_radial, c_mask, c_table, c_zip], "compare", c_table)  # fmt: skip
-            c_model.change(_compare_defaults, c_model, [c_steps, c_frames])
+            c_model.change(_compare_defaults, [c_model, c_prompt],
+                           [c_steps, c_frames, c_prompt, c_methods, c_subjects])  # fmt: skip
 
         with gr.Tab("Image", id="image", elem_id="tab-image"):
             with gr.Row():
@@ -655,7 +673,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                         IMAGE_PRESETS + list(SETTINGS.models), value=DEFAULT_PRESET, allow_custom_value=custom,
                         label="Model",
                     )  # fmt: skip
-                    i_prompt = gr.Textbox(value=first.demo_prompt, label="Prompt", lines=2)
+                    i_prompt = gr.Textbox(value=first.prompt, label="Prompt", lines=2)
                     i_negative = gr.Textbox(value="", label="Negative prompt")
                     i_seed = _seed_row()
                     i_method = gr.Radio([PLAIN, *IMAGE_METHODS], value=PLAIN, label="Method", elem_id="image-method")
@@ -702,6 +720,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
             )  # fmt: skip
             i_model.change(_preset_defaults("height", "width", "guidance_scale"), i_model,
                            [i_steps, i_height, i_width, i_guidance])  # fmt: skip
+            i_model.change(_prompt_for, [i_model, i_prompt], i_prompt)
 
         with gr.Tab("Video", id="video", elem_id="tab-video"):
             video_first = DEFAULT_VIDEO_PRESET
@@ -710,7 +729,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                 with gr.Column(scale=2):
                     v_model = gr.Dropdown(VIDEO_PRESETS + list(SETTINGS.models), value=video_first,
                                           allow_custom_value=custom, label="Model")  # fmt: skip
-                    v_prompt = gr.Textbox(value=PRESETS[video_first].demo_prompt, label="Prompt", lines=2)
+                    v_prompt = gr.Textbox(value=PRESETS[video_first].prompt, label="Prompt", lines=2)
                     v_seed = _seed_row()
                     v_steps = gr.Number(value=default_steps(video_first), label="Steps")
                     v_frames = gr.Number(value=PRESETS[video_first].call_defaults.get("num_frames"),
@@ -735,7 +754,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                         v_run = gr.Button("Generate", variant="primary", elem_id="video-run")
                         v_stop = gr.Button("Stop", interactive=False, elem_id="video-stop")
                 with gr.Column(scale=3):
-                    v_video = gr.Video(label="Video", elem_id="video-out")
+                    v_video = gr.Video(label="Video", elem_id="video-out", elem_classes="pixelated")
                     v_mask = gr.Image(label="Radial mask (white: computed blocks)", type="pil", format="png",
                                       elem_classes="pixelated")  # fmt: skip
                     v_info = gr.Markdown(elem_id="video-info")
@@ -748,6 +767,7 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
             v_model.change(_preset_defaults("num_frames", "height", "width"), v_model,
                            [v_steps, v_frames, v_height, v_width])  # fmt: skip
             v_model.change(_radial_controls, v_model, [v_decay, v_dense_steps, v_dense_layers, v_block, v_neighbors])
+            v_model.change(_prompt_for, [v_model, v_prompt], v_prompt)
 
         with gr.Tab("Examples", id="examples", elem_id="tab-examples"):
             gr.Markdown(

@@ -3,7 +3,7 @@
     python benchmarks/radial_quality_tables.py [benchmarks/results/radial_quality-cpu-x86-64-2-threads.json]
 
 Prints the fidelity table (every variant against dense, with the judge's figures), its paired differences, the
-length-extension table and the LoRA-time table, as Markdown rows. `tests/test_readme_tables.py` checks that every
+length-extension table and the LoRA-time table, as Markdown rows. `tests/test_radial_quality.py` checks that every
 row printed for the committed JSON stands in the README word for word.
 """
 

@@ -19,14 +19,13 @@ from .methods.agent_attention import AgentAttentionConfig
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
 from .outputs import save_result
-from .presets import PRESETS
+from .presets import GENERAL_PROMPT, PRESETS
 from .scenes import SceneObject
 from .video_metrics import psnr
 
 
 logger = logging.getLogger(__name__)
 
-DEMO_PROMPT = "a photo of a red cat sitting on a blue chair"
 # Radial comparison on the random presets: sparse from the second step, at each preset's compare_frames.
 RADIAL_DEMO = RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64)
 AGENT_DEMO = AgentAttentionConfig()
@@ -57,7 +56,7 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
     rows = []
     for name in tqdm(names, desc="diffattn demo"):
         load_start = time.perf_counter()
-        result = generate(name, PRESETS[name].demo_prompt or DEMO_PROMPT, steps=steps, seed=seed)
+        result = generate(name, PRESETS[name].prompt, steps=steps, seed=seed)
         total = time.perf_counter() - load_start
         paths = save_result(result, run_dir, name)
         rows.append(
@@ -81,7 +80,7 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
         if preset.radial is not None:  # a trained preset's own settings, its dense quarter of the steps kept a quarter
             quarter = (steps or preset.steps) // 4
             config = dataclasses.replace(preset.radial, dense_timesteps=min(preset.radial.dense_timesteps, quarter))
-        prompt = preset.demo_prompt or DEMO_PROMPT
+        prompt = preset.prompt
         dense = generate(name, prompt, steps=steps, seed=seed, num_frames=frames)
         sparse = generate(name, prompt, steps=steps, seed=seed, num_frames=frames, radial=config)
         dense_files = save_result(dense, run_dir, f"{name}-long-dense")
@@ -104,10 +103,9 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
     agent_rows = []
     for name in [n for n in names if n in AGENT_SIZE]:
         size = AGENT_SIZE.get(name, 256)
-        plain = generate(name, DEMO_PROMPT, steps=steps, seed=seed, height=size, width=size, attention_maps=False)
-        merged = generate(
-            name, DEMO_PROMPT, steps=steps, seed=seed, height=size, width=size, attention_maps=False, agent=AGENT_DEMO
-        )
+        call = {"steps": steps, "seed": seed, "height": size, "width": size, "attention_maps": False}
+        plain = generate(name, GENERAL_PROMPT, **call)
+        merged = generate(name, GENERAL_PROMPT, **call, agent=AGENT_DEMO)
         plain_files = save_result(plain, run_dir, f"{name}-{size}-sdpa")
         agent_files = save_result(merged, run_dir, f"{name}-{size}-agent")
         agent_rows.append(
@@ -155,7 +153,7 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
                  "grid": next(str(p.relative_to(out_dir)) for p in files if p.name.endswith("-subjects.png"))}
             )  # fmt: skip
     meta = {
-        "prompt": DEMO_PROMPT,
+        "prompt": GENERAL_PROMPT,
         "steps": steps,
         "seed": seed,
         "device": "cpu",
@@ -174,10 +172,17 @@ def run_demo(out_dir: Path, *, steps: int | None = None, seed: int = 0, presets:
     return index
 
 
+def _video(src: str, width: int) -> str:
+    """A looping video shown large without blurring (shapes-wan draws 64x64)."""
+    return (
+        f'<video src="{src}" controls loop muted autoplay width="{width}" style="image-rendering:pixelated"></video>'
+    )
+
+
 def _media(path: str) -> str:
     src = html.escape(path)
     if path.endswith(".mp4"):
-        return f'<video src="{src}" controls loop muted autoplay width="192"></video>'
+        return _video(src, 192)
     if path.endswith("-mask.png"):
         return f'<figure><img src="{src}" width="192"><figcaption>radial mask</figcaption></figure>'
     return f'<img src="{src}" width="{96 if "-frame" in path else 192}">'
@@ -195,7 +200,7 @@ def _report_html(meta: dict) -> str:
         for f in row["files"]:
             src = html.escape(f)
             if f.endswith(".mp4"):
-                media.append(f'<video src="{src}" controls loop muted autoplay width="256"></video>')
+                media.append(_video(src, 256))
             elif f.endswith(".png") and "-frame" in f:
                 media.append(f'<img src="{src}" width="96" title="{src}">')
             elif not PRESETS[row["preset"]].build and "-attention" not in f:  # the trained 64 px model

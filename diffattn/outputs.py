@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
 
 def video_export_available() -> bool:
@@ -29,6 +30,17 @@ def _png(image) -> Callable[[Path], None]:
     return lambda path: image.save(path, format="PNG")
 
 
+def _mp4(frames: list, fps: int) -> Callable[[Path], None]:
+    """Writer of an H.264 MP4 of `frames` (PIL images, or uint8 arrays [H, W, 3]) at their own size."""
+    from diffusers.utils import export_to_video
+
+    # export_to_video scales numpy frames by 255 (it expects floats in [0, 1]: uint8 ones would wrap around, white
+    # to 1), so it gets PIL images; macro_block_size=1 keeps the frame size (imageio would scale it to a multiple
+    # of 16), which the request's multiples of 8 leave even, as yuv420p needs
+    images = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    return lambda path: export_to_video(images, str(path), fps=fps, macro_block_size=1)
+
+
 def result_files(result: Any, stem: str, fps: int = 8) -> list[tuple[str, Callable[[Path], None]]]:
     """(file name, writer(path)) for every file of a `GenerationResult`, in a fixed order: images (PNG), the video
     (MP4 with the `video` extra, else numbered PNG frames), attention heatmaps, IR-Diffusion references and grid,
@@ -38,10 +50,7 @@ def result_files(result: Any, stem: str, fps: int = 8) -> list[tuple[str, Callab
         files.append((f"{stem}.png" if len(result.images) == 1 else f"{stem}-{i}.png", _png(image)))
     if result.frames:
         if video_export_available():
-            from diffusers.utils import export_to_video
-
-            arrays = [np.asarray(f) for f in result.frames]
-            files.append((f"{stem}.mp4", lambda path: export_to_video(arrays, str(path), fps=fps)))
+            files.append((f"{stem}.mp4", _mp4(result.frames, fps)))
         else:
             files.extend((f"{stem}-frame{i:03d}.png", _png(frame)) for i, frame in enumerate(result.frames))
     if result.attention_grid is not None:

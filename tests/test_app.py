@@ -148,3 +148,25 @@ def test_number_boxes_pass_fractions_through_and_the_request_refuses_them():
     with pytest.raises(gr.Error, match="Dense first steps 2.5 is not allowed"):
         app.radial_fields(True, 1.0, 2.5, 1, 64)
     assert app.radial_fields(True, 1.0, 2.0, 1, 64)["radial"].dense_timesteps == 2
+
+
+def test_a_model_change_starts_the_model_with_its_own_prompt_and_keeps_a_typed_one():
+    from diffattn.presets import GENERAL_PROMPT, PRESETS
+
+    app = _load_app()
+    # an untouched starting prompt (the one the page opened with, or any preset's) becomes the new model's own
+    assert app._prompt_for("shapes-wan", "a red circle and a blue square")["value"] == "a red circle moving right"
+    assert app._prompt_for("shapes-sd", "a red circle moving right")["value"] == "a red circle and a blue square"
+    assert app._prompt_for("tiny-sd", "a red circle moving right")["value"] == GENERAL_PROMPT
+    assert app._prompt_for("shapes-wan", "  ")["value"] == PRESETS["shapes-wan"].demo_prompt
+    # what a visitor typed stays; a model that is not a preset has no prompt of its own
+    assert "value" not in app._prompt_for("shapes-wan", "a blue star moving up")
+    assert "value" not in app._prompt_for("someone/model", "a red circle and a blue square")
+    steps, frames, prompt, methods, subjects = app._compare_defaults("shapes-wan", "a red circle and a blue square")
+    assert steps["value"] == PRESETS["shapes-wan"].steps and frames == {"__type__": "update", "value": 33,
+                                                                        "visible": True}  # fmt: skip
+    assert prompt["value"] == "a red circle moving right"
+    assert methods["visible"] is False and subjects["visible"] is False  # a video model compares dense with radial
+    steps, frames, prompt, methods, subjects = app._compare_defaults("shapes-sd", "a blue star moving up")
+    assert frames["visible"] is False and methods["visible"] is True and subjects["visible"] is True
+    assert "value" not in prompt

@@ -171,6 +171,69 @@ def test_a_video_example_compares_dense_and_radial(server):
         videos = _wait(browser, lambda: browser.find_elements(*_by("#compare-dense video, #compare-radial video")),
                        what="the videos")  # fmt: skip
         assert len(videos) == 2 and all(v.get_attribute("src") for v in videos)
+        dense_mp4 = _fetch(videos[0].get_attribute("src"))
+        zip_link = _wait(browser, lambda: browser.find_elements(*_by("#compare-zip a")), what="the download")
+        archive = zipfile.ZipFile(io.BytesIO(_fetch(zip_link[0].get_attribute("href"))))
+    finally:
+        browser.quit()
+    # The video the page plays is the one generate(request) makes (H.264: close, not equal; not colour-inverted)
+    import imageio.v3 as iio
+    import torch
+
+    torch.set_num_threads(int(THREADS))
+    request = GenerationRequest.from_dict(json.loads(archive.read("00-plain-request.json")))
+    assert (request.model, request.prompt, request.num_frames) == ("shapes-wan", "a red circle moving right", 33)
+    expected = np.stack([np.asarray(f) for f in generate(request).frames])
+    served = iio.imread(dense_mp4, extension=".mp4")
+    assert served.shape == expected.shape
+    assert np.abs(served.astype(np.int16) - expected.astype(np.int16)).mean() < 6
+
+
+def _choose(browser, css, option):
+    """Pick `option` in the dropdown `css` as a person does: open it, click the entry."""
+    browser.find_element(*_by(f"{css} input")).click()
+    entries = _wait(browser, lambda: [e for e in browser.find_elements(*_by("ul[role=listbox] li"))
+                                      if e.text.strip().endswith(option)], timeout=20, what=f"the entry {option}")  # fmt: skip
+    entries[0].click()
+
+
+def _shown(browser, css) -> bool:
+    return any(e.is_displayed() for e in browser.find_elements(*_by(css)))
+
+
+def test_choosing_a_model_starts_it_with_its_own_prompt_and_keeps_a_typed_one(server):
+    from diffattn.presets import PRESETS
+
+    browser = _browser()
+    try:
+        _open(browser, server)
+
+        def prompt():
+            return browser.find_element(*_by("#compare-prompt textarea")).get_attribute("value")
+
+        assert prompt() == PRESETS["shapes-sd"].prompt and _shown(browser, "#compare-methods")
+        _choose(browser, "#compare-model", "shapes-wan")
+        # the video model's own caption, not the image model's scene (which it was never trained on)
+        _wait(browser, lambda: prompt() == "a red circle moving right", timeout=20, what="the video model's prompt")
+        _wait(browser, lambda: not _shown(browser, "#compare-methods") and not _shown(browser, "#compare-subjects"),
+              timeout=20, what="the image methods hidden")  # fmt: skip
+        box = browser.find_element(*_by("#compare-prompt textarea"))
+        box.clear()
+        box.send_keys("a blue star moving up")
+        _choose(browser, "#compare-model", "shapes-sd")
+        _wait(browser, lambda: _shown(browser, "#compare-methods"), timeout=20, what="the image methods shown")
+        time.sleep(1.0)
+        assert prompt() == "a blue star moving up"  # typed: it stays
+        # an example's own prompt is what the form gets, whatever the model change does
+        _tab(browser, "Examples")
+        rows = _wait(browser, lambda: [r for r in browser.find_elements(*_by("tr")) if "tiny-sd" in r.text],
+                     what="the examples")  # fmt: skip
+        rows[0].click()
+        _tab(browser, "Compare")
+        _wait(browser, lambda: browser.find_element(*_by("#compare-model input")).get_attribute("value") == "tiny-sd",
+              timeout=20, what="the example filling the form")  # fmt: skip
+        time.sleep(1.0)
+        assert prompt() == "a red car and a white sheep"
     finally:
         browser.quit()
 

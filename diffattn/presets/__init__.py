@@ -64,7 +64,13 @@ class Preset:
     # sparse, and a count the model's autoencoder keeps (1 + a multiple of its time compression)
     compare_frames: int | None = None
 
+    @property
+    def prompt(self) -> str:
+        """The prompt the demo and the UI start this model with: its own, else the general one."""
+        return self.demo_prompt or GENERAL_PROMPT
 
+
+GENERAL_PROMPT = "a photo of a red cat sitting on a blue chair"  # presets without a vocabulary of their own
 SHIPPED = Path(__file__).parent
 
 PRESETS: dict[str, Preset] = {
