@@ -320,7 +320,8 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
     gallery = []
     for name, result, seconds in results:
         image = result.images[0] if result.images else (result.frames[0] if result.frames else None)
-        verdict = _describe(model, image) if not video else None
+        # the judge: which shapes and colours an image holds; for a video, the captioned objects' presence and motion
+        verdict = clip_verdict(result.frames, prompt or "") if video else _describe(model, image)
         caption = f"{name} · {seconds:.2f} s" + (f" · judge: {verdict}" if verdict else "")
         if image is not None:
             gallery.append((image, caption))
@@ -346,10 +347,6 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
             if density is not None
             else "\n\nradial attention: every step ran dense (dense steps >= steps)"
         )
-        for name, result in (("dense", dense), ("radial", radial)):
-            verdict = clip_verdict(result.frames, prompt or "")
-            if verdict is not None:
-                table += f"\n\njudge, {name}: {verdict}"
     archive = _zip([(f"{i:02d}-{name.replace(' ', '-')}", r) for i, (name, r, _) in enumerate(results)])
     return (
         gr.update(value=gallery, visible=not video),
@@ -655,9 +652,9 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                                            elem_classes="pixelated")  # fmt: skip
                         c_radial = gr.Video(label="Radial attention", visible=False, elem_id="compare-radial",
                                             elem_classes="pixelated")  # fmt: skip
+                    c_table = gr.Markdown(elem_id="compare-table")
                     c_mask = gr.Image(label="Radial mask (white: computed blocks)", visible=False, type="pil",
                                       format="png", elem_classes="pixelated")  # fmt: skip
-                    c_table = gr.Markdown(elem_id="compare-table")
                     c_zip = gr.File(label="Download (PNG/MP4, maps, mask, requests)", elem_id="compare-zip")
             c_state = gr.State(threading.Event)
             _job(c_run, c_stop, c_state, run_compare,
