@@ -429,6 +429,9 @@ def run_video(model, prompt, seed, steps, frames, height, width, radial, decay, 
             f" · every step ran dense: dense first steps ({request.radial.dense_timesteps}) >= steps; lower "
             "*Dense first steps* (about a quarter of the steps, as the paper does) to see radial attention"
         )
+    verdict = clip_verdict(result.frames, prompt or "")
+    if verdict is not None:
+        info += f"\n\njudge: {verdict}"
     info += _notes(result)
     video = _video_file(result, f"{Path(request.model).name}-seed{request.seed}")
     return video, result.radial_mask, info, _zip([("video", result)])

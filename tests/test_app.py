@@ -170,3 +170,17 @@ def test_a_model_change_starts_the_model_with_its_own_prompt_and_keeps_a_typed_o
     steps, frames, prompt, methods, subjects = app._compare_defaults("shapes-sd", "a blue star moving up")
     assert frames["visible"] is False and methods["visible"] is True and subjects["visible"] is True
     assert "value" not in prompt
+
+
+def test_the_video_tab_says_what_the_judge_sees_in_a_shapes_wan_video():
+    from diffattn.generation import generate
+    from diffattn.judge import clip_verdict
+    from diffattn.request import GenerationRequest
+
+    app = _load_app()
+    prompt = "a red circle moving right"
+    _, _, info, _ = app.run_video("shapes-wan", prompt, 0, 3, 9, None, None, False, 0.25, 1, 0, 16)
+    frames = generate(GenerationRequest("shapes-wan", prompt, seed=0, steps=3, num_frames=9)).frames
+    assert f"judge: {clip_verdict(frames, prompt)}" in info and "red circle in " in info
+    _, _, info, _ = app.run_video("shapes-wan", "a red cat", 0, 1, 5, None, None, False, 0.25, 1, 0, 16)
+    assert "judge" not in info  # not a caption of the model's form: nothing to read
