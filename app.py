@@ -373,18 +373,21 @@ def run_image(model, prompt, negative, seed, steps, guidance, height, width, met
     result = _run(request, stop)
     seconds = result.seconds  # the generation's own time, not the model's loading
     image = result.images[0]
+    # the attention explorer only where the method recorded maps (the editing methods own the attention layers)
     explorer = None
-    tokens = gr.update(choices=[], value=None)
-    steps_slider = gr.update(maximum=1, value=0)
-    token_map = None
+    tokens = gr.update(choices=[], value=None, visible=False)
+    steps_slider = gr.update(maximum=1, value=0, visible=False)
+    token_map = gr.update(value=None, visible=False)
     if result.attention_maps is not None:
         labels = [f"{i + 1}: {label}" for i, label in enumerate(result.attention_labels)]
         explorer = {"maps": result.attention_maps, "labels": labels, "image": image}
         count = result.attention_maps.shape[0]
-        tokens = gr.update(choices=labels, value=labels[0])
-        steps_slider = gr.update(minimum=0, maximum=count, value=0, step=1)
-        token_map = render_explorer(explorer, labels[0], 0)
+        tokens = gr.update(choices=labels, value=labels[0], visible=True)
+        steps_slider = gr.update(minimum=0, maximum=count, value=0, step=1, visible=True)
+        token_map = gr.update(value=render_explorer(explorer, labels[0], 0), visible=True)
     info = f"**{_method_name(request)}** · " + _request_line(request, seconds)
+    if result.attention_maps is None:
+        info += " · no attention maps recorded with this method and model"
     if result.subject_grid is not None:
         info += f" · IR-Diffusion with {len(result.reference_images)} subject references"
     if result.phase_seconds:

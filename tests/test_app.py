@@ -184,3 +184,21 @@ def test_the_video_tab_says_what_the_judge_sees_in_a_shapes_wan_video():
     assert f"judge: {clip_verdict(frames, prompt)}" in info and "red circle in " in info
     _, _, info, _ = app.run_video("shapes-wan", "a red cat", 0, 1, 5, None, None, False, 0.25, 1, 0, 16)
     assert "judge" not in info  # not a caption of the model's form: nothing to read
+
+
+def test_the_image_tab_shows_the_attention_explorer_only_where_maps_were_recorded():
+    app = _load_app()
+    image, explorer, tokens, steps, token_map, _, info, _ = app.run_image(
+        "shapes-sd", "a red circle", "", 0, 2, None, None, None, "plain", None, ""
+    )
+    assert explorer["maps"].shape[:2] == (2, 3)  # [steps, the prompt's words]
+    assert tokens["visible"] and tokens["choices"] == ["1: a", "2: red", "3: circle"]
+    assert steps["visible"] and steps["maximum"] == 2 and token_map["visible"] and token_map["value"] is not None
+    assert "no attention maps" not in info
+    _, explorer, tokens, steps, token_map, grid, info, _ = app.run_image(
+        "shapes-sd", "a red circle and a blue square", "", 0, 2, None, None, None, "IR-Diffusion", None,
+        "a red circle\na blue square",
+    )  # fmt: skip
+    assert explorer is None and grid is not None
+    assert not tokens["visible"] and not steps["visible"] and not token_map["visible"] and token_map["value"] is None
+    assert "no attention maps recorded with this method and model" in info
