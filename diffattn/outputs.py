@@ -13,9 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-from PIL import Image
-
 
 def video_export_available() -> bool:
     try:
@@ -31,14 +28,13 @@ def _png(image) -> Callable[[Path], None]:
 
 
 def _mp4(frames: list, fps: int) -> Callable[[Path], None]:
-    """Writer of an H.264 MP4 of `frames` (PIL images, or uint8 arrays [H, W, 3]) at their own size."""
+    """Writer of an H.264 MP4 of `frames` (PIL images, a `GenerationResult`'s) at their own size."""
     from diffusers.utils import export_to_video
 
-    # export_to_video scales numpy frames by 255 (it expects floats in [0, 1]: uint8 ones would wrap around, white
-    # to 1), so it gets PIL images; macro_block_size=1 keeps the frame size (imageio would scale it to a multiple
+    # PIL images, never numpy: export_to_video scales numpy frames by 255 (it expects floats in [0, 1]; uint8 ones
+    # would wrap around, white to 1). macro_block_size=1 keeps the frame size (imageio would scale it to a multiple
     # of 16), which the request's multiples of 8 leave even, as yuv420p needs
-    images = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
-    return lambda path: export_to_video(images, str(path), fps=fps, macro_block_size=1)
+    return lambda path: export_to_video(list(frames), str(path), fps=fps, macro_block_size=1)
 
 
 def result_files(result: Any, stem: str, fps: int = 8) -> list[tuple[str, Callable[[Path], None]]]:

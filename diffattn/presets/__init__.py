@@ -71,6 +71,7 @@ class Preset:
 
 
 GENERAL_PROMPT = "a photo of a red cat sitting on a blue chair"  # presets without a vocabulary of their own
+
 SHIPPED = Path(__file__).parent
 
 PRESETS: dict[str, Preset] = {
