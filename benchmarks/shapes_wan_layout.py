@@ -30,6 +30,7 @@ from PIL import Image
 from diffattn.judge import detect_objects, parse_clip_caption
 from diffattn.loading import load_pipeline
 from diffattn.presets import PRESETS
+from diffattn.shapes_video_training import transformer_size
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         results[model] = {
             "heads": pipe.transformer.config.num_attention_heads,
             "head_dim": pipe.transformer.config.attention_head_dim,
+            **transformer_size(pipe.transformer.config),
+            "parameters": sum(p.numel() for p in pipe.transformer.parameters()),
             **{key: interval([r[key] for r in rows]) for key in KEYS},
             "rows": rows,
         }

@@ -20,7 +20,15 @@ from pathlib import Path
 
 from .methods.radial_mask import BLOCK_SIZES
 from .presets import DEFAULT_PRESET, DEFAULT_VIDEO_PRESET, PRESETS
-from .presets.shapes_video import ATTENTION_HEADS, DEFAULT_ATTENTION_HEADS, NUM_FRAMES
+from .presets.shapes_video import (
+    ATTENTION_HEADS,
+    DEFAULT_ATTENTION_HEADS,
+    FFN_DIM,
+    INNER_DIM,
+    NUM_FRAMES,
+    NUM_LAYERS,
+    WIDTH_STEP,
+)
 
 
 EXIT_USAGE = 2
@@ -292,8 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train more at high noise: logit-normal noise levels mapped as the sampler's shift maps "
                        "its sigmas (1: unshifted; shapes-wan samples with shift 3)")  # fmt: skip
     video.add_argument("--attention-heads", type=int, default=DEFAULT_ATTENTION_HEADS, choices=ATTENTION_HEADS,
-                       help="heads of the transformer's 96-wide attention (4: 24-dim heads, 2: 48-dim heads, whose "
+                       help="heads of the transformer's attention (at --width 96, 4: 24-dim heads, 2: 48-dim heads, whose "
                        "rotary embedding resolves a frame's positions better; --init-from re-splits its weights)")  # fmt: skip
+    video.add_argument("--width", type=_positive_int, default=INNER_DIM,
+                       help=f"the transformer's attention width, a multiple of {WIDTH_STEP} ({INNER_DIM}; "
+                       "a new size trains from scratch: with --init-from, add --init-vae-only)")  # fmt: skip
+    video.add_argument("--layers", type=_positive_int, default=NUM_LAYERS,
+                       help=f"the transformer's blocks ({NUM_LAYERS})")  # fmt: skip
+    video.add_argument("--ffn-dim", type=_positive_int, default=FFN_DIM,
+                       help=f"the transformer's feed-forward width ({FFN_DIM})")  # fmt: skip
     video.add_argument("--init-vae-only", action="store_true",
                        help="with --init-from: take its trained autoencoder only; the transformer and text encoder "
                        "start fresh (e.g. to train another --attention-heads from scratch)")  # fmt: skip
@@ -351,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 vae_batch_size=args.vae_batch_size, vae_frames=args.vae_frames, vae_crop=args.vae_crop, lr=args.lr,
                 decoder_steps=args.decoder_steps, decoder_frames=args.decoder_frames, decoder_lr=args.decoder_lr,
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
-                attention_heads=args.attention_heads, timestep_shift=args.timestep_shift,
+                attention_heads=args.attention_heads, timestep_shift=args.timestep_shift, width=args.width,
+                num_layers=args.layers, ffn_dim=args.ffn_dim,
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes, ema_decay=args.ema_decay, num_workers=args.workers,
             )  # fmt: skip

@@ -38,7 +38,17 @@ import numpy as np
 import torch
 
 from .loading import dtype_keyword
-from .presets.shapes_video import ATTENTION_HEADS, DEFAULT_ATTENTION_HEADS, INNER_DIM, NUM_FRAMES, build_shapes_wan
+from .presets.shapes_video import (
+    ATTENTION_HEADS,
+    DEFAULT_ATTENTION_HEADS,
+    FFN_DIM,
+    INNER_DIM,
+    MAX_PRESET_MB,
+    NUM_FRAMES,
+    NUM_LAYERS,
+    build_shapes_wan,
+    check_transformer_size,
+)
 from .scenes import render_clip
 from .shapes_training import (
     _ema_update,
@@ -73,7 +83,10 @@ class ShapesVideoTrainingConfig:
     decoder_frames: int = NUM_FRAMES
     decoder_lr: float = 3e-4
     denoiser_steps: int = 20000
-    attention_heads: int = DEFAULT_ATTENTION_HEADS  # the 96-wide attention in heads of 96 / attention_heads dims
+    attention_heads: int = DEFAULT_ATTENTION_HEADS  # the attention in heads of width / attention_heads dims
+    width: int = INNER_DIM  # the transformer's size (the shipped weights': 96, 4 layers, 256)
+    num_layers: int = NUM_LAYERS
+    ffn_dim: int = FFN_DIM
     timestep_shift: float = 1.0  # noise levels of the flow-matching loss, mapped as the sampler maps its sigmas
     num_frames: int = NUM_FRAMES
     warmup_frames: int | None = None  # the first `warmup_steps` denoiser steps train on clips this long
@@ -99,6 +112,7 @@ class ShapesVideoTrainingConfig:
             raise ValueError(f"vae_crop={crop} is not allowed: expected a multiple of 4 in [8, 64] (the VAE's 4x)")
         check_int_range("warmup_steps", self.warmup_steps, 0)
         check_choice("attention_heads", self.attention_heads, ATTENTION_HEADS)
+        check_transformer_size(self.width, self.num_layers, self.ffn_dim)
         for name in ("vae_frames", "decoder_frames", "num_frames", "warmup_frames"):
             if name == "warmup_frames" and self.warmup_frames is None:
                 continue
@@ -275,6 +289,18 @@ def resplit_attention_heads(state: dict[str, torch.Tensor], inner_dim: int, old_
     return out
 
 
+def transformer_size(config) -> dict[str, int]:
+    """A WanTransformer3DModel config's size as the trainer's fields name it: width, num_layers, ffn_dim."""
+    return {"width": config.num_attention_heads * config.attention_head_dim, "num_layers": config.num_layers,
+            "ffn_dim": config.ffn_dim}  # fmt: skip
+
+
+def fp16_megabytes(pipe) -> float:
+    """What the exported pipeline's weights weigh in fp16 (MiB): the transformer, text encoder and autoencoder."""
+    models = (pipe.transformer, pipe.text_encoder, pipe.vae)
+    return sum(p.numel() for m in models for p in m.parameters()) * 2 / 2**20
+
+
 def _load_exported(pipe, folder: Path, vae_only: bool = False) -> dict[str, Any]:
     """Weights of an exported pipeline folder (safetensors only) into `pipe`; returns its step counters.
 
@@ -295,15 +321,21 @@ def _load_exported(pipe, folder: Path, vae_only: bool = False) -> dict[str, Any]
                              "calibrated (train it to the end first)")  # fmt: skip
         return {"vae_step": state["vae_step"], "decoder_step": state.get("decoder_step", 0), "denoiser_step": 0,
                 "calibrated": True, **calibration}  # fmt: skip
+    theirs, ours = transformer_size(exported.transformer.config), transformer_size(pipe.transformer.config)
+    for name in ours:
+        if theirs[name] != ours[name]:
+            raise ValueError(f"{name}={ours[name]} is not allowed with init_from={str(folder)!r}: its transformer has "
+                             f"{name}={theirs[name]} (pass that, or init_vae_only to train a new transformer on its "
+                             "autoencoder)")  # fmt: skip
     pipe.text_encoder.load_state_dict(exported.text_encoder.state_dict())
     transformer = exported.transformer.state_dict()
     heads = (exported.transformer.config.num_attention_heads, pipe.transformer.config.num_attention_heads)
     if heads[0] != heads[1]:
-        # Same weight shapes (the 96-wide attention is only split differently), but merged or split heads attend
+        # Same weight shapes (the attention is only split differently), but merged or split heads attend
         # differently, so the transformer starts from related weights rather than a trained model.
         logger.warning("%s has %d attention heads, this run %d: its weights are re-split into %d heads",
                        folder, heads[0], heads[1], heads[1])  # fmt: skip
-        transformer = resplit_attention_heads(transformer, INNER_DIM, *heads)
+        transformer = resplit_attention_heads(transformer, ours["width"], *heads)
     pipe.transformer.load_state_dict(transformer)
     counters = {k: state[k] for k in ("vae_step", "decoder_step", "denoiser_step", "calibrated") if k in state}
     # The calibration travels with the state: the run's checkpoints and its own export need it to resume.
@@ -364,7 +396,13 @@ def train_shapes_video(
     out.mkdir(parents=True, exist_ok=True)
     deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = build_shapes_wan(config.seed, config.attention_heads).to(device)
+    pipe = build_shapes_wan(config.seed, config.attention_heads, config.width, config.num_layers, config.ffn_dim)
+    megabytes = fp16_megabytes(pipe)
+    if megabytes > MAX_PRESET_MB:
+        raise ValueError(f"width={config.width}, num_layers={config.num_layers}, ffn_dim={config.ffn_dim} is not "
+                         f"allowed: the exported pipeline would hold {megabytes:.1f} MB of fp16 weights, over the "
+                         f"{MAX_PRESET_MB} MB a shapes-wan preset may weigh")  # fmt: skip
+    pipe = pipe.to(device)
     vae, transformer, text_encoder, tokenizer = pipe.vae, pipe.transformer, pipe.text_encoder, pipe.tokenizer
     denoiser_params = list(transformer.parameters()) + list(text_encoder.parameters())
     optimizers = {
@@ -378,10 +416,18 @@ def train_shapes_video(
     ema = None
     if resume and checkpoint.is_file():
         saved = load_checkpoint(checkpoint, device)
-        saved_heads = saved["state"].get("config", {}).get("attention_heads", DEFAULT_ATTENTION_HEADS)
+        saved_config = saved["state"].get("config", {})
+        saved_heads = saved_config.get("attention_heads", DEFAULT_ATTENTION_HEADS)
         if saved_heads != config.attention_heads:
             raise ValueError(f"attention_heads={config.attention_heads} is not allowed for {checkpoint}: its run "
                              f"trains {saved_heads} heads (pass --attention-heads {saved_heads}, or --fresh)")  # fmt: skip
+        shipped = {"width": INNER_DIM, "num_layers": NUM_LAYERS, "ffn_dim": FFN_DIM}  # checkpoints from before
+        for name, default in shipped.items():
+            if saved_config.get(name, default) != getattr(config, name):
+                flag = "--" + name.replace("num_", "").replace("_", "-")
+                raise ValueError(f"{name}={getattr(config, name)} is not allowed for {checkpoint}: its run trains "
+                                 f"{name}={saved_config.get(name, default)} (pass {flag} "
+                                 f"{saved_config.get(name, default)}, or --fresh)")  # fmt: skip
         for name in ("vae", "transformer", "text_encoder"):
             getattr(pipe, name).load_state_dict(saved["models"][name])
         for name, opt_state in saved["optimizers"].items():

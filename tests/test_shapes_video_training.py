@@ -185,6 +185,47 @@ def test_attention_heads_split_the_same_width_and_a_run_keeps_its_split(tmp_path
     assert train_shapes_video(second, _config(denoiser_steps=3, attention_heads=2))["denoiser_step"] == 3
 
 
+def test_the_transformer_size_is_a_choice_a_run_keeps_and_the_preset_budget_bounds(tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    from diffattn.cli import main
+    from diffattn.presets.shapes_video import build_shapes_wan
+
+    wide = build_shapes_wan(width=192, num_layers=2, ffn_dim=128).transformer
+    assert (wide.config.num_attention_heads, wide.config.attention_head_dim) == (4, 48)
+    assert (len(wide.blocks), wide.blocks[0].ffn.net[0].proj.out_features) == (2, 128)
+    assert wide.blocks[0].attn1.to_q.weight.shape == (192, 192)
+    shipped = build_shapes_wan().transformer
+    assert (len(shipped.blocks), shipped.blocks[0].attn1.to_q.weight.shape[0]) == (4, 96)
+    with pytest.raises(ValueError, match=r"width=100 is not allowed: expected a multiple of 24 in \[24, 384\]"):
+        build_shapes_wan(width=100)
+    with pytest.raises(ValueError, match=r"num_layers=0 is not allowed: expected an int in \[1, 12\]"):
+        ShapesVideoTrainingConfig(num_layers=0)
+    # the fp16 export of 384 wide, 12 blocks and a 2048 feed-forward weighs ~60 MB: refused before a step
+    with pytest.raises(ValueError, match=r"ffn_dim=2048 is not allowed: the exported pipeline would hold \d+\.\d MB"):
+        train_shapes_video(tmp_path / "huge", _config(width=384, num_layers=12, ffn_dim=2048))
+    assert not (tmp_path / "huge" / "checkpoint.pt").exists()
+
+    narrow = tmp_path / "narrow"
+    assert main(["train-shapes-video", "--out", str(narrow), "--vae-steps", "2", "--vae-frames", "5",
+                 "--vae-batch-size", "1", "--denoiser-steps", "2", "--batch-size", "1", "--device", "cpu",
+                 "--width", "48", "--layers", "1", "--ffn-dim", "32", "--attention-heads", "2"]) == 0  # fmt: skip
+    exported = DiffusionPipeline.from_pretrained(narrow / "pipeline", use_safetensors=True, torch_dtype=torch.float32)
+    config = exported.transformer.config
+    assert (config.num_attention_heads * config.attention_head_dim, config.num_layers, config.ffn_dim) == (48, 1, 32)
+    # a run resumes only at its own size; another size continuing its export must start a new transformer
+    with pytest.raises(ValueError, match="width=96 is not allowed for .*checkpoint.pt: its run trains width=48 "
+                       r"\(pass --width 48, or --fresh\)"):  # fmt: skip
+        train_shapes_video(narrow, _config(denoiser_steps=3, attention_heads=2, num_layers=1, ffn_dim=32))
+    small = {"attention_heads": 2, "width": 48, "ffn_dim": 32}
+    with pytest.raises(ValueError, match="num_layers=2 is not allowed with init_from=.*narrow/pipeline'?: its "
+                       "transformer has num_layers=1"):  # fmt: skip
+        train_shapes_video(tmp_path / "deeper", _config(num_layers=2, **small), init_from=narrow / "pipeline")
+    deeper = train_shapes_video(tmp_path / "deeper", _config(num_layers=2, **small), init_from=narrow / "pipeline",
+                                init_vae_only=True)  # fmt: skip
+    assert (deeper["vae_step"], deeper["denoiser_step"]) == (2, 2)
+
+
 @pytest.mark.parametrize("head_dim", [24, 48, 96])
 def test_rotary_pairs_are_diffusers_wan_layout(head_dim):
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
