@@ -381,6 +381,49 @@ def test_layout_judge_counts_copies_of_the_captioned_colour():
     assert rows == [pytest.approx({"found": 2 / 4, "colour": 3 / 4, "one_region": 2 / 4, "regions": 1.0})]
 
 
+def test_motion_geometry_measures_smear_along_the_motion_and_where_copies_lie():
+    import shapes_wan_motion_geometry as geometry
+    from PIL import Image, ImageDraw
+
+    from diffattn.scenes import COLORS, HELD_OUT_CLIP_SEED, render_clip
+
+    def frame(boxes, color="red"):
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        for box in boxes:
+            draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=COLORS[color])
+        return np.asarray(image)
+
+    smeared = frame([(4, 20, 44, 30)])  # 40 px wide, 10 tall
+    stacked = frame([(10, 4, 30, 14), (10, 40, 30, 50)])  # two 20x10 bars, one above the other
+    assert geometry.frame_geometry(smeared, "red", "horizontal") == {"log2_stretch": 2.0, "apart_along": None}
+    assert geometry.frame_geometry(smeared, "red", "vertical") == {"log2_stretch": -2.0, "apart_along": None}
+    assert geometry.frame_geometry(stacked, "red", "horizontal") == {"log2_stretch": 1.0, "apart_along": False}
+    assert geometry.frame_geometry(stacked, "red", "vertical")["apart_along"] is True
+    assert geometry.frame_geometry(smeared, "blue", "horizontal") is None
+    # per axis: every 4th frame; a 4x stretch and a square average to 2x (log2 means), 1 of 1 two-region frames
+    # apart across the motion; the blank frame and the unmeasured frames count for nothing
+    square, blank = frame([(20, 20, 36, 36)]), frame([])
+    # measured: frame 0 (4x stretch), 4 (blank: nothing), 8 (two bars, 2x each), 12 (a square); the rest not
+    video = np.stack([smeared, square, square, square, blank, square, square, square, stacked, square, square, square,
+                      square])  # fmt: skip
+    out = geometry.video_geometry([video], ["a red square moving right"])
+    assert out["horizontal"]["frames"] == 3 and out["horizontal"]["two_region_frames"] == 1
+    assert out["horizontal"]["stretch_along_motion"]["mean"] == pytest.approx(2.0)  # 2 ** mean(2, 1, 0)
+    assert out["horizontal"]["apart_along_motion"]["mean"] == 0.0
+    assert out["vertical"] == {"frames": 0, "stretch_along_motion": None, "two_region_frames": 0,
+                               "apart_along_motion": None}  # fmt: skip
+    # rendered clips: the shapes are as long as they are wide, whichever way they move
+    prompts = rq.held_out_prompts(4, 9, single_only=True)
+    clips = [render_clip(HELD_OUT_CLIP_SEED + p.seed, 9) for p in prompts]
+    rendered = geometry.video_geometry([np.stack([np.asarray(f) for f in c.frames]) for c in clips],
+                                       [c.caption for c in clips])  # fmt: skip
+    assert sum(rendered[axis]["frames"] for axis in geometry.AXES) == 4 * 3
+    for axis in geometry.AXES:
+        if rendered[axis]["frames"]:
+            assert rendered[axis]["stretch_along_motion"]["mean"] == pytest.approx(1.0, abs=0.05)
+
+
 def test_each_part_names_the_training_counters_of_the_weights_it_measured(tmp_path):
     (tmp_path / "training_state.json").write_text('{"vae_step": 5700, "denoiser_step": 9235, "calibrated": true}')
     assert rq.training_counters(str(tmp_path)) == {"vae_step": 5700, "decoder_step": 0, "denoiser_step": 9235}
