@@ -300,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train more at high noise: logit-normal noise levels mapped as the sampler's shift maps "
                        "its sigmas (1: unshifted; shapes-wan samples with shift 3)")  # fmt: skip
     video.add_argument("--attention-heads", type=int, default=DEFAULT_ATTENTION_HEADS, choices=ATTENTION_HEADS,
-                       help="heads of the transformer's attention (at --width 96, 4: 24-dim heads, 2: 48-dim heads, whose "
-                       "rotary embedding resolves a frame's positions better; --init-from re-splits its weights)")  # fmt: skip
+                       help="heads of the transformer's attention (at --width 96, 4: 24-dim heads, 2: 48-dim "
+                       "heads, whose rotary embedding resolves a frame's positions better; --init-from re-splits "
+                       "its weights)")  # fmt: skip
     video.add_argument("--width", type=_positive_int, default=INNER_DIM,
                        help=f"the transformer's attention width, a multiple of {WIDTH_STEP} ({INNER_DIM}; "
                        "a new size trains from scratch: with --init-from, add --init-vae-only)")  # fmt: skip
