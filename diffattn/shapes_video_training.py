@@ -289,6 +289,16 @@ def resplit_attention_heads(state: dict[str, torch.Tensor], inner_dim: int, old_
     return out
 
 
+# The fields a run cannot change once it has a checkpoint: its command-line flag, and the value a checkpoint saved
+# before the field existed was trained with.
+ARCHITECTURE_FIELDS = {
+    "attention_heads": ("--attention-heads", DEFAULT_ATTENTION_HEADS),
+    "width": ("--width", INNER_DIM),
+    "num_layers": ("--layers", NUM_LAYERS),
+    "ffn_dim": ("--ffn-dim", FFN_DIM),
+}
+
+
 def transformer_size(config) -> dict[str, int]:
     """A WanTransformer3DModel config's size as the trainer's fields name it: width, num_layers, ffn_dim."""
     return {"width": config.num_attention_heads * config.attention_head_dim, "num_layers": config.num_layers,
@@ -417,17 +427,11 @@ def train_shapes_video(
     if resume and checkpoint.is_file():
         saved = load_checkpoint(checkpoint, device)
         saved_config = saved["state"].get("config", {})
-        saved_heads = saved_config.get("attention_heads", DEFAULT_ATTENTION_HEADS)
-        if saved_heads != config.attention_heads:
-            raise ValueError(f"attention_heads={config.attention_heads} is not allowed for {checkpoint}: its run "
-                             f"trains {saved_heads} heads (pass --attention-heads {saved_heads}, or --fresh)")  # fmt: skip
-        shipped = {"width": INNER_DIM, "num_layers": NUM_LAYERS, "ffn_dim": FFN_DIM}  # checkpoints from before
-        for name, default in shipped.items():
-            if saved_config.get(name, default) != getattr(config, name):
-                flag = "--" + name.replace("num_", "").replace("_", "-")
+        for name, (flag, before) in ARCHITECTURE_FIELDS.items():
+            trained = saved_config.get(name, before)
+            if trained != getattr(config, name):
                 raise ValueError(f"{name}={getattr(config, name)} is not allowed for {checkpoint}: its run trains "
-                                 f"{name}={saved_config.get(name, default)} (pass {flag} "
-                                 f"{saved_config.get(name, default)}, or --fresh)")  # fmt: skip
+                                 f"{trained} (pass {flag} {trained}, or --fresh)")  # fmt: skip
         for name in ("vae", "transformer", "text_encoder"):
             getattr(pipe, name).load_state_dict(saved["models"][name])
         for name, opt_state in saved["optimizers"].items():

@@ -214,7 +214,7 @@ def test_the_transformer_size_is_a_choice_a_run_keeps_and_the_preset_budget_boun
     config = exported.transformer.config
     assert (config.num_attention_heads * config.attention_head_dim, config.num_layers, config.ffn_dim) == (48, 1, 32)
     # a run resumes only at its own size; another size continuing its export must start a new transformer
-    with pytest.raises(ValueError, match="width=96 is not allowed for .*checkpoint.pt: its run trains width=48 "
+    with pytest.raises(ValueError, match="width=96 is not allowed for .*checkpoint.pt: its run trains 48 "
                        r"\(pass --width 48, or --fresh\)"):  # fmt: skip
         train_shapes_video(narrow, _config(denoiser_steps=3, attention_heads=2, num_layers=1, ffn_dim=32))
     small = {"attention_heads": 2, "width": 48, "ffn_dim": 32}
