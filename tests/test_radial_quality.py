@@ -504,3 +504,36 @@ def test_readme_tables_are_the_committed_json():
     assert not missing, f"README rows that differ from {tables.DEFAULT_JSON.name}: {missing}"
     variants = report["fidelity"]["variants"]
     assert {variants[name]["blocks"] for name in rq.BASELINES} == {variants["radial-0.25"]["blocks"]}
+
+
+def test_noise_levels_denoise_as_wan_pipeline_does_and_noise_on_the_flow_matching_path():
+    import shapes_wan_noise_levels as levels
+    from PIL import Image, ImageDraw
+
+    from diffattn.loading import load_pipeline
+    from diffattn.scenes import COLORS
+
+    pipe = load_pipeline("shapes-wan", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    call = {"height": 32, "width": 32, "num_frames": 5, "guidance_scale": 5.0, "max_sequence_length": 32}
+    captions = ["a red circle moving right", "a blue star moving up"]
+    start = torch.randn(2, 8, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    # from step 0 the loop is WanPipeline's own: the same latents out of the same latents in
+    expected = pipe(prompt=captions, latents=start, num_inference_steps=3, output_type="latent", **call).frames
+    ours = levels.denoise_from(pipe, start, captions, start_step=0, steps=3, guidance=5.0, max_sequence_length=32)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    # a later start: the flow-matching mix diffusers' scheduler makes, and only the remaining steps run
+    clean, noise = torch.randn(2, 8, 2, 8, 8), torch.randn(2, 8, 2, 8, 8)
+    x = levels.noised(pipe, clean, noise, 2, 3)
+    torch.testing.assert_close(x, pipe.scheduler.scale_noise(clean, pipe.scheduler.timesteps[2:3], noise))
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    levels.denoise_from(pipe, x, captions, start_step=2, steps=3, guidance=5.0, max_sequence_length=32)
+    hook.remove()
+    assert len(calls) == 2  # one step, conditional and unconditional
+    # on its track: a red square whose centre is inside the ground-truth box in the first frame only
+    image = Image.new("RGB", (64, 64), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle((10, 10, 25, 25), fill=COLORS["red"])
+    video = np.stack([np.asarray(image)] * 2)
+    assert levels.on_track(video, "red", [(8, 8, 28, 28), (40, 40, 60, 60)]) == 0.5
+    assert levels.on_track(video, "blue", [(8, 8, 28, 28), (8, 8, 28, 28)]) == 0.0

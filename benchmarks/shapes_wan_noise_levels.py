@@ -1,0 +1,162 @@
+"""At which noise levels does a shapes-wan model lose its objects? Rendered clips denoised from each level (CPU).
+
+    python benchmarks/shapes_wan_noise_levels.py --models shapes-wan --videos 32 --start-steps 0 6 10 15 19 --out F.json
+
+Per held-out single-object prompt, its rendered clip is encoded by the model's VAE (posterior mode, normalised as
+WanPipeline's latents are), mixed with the prompt's seeded noise at the sampler's noise level of step k
+(x = (1 - sigma_k) z + sigma_k eps, the flow-matching path the model trained on) and denoised from step k on with the
+preset's sampler (its steps, shift and guidance; the update WanPipeline makes), then decoded and judged as the
+targets part of `radial_quality.py` judges a video (kept, right direction, presence) and by
+`shapes_wan_motion_geometry.py` (stretch along the motion). Step 0 starts from noise alone: what the preset
+generates. A later start hands the model the clip's layout at that noise level, so the figures say which part of
+sampling loses the objects: the early, noisy steps that decide where an object is in each frame, or the late ones
+that draw it. "On its track": the share of frames with a region of the captioned colour whose centre lies in the
+clip's ground-truth box (did the model keep the layout it was handed?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffattn.judge import detect_objects, parse_clip_caption
+from diffattn.loading import load_pipeline
+from diffattn.presets import PRESETS
+from diffattn.scenes import HELD_OUT_CLIP_SEED, render_clip
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import write_report  # noqa: E402
+from radial_quality import MODEL, held_out_prompts, interval, judge_video  # noqa: E402
+from shapes_wan_motion_geometry import AXES, video_geometry  # noqa: E402
+
+
+def latent_scale(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """WanPipeline's latent normalisation: (mean, std), each [1, C, 1, 1, 1]; normalised = (z - mean) / std."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+def encode_clip(pipe, frames: list[Image.Image]) -> torch.Tensor:
+    """A clip's frames (PIL, RGB) -> normalised latents [1, C, F', H', W'] (posterior mode)."""
+    video = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).float() / 127.5 - 1
+    mean, std = latent_scale(pipe.vae)
+    with torch.no_grad():
+        z = pipe.vae.encode(video.permute(3, 0, 1, 2)[None]).latent_dist.mode()
+    return (z - mean) / std
+
+
+def decode(pipe, latents: torch.Tensor) -> list[np.ndarray]:
+    """Normalised latents [B, C, F', H', W'] -> uint8 videos [F, H, W, 3], decoded as WanPipeline decodes."""
+    mean, std = latent_scale(pipe.vae)
+    with torch.no_grad():
+        video = pipe.vae.decode(latents * std + mean).sample
+    frames = pipe.video_processor.postprocess_video(video, output_type="np")
+    return [(np.clip(np.asarray(v), 0, 1) * 255).round().astype(np.uint8) for v in frames]
+
+
+def noised(pipe, latents: torch.Tensor, noise: torch.Tensor, start_step: int, steps: int) -> torch.Tensor:
+    """The latents at the sampler's noise level of `start_step` of `steps`: (1 - sigma) latents + sigma noise."""
+    pipe.scheduler.set_timesteps(steps)
+    sigma = pipe.scheduler.sigmas[start_step]
+    return (1 - sigma) * latents + sigma * noise
+
+
+def denoise_from(pipe, latents: torch.Tensor, captions: list[str], *, start_step: int, steps: int, guidance: float,
+                 max_sequence_length: int) -> torch.Tensor:  # fmt: skip
+    """WanPipeline's denoising loop (classifier-free guidance, the scheduler's update) run from `start_step` of
+    `steps` on noisy normalised latents [B, C, F', H', W']; returns the final latents, same layout."""
+    with torch.no_grad():
+        positive, negative = pipe.encode_prompt(captions, [""] * len(captions), do_classifier_free_guidance=True,
+                                                max_sequence_length=max_sequence_length)  # fmt: skip
+        pipe.scheduler.set_timesteps(steps)
+        pipe.scheduler.set_begin_index(start_step)
+        x = latents
+        for t in pipe.scheduler.timesteps[start_step:]:
+            timestep = t.expand(x.shape[0])
+            cond = pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=positive,
+                                    return_dict=False)[0]  # fmt: skip
+            uncond = pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=negative,
+                                      return_dict=False)[0]  # fmt: skip
+            x = pipe.scheduler.step(uncond + guidance * (cond - uncond), t, x, return_dict=False)[0]
+    return x
+
+
+def on_track(video: np.ndarray, color: str, boxes) -> float:
+    """Share of frames with a region of `color` whose centre lies in that frame's ground-truth box."""
+    hits = 0
+    for frame, (x0, y0, x1, y1) in zip(video, boxes):
+        regions = [d for d in detect_objects(Image.fromarray(frame)) if d.color == color]
+        hits += any(x0 <= cx < x1 and y0 <= cy < y1 for cx, cy in (r.center for r in regions))
+    return hits / len(video)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", required=True, help="exported shapes-wan pipeline folders (or ids)")
+    parser.add_argument("--videos", type=int, default=32, help="held-out single-object prompts (32)")
+    parser.add_argument("--start-steps", type=int, nargs="+", default=[0, 6, 10, 15, 19],
+                        help="sampler steps to start from (0: noise alone, as the preset samples)")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=8, help="videos denoised together")
+    parser.add_argument("--out", type=Path, required=True, help="JSON path")
+    args = parser.parse_args(argv)
+    preset = PRESETS[MODEL]
+    defaults = dict(preset.call_defaults)
+    frames, steps = defaults["num_frames"], preset.steps
+    for step in args.start_steps:
+        if not 0 <= step < steps:
+            parser.error(f"--start-steps {step} is not allowed: expected 0 to {steps - 1} (the preset's {steps} steps)")
+    prompts = held_out_prompts(args.videos, frames, single_only=True)
+    clips = [render_clip(HELD_OUT_CLIP_SEED + p.seed, frames) for p in prompts]
+    captions = [p.caption for p in prompts]
+    results = {}
+    for model in args.models:
+        pipe = load_pipeline(model, device="cpu")
+        clean = torch.cat([encode_clip(pipe, clip.frames) for clip in clips])
+        noise = torch.cat([torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(p.seed))[None]
+                           for p in prompts])  # fmt: skip
+        results[model] = {}
+        for step in args.start_steps:
+            videos = []
+            for start in range(0, len(prompts), args.batch):
+                part = slice(start, start + args.batch)
+                x = noised(pipe, clean[part], noise[part], step, steps)
+                x = denoise_from(pipe, x, captions[part], start_step=step, steps=steps,
+                                 guidance=defaults["guidance_scale"],
+                                 max_sequence_length=defaults["max_sequence_length"])  # fmt: skip
+                videos += decode(pipe, x)
+            rows = [judge_video(video, caption) for video, caption in zip(videos, captions)]
+            tracks = []
+            for video, clip in zip(videos, clips):
+                ((color, _, _),) = parse_clip_caption(clip.caption)
+                tracks.append(on_track(video, color, clip.objects[0].boxes))
+            pipe.scheduler.set_timesteps(steps)
+            result = {
+                "sigma": float(pipe.scheduler.sigmas[step]),
+                "kept": interval([float(r["kept"]) for r in rows]),
+                "direction": interval([float(r["direction"]) for r in rows]),
+                "presence": interval([r["present"] for r in rows]),
+                "on_track": interval(tracks),
+                **video_geometry(videos, captions),
+            }
+            results[model][str(step)] = result
+            stretch = [result[a]["stretch_along_motion"] for a in AXES]
+            print(f"{model} from step {step} (sigma {result['sigma']:.2f}): kept {result['kept']['mean']:.1%}, "
+                  f"direction {result['direction']['mean']:.1%}, presence {result['presence']['mean']:.1%}, "
+                  f"on its track {result['on_track']['mean']:.1%}, stretch "
+                  + ", ".join(f"{a} {s['mean']:.2f}x" if s else a for a, s in zip(AXES, stretch)), flush=True)
+        del pipe
+    fields = {"frames": frames, "steps": steps, "call": defaults, "start_steps": args.start_steps,
+              "prompts": [{"caption": p.caption, "seed": p.seed} for p in prompts], "models": results}  # fmt: skip
+    write_report("shapes_wan_noise_levels", "cpu", fields, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
