@@ -14,7 +14,9 @@
 # heads; benchmarks/results/shapes_wan_h200/pipeline continues the H200 run of 2026-12-04), preset (the
 # trained runs/shapes-wan/pipeline becomes the installed package's shapes-wan preset, so what follows measures it as
 # users load it), quality:PART[,PART] (benchmarks/radial_quality.py on the shapes-wan preset, PARTs of targets,
-# fidelity, energy, extension), sparse (the Triton launch sweep, whose fastest configs go to
+# fidelity, energy, extension), levels (benchmarks/shapes_wan_noise_levels.py: the shapes-wan preset, after `preset`
+# the trained one, against the repository's diffattn/presets/shapes_wan, on 96 prompts from noise and from sigma
+# 0.87 and 0.73, where a better-trained transformer shows first), sparse (the Triton launch sweep, whose fastest configs go to
 # diffattn/kernels/launch_configs.json and the installed package, then the block-sparse benchmark: run it before
 # tests so they check the configs it picked), editing (editing.py on the SD 1.5 config), radial (radial_e2e), agent
 # (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
@@ -23,7 +25,8 @@
 # INIT_VAE_ONLY=1: a run that starts (no checkpoint yet) takes INIT_FROM's autoencoder only, a new transformer.
 # DECODER_FROM: a run that starts takes this folder's decoder instead of INIT_FROM's (the same encoder and latent
 # calibration, checked), e.g. DECODER_FROM=diffattn/presets/shapes_wan (trained on 33-frame clips) with the H200 run.
-# DEVICE (default cuda), TRAIN_BATCH and QUALITY_ARGS (extra radial_quality flags) let a CPU rehearse the stages.
+# DEVICE (default cuda), TRAIN_BATCH, QUALITY_ARGS (extra radial_quality flags) and LEVELS_VIDEOS (96) let a CPU
+# rehearse the stages.
 set -u
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT" logs runs
@@ -118,6 +121,10 @@ for stage in "$@"; do
                 --parts ${parts//,/ } --device "$DEVICE" --batch 32 --store runs/quality-store \
                 --out "benchmarks/results/radial_quality-$name-gpu.json" $QUALITY_ARGS 2>&1 \
                 | tee -a "logs/bench_quality_$name.log" | tail -20 ;;
+        levels)  # where sampling loses the objects: the installed preset against the checkout's shipped weights
+            DIFFATTN_JUDGE_WORKERS=$(nproc) timeout "$(limit 420)" python3 benchmarks/shapes_wan_noise_levels.py --device "$DEVICE" --batch 32 \
+                --models shapes-wan diffattn/presets/shapes_wan --videos "${LEVELS_VIDEOS:-96}" --start-steps 0 6 10 \
+                --out benchmarks/results/shapes_wan_noise_levels-gpu.json 2>&1 | tee -a logs/bench_levels.log | tail -8 ;;
         sparse)
             timeout 240 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 \
                 --write-launch-configs diffattn/kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;

@@ -1,6 +1,7 @@
-"""At which noise levels does a shapes-wan model lose its objects? Rendered clips denoised from each level (CPU).
+"""At which noise levels does a shapes-wan model lose its objects? Rendered clips denoised from each level.
 
     python benchmarks/shapes_wan_noise_levels.py --models shapes-wan --videos 32 --start-steps 0 6 10 15 19 --out F.json
+    python benchmarks/shapes_wan_noise_levels.py --models shapes-wan runs/a/pipeline --device cuda --videos 96 ...
 
 Per held-out single-object prompt, its rendered clip is encoded by the model's VAE (posterior mode, normalised as
 WanPipeline's latents are), mixed with the prompt's seeded noise at the sampler's noise level of step k
@@ -32,32 +33,36 @@ from diffattn.scenes import HELD_OUT_CLIP_SEED, render_clip
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import write_report  # noqa: E402
-from radial_quality import MODEL, held_out_prompts, interval, judge_video  # noqa: E402
+from radial_quality import MODEL, held_out_prompts, interval, judge_videos  # noqa: E402
 from shapes_wan_motion_geometry import AXES, video_geometry  # noqa: E402
 
 
 def latent_scale(vae) -> tuple[torch.Tensor, torch.Tensor]:
-    """WanPipeline's latent normalisation: (mean, std), each [1, C, 1, 1, 1]; normalised = (z - mean) / std."""
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    """WanPipeline's latent normalisation: (mean, std), each [1, C, 1, 1, 1] on the VAE's device and in its dtype;
+    normalised = (z - mean) / std."""
+    like = {"device": vae.device, "dtype": vae.dtype}
+    mean = torch.tensor(vae.config.latents_mean, **like).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, **like).view(1, -1, 1, 1, 1)
     return mean, std
 
 
 def encode_clip(pipe, frames: list[Image.Image]) -> torch.Tensor:
-    """A clip's frames (PIL, RGB) -> normalised latents [1, C, F', H', W'] (posterior mode)."""
+    """A clip's frames (PIL, RGB) -> normalised latents [1, C, F', H', W'] (posterior mode), float32 as WanPipeline
+    keeps its latents."""
     video = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).float() / 127.5 - 1
+    video = video.to(pipe.vae.device, pipe.vae.dtype)
     mean, std = latent_scale(pipe.vae)
     with torch.no_grad():
         z = pipe.vae.encode(video.permute(3, 0, 1, 2)[None]).latent_dist.mode()
-    return (z - mean) / std
+    return ((z - mean) / std).float()
 
 
 def decode(pipe, latents: torch.Tensor) -> list[np.ndarray]:
     """Normalised latents [B, C, F', H', W'] -> uint8 videos [F, H, W, 3], decoded as WanPipeline decodes."""
     mean, std = latent_scale(pipe.vae)
     with torch.no_grad():
-        video = pipe.vae.decode(latents * std + mean).sample
-    frames = pipe.video_processor.postprocess_video(video, output_type="np")
+        video = pipe.vae.decode(latents.to(pipe.vae.dtype) * std + mean).sample
+    frames = pipe.video_processor.postprocess_video(video.float(), output_type="np")
     return [(np.clip(np.asarray(v), 0, 1) * 255).round().astype(np.uint8) for v in frames]
 
 
@@ -75,14 +80,14 @@ def denoise_from(pipe, latents: torch.Tensor, captions: list[str], *, start_step
     with torch.no_grad():
         positive, negative = pipe.encode_prompt(captions, [""] * len(captions), do_classifier_free_guidance=True,
                                                 max_sequence_length=max_sequence_length)  # fmt: skip
-        pipe.scheduler.set_timesteps(steps)
+        pipe.scheduler.set_timesteps(steps, device=pipe.transformer.device)
         pipe.scheduler.set_begin_index(start_step)
         x = latents
         for t in pipe.scheduler.timesteps[start_step:]:
-            timestep = t.expand(x.shape[0])
-            cond = pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=positive,
+            timestep, model_input = t.expand(x.shape[0]), x.to(pipe.transformer.dtype)
+            cond = pipe.transformer(hidden_states=model_input, timestep=timestep, encoder_hidden_states=positive,
                                     return_dict=False)[0]  # fmt: skip
-            uncond = pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=negative,
+            uncond = pipe.transformer(hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative,
                                       return_dict=False)[0]  # fmt: skip
             x = pipe.scheduler.step(uncond + guidance * (cond - uncond), t, x, return_dict=False)[0]
     return x
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-steps", type=int, nargs="+", default=[0, 6, 10, 15, 19],
                         help="sampler steps to start from (0: noise alone, as the preset samples)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=8, help="videos denoised together")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU: the weights' saved dtype)")
     parser.add_argument("--out", type=Path, required=True, help="JSON path")
     args = parser.parse_args(argv)
     preset = PRESETS[MODEL]
@@ -111,16 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     frames, steps = defaults["num_frames"], preset.steps
     for step in args.start_steps:
         if not 0 <= step < steps:
-            parser.error(f"--start-steps {step} is not allowed: expected 0 to {steps - 1} (the preset's {steps} steps)")
+            parser.error(
+                f"--start-steps {step} is not allowed: expected 0 to {steps - 1} (the preset's {steps} steps)"
+            )
     prompts = held_out_prompts(args.videos, frames, single_only=True)
     clips = [render_clip(HELD_OUT_CLIP_SEED + p.seed, frames) for p in prompts]
     captions = [p.caption for p in prompts]
     results = {}
     for model in args.models:
-        pipe = load_pipeline(model, device="cpu")
+        pipe = load_pipeline(model, device=args.device)
         clean = torch.cat([encode_clip(pipe, clip.frames) for clip in clips])
         noise = torch.cat([torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(p.seed))[None]
-                           for p in prompts])  # fmt: skip
+                           for p in prompts]).to(clean)  # fmt: skip
         results[model] = {}
         for step in args.start_steps:
             videos = []
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                                  guidance=defaults["guidance_scale"],
                                  max_sequence_length=defaults["max_sequence_length"])  # fmt: skip
                 videos += decode(pipe, x)
-            rows = [judge_video(video, caption) for video, caption in zip(videos, captions)]
+            rows = judge_videos(videos, prompts)
             tracks = []
             for video, clip in zip(videos, clips):
                 ((color, _, _),) = parse_clip_caption(clip.caption)
@@ -147,14 +155,17 @@ def main(argv: list[str] | None = None) -> int:
             }
             results[model][str(step)] = result
             stretch = [result[a]["stretch_along_motion"] for a in AXES]
-            print(f"{model} from step {step} (sigma {result['sigma']:.2f}): kept {result['kept']['mean']:.1%}, "
-                  f"direction {result['direction']['mean']:.1%}, presence {result['presence']['mean']:.1%}, "
-                  f"on its track {result['on_track']['mean']:.1%}, stretch "
-                  + ", ".join(f"{a} {s['mean']:.2f}x" if s else a for a, s in zip(AXES, stretch)), flush=True)
+            print(
+                f"{model} from step {step} (sigma {result['sigma']:.2f}): kept {result['kept']['mean']:.1%}, "
+                f"direction {result['direction']['mean']:.1%}, presence {result['presence']['mean']:.1%}, "
+                f"on its track {result['on_track']['mean']:.1%}, stretch "
+                + ", ".join(f"{a} {s['mean']:.2f}x" if s else a for a, s in zip(AXES, stretch)),
+                flush=True,
+            )
         del pipe
     fields = {"frames": frames, "steps": steps, "call": defaults, "start_steps": args.start_steps,
               "prompts": [{"caption": p.caption, "seed": p.seed} for p in prompts], "models": results}  # fmt: skip
-    write_report("shapes_wan_noise_levels", "cpu", fields, out=args.out)
+    write_report("shapes_wan_noise_levels", args.device, fields, out=args.out)
     return 0
 
 

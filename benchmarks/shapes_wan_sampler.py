@@ -2,10 +2,14 @@
 
     python benchmarks/shapes_wan_sampler.py --videos 48 --guidance 2 8 12 --steps 40 --shift 1 6 10
     python benchmarks/shapes_wan_sampler.py --videos 64 --shift 6 --first 3000000    # a setting confirmed elsewhere
+    python benchmarks/shapes_wan_sampler.py --videos 32 --solver euler-stochastic unipc
 
 The targets part of `radial_quality.py` judges dense videos at the preset's settings (20 flow-matching steps,
-guidance 5, the scheduler's shift 3). This benchmark samples the same held-out single-object prompts from the same
-noise at the preset's settings and at each other setting given, one setting changed at a time, and judges every
+guidance 5, the scheduler's shift 3, Euler's flow-matching update). This benchmark samples the same held-out single-object prompts from the same
+noise at the preset's settings and at each other setting given, one setting changed at a time (solvers: `euler-stochastic`,
+diffusers' flow-matching Euler with `stochastic_sampling`, each step re-noising its clean estimate with fresh noise
+drawn from torch's global generator, seeded once a setting; `unipc`, the UniPC multistep solver with flow
+prediction at the same shift, the scheduler Wan's own pipelines ship with), and judges every
 video as the targets part does (`radial_quality.judge_video`): the object kept (found with its colour and shape in
 at least 90% of frames), the right motion direction, the mean share of frames it is found in; and, as
 `shapes_wan_layout.py` counts it, the share of frames holding a region of its colour whatever the shape (what a
@@ -21,6 +25,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from diffattn.loading import load_pipeline
 from diffattn.presets import PRESETS
@@ -41,14 +48,34 @@ from shapes_wan_layout import judge_layout  # noqa: E402
 
 
 KEYS = ("kept", "direction", "present", "colour")
+SOLVERS = ("euler", "euler-stochastic", "unipc")  # euler: the preset's
+
+
+def make_scheduler(config, setting: dict):
+    """The scheduler of a setting: `config` (the preset's FlowMatchEulerDiscreteScheduler) at the setting's shift,
+    with the setting's solver."""
+    if setting["solver"] == "unipc":
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                       flow_shift=setting["shift"], num_train_timesteps=config["num_train_timesteps"])  # fmt: skip
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        config, shift=setting["shift"], stochastic_sampling=setting["solver"] == "euler-stochastic"
+    )
 
 
 def settings_to_run(args, preset) -> list[dict]:
-    """The preset's settings first, then one change each: {"name", "guidance_scale", "steps", "shift"}."""
-    base = {"guidance_scale": preset.call_defaults["guidance_scale"], "steps": preset.steps, "shift": args.base_shift}
+    """The preset's settings first, then one change each: {"name", "guidance_scale", "steps", "shift", "solver"}."""
+    base = {"guidance_scale": preset.call_defaults["guidance_scale"], "steps": preset.steps, "shift": args.base_shift,
+            "solver": "euler"}  # fmt: skip
     runs = [{"name": "preset", **base}]
-    for key, values in (("guidance_scale", args.guidance), ("steps", args.steps), ("shift", args.shift)):
-        runs += [{**base, key: value, "name": f"{key} {value:g}"} for value in values if value != base[key]]
+    settings = (
+        ("guidance_scale", args.guidance),
+        ("steps", args.steps),
+        ("shift", args.shift),
+        ("solver", args.solver),
+    )
+    for key, values in settings:
+        runs += [{**base, key: value, "name": f"{key} {value if isinstance(value, str) else f'{value:g}'}"}
+                 for value in values if value != base[key]]  # fmt: skip
     return runs
 
 
@@ -73,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, nargs="*", default=[], help="guidance scales to try")
     parser.add_argument("--steps", type=int, nargs="*", default=[], help="step counts to try")
     parser.add_argument("--shift", type=float, nargs="*", default=[], help="flow-matching shifts to try")
+    parser.add_argument("--solver", nargs="*", default=[], choices=SOLVERS, help="solvers to try")
     parser.add_argument("--batch", type=int, default=4, help="videos per pipeline call")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
@@ -85,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     prompts = held_out_prompts(args.videos, frames, first=args.first, single_only=True)
     results, rows_of = {}, {}
     for setting in settings_to_run(args, preset):
-        pipe.scheduler = type(pipe.scheduler).from_config(scheduler_config, shift=setting["shift"])
+        pipe.scheduler = make_scheduler(scheduler_config, setting)
+        torch.manual_seed(0)  # the stochastic solver's fresh noise (WanPipeline does not hand its generator on)
         call = {**preset.call_defaults, "guidance_scale": setting["guidance_scale"]}
         start = time.perf_counter()
         videos = sample(pipe, prompts, frames=frames, steps=setting["steps"], batch=args.batch, defaults=call)
         seconds = time.perf_counter() - start
         rows = rows_of[setting["name"]] = judged(videos, prompts)
         results[setting["name"]] = {
-            "settings": {k: setting[k] for k in ("guidance_scale", "steps", "shift")},
+            "settings": {k: setting[k] for k in ("guidance_scale", "steps", "shift", "solver")},
             "sampling_seconds": seconds,
             **{key: interval([r[key] for r in rows]) for key in KEYS},
             "paired_vs_preset": {

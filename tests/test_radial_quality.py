@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffattn.loading import load_pipeline
 from diffattn.methods.radial_mask import radial_block_mask
 from diffattn.video_metrics import PSNR_CAP, psnr, ssim
 
@@ -439,16 +440,32 @@ def test_the_sampler_sweep_changes_one_setting_at_a_time_from_the_preset():
     from diffattn.presets import PRESETS
 
     preset = PRESETS["shapes-wan"]
-    args = SimpleNamespace(guidance=[2.0, 5.0, 8.0], steps=[40], shift=[3.0, 6.0], base_shift=3.0)
+    args = SimpleNamespace(guidance=[2.0, 5.0, 8.0], steps=[40], shift=[3.0, 6.0], solver=["euler", "unipc"],
+                           base_shift=3.0)  # fmt: skip
     runs = sweep.settings_to_run(args, preset)
-    base = {"guidance_scale": 5.0, "steps": 20, "shift": 3.0}
+    base = {"guidance_scale": 5.0, "steps": 20, "shift": 3.0, "solver": "euler"}
     assert (preset.call_defaults["guidance_scale"], preset.steps) == (5.0, 20)
     assert runs[0] == {"name": "preset", **base}
     # the preset's own values (guidance 5, shift 3) are not sampled twice; every other run differs in one setting
-    assert [r["name"] for r in runs[1:]] == ["guidance_scale 2", "guidance_scale 8", "steps 40", "shift 6"]
+    assert [r["name"] for r in runs[1:]] == ["guidance_scale 2", "guidance_scale 8", "steps 40", "shift 6",
+                                             "solver unipc"]  # fmt: skip
     for run in runs[1:]:
         changed = [key for key in base if run[key] != base[key]]
         assert len(changed) == 1 and run["name"].startswith(changed[0])
+    # the schedulers: the preset's Euler at another shift, its stochastic variant, UniPC with flow prediction
+    shipped = load_pipeline("shapes-wan").scheduler
+    for solver, shift in (("euler", 6.0), ("euler-stochastic", 3.0), ("unipc", 3.0)):
+        scheduler = sweep.make_scheduler(shipped.config, {"solver": solver, "shift": shift})
+        scheduler.set_timesteps(20)
+        # every solver walks the shifted flow-matching schedule sigma = s u / (1 + (s - 1) u), u evenly spaced from 1
+        sigma = scheduler.sigmas[:20].double()
+        unshifted = sigma / (shift - (shift - 1) * sigma)
+        assert unshifted[0] == pytest.approx(1.0, abs=1e-5)
+        steps = unshifted.diff()
+        torch.testing.assert_close(steps, steps.mean().expand(19), rtol=1e-4, atol=1e-6)
+        assert getattr(scheduler.config, "stochastic_sampling", False) == (solver == "euler-stochastic")
+        assert type(scheduler).__name__ == ("UniPCMultistepScheduler" if solver == "unipc" else
+                                            "FlowMatchEulerDiscreteScheduler")  # fmt: skip
 
 
 def test_store_keys_the_scheduler_and_keeps_the_first_stores_keys(tmp_path):
