@@ -331,12 +331,13 @@ JUDGE_WORKERS = int(os.environ.get("DIFFATTN_JUDGE_WORKERS", "0"))  # processes 
 
 def judge_video(video: np.ndarray, caption: str) -> dict:
     """One video uint8 [F, H, W, 3]: every captioned object kept (colour and shape in >= 90% of frames) and moving
-    the captioned way."""
+    the captioned way (its track; and its colour's track alone, as a detector of colour and motion reads it)."""
     verdicts = judge_clip([Image.fromarray(f) for f in video], caption)
     return {
         "objects": len(verdicts),
         "kept": all(v.kept for v in verdicts),
         "direction": all(v.moves_right for v in verdicts),
+        "color_direction": all(v.color_moves_right for v in verdicts),
         "present": statistics.fmean(v.present for v in verdicts),
     }
 
@@ -384,6 +385,7 @@ def targets(pipe, args, defaults: dict) -> dict:
         "videos": len(rows),
         "kept": interval([float(r["kept"]) for r in rows]),
         "direction": interval([float(r["direction"]) for r in rows]),
+        "color_direction": interval([float(r["color_direction"]) for r in rows]),
         "presence": interval([r["present"] for r in rows]),
         "targets": dict(TARGETS),
         "rows": [{"caption": p.caption, "seed": p.seed, **r} for p, r in zip(prompts, rows)],

@@ -12,7 +12,8 @@ targets part of `radial_quality.py` judges a video (kept, right direction, prese
 generates. A later start hands the model the clip's layout at that noise level, so the figures say which part of
 sampling loses the objects: the early, noisy steps that decide where an object is in each frame, or the late ones
 that draw it. "On its track": the share of frames with a region of the captioned colour whose centre lies in the
-clip's ground-truth box (did the model keep the layout it was handed?).
+clip's ground-truth box (did the model keep the layout it was handed?). Every model after the first is also compared
+with the first, video by video (the same prompts, clips and noise): paired differences with 95% intervals.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import write_report  # noqa: E402
 from radial_quality import MODEL, held_out_prompts, interval, judge_videos  # noqa: E402
 from shapes_wan_motion_geometry import AXES, video_geometry  # noqa: E402
+
+
+PAIRED = ("kept", "direction", "presence", "on_track")  # per-video figures compared between models
 
 
 def latent_scale(vae) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                 "on_track": interval(tracks),
                 **video_geometry(videos, captions),
             }
+            result["videos"] = [{"kept": float(r["kept"]), "direction": float(r["direction"]), "presence": r["present"],
+                                 "on_track": track} for r, track in zip(rows, tracks)]  # fmt: skip
+            first = results[args.models[0]].get(str(step))
+            if first is not None:  # same prompts, clips and noise: paired against the first model
+                result["paired_vs_first"] = {
+                    key: interval([ours[key] - theirs[key] for ours, theirs in zip(result["videos"], first["videos"])])
+                    for key in PAIRED
+                }
             results[model][str(step)] = result
             stretch = [result[a]["stretch_along_motion"] for a in AXES]
             print(

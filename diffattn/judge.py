@@ -205,6 +205,9 @@ class TrackVerdict:
     present: float  # fraction of frames with a detection of this colour and shape
     centers: tuple[tuple[float, float] | None, ...]
     found_direction: str | None
+    # the same read from the largest region of its colour alone in every frame: what a detector of colour and motion
+    # sees, steadier when a model draws a shape in pieces (a sliver read as the right shape no longer moves the track)
+    color_direction: str | None = None
 
     @property
     def kept(self) -> bool:
@@ -214,6 +217,10 @@ class TrackVerdict:
     @property
     def moves_right(self) -> bool:
         return self.found_direction == self.direction
+
+    @property
+    def color_moves_right(self) -> bool:
+        return self.color_direction == self.direction
 
 
 def parse_clip_caption(caption: str) -> list[tuple[str, str, str]]:
@@ -241,30 +248,32 @@ def track_direction(centers: list[tuple[float, float] | None], frames: int = DIR
     return "down" if dy > 0 else "up"
 
 
+def _box_center(box: tuple[int, int, int, int]) -> tuple[float, float]:
+    x0, y0, x1, y1 = box
+    return (x0 + x1) / 2, (y0 + y1) / 2
+
+
 def judge_clip(frames: list[Image.Image], caption: str) -> list[TrackVerdict]:
     """Per captioned object: presence over the frames (colour and shape) and the direction of its track (in each
-    frame the centre of the largest region of its colour and shape, else of its colour)."""
+    frame the centre of the largest region of its colour and shape, else of its colour), and of its colour's track
+    (the largest region of its colour)."""
     wanted = parse_clip_caption(caption)
     detections = [detect_objects(frame) for frame in frames]
     verdicts = []
     for color, shape, direction in wanted:
         present = sum(any(d.color == color and d.shape == shape for d in found) for found in detections)
         centers: list[tuple[float, float] | None] = []
+        color_centers: list[tuple[float, float] | None] = []
         for found in detections:
+            colored = [d for d in found if d.color == color]
             # the largest region of its colour and shape, else of its colour (a blurred shape may read as another)
-            same = [d for d in found if d.color == color and d.shape == shape] or [
-                d for d in found if d.color == color
-            ]
-            if same:
-                x0, y0, x1, y1 = same[0].box
-                centers.append(((x0 + x1) / 2, (y0 + y1) / 2))
-            else:
-                centers.append(None)
+            same = [d for d in colored if d.shape == shape] or colored
+            centers.append(_box_center(same[0].box) if same else None)
+            color_centers.append(_box_center(colored[0].box) if colored else None)
         verdicts.append(
-            TrackVerdict(
-                color, shape, direction, present / max(len(frames), 1), tuple(centers), track_direction(centers)
-            )  # fmt: skip
-        )
+            TrackVerdict(color, shape, direction, present / max(len(frames), 1), tuple(centers),
+                         track_direction(centers), track_direction(color_centers))
+        )  # fmt: skip
     return verdicts
 
 

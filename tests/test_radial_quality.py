@@ -300,6 +300,7 @@ def test_judge_workers_judge_as_the_judge_does(monkeypatch):
         verdicts = judge_clip(list(clip.frames), clip.caption)
         assert row == {"objects": len(clip.objects), "kept": all(v.kept for v in verdicts),
                        "direction": all(v.moves_right for v in verdicts),
+                       "color_direction": all(v.color_moves_right for v in verdicts),
                        "present": sum(v.present for v in verdicts) / len(verdicts)}  # fmt: skip
     assert all(row["kept"] and row["direction"] for row in rows)  # rendered clips: the ground truth holds
     monkeypatch.setattr(rq, "JUDGE_WORKERS", 0)

@@ -185,18 +185,41 @@ def test_video_judge_agrees_with_ground_truth_on_rendered_clips():
     from diffattn.judge import judge_clip, parse_clip_caption, track_direction
     from diffattn.scenes import render_clip
 
-    agree = total = 0
+    agree = total = colour_agree = single = 0
     for seed in range(2 * 10**9, 2 * 10**9 + 120):  # held-out seeds
         clip = render_clip(seed, 33)
         for verdict, obj in zip(judge_clip(clip.frames, clip.caption), clip.objects):
             total += 1
             agree += verdict.kept and verdict.moves_right and (verdict.color, verdict.shape) == (obj.color, obj.shape)
+            if len(clip.objects) == 1:  # the colour's track alone is unambiguous with one object
+                colour_agree += verdict.color_moves_right
+                single += 1
     assert agree == total
+    assert colour_agree == single > 50
     assert parse_clip_caption("a red circle moving right and a blue star moving up") == [
         ("red", "circle", "right"), ("blue", "star", "up")]  # fmt: skip
     assert track_direction([(10, 10), None, (10, 14)]) == "down" and track_direction([(3, 3), (3.5, 3)]) is None
     with pytest.raises(ValueError, match="expected 'a <colour> <shape> moving <direction>'"):
         parse_clip_caption("a red circle")
+
+
+def test_the_colour_track_ignores_a_piece_read_as_the_right_shape():
+    from diffattn.judge import judge_clip
+    from diffattn.scenes import draw_shape
+
+    frames = []
+    for t in range(8):  # a red circle moving right 2 px a frame; in frame 0 also a small red square at the right
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        draw_shape(draw, "circle", (4 + 2 * t, 20, 28 + 2 * t, 44), COLORS["red"])
+        if t == 0:
+            draw_shape(draw, "square", (50, 4, 60, 14), COLORS["red"])
+        frames.append(image)
+    (verdict,) = judge_clip(frames, "a red square moving right")
+    # the object track starts at the square (the caption's shape) and goes on with the circle (its colour): left
+    assert verdict.centers[0] == (55.0, 9.0) and verdict.found_direction == "left" and not verdict.moves_right
+    # the colour's track follows the largest red region, the circle, all along
+    assert verdict.color_direction == "right" and verdict.color_moves_right
 
 
 @pytest.mark.parametrize(
