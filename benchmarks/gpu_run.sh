@@ -16,9 +16,9 @@
 # users load it), quality:PART[,PART] (benchmarks/radial_quality.py on the shapes-wan preset, PARTs of targets,
 # fidelity, energy, extension), levels (benchmarks/shapes_wan_noise_levels.py: the shapes-wan preset, after `preset`
 # the trained one, against the repository's diffattn/presets/shapes_wan, on 96 prompts from noise and from sigma
-# 0.87 and 0.73, where a better-trained transformer shows first), sparse (the Triton launch sweep, whose fastest configs go to
-# diffattn/kernels/launch_configs.json and the installed package, then the block-sparse benchmark: run it before
-# tests so they check the configs it picked), editing (editing.py on the SD 1.5 config), radial (radial_e2e), agent
+# 0.87 and 0.73, where a better-trained transformer shows first), sparse (the Triton launch sweep, whose fastest
+# configs go to diffattn/kernels/launch_configs.json and the installed package, then the block-sparse benchmark:
+# run it before tests so they check the configs it picked), editing (editing.py on the SD 1.5 config), radial (radial_e2e), agent
 # (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
 # TRAIN_ARGS: extra train-shapes-video flags (e.g. "--warmup-frames 1 --warmup-steps 1500": single frames first;
 # with INIT_VAE_ONLY=1, "--width 192 --ffn-dim 512 --attention-heads 4": a new transformer twice as wide);
@@ -122,9 +122,10 @@ for stage in "$@"; do
                 --out "benchmarks/results/radial_quality-$name-gpu.json" $QUALITY_ARGS 2>&1 \
                 | tee -a "logs/bench_quality_$name.log" | tail -20 ;;
         levels)  # where sampling loses the objects: the installed preset against the checkout's shipped weights
-            DIFFATTN_JUDGE_WORKERS=$(nproc) timeout "$(limit 420)" python3 benchmarks/shapes_wan_noise_levels.py --device "$DEVICE" --batch 32 \
-                --models shapes-wan diffattn/presets/shapes_wan --videos "${LEVELS_VIDEOS:-96}" --start-steps 0 6 10 \
-                --out benchmarks/results/shapes_wan_noise_levels-gpu.json 2>&1 | tee -a logs/bench_levels.log | tail -8 ;;
+            DIFFATTN_JUDGE_WORKERS=$(nproc) timeout "$(limit 420)" python3 benchmarks/shapes_wan_noise_levels.py \
+                --device "$DEVICE" --batch 32 --models shapes-wan diffattn/presets/shapes_wan \
+                --videos "${LEVELS_VIDEOS:-96}" --start-steps 0 6 10 --out benchmarks/results/shapes_wan_noise_levels-gpu.json \
+                2>&1 | tee -a logs/bench_levels.log | tail -8 ;;
         sparse)
             timeout 240 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 \
                 --write-launch-configs diffattn/kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;
