@@ -30,6 +30,7 @@ from diffattn.judge import detect_objects, parse_clip_caption
 from diffattn.loading import load_pipeline
 from diffattn.presets import PRESETS
 from diffattn.scenes import HELD_OUT_CLIP_SEED, render_clip
+from diffattn.training import encode_video
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,31 +42,21 @@ from shapes_wan_motion_geometry import AXES, video_geometry  # noqa: E402
 PAIRED = ("kept", "direction", "presence", "on_track")  # per-video figures compared between models
 
 
-def latent_scale(vae) -> tuple[torch.Tensor, torch.Tensor]:
-    """WanPipeline's latent normalisation: (mean, std), each [1, C, 1, 1, 1] on the VAE's device and in its dtype;
-    normalised = (z - mean) / std."""
-    like = {"device": vae.device, "dtype": vae.dtype}
-    mean = torch.tensor(vae.config.latents_mean, **like).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, **like).view(1, -1, 1, 1, 1)
-    return mean, std
-
-
 def encode_clip(pipe, frames: list[Image.Image]) -> torch.Tensor:
-    """A clip's frames (PIL, RGB) -> normalised latents [1, C, F', H', W'] (posterior mode), float32 as WanPipeline
-    keeps its latents."""
-    video = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).float() / 127.5 - 1
-    video = video.to(pipe.vae.device, pipe.vae.dtype)
-    mean, std = latent_scale(pipe.vae)
+    """A clip's frames (PIL, RGB) -> normalised latents [1, C, F', H', W'] (posterior mode, as train-lora encodes
+    its clips), float32 as WanPipeline keeps its latents."""
+    video = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).float() / 127.5 - 1  # [F, H, W, 3]
     with torch.no_grad():
-        z = pipe.vae.encode(video.permute(3, 0, 1, 2)[None]).latent_dist.mode()
-    return ((z - mean) / std).float()
+        return encode_video(pipe, video.permute(3, 0, 1, 2)[None])[None].float()
 
 
 def decode(pipe, latents: torch.Tensor) -> list[np.ndarray]:
     """Normalised latents [B, C, F', H', W'] -> uint8 videos [F, H, W, 3], decoded as WanPipeline decodes."""
-    mean, std = latent_scale(pipe.vae)
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean, device=vae.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=vae.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
     with torch.no_grad():
-        video = pipe.vae.decode(latents.to(pipe.vae.dtype) * std + mean).sample
+        video = vae.decode(latents.to(vae.dtype) * std + mean).sample
     frames = pipe.video_processor.postprocess_video(video.float(), output_type="np")
     return [(np.clip(np.asarray(v), 0, 1) * 255).round().astype(np.uint8) for v in frames]
 
