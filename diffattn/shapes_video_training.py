@@ -59,7 +59,7 @@ from .shapes_training import (
     load_optimizer,
     save_checkpoint,
 )
-from .training import flow_matching_loss
+from .training import flow_matching_loss, flow_matching_noise
 from .validation import check_choice, check_int_range, check_number, check_str
 
 
@@ -150,29 +150,55 @@ def clip_batch(start: int, size: int, num_frames: int) -> tuple[torch.Tensor, li
 
 
 class _DenoiserClips(torch.utils.data.Dataset):
-    """Item `step`: the clips of denoiser step `step` (`clip_pixels`: uint8, a quarter of float32's bytes between
-    processes), the same in a worker and in a resumed run."""
+    """Item `step`: everything random in denoiser step `step`, drawn from its own seeded generator, the same in a
+    worker and in a resumed run: the clips' pixels (`clip_pixels`: uint8, a quarter of float32's bytes between
+    processes), their captions' tokens (`tokenize_captions`; each caption dropped to "" with probability
+    `caption_dropout`) and the flow-matching noise and noise levels (`flow_matching_noise`). Made here rather than
+    in the step, the training process neither spends its time on them nor waits on the GPU to copy them (pinned,
+    they go over asynchronously)."""
 
-    def __init__(self, config: ShapesVideoTrainingConfig):
-        self.config = config
+    def __init__(self, config: ShapesVideoTrainingConfig, tokenizer, latent_channels: int, space_factor: int,
+                 time_factor: int):  # fmt: skip
+        self.config, self.tokenizer, self.latent_channels = config, tokenizer, latent_channels
+        self.space_factor, self.time_factor = space_factor, time_factor
 
     def __len__(self) -> int:
         return self.config.denoiser_steps
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, list[str]]:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, ...]:
+        """(pixels uint8 [B, F, 64, 64, 3], token ids [B, L], attention mask [B, L], noise [B, C, F', h, w],
+        sigma [B])."""
         config = self.config
         frames = config.warmup_frames if config.warmup_frames and step < config.warmup_steps else config.num_frames
         start = config.seed * 10**7 + DENOISER_STREAM + step * config.batch_size
-        return clip_pixels(start, config.batch_size, frames)
+        pixels, captions = clip_pixels(start, config.batch_size, frames)
+        generator = torch.Generator().manual_seed(config.seed * 10**7 + DENOISER_STREAM + step)
+        drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        size = pixels.shape[2] // self.space_factor
+        shape = (len(captions), self.latent_channels, (frames - 1) // self.time_factor + 1, size, size)
+        noise, sigma = flow_matching_noise(shape, generator, config.timestep_shift)
+        return pixels, *tokenize_captions(self.tokenizer, captions), noise, sigma
+
+
+def tokenize_captions(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """As WanPipeline tokenizes prompts: token ids and attention mask, both [B, MAX_SEQUENCE_LENGTH]."""
+    tokens = tokenizer(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
+    return tokens.input_ids, tokens.attention_mask
+
+
+def encode_tokens(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """As WanPipeline encodes prompts: UMT5 states of the caption's tokens, zeros past them. ids, mask: [B, L] on the
+    text encoder's device -> [B, L, D]."""
+    states = text_encoder(ids, mask).last_hidden_state
+    return states * mask.unsqueeze(-1).to(states.dtype)
 
 
 def encode_captions(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
-    """As WanPipeline encodes prompts: UMT5 states of the caption's tokens, zeros past them. -> [B, L, D]."""
-    tokens = tokenizer(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
-                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
-    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
-    states = text_encoder(ids, mask).last_hidden_state
-    return states * mask.unsqueeze(-1).to(states.dtype)
+    """`tokenize_captions` then `encode_tokens`: [B, L, D]."""
+    ids, mask = tokenize_captions(tokenizer, captions)
+    return encode_tokens(text_encoder, ids.to(device), mask.to(device))
 
 
 @torch.no_grad()
@@ -221,11 +247,16 @@ def _random_crop(video: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return video[..., top : top + size, left : left + size]
 
 
-def _normalised_latents(vae, video: torch.Tensor) -> torch.Tensor:
-    latents = vae.encode(video).latent_dist.mode()
-    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
-    return (latents - mean) / std
+def latent_normalisation(vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibrated per-channel latents_mean and latents_std, [1, C, 1, 1, 1] on `device` (made once: a tensor
+    built from a list on a GPU is a blocking copy)."""
+    mean, std = (torch.tensor(getattr(vae.config, n), device=device) for n in ("latents_mean", "latents_std"))
+    return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
+
+
+def _normalised_latents(vae, video: torch.Tensor, normalisation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    mean, std = normalisation
+    return (vae.encode(video).latent_dist.mode() - mean) / std
 
 
 def rotary_pairs(head_dim: int, theta: float = 10000.0) -> list[tuple[str, float]]:
@@ -510,18 +541,20 @@ def train_shapes_video(
     vae.requires_grad_(False)
     transformer.train()
     text_encoder.train()
-    clips = iter(_steps(_DenoiserClips(config), state["denoiser_step"], config, device) if state["calibrated"] else ())
+    vae_config = vae.config
+    steps = _DenoiserClips(config, tokenizer, vae_config.z_dim, vae_config.scale_factor_spatial,
+                           vae_config.scale_factor_temporal)  # fmt: skip
+    clips = iter(_steps(steps, state["denoiser_step"], config, device) if state["calibrated"] else ())
+    normalisation = latent_normalisation(vae, device) if state["calibrated"] else None
     while state["calibrated"] and state["denoiser_step"] < config.denoiser_steps and not out_of_time():
         step = state["denoiser_step"]
-        generator = torch.Generator().manual_seed(base + DENOISER_STREAM + step)
-        pixels, captions = next(clips)
-        drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
-        captions = ["" if d else c for c, d in zip(captions, drop)]
+        # no host-device sync in the step: its inputs come pinned and go over asynchronously
+        pixels, ids, mask, noise, sigma = (t.to(device, non_blocking=True) for t in next(clips))
         with torch.no_grad():
-            latents = _normalised_latents(vae, pixels_to_video(pixels.to(device, non_blocking=True)))
+            latents = _normalised_latents(vae, pixels_to_video(pixels), normalisation)
         with autocast:
-            embeds = encode_captions(tokenizer, text_encoder, captions, device)
-            loss = flow_matching_loss(transformer, latents, embeds, generator, config.timestep_shift)
+            embeds = encode_tokens(text_encoder, ids, mask)
+            loss = flow_matching_loss(transformer, latents, embeds, noise, sigma)
         optimizers["denoiser"].zero_grad(set_to_none=True)
         loss.backward()
         optimizers["denoiser"].step()

@@ -124,24 +124,35 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None = None
     return params
 
 
-def flow_matching_loss(
-    transformer: torch.nn.Module,
-    latents: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    generator: torch.Generator,
-    shift: float = 1.0,
-) -> torch.Tensor:
-    """Rectified-flow loss on a batch. latents: [B, C, F, H, W]; prompt_embeds: [B, L, D].
+def flow_matching_noise(
+    latent_shape: tuple[int, ...], generator: torch.Generator, shift: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flow-matching step's draws, on the generator's device: noise [B, ...] (`latent_shape`) and noise levels
+    sigma [B].
 
     Noise levels are logit-normal (as SD3 trains), mapped by `shift` as FlowMatchEulerDiscreteScheduler maps its
     sampling sigmas (shift * s / (1 + (shift - 1) * s)): shift > 1 trains more at high noise, where a sampler with
     the same shift spends its first steps (SD3 scales it with the square root of the token count).
     """
-    batch = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    sigma = torch.sigmoid(torch.randn(batch, generator=generator)).to(latents)
-    sigma = shift * sigma / (1.0 + (shift - 1.0) * sigma)
-    sigma_b = sigma.view(batch, 1, 1, 1, 1)
+    noise = torch.randn(latent_shape, generator=generator, device=generator.device)
+    sigma = torch.sigmoid(torch.randn(latent_shape[0], generator=generator, device=generator.device))
+    return noise, shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def flow_matching_loss(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+) -> torch.Tensor:
+    """Rectified-flow loss on a batch (x_t = (1 - sigma) x0 + sigma e, target e - x0). latents, noise:
+    [B, C, F, H, W]; prompt_embeds: [B, L, D]; sigma: [B] (`flow_matching_noise`)."""
+    if noise.shape != latents.shape or sigma.shape != latents.shape[:1]:
+        raise ValueError(f"noise {tuple(noise.shape)} and sigma {tuple(sigma.shape)} do not fit latents "
+                         f"{tuple(latents.shape)}: expected noise of the latents' shape and one sigma per clip")  # fmt: skip
+    noise, sigma = noise.to(latents), sigma.to(latents)
+    sigma_b = sigma.view(-1, 1, 1, 1, 1)
     noisy = (1.0 - sigma_b) * latents + sigma_b * noise
     prediction = transformer(noisy, sigma * 1000.0, prompt_embeds, return_dict=False)[0]
     return torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
@@ -208,7 +219,7 @@ def train_radial_lora(
             latents = torch.stack([examples[i].latents for i in picks]).to(dev, transformer.dtype)
             embeds = torch.stack([examples[i].prompt_embeds for i in picks]).to(dev, transformer.dtype)
             with autocast:
-                loss = flow_matching_loss(transformer, latents, embeds, generator)
+                loss = flow_matching_loss(transformer, latents, embeds, *flow_matching_noise(latents.shape, generator))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

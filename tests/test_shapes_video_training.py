@@ -294,15 +294,23 @@ def test_resplit_merged_heads_compute_what_the_old_heads_did():
 
 def test_workers_render_the_same_clips_as_the_training_process(tmp_path):
     """Clips rendered ahead in worker processes train exactly the weights that rendering in the loop does."""
+    from diffattn.presets.shapes_video import build_shapes_wan
     from diffattn.scenes import render_clip
     from diffattn.shapes_training import load_checkpoint
-    from diffattn.shapes_video_training import _DenoiserClips, clip_pixels, pixels_to_video
+    from diffattn.shapes_video_training import _DenoiserClips, clip_pixels, pixels_to_video, tokenize_captions
 
-    config = _config(denoiser_steps=2, batch_size=2, ema_decay=0)
-    pixels, captions = _DenoiserClips(config)[1]
+    config = _config(denoiser_steps=2, batch_size=2, ema_decay=0, caption_dropout=0.0, timestep_shift=3.0)
+    tokenizer = build_shapes_wan(0).tokenizer
+    pixels, ids, mask, noise, sigma = _DenoiserClips(config, tokenizer, 8, 4, 4)[1]
     assert pixels.dtype == torch.uint8 and pixels.shape == (2, 5, 64, 64, 3)
     reference, reference_captions = clip_batch(config.seed * 10**7 + 5 * 10**6 + 2, 2, 5)  # step 1's two clips
-    assert captions == reference_captions and torch.equal(pixels_to_video(pixels), reference)
+    assert torch.equal(pixels_to_video(pixels), reference)
+    assert torch.equal(ids, tokenize_captions(tokenizer, reference_captions)[0]) and mask.shape == ids.shape
+    # a 5-frame 64 px clip is 2 latent frames of 16 x 16 (the VAE's 4x in time and space); sigma shifted by 3
+    assert noise.shape == (2, 8, 2, 16, 16) and sigma.shape == (2,) and bool(((sigma > 0) & (sigma < 1)).all())
+    dropped = _DenoiserClips(_config(**{**vars(config), "caption_dropout": 1.0}), tokenizer, 8, 4, 4)[1]
+    assert torch.equal(dropped[1], tokenize_captions(tokenizer, ["", ""])[0])  # dropped captions: empty prompts
+    assert torch.equal(dropped[3], noise) and torch.equal(dropped[4], sigma)  # the same draws otherwise
     frames = np.stack([np.asarray(f) for f in render_clip(7, 5).frames])  # [F, H, W, 3] uint8
     assert torch.equal(clip_pixels(7, 1, 5)[0][0], torch.from_numpy(frames))
     weights = []

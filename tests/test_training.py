@@ -7,7 +7,7 @@ import torch
 import diffattn
 import diffattn.methods.radial_attention as radial
 from diffattn.cli import main
-from diffattn.training import WEIGHTS_NAME, add_lora, flow_matching_loss, train_radial_lora
+from diffattn.training import WEIGHTS_NAME, add_lora, flow_matching_loss, flow_matching_noise, train_radial_lora
 
 from helpers import load
 
@@ -36,7 +36,8 @@ def test_gradients_reach_lora_through_the_sparse_kernel(monkeypatch):
     params = add_lora(pipe.transformer, rank=4)
     handle = diffattn.apply(pipe.transformer, SPARSE)
     latents, embeds = _batch(pipe)
-    loss = flow_matching_loss(pipe.transformer, latents, embeds, torch.Generator().manual_seed(1))
+    draws = flow_matching_noise(latents.shape, torch.Generator().manual_seed(1))
+    loss = flow_matching_loss(pipe.transformer, latents, embeds, *draws)
     loss.backward()
     handle.remove()
     assert calls and all(d < 1.0 for d in calls)  # both self-attention layers ran sparse
@@ -60,7 +61,8 @@ def test_the_loss_shifts_its_noise_levels_as_the_scheduler_shifts_sigmas():
 
     latents, embeds = torch.randn(4096, 1, 1, 1, 1), torch.zeros(4096, 1, 1)
     for shift in (1.0, 3.0):
-        loss = flow_matching_loss(Recorder(), latents, embeds, torch.Generator().manual_seed(7), shift)
+        draws = flow_matching_noise(latents.shape, torch.Generator().manual_seed(7), shift)
+        loss = flow_matching_loss(Recorder(), latents, embeds, *draws)
         sigma, noisy = seen[-1]
         noise = (noisy - (1 - sigma.view(-1, 1, 1, 1, 1)) * latents) / sigma.view(-1, 1, 1, 1, 1)
         torch.testing.assert_close(loss, torch.mean((noise - latents) ** 2))  # the target is noise - latents
@@ -71,6 +73,9 @@ def test_the_loss_shifts_its_noise_levels_as_the_scheduler_shifts_sigmas():
     torch.testing.assert_close(shifted[:16], scheduler.sigmas[:16].to(shifted.dtype))
     # logit-normal's median 0.5 moves to 3 * 0.5 / (1 + 2 * 0.5) = 0.75
     assert abs(unshifted.median().item() - 0.5) < 0.03 and abs(shifted.median().item() - 0.75) < 0.03
+    noise, sigma = flow_matching_noise((4096, 1, 1, 1, 1), torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match=r"noise \(4096, 1, 1, 1, 1\) and sigma \(4095,\) do not fit latents"):
+        flow_matching_loss(Recorder(), latents, embeds, noise, sigma[1:])
 
 
 def test_loss_on_a_fixed_batch_goes_down():
@@ -81,7 +86,8 @@ def test_loss_on_a_fixed_batch_goes_down():
     optimizer = torch.optim.Adam(params, lr=1e-2)
     losses = []
     for _ in range(10):
-        loss = flow_matching_loss(pipe.transformer, latents, embeds, torch.Generator().manual_seed(1))  # same noise
+        draws = flow_matching_noise(latents.shape, torch.Generator().manual_seed(1))  # the same noise each step
+        loss = flow_matching_loss(pipe.transformer, latents, embeds, *draws)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
