@@ -4,7 +4,8 @@
     python benchmarks/shapes_training_curve.py --leg "H100, batch 128" runs/shapes-gpu \
         --leg "2 CPU cores, batch 32" runs/shapes-cpu --out benchmarks/results/shapes_training_curve.json
 
-Each run folder holds the `train_log.jsonl` that the trainer appends to (one line per step: phase, step, loss).
+Each run folder holds the `train_log.jsonl` that the trainer appends to (one line per step: phase, step, loss, and
+the seconds since the run started when the line was written).
 Writes the windows as JSON beside the benchmark results.
 """
 

@@ -172,10 +172,13 @@ def _steps(dataset: torch.utils.data.Dataset, first: int, config: ShapesTraining
 
 class _LossLog:
     """Per-step losses kept on the device and written to the jsonl log every `every` steps: one host sync per
-    flush instead of one per step."""
+    flush instead of one per step. Each line: phase, step, loss and `seconds` (since this log was opened, at the
+    flush that wrote it); each flush logs the steps a second since the last one (the last lines on a GPU are its
+    throughput: a flush waits for the steps before it to finish)."""
 
     def __init__(self, file, every: int):
         self.file, self.every, self.pending = file, max(1, every), []
+        self.opened = self.flushed = time.monotonic()
 
     def add(self, phase: str, step: int, loss: torch.Tensor) -> None:
         self.pending.append((phase, step, loss.detach()))
@@ -186,10 +189,15 @@ class _LossLog:
         if not self.pending:
             return None
         values = torch.stack([loss.float() for _, _, loss in self.pending]).tolist()
+        now = time.monotonic()
+        seconds = round(now - self.opened, 3)
         for (phase, step, _), value in zip(self.pending, values):
-            self.file.write(json.dumps({"phase": phase, "step": step, "loss": value}) + "\n")
+            self.file.write(json.dumps({"phase": phase, "step": step, "loss": value, "seconds": seconds}) + "\n")
         self.file.flush()
-        self.pending = []
+        phase, step, _ = self.pending[-1]
+        logger.info("%s step %d: loss %.4f (mean of %d), %.2f steps a second", phase, step,
+                    sum(values) / len(values), len(values), len(values) / max(now - self.flushed, 1e-9))  # fmt: skip
+        self.pending, self.flushed = [], now
         return values[-1]
 
 

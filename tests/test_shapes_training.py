@@ -118,3 +118,23 @@ def test_a_resumed_optimizer_keeps_the_learning_rate_it_is_given():
     load_optimizer(resumed, saved)
     assert resumed.param_groups[0]["lr"] == 2e-4
     torch.testing.assert_close(resumed.state[weight]["exp_avg"], torch.full((3,), 0.05))  # (1 - 0.9) * 0.5
+
+
+def test_the_loss_log_writes_each_flush_with_its_time_and_logs_the_rate(caplog):
+    import io
+    import logging
+
+    import torch
+
+    from diffattn.shapes_training import _LossLog
+
+    file = io.StringIO()
+    log = _LossLog(file, every=2)
+    with caplog.at_level(logging.INFO, logger="diffattn.shapes_training"):
+        log.add("denoiser", 7, torch.tensor(0.5))
+        assert file.getvalue() == ""  # kept on the device until `every` steps
+        log.add("denoiser", 8, torch.tensor(0.25))
+    lines = [json.loads(line) for line in file.getvalue().splitlines()]
+    assert [(r["phase"], r["step"], r["loss"]) for r in lines] == [("denoiser", 7, 0.5), ("denoiser", 8, 0.25)]
+    assert lines[0]["seconds"] == lines[1]["seconds"] >= 0  # written by one flush
+    assert "denoiser step 8: loss 0.3750 (mean of 2)" in caplog.text and "steps a second" in caplog.text
