@@ -328,7 +328,7 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
         phases = "".join(f"<br>{p} {t:.2f} s" for p, t in result.phase_seconds.items())
         rows.append(f"| {name} | {seconds:.2f} s{phases} | {plain_seconds / seconds:.2f}x | {verdict or '–'} |")
     table = "\n".join(rows)
-    table += "\n\n" + _request_line(requests[0], plain_seconds) + _notes(results[0][1])
+    table += "\n\n" + _request_line(requests[0], plain_seconds) + _notes(*[result for _, result, _ in results])
     dense_video = radial_video = mask = None
     if video:
         dense, radial = results[0][1], results[1][1]
@@ -341,12 +341,12 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
             f"\n\nradial settings: decay factor {config.decay_factor:g}, dense first steps {config.dense_timesteps}, "
             f"dense first layers {config.dense_layers}, block {config.block_size}"
         )
-        table += (
-            f"\n\nradial attention: mask density **{density:.1%}**, speedup **{plain_seconds / results[1][2]:.2f}x**, "
-            f"PSNR against dense **{psnr(radial.frames, dense.frames):.1f} dB** (same noise)"
-            if density is not None
-            else "\n\nradial attention: every step ran dense (dense steps >= steps)"
-        )
+        if density is not None:  # else no step ran sparse: the radial run's note says so, below the table
+            table += (
+                f"\n\nradial attention: mask density **{density:.1%}**, speedup "
+                f"**{plain_seconds / results[1][2]:.2f}x**, PSNR against dense "
+                f"**{psnr(radial.frames, dense.frames):.1f} dB** (same noise)"
+            )
     archive = _zip([(f"{i:02d}-{name.replace(' ', '-')}", r) for i, (name, r, _) in enumerate(results)])
     return (
         gr.update(value=gallery, visible=not video),
@@ -399,9 +399,11 @@ def run_image(model, prompt, negative, seed, steps, guidance, height, width, met
     return image, explorer, tokens, steps_slider, token_map, result.subject_grid, info, _zip([("image", result)])
 
 
-def _notes(result) -> str:
-    """What the model did not take as asked (a prompt cut to its text length), for the end of an info line."""
-    return "".join(f" · **note:** {note}" for note in result.notes)
+def _notes(*results) -> str:
+    """What the model did not take as asked (a prompt cut to its text length, a radial run that stayed dense), for
+    the end of an info line: each note of `results` once, in order."""
+    notes = dict.fromkeys(note for result in results for note in result.notes)
+    return "".join(f" · **note:** {note}" for note in notes)
 
 
 def render_explorer(explorer: dict | None, token: str | None, step: int | float):
@@ -425,13 +427,8 @@ def run_video(model, prompt, seed, steps, frames, height, width, radial, decay, 
     result = _run(request, stop)
     seconds = result.seconds  # the generation's own time, not the model's loading
     info = f"**{_method_name(request)}** · " + _request_line(request, seconds)
-    if result.radial_density is not None:
+    if result.radial_density is not None:  # else no step ran sparse: the result's note says so
         info += f" · mask density **{result.radial_density:.1%}**"
-    elif radial:
-        info += (
-            f" · every step ran dense: dense first steps ({request.radial.dense_timesteps}) >= steps; lower "
-            "*Dense first steps* (about a quarter of the steps, as the paper does) to see radial attention"
-        )
     verdict = clip_verdict(result.frames, prompt or "")
     if verdict is not None:
         info += f"\n\njudge: {verdict}"
@@ -477,10 +474,8 @@ def run_generation(
     video = _video_file(result, f"{Path(request.model).name}-seed{request.seed}")
     image = result.images[0] if result.images else (result.frames[0] if video is None and result.frames else None)
     info = f"**{result.kind}** from `{request.model}` in **{seconds:.2f} s** · " + _request_line(request, seconds)
-    if result.radial_density is not None:
+    if result.radial_density is not None:  # else no step ran sparse: the result's note says so
         info += f" · radial attention, mask density **{result.radial_density:.1%}**"
-    elif radial:
-        info += " · radial attention applied, but every step ran dense (dense timesteps >= steps)"
     if result.subject_grid is not None:
         info += f" · IR-Diffusion with {len(result.reference_images)} subject references"
     info += _notes(result)

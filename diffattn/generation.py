@@ -385,8 +385,28 @@ def _generate_plain(requests: list[GenerationRequest], pipe: Any, call: _Call) -
         if maps is not None:
             _attach_attention(result, pipe, maps[:, i : i + 1], request.prompt)
         results.append(result)
+    if first.radial is not None:
+        _note_dense_radial(results, first.radial, call.steps, density)
     logger.info("generated %d %s(s) with %s in %.2fs each", len(results), results[0].kind, model, seconds)
     return results
+
+
+def _note_dense_radial(results: list[GenerationResult], config: RadialAttentionConfig, steps: int,
+                       density: float | None) -> None:  # fmt: skip
+    """Say, in the result and the log, when a radial request computed dense attention throughout: no step ran
+    sparse (`density` None: the dense steps cover the run), or the mask at this size keeps every block."""
+    if density is None:
+        note = (f"radial attention ran no step sparse: dense_timesteps={config.dense_timesteps} and "
+                f"dense_last_timesteps={config.dense_last_timesteps} cover all {steps} steps, so the video is dense "
+                f"attention's (run more steps, or fewer dense ones: the paper keeps about the first quarter dense)")  # fmt: skip
+    elif density >= 1.0:
+        note = ("the radial mask at this size keeps every block (density 100%), so the video is dense attention's "
+                "(more frames or pixels, a smaller decay_factor or block_size, or fewer sink frames make it sparse)")  # fmt: skip
+    else:
+        return
+    for result in results:
+        result.notes.append(note)
+    logger.warning(note)
 
 
 def check_request_limits(request: GenerationRequest, limits: Limits | None = None, batch: int = 1) -> None:

@@ -350,3 +350,43 @@ def test_a_prompt_longer_than_the_model_reads_is_noted_with_the_end_it_lost(mode
     records = {r["name"]: r for r in diffattn.jobs.read_manifests(out).values()}
     assert records["long-seed0"]["notes"] == long.notes
     assert "notes" not in records["00002-seed0"]
+
+
+def test_a_radial_run_that_computes_dense_attention_throughout_says_so(caplog):
+    """A radial request whose dense steps cover the run, or whose mask keeps every block at its size, would save a
+    video named radial that is dense attention's: the result, the log and the UI's compare table say so."""
+    import logging
+
+    import app
+    from diffattn.methods.radial_attention import RadialAttentionConfig
+    from diffattn.methods.radial_mask import radial_block_mask
+
+    def radial(**fields):
+        return RadialAttentionConfig(**{"dense_layers": 0, "dense_timesteps": 0, **fields})  # 128-token blocks
+
+    with caplog.at_level(logging.WARNING, logger="diffattn.generation"):
+        covered = generate("tiny-wan", "a cat", steps=2, radial=radial(dense_timesteps=1, dense_last_timesteps=1))
+    assert covered.radial_density is None and covered.notes == [
+        "radial attention ran no step sparse: dense_timesteps=1 and dense_last_timesteps=1 cover all 2 steps, so the "
+        "video is dense attention's (run more steps, or fewer dense ones: the paper keeps about the first quarter dense)"
+    ]
+    assert covered.notes[0] in caplog.text
+    # tiny-wan's 9 frames of 128 px are 3 latent frames of 8 x 8 tokens, 33 frames 9: with 128-token blocks (two
+    # frames a block) the first keeps every block, the second 64% (the mask as the method builds it, Wan's sink 1)
+    whole, sparse = (float(radial_block_mask(f, 64, block_size=128, decay_factor=1.0, sink_frames=1).float().mean())
+                     for f in (3, 9))  # fmt: skip
+    assert whole == 1.0 and sparse < 1.0
+    small = generate("tiny-wan", "a cat", steps=1, radial=radial())
+    assert (
+        small.radial_density == 1.0 and len(small.notes) == 1 and "keeps every block (density 100%)" in small.notes[0]
+    )
+    long = generate("tiny-wan", "a cat", steps=1, num_frames=33, radial=radial())
+    assert long.radial_density == pytest.approx(sparse) and long.notes == []
+    # the UI's compare table shows the radial run's note, not only the plain run's (its radial settings: one dense
+    # step, so one step runs dense throughout)
+    table = app.run_compare("tiny-wan", "a cat", 0, 1, [], None, frames=33)[4]
+    assert (
+        "**note:** radial attention ran no step sparse: dense_timesteps=1 and dense_last_timesteps=0 cover all 1 "
+        in table
+    )
+    assert "mask density" not in table
