@@ -555,3 +555,37 @@ def test_noise_levels_denoise_as_wan_pipeline_does_and_noise_on_the_flow_matchin
     video = np.stack([np.asarray(image)] * 2)
     assert levels.on_track(video, "red", [(8, 8, 28, 28), (40, 40, 60, 60)]) == 0.5
     assert levels.on_track(video, "blue", [(8, 8, 28, 28), (8, 8, 28, 28)]) == 0.0
+
+
+def test_the_fidelity_sweep_changes_one_radial_setting_at_a_time_and_its_full_mask_keeps_every_block(tmp_path):
+    import json
+
+    import radial_fidelity_sweep as sweep
+
+    from diffattn.presets import PRESETS
+
+    preset = PRESETS["shapes-wan"].radial
+    named = sweep.variants(preset, [1.0], [3])
+    assert named == {"decay 1": {"decay_factor": 1.0}, "dense first steps 3": {"dense_timesteps": 3},
+                     "preset (decay 0.25, dense first steps 5)": {}, "every block": {}}  # fmt: skip
+    geometry = (9, 256)  # shapes-wan's 33 frames of 64 px: 9 latent frames of 16 x 16 tokens
+    radial = sweep.variant_mask(preset, geometry, full=False)
+    assert torch.equal(radial, radial_block_mask(9, 256, block_size=16, decay_factor=0.25, sink_frames=1))
+    assert bool(sweep.variant_mask(preset, geometry, full=True).all())
+    out = tmp_path / "sweep.json"
+    # 6 steps: the preset's first 5 dense, the last sparse; one video a variant
+    assert (
+        sweep.main(["--videos", "1", "--steps", "6", "--decays", "1.0", "--dense-steps", "3", "--out", str(out)]) == 0
+    )
+    rows = json.loads(out.read_text())["variants"]
+    assert rows["every block"]["density"] == 1.0 and rows["decay 1"]["density"] == pytest.approx(
+        float(radial_block_mask(9, 256, block_size=16, decay_factor=1.0, sink_frames=1).float().mean())
+    )
+    preset_row = rows["preset (decay 0.25, dense first steps 5)"]
+    assert "paired_psnr_vs_preset" not in preset_row and preset_row["density"] == pytest.approx(
+        float(radial.float().mean())
+    )
+    # dense attention through the same kernel differs from dense by rounding alone; the radial mask by more
+    assert rows["every block"]["psnr"]["mean"] > max(40, preset_row["psnr"]["mean"])
+    with pytest.raises(SystemExit):
+        sweep.main(["--videos", "1", "--steps", "6", "--dense-steps", "6", "--out", str(out)])
