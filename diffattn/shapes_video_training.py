@@ -548,7 +548,7 @@ def train_shapes_video(
     normalisation = latent_normalisation(vae, device) if state["calibrated"] else None
     while state["calibrated"] and state["denoiser_step"] < config.denoiser_steps and not out_of_time():
         step = state["denoiser_step"]
-        # no host-device sync in the step: its inputs come pinned and go over asynchronously
+        # no blocking copy in the step: its inputs come pinned and go over asynchronously
         pixels, ids, mask, noise, sigma = (t.to(device, non_blocking=True) for t in next(clips))
         with torch.no_grad():
             latents = _normalised_latents(vae, pixels_to_video(pixels), normalisation)
