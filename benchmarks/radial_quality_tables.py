@@ -3,8 +3,9 @@
     python benchmarks/radial_quality_tables.py [benchmarks/results/radial_quality-cpu-x86-64-2-threads.json]
 
 Prints the fidelity table (every variant against dense, with the judge's figures), its paired differences, the
-length-extension table and the LoRA-time table, as Markdown rows. `tests/test_radial_quality.py` checks that every
-row printed for the committed JSON stands in the README word for word.
+length-extension table and the LoRA-time table, as Markdown rows; given `radial_fidelity_sweep.py`'s JSON, its
+table. `tests/test_radial_quality.py` checks that every row printed for the committed JSONs stands in the README
+word for word.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from _report import RESULTS  # noqa: E402
 
 
 DEFAULT_JSON = RESULTS / "radial_quality-cpu-x86-64-2-threads.json"
+SWEEP_JSON = RESULTS / "radial_fidelity_sweep-cpu.json"  # radial_fidelity_sweep.py's
 MINUS = "\u2212"
 FIDELITY_LABELS = {
     "radial-0.25": "radial, decay 0.25 (the preset's)",
@@ -115,6 +117,36 @@ def lora_time_row(extension: dict) -> str:
     )
 
 
+def sweep_label(name: str, variant: dict, report: dict) -> str:
+    """A fidelity-sweep variant as the README names it, from the settings it ran."""
+    radial, steps = report["radial"], report["steps"]
+    if variant["changed"] == {} and name != "every block":
+        return (f"the preset's: decay {radial['decay_factor']:g}, first {radial['dense_timesteps']} of {steps} steps "
+                "dense")  # fmt: skip
+    if name == "every block":
+        return "a mask of every block (dense attention through the same processors and kernel)"
+    if "decay_factor" in variant["changed"]:
+        return f"decay {variant['decay_factor']:.1f}"
+    return f"decay {variant['decay_factor']:g}, first {variant['dense_timesteps']} steps dense"
+
+
+def sweep_rows(report: dict) -> list[str]:
+    """radial_fidelity_sweep.py's variants: block density, PSNR and SSIM against dense, paired PSNR against the
+    preset's settings; the preset's row first."""
+    variants = report["variants"]
+    order = sorted(variants, key=lambda name: ("paired_psnr_vs_preset" in variants[name], name == "every block"))
+    rows = []
+    for name in order:
+        variant = variants[name]
+        psnr = variant["psnr"]
+        psnr_text = "100 (the cap: the same pixels)" if psnr["low"] >= 100 else with_interval(psnr, 1)
+        paired = variant.get("paired_psnr_vs_preset")
+        paired_text = "–" if paired is None or name == "every block" else with_interval(paired, 2, sign=True)
+        rows.append(f"| {sweep_label(name, variant, report)} | {100 * variant['density']:.1f}% | {psnr_text} | "
+                    f"{variant['ssim']['mean']:.3f} | {paired_text} |")  # fmt: skip
+    return rows
+
+
 def tables(report: dict) -> dict[str, list[str]]:
     """Every table the JSON holds the parts of, by name."""
     out = {}
@@ -124,6 +156,8 @@ def tables(report: dict) -> dict[str, list[str]]:
     if "extension" in report:
         out["extension"] = extension_rows(report["extension"])
         out["lora_time"] = [lora_time_row(report["extension"])]
+    if report.get("benchmark") == "radial_fidelity_sweep":
+        out["sweep"] = sweep_rows(report)
     return out
 
 

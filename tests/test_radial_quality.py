@@ -522,6 +522,10 @@ def test_readme_tables_are_the_committed_json():
     assert not missing, f"README rows that differ from {tables.DEFAULT_JSON.name}: {missing}"
     variants = report["fidelity"]["variants"]
     assert {variants[name]["blocks"] for name in rq.BASELINES} == {variants["radial-0.25"]["blocks"]}
+    sweep = tables.tables(json.loads(tables.SWEEP_JSON.read_text()))  # radial_fidelity_sweep.py's table too
+    assert set(sweep) == {"sweep"} and len(sweep["sweep"]) == 8
+    missing = [row for row in sweep["sweep"] if row not in readme]
+    assert not missing, f"README rows that differ from {tables.SWEEP_JSON.name}: {missing}"
 
 
 def test_noise_levels_denoise_as_wan_pipeline_does_and_noise_on_the_flow_matching_path():
