@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, ren
 from .methods.ir_masks import render_subject_grid
 from .methods.radial_attention import RadialAttentionConfig
 from .methods.radial_mask import plot_radial_mask
+from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import PRESETS
 from .request import GenerationRequest
+from .text import noun_phrases
 from .validation import check_int_range
 
 
@@ -387,6 +390,8 @@ def _generate_plain(requests: list[GenerationRequest], pipe: Any, call: _Call) -
         results.append(result)
     if first.radial is not None:
         _note_dense_radial(results, first.radial, call.steps, density)
+    if first.structured is not None:
+        _note_structured_without_phrases(results, first.structured)
     logger.info("generated %d %s(s) with %s in %.2fs each", len(results), results[0].kind, model, seconds)
     return results
 
@@ -407,6 +412,24 @@ def _note_dense_radial(results: list[GenerationResult], config: RadialAttentionC
     for result in results:
         result.notes.append(note)
     logger.warning(note)
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _note_structured_without_phrases(results: list[GenerationResult], config: StructuredGuidanceConfig) -> None:
+    """Say, in the result and the log, when structured guidance had nothing to bind: no noun phrase but the whole
+    prompt, so its values are (up to punctuation) the prompt's own and the image is plain cross-attention's."""
+    for result in results:
+        phrases = list(config.phrases) if config.phrases is not None else noun_phrases(result.prompt)
+        if any(_words(phrase) != _words(result.prompt) for phrase in phrases):
+            continue
+        note = (f"structured guidance found no noun phrase in the prompt but the whole prompt ({phrases}), so the "
+                "image is plain cross-attention's (it binds attributes to two or more phrases, e.g. 'a red circle and "
+                "a blue square')")  # fmt: skip
+        result.notes.append(note)
+        logger.warning(note)
 
 
 def check_request_limits(request: GenerationRequest, limits: Limits | None = None, batch: int = 1) -> None:

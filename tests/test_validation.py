@@ -390,3 +390,24 @@ def test_a_radial_run_that_computes_dense_attention_throughout_says_so(caplog):
         in table
     )
     assert "mask density" not in table
+
+
+def test_structured_guidance_with_nothing_to_bind_says_so():
+    """A prompt whose only noun phrase is the whole prompt gives structured guidance nothing to bind: the image is
+    plain cross-attention's (checked against the plain image), and the result and the log say so."""
+    import numpy as np
+
+    from diffattn.methods.structured_guidance import StructuredGuidanceConfig
+
+    lone = generate("shapes-sd", "A red circle.", steps=1, structured=StructuredGuidanceConfig())
+    plain = generate("shapes-sd", "A red circle.", steps=1)
+    difference = np.abs(np.asarray(lone.images[0], dtype=int) - np.asarray(plain.images[0], dtype=int)).max()
+    assert difference <= 2  # the same image but for float rounding in the structured processor
+    assert lone.notes == [
+        "structured guidance found no noun phrase in the prompt but the whole prompt (['a red circle']), so the image "
+        "is plain cross-attention's (it binds attributes to two or more phrases, e.g. 'a red circle and a blue square')"
+    ]
+    bound = generate("shapes-sd", "a red circle and a blue square", steps=1, structured=StructuredGuidanceConfig())
+    assert bound.notes == []
+    given = StructuredGuidanceConfig(phrases=())  # phrases given, none: nothing to bind either
+    assert len(generate("shapes-sd", "a red circle and a blue square", steps=1, structured=given).notes) == 1
