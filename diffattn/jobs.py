@@ -458,7 +458,9 @@ def _run_locked(units, out, process_index, num_processes, device, torch_dtype, b
                     "spec": unit.spec,
                     "request": unit.request.to_dict(),
                 }
-                if result.notes:  # what the model did not take as asked (a prompt cut to its text length)
+                if result.radial_density is not None:  # the block density radial attention's sparse steps ran at
+                    record["radial_density"] = round(result.radial_density, 6)
+                if result.notes:  # what the model did not take as asked (a prompt cut short, a radial run all dense)
                     record["notes"] = result.notes
                 if writer:  # in a context-parallel group every process made the output; the first writes it
                     commit_unit(out, process_index, manifest, record, result, claimed)

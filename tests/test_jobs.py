@@ -313,3 +313,30 @@ def test_a_job_lines_radial_fields_go_over_the_models_radial_settings(tmp_path):
     assert units[0].request.radial == preset
     assert units[1].request.radial == RadialAttentionConfig(**{**vars(preset), "decay_factor": 0.5})
     assert units[2].request.radial == RadialAttentionConfig()
+
+
+def test_a_radial_outputs_record_holds_its_mask_density_and_its_mask_picture(tmp_path):
+    """A radial output's manifest record says the density its sparse steps ran at (the mask as the method builds it
+    for tiny-wan's 33 frames: 9 latent frames of 64 tokens), and its mask picture is saved beside it; a radial run
+    that stayed dense has no density but the note that says so."""
+    from diffattn.methods.radial_mask import radial_block_mask
+
+    job = tmp_path / "job.jsonl"
+    radial = {"block_size": 16, "dense_timesteps": 0, "dense_layers": 0}
+    job.write_text(
+        json.dumps({"prompt": "a boat", "name": "sparse", "num_frames": 33, "radial": radial}) + "\n"
+        + json.dumps({"prompt": "a boat", "name": "dense", "num_frames": 33, "radial": {**radial, "dense_timesteps": 2}})
+        + "\n" + json.dumps({"prompt": "a boat", "name": "plain", "num_frames": 33}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "out"
+    defaults = JobDefaults(model="tiny-wan", steps=2)
+    run_job(read_job(job, defaults), out, process_index=0, num_processes=1)
+    records = {r["name"]: r for r in read_manifests(out).values()}
+    expected = float(radial_block_mask(9, 64, block_size=16, decay_factor=1.0, sink_frames=1).float().mean())
+    assert records["sparse-seed0"]["radial_density"] == pytest.approx(expected, abs=1e-6) and expected < 1
+    assert "notes" not in records["sparse-seed0"]
+    assert (
+        "radial_density" not in records["dense-seed0"] and "ran no step sparse" in records["dense-seed0"]["notes"][0]
+    )
+    assert "radial_density" not in records["plain-seed0"]
+    assert any(p.name.endswith("-mask.png") and "sparse" in p.name for p in out.rglob("*.png"))
