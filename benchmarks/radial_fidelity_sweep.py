@@ -26,7 +26,16 @@ from diffattn.video_metrics import psnr, ssim
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import write_report  # noqa: E402
-from radial_quality import MODEL, PRESETS, held_out_prompts, interval, latent_geometry, timed_sample, with_mask  # noqa: E402
+from radial_quality import (  # noqa: E402
+    MODEL,
+    PRESETS,
+    held_out_prompts,
+    interval,
+    latent_geometry,
+    timed_sample,
+    wan_sink_frames,
+    with_mask,
+)
 
 
 FULL = "every block"  # the variant whose mask keeps every block
@@ -44,7 +53,7 @@ def variants(preset: RadialAttentionConfig, decays: list[float], dense_steps: li
 def variant_mask(config: RadialAttentionConfig, geometry: tuple[int, int], full: bool) -> torch.Tensor:
     """The block mask a variant runs: the radial rule's for its settings, or every block."""
     mask = radial_block_mask(*geometry, block_size=config.block_size, decay_factor=config.decay_factor,
-                             sink_frames=1 if config.sink_frames is None else config.sink_frames,
+                             sink_frames=wan_sink_frames(config),
                              dense_neighbor_frames=config.dense_neighbor_frames)  # fmt: skip
     return torch.ones_like(mask) if full else mask
 

@@ -120,11 +120,11 @@ def lora_time_row(extension: dict) -> str:
 def sweep_label(name: str, variant: dict, report: dict) -> str:
     """A fidelity-sweep variant as the README names it, from the settings it ran."""
     radial, steps = report["radial"], report["steps"]
-    if variant["changed"] == {} and name != "every block":
-        return (f"the preset's: decay {radial['decay_factor']:g}, first {radial['dense_timesteps']} of {steps} steps "
-                "dense")  # fmt: skip
     if name == "every block":
         return "a mask of every block (dense attention through the same processors and kernel)"
+    if not variant["changed"]:
+        return (f"the preset's: decay {radial['decay_factor']:g}, first {radial['dense_timesteps']} of {steps} steps "
+                "dense")  # fmt: skip
     if "decay_factor" in variant["changed"]:
         return f"decay {variant['decay_factor']:.1f}"
     return f"decay {variant['decay_factor']:g}, first {variant['dense_timesteps']} steps dense"

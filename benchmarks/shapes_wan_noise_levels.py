@@ -30,7 +30,7 @@ from diffattn.judge import detect_objects, parse_clip_caption
 from diffattn.loading import load_pipeline
 from diffattn.presets import PRESETS
 from diffattn.scenes import HELD_OUT_CLIP_SEED, render_clip
-from diffattn.training import encode_video
+from diffattn.training import encode_video, latent_normalisation
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,8 +53,7 @@ def encode_clip(pipe, frames: list[Image.Image]) -> torch.Tensor:
 def decode(pipe, latents: torch.Tensor) -> list[np.ndarray]:
     """Normalised latents [B, C, F', H', W'] -> uint8 videos [F, H, W, 3], decoded as WanPipeline decodes."""
     vae = pipe.vae
-    mean = torch.tensor(vae.config.latents_mean, device=vae.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=vae.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+    mean, std = latent_normalisation(vae)
     with torch.no_grad():
         video = vae.decode(latents.to(vae.dtype) * std + mean).sample
     frames = pipe.video_processor.postprocess_video(video.float(), output_type="np")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from .methods.radial_mask import plot_radial_mask
 from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import PRESETS
 from .request import GenerationRequest
-from .text import noun_phrases
+from .text import noun_phrases, plain_words
 from .validation import check_int_range
 
 
@@ -414,16 +413,12 @@ def _note_dense_radial(results: list[GenerationResult], config: RadialAttentionC
     logger.warning(note)
 
 
-def _words(text: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-
-
 def _note_structured_without_phrases(results: list[GenerationResult], config: StructuredGuidanceConfig) -> None:
     """Say, in the result and the log, when structured guidance had nothing to bind: no noun phrase but the whole
     prompt, so its values are (up to punctuation) the prompt's own and the image is plain cross-attention's."""
     for result in results:
         phrases = list(config.phrases) if config.phrases is not None else noun_phrases(result.prompt)
-        if any(_words(phrase) != _words(result.prompt) for phrase in phrases):
+        if any(plain_words(phrase) != plain_words(result.prompt) for phrase in phrases):
             continue
         note = (f"structured guidance found no noun phrase in the prompt but the whole prompt ({phrases}), so the "
                 "image is plain cross-attention's (it binds attributes to two or more phrases, e.g. 'a red circle and "

@@ -59,7 +59,7 @@ from .shapes_training import (
     load_optimizer,
     save_checkpoint,
 )
-from .training import flow_matching_loss, flow_matching_noise
+from .training import flow_matching_loss, flow_matching_noise, latent_normalisation
 from .validation import check_choice, check_int_range, check_number, check_str
 
 
@@ -245,13 +245,6 @@ def _random_crop(video: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     top, left = (int(torch.randint(0, limit - size + 1, (1,), generator=generator)) for limit in (height, width))
     return video[..., top : top + size, left : left + size]
-
-
-def latent_normalisation(vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibrated per-channel latents_mean and latents_std, [1, C, 1, 1, 1] on `device` (made once: a tensor
-    built from a list on a GPU is a blocking copy)."""
-    mean, std = (torch.tensor(getattr(vae.config, n), device=device) for n in ("latents_mean", "latents_std"))
-    return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
 
 
 def _normalised_latents(vae, video: torch.Tensor, normalisation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -545,7 +538,7 @@ def train_shapes_video(
     steps = _DenoiserClips(config, tokenizer, vae_config.z_dim, vae_config.scale_factor_spatial,
                            vae_config.scale_factor_temporal)  # fmt: skip
     clips = iter(_steps(steps, state["denoiser_step"], config, device) if state["calibrated"] else ())
-    normalisation = latent_normalisation(vae, device) if state["calibrated"] else None
+    normalisation = latent_normalisation(vae, device, torch.float32) if state["calibrated"] else None
     while state["calibrated"] and state["denoiser_step"] < config.denoiser_steps and not out_of_time():
         step = state["denoiser_step"]
         # no blocking copy in the step: its inputs come pinned and go over asynchronously

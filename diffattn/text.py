@@ -65,6 +65,11 @@ def _is_word(token: str) -> bool:
     return token[0].isalnum()
 
 
+def plain_words(text: str) -> list[str]:
+    """`words` without the punctuation: "A red circle." -> ["a", "red", "circle"]."""
+    return [w for w in words(text) if _is_word(w)]
+
+
 def _base_phrases(tokens: list[str]) -> list[NounPhrase]:
     phrases, start = [], 0
     for i in range(len(tokens) + 1):

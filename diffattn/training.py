@@ -67,12 +67,20 @@ def _read_video(path: Path, num_frames: int, height: int, width: int) -> torch.T
     return video.permute(1, 0, 2, 3).unsqueeze(0)
 
 
+def latent_normalisation(vae: Any, device: Any = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """A Wan VAE's per-channel latents_mean and latents_std as [1, C, 1, 1, 1] tensors (on the VAE's device and in
+    its dtype unless given). WanPipeline's latents are (mode - mean) / std. Made once per loop, not per step: a tensor
+    built from a list on a GPU is a blocking copy."""
+    device, dtype = device or vae.device, dtype or vae.dtype
+    return tuple(torch.tensor(getattr(vae.config, name), device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+                 for name in ("latents_mean", "latents_std"))  # fmt: skip
+
+
 def encode_video(pipe: Any, video: torch.Tensor) -> torch.Tensor:
     """Wan VAE encoding with its latent normalisation: [1, 3, F, H, W] -> [C, F', H', W']."""
     vae = pipe.vae
     latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()
-    mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+    mean, std = latent_normalisation(vae, latents.device, latents.dtype)
     return ((latents - mean) / std)[0]
 
 

@@ -94,3 +94,17 @@ def test_spacy_backend_aligns_noun_chunks_to_words(monkeypatch):
             text.noun_phrases("a cat", backend="spacy")
     finally:
         text._spacy_model.cache_clear()
+
+
+def test_plain_words_are_the_words_without_punctuation():
+    from diffattn.text import plain_words
+
+    assert plain_words("A red circle, and a blue-green star.") == [
+        "a",
+        "red",
+        "circle",
+        "and",
+        "a",
+        "blue-green",
+        "star",
+    ]
