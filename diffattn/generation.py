@@ -150,6 +150,14 @@ def unread_prompt_tail(pipe: Any, prompt: str, call_kwargs: dict[str, Any]) -> t
     return len(ids), limit, tokenizer.decode(ids[limit - 1 :], skip_special_tokens=True).strip()
 
 
+def _note(results: list[GenerationResult], note: str) -> None:
+    """What the model did not take as asked: in each result's notes (the UI's info line, a job's record) and, once,
+    in the log as a warning (the CLI shows it)."""
+    for result in results:
+        result.notes.append(note)
+    logger.warning(note)
+
+
 def _note_unread_prompts(results: list[GenerationResult], pipe: Any, call_kwargs: dict[str, Any]) -> None:
     """Say, in the result and the log, when a prompt was cut to the model's text length (diffusers cuts it, for
     most models without a word)."""
@@ -157,9 +165,8 @@ def _note_unread_prompts(results: list[GenerationResult], pipe: Any, call_kwargs
         unread = unread_prompt_tail(pipe, result.prompt, call_kwargs)
         if unread is not None:
             tokens, limit, tail = unread
-            note = f"the prompt is {tokens} tokens and {result.model!r} reads {limit}: the end, {tail!r}, was not seen"
-            result.notes.append(note)
-            logger.warning(note)
+            _note([result], f"the prompt is {tokens} tokens and {result.model!r} reads {limit}: the end, {tail!r}, "
+                            "was not seen")  # fmt: skip
 
 
 def check_step_count(steps: int, pipe: Any, model: str) -> None:
@@ -408,9 +415,7 @@ def _note_dense_radial(results: list[GenerationResult], config: RadialAttentionC
                 "(more frames or pixels, a smaller decay_factor or block_size, or fewer sink frames make it sparse)")  # fmt: skip
     else:
         return
-    for result in results:
-        result.notes.append(note)
-    logger.warning(note)
+    _note(results, note)
 
 
 def _note_structured_without_phrases(results: list[GenerationResult], config: StructuredGuidanceConfig) -> None:
@@ -420,11 +425,9 @@ def _note_structured_without_phrases(results: list[GenerationResult], config: St
         phrases = list(config.phrases) if config.phrases is not None else noun_phrases(result.prompt)
         if any(plain_words(phrase) != plain_words(result.prompt) for phrase in phrases):
             continue
-        note = (f"structured guidance found no noun phrase in the prompt but the whole prompt ({phrases}), so the "
-                "image is plain cross-attention's (it binds attributes to two or more phrases, e.g. 'a red circle and "
-                "a blue square')")  # fmt: skip
-        result.notes.append(note)
-        logger.warning(note)
+        _note([result], f"structured guidance found no noun phrase in the prompt but the whole prompt ({phrases}), "
+                        "so the image is plain cross-attention's (it binds attributes to two or more phrases, e.g. "
+                        "'a red circle and a blue square')")  # fmt: skip
 
 
 def check_request_limits(request: GenerationRequest, limits: Limits | None = None, batch: int = 1) -> None:
