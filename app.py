@@ -34,6 +34,7 @@ from diffattn.generation import (
 )
 from diffattn.judge import clip_verdict
 from diffattn.limits import Limits
+from diffattn.loading import parse_device
 from diffattn.methods.agent_attention import AgentAttentionConfig
 from diffattn.methods.attention_maps import render_token_map
 from diffattn.methods.radial_attention import RadialAttentionConfig
@@ -47,14 +48,16 @@ from diffattn.video_metrics import psnr
 
 @dataclass
 class ServerSettings:
-    """What whoever serves the UI decides: the size limits, the models visitors may use, the pipeline cache size
-    and how long outputs stay in gradio's cache."""
+    """What whoever serves the UI decides: the size limits, the models visitors may use, the pipeline cache size,
+    how long outputs stay in gradio's cache, and the device models run on (None: `default_device()`, a CUDA GPU
+    when torch sees one)."""
 
     limits: Limits = field(default_factory=Limits)
     models: tuple[str, ...] = ()  # besides the presets
     allow_any_model: bool = False  # any hub id or server path a visitor types (off: presets and `models` only)
     pipeline_cache: int = 2
     delete_cache: tuple[int, int] = (3600, 3600)  # gradio's delete_cache: (every N seconds, files older than M)
+    device: str | None = None
 
 
 SETTINGS = ServerSettings()
@@ -149,9 +152,14 @@ def radial_fields(
     return {"radial": config}
 
 
+def _pipeline(model: str) -> Any:
+    """The loaded pipeline of `model` on the server's device (kept in the bounded pipeline cache)."""
+    return cached_pipeline(model, None, SETTINGS.device)
+
+
 def _is_video(model: str) -> bool:
     """Whether a model makes videos: a preset says so; any other model is loaded to find out."""
-    return PRESETS[model].kind == "video" if model in PRESETS else is_video_pipeline(cached_pipeline(model))
+    return PRESETS[model].kind == "video" if model in PRESETS else is_video_pipeline(_pipeline(model))
 
 
 def ui_request(
@@ -199,7 +207,7 @@ class Stopped(Exception):
 
 def _run(request: GenerationRequest, stop: threading.Event | None = None) -> GenerationResult:
     """Generate `request`; a set `stop` ends it at the next denoiser call (each denoiser gets a pre-hook)."""
-    pipe = cached_pipeline(request.model)
+    pipe = _pipeline(request.model)
     hooks = []
     if stop is not None:
 
@@ -255,7 +263,7 @@ def _zip(results: list[tuple[str, GenerationResult]]) -> str:
 
 
 def _sampler(model: str) -> str:
-    return type(cached_pipeline(model).scheduler).__name__
+    return type(_pipeline(model).scheduler).__name__
 
 
 def _describe(model: str, image) -> str | None:
@@ -799,10 +807,14 @@ def main() -> None:
                         help="let visitors load any hub id or path on this server (off by default)")  # fmt: skip
     parser.add_argument("--pipeline-cache", type=int, default=2, help="pipelines kept loaded (default: 2)")
     parser.add_argument("--queue", type=int, default=16, help="requests waiting at most (default: 16)")
+    parser.add_argument("--device", default=None,
+                        help="torch device the models run on, e.g. cuda:1 or cpu (default: cuda if available, else cpu)")  # fmt: skip
     args = parser.parse_args()
     try:
         limits = Limits() if args.limits is None else Limits.parse(args.limits)
-        settings = ServerSettings(limits, tuple(args.model), args.allow_any_model, args.pipeline_cache)
+        device = None if args.device is None else parse_device(args.device)
+        settings = ServerSettings(limits, tuple(args.model), args.allow_any_model, args.pipeline_cache,
+                                  device=device)  # fmt: skip
     except ValueError as exc:
         parser.error(str(exc))
     serve(build_demo(settings), queue=args.queue, server_name=args.host, server_port=args.port)

@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None, help="width in pixels")
     gen.add_argument("--num-frames", type=int, default=None, help="frames (video models)")
     _add_dtype(gen)
-    gen.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
+    gen.add_argument(
+        "--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available, else cpu)"
+    )
     gen.add_argument("--context-parallel", type=int, default=None, metavar="N",
                      help="shard one video over N processes (launch with torchrun --nproc-per-node N -m diffattn "
                      "generate ...; Ulysses, on diffusers' engine)")  # fmt: skip
@@ -247,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--height", type=_positive_int, default=128, help="training height in pixels")
     train.add_argument("--width", type=_positive_int, default=128, help="training width in pixels")
     train.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
-    train.add_argument("--device", default=None, help="torch device (default: cpu)")
+    train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     train.add_argument("--overwrite", action="store_true", help="replace adapters already in --out")
     train.add_argument("--decay-factor", type=float, default=1.0, help="radial band width factor (default 1.0)")
     train.add_argument("--dense-layers", type=_nonnegative_int, default=0, help="first layers kept dense (0)")

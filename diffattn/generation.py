@@ -19,7 +19,7 @@ from PIL import Image
 from .control import apply
 from .guidance import GuidanceInterval, as_guidance_interval
 from .limits import Limits
-from .loading import load_pipeline
+from .loading import default_device, load_pipeline, parse_device
 from .methods.attention_maps import AttentionMapConfig, prompt_token_labels, render_attention_grid
 from .methods.ir_masks import render_subject_grid
 from .methods.radial_attention import RadialAttentionConfig
@@ -48,6 +48,8 @@ class PipelineCache:
             self.entries.popitem(last=False)
 
     def get(self, model: str, torch_dtype: str | None = None, device: str | None = None) -> Any:
+        """The pipeline of `model` in `torch_dtype` on `device` (None: `default_device()`, a GPU when there is one)."""
+        device = default_device() if device is None else parse_device(device)
         key = (model, torch_dtype, device)
         if key in self.entries:
             self.entries.move_to_end(key)
@@ -252,6 +254,8 @@ def generate(
     model's own pipeline with the methods applied for this call (radial attention: the result carries the mask
     picture and its density; SD-family models: the cross-attention heatmap grid unless `attention_maps=False`).
     The request is validated and checked against `limits` (default `Limits.from_env()`) before anything loads.
+    Without `pipe`, the model is loaded once per (model, dtype, device) and kept (`cached_pipeline`); `device` None
+    is `default_device()`: a CUDA GPU when torch sees one, else the CPU.
     """
     if isinstance(request, GenerationRequest):
         if prompt is not None or fields:

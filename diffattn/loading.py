@@ -29,6 +29,29 @@ _DTYPES = {
 }
 
 
+def default_device() -> str:
+    """The device diffattn's faces (CLI, UI, demo, batch jobs, trainers) run on when none is named: "cuda" when
+    torch sees a CUDA GPU, else "cpu". `load_pipeline` itself, like diffusers' `from_pretrained`, leaves a
+    pipeline on the CPU unless told otherwise."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(value: str | torch.device) -> str:
+    """A device name checked and written the torch way ("cuda:1", "cpu"); a device this machine lacks is refused
+    here with what it has, not later inside `.to()`."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device={value!r} is not allowed: expected a torch device such as cuda, cuda:1 or cpu"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"device={value!r} is not available: torch sees {count} CUDA GPU(s) on this machine")
+    return str(device)
+
+
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     """torch dtype from a name ("fp16", "bfloat16", ...) or a dtype; None stays None."""
     if value is None or isinstance(value, torch.dtype):
@@ -61,6 +84,7 @@ def load_pipeline(
     from diffusers import DiffusionPipeline
 
     dtype = parse_dtype(torch_dtype)
+    device = None if device is None else parse_device(device)
     name = str(name_or_path)
     on_cpu = device is None or torch.device(device).type == "cpu"
     if dtype is None and on_cpu:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .loading import dtype_keyword
+from .loading import default_device, dtype_keyword
 from .presets.image import clip_text_config, stable_diffusion_pipeline
 from .presets.text_tokenizers import build_clip_tokenizer
 from .scenes import render_scene
@@ -300,7 +300,7 @@ def train_shapes(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(config.device or default_device())
     components = build_components(config.seed)
     for name in ("vae", "unet", "text_encoder"):
         components[name].to(device)

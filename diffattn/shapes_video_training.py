@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loading import dtype_keyword
+from .loading import default_device, dtype_keyword
 from .presets.shapes_video import (
     ATTENTION_HEADS,
     DEFAULT_ATTENTION_HEADS,
@@ -429,7 +429,7 @@ def train_shapes_video(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(config.device or default_device())
     pipe = build_shapes_wan(config.seed, config.attention_heads, config.width, config.num_layers, config.ffn_dim)
     megabytes = fp16_megabytes(pipe)
     if megabytes > MAX_PRESET_MB:

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .control import apply
-from .loading import load_pipeline
+from .loading import default_device, load_pipeline
 from .methods.radial_attention import RadialAttentionConfig
 
 
@@ -190,7 +190,7 @@ def train_radial_lora(
 
     `radial` defaults to RadialAttentionConfig(dense_layers=0, dense_timesteps=0) (sparse on every training
     step); `dense=True` trains with the model's own dense attention instead (the baseline radial is measured
-    against). Refuses to replace existing adapters in `out` unless `overwrite`.
+    against). Refuses to replace existing adapters in `out` unless `overwrite`. `device` None: `default_device()`.
     """
     if dense and radial is not None:
         raise ValueError("dense=True trains with dense attention: pass no radial config with it")
@@ -201,7 +201,7 @@ def train_radial_lora(
         raise ValueError(f"learning_rate={learning_rate!r} is not allowed: expected a number > 0")
     if (out / WEIGHTS_NAME).exists() and not overwrite:
         raise ValueError(f"out={str(out)!r} already holds {WEIGHTS_NAME}; pass overwrite=True (--overwrite)")
-    pipe = pipe if pipe is not None else load_pipeline(model, device=device)
+    pipe = pipe if pipe is not None else load_pipeline(model, device=device or default_device())
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     if type(denoiser).__name__ != "WanTransformer3DModel":
         raise ValueError(f"train-lora supports the Wan family; {model!r} has {type(denoiser).__name__}")

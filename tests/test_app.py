@@ -129,6 +129,27 @@ def test_server_outputs_go_to_new_folders_in_gradios_cache_and_pipelines_are_bou
     assert [key[0] for key in PIPELINES.entries] == ["tiny-sd"]  # tiny-wan evicted
 
 
+def test_the_server_runs_models_on_the_device_it_names(monkeypatch):
+    """`python app.py --device cuda:1` loads every model there (default: `default_device()`); a device this machine
+    lacks is refused at start."""
+    app = _load_app()
+    served = []
+    monkeypatch.setattr(app, "serve", lambda demo, queue, **launch: served.append(app.SETTINGS.device))
+    monkeypatch.setattr(sys, "argv", ["app.py", "--device", "cpu"])
+    app.main()
+    assert served == ["cpu"]
+    monkeypatch.setattr(sys, "argv", ["app.py", "--device", "cuda:99"])
+    with pytest.raises(SystemExit) as exit_info:
+        app.main()
+    assert exit_info.value.code == 2 and served == ["cpu"]
+    app.build_demo(app.ServerSettings(device="cuda:1"))
+    asked = []
+    real = app.cached_pipeline
+    monkeypatch.setattr(app, "cached_pipeline", lambda model, dtype, device: asked.append(device) or real(model))
+    image, *_ = app.run_generation("tiny-sd", "a cat", "", 1, 0, 5.0, 128, 128, 0)
+    assert image.size == (128, 128) and asked and set(asked) == {"cuda:1"}
+
+
 def test_number_boxes_pass_fractions_through_and_the_request_refuses_them():
     """gradio's Number(precision=0) rounds 7.5 steps to 8 before any handler sees it; the app's boxes keep what was
     typed, and the one translation refuses a fraction naming the box (whole floats are taken as ints)."""

@@ -182,6 +182,29 @@ def test_load_pipeline_errors(tmp_path):
         diffattn.load_pipeline(tmp_path)
     with pytest.raises(ValueError, match="torch_dtype='fp8'"):
         diffattn.load_pipeline("tiny-sd", torch_dtype="fp8")
+    with pytest.raises(ValueError, match="device='gpu0' is not allowed: expected a torch device"):
+        diffattn.load_pipeline("tiny-sd", device="gpu0")
+    with pytest.raises(ValueError, match=r"device='cuda:99' is not available: torch sees \d+ CUDA GPU"):
+        diffattn.load_pipeline("tiny-sd", device="cuda:99")
+
+
+def test_faces_run_on_a_gpu_when_there_is_one_and_on_the_cpu_otherwise(monkeypatch):
+    """`load_pipeline` leaves a pipeline on the CPU as `from_pretrained` does; the generation layer every face
+    (CLI, UI, demo, jobs) loads through names `default_device()`: cuda when torch sees a CUDA GPU."""
+    from diffattn import generation
+    from diffattn.loading import default_device
+
+    loaded = []
+    monkeypatch.setattr(generation, "load_pipeline", lambda model, torch_dtype, device: loaded.append(device) or model)
+    cache = generation.PipelineCache(size=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu" and cache.get("tiny-sd") == "tiny-sd" and loaded == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device() == "cuda"
+    cache.get("tiny-sd")
+    assert loaded == ["cpu", "cuda"]  # another device, another entry
+    cache.get("tiny-sd", device="cpu")  # named, and already loaded there
+    assert loaded == ["cpu", "cuda"] and list(cache.entries) == [("tiny-sd", None, "cuda"), ("tiny-sd", None, "cpu")]
 
 
 def test_a_half_precision_folder_loads_in_one_dtype_on_the_cpu():
