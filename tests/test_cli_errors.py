@@ -33,7 +33,10 @@ def test_out_naming_a_file_or_an_impossible_folder_is_refused_before_generating(
 
 
 def test_a_device_this_machine_lacks_is_one_line_before_loading(tmp_path, capsys):
-    for device, message in (("cuda:99", "device='cuda:99' is not available"), ("gpu0", "device='gpu0' is not allowed")):
+    for device, message in (
+        ("cuda:99", "device='cuda:99' is not available"),
+        ("gpu0", "device='gpu0' is not allowed"),
+    ):
         assert main(["generate", "-m", "tiny-sd", "-p", "x", "--steps", "1", "--device", device,
                      "--out", str(tmp_path)]) == 2  # fmt: skip
         assert message in _one_line(capsys)
