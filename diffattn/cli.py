@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--timestep-shift", type=float, default=1.0,
                        help="train more at high noise: logit-normal noise levels mapped as the sampler's shift maps "
                        "its sigmas (1: unshifted; shapes-wan samples with shift 3)")  # fmt: skip
+    video.add_argument("--object-weight", type=float, default=0.0,
+                       help="the loss where an object is (its latent positions and those beside them) counts "
+                       "1 + W times the background's (0: a plain mean)")  # fmt: skip
     video.add_argument("--attention-heads", type=int, default=DEFAULT_ATTENTION_HEADS, choices=ATTENTION_HEADS,
                        help="heads of the transformer's attention (at --width 96, 4: 24-dim heads, 2: 48-dim "
                        "heads, whose rotary embedding resolves a frame's positions better; --init-from re-splits "
@@ -370,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 decoder_steps=args.decoder_steps, decoder_frames=args.decoder_frames, decoder_lr=args.decoder_lr,
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
                 attention_heads=args.attention_heads, timestep_shift=args.timestep_shift, width=args.width,
+                object_weight=args.object_weight,
                 num_layers=args.layers, ffn_dim=args.ffn_dim,
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes, ema_decay=args.ema_decay, num_workers=args.workers,

@@ -88,6 +88,7 @@ class ShapesVideoTrainingConfig:
     num_layers: int = NUM_LAYERS
     ffn_dim: int = FFN_DIM
     timestep_shift: float = 1.0  # noise levels of the flow-matching loss, mapped as the sampler maps its sigmas
+    object_weight: float = 0.0  # the loss at latent positions an object covers counts 1 + object_weight times
     num_frames: int = NUM_FRAMES
     warmup_frames: int | None = None  # the first `warmup_steps` denoiser steps train on clips this long
     warmup_steps: int = 0
@@ -123,6 +124,7 @@ class ShapesVideoTrainingConfig:
         check_number("decoder_lr", self.decoder_lr, 0, 1, low_open=True)
         check_number("lr", self.lr, 0, 1, low_open=True)
         check_number("timestep_shift", self.timestep_shift, 1, 100)
+        check_number("object_weight", self.object_weight, 0, 1000)
         check_number("kl_weight", self.kl_weight, 0, 1)
         check_number("caption_dropout", self.caption_dropout, 0, 1)
         check_number("ema_decay", self.ema_decay, 0, 0.999999)
@@ -245,6 +247,18 @@ def _random_crop(video: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     top, left = (int(torch.randint(0, limit - size + 1, (1,), generator=generator)) for limit in (height, width))
     return video[..., top : top + size, left : left + size]
+
+
+def object_weights(pixels: torch.Tensor, extra: float, time_factor: int, space_factor: int) -> torch.Tensor:
+    """Per latent position, 1 + `extra` where an object (any pixel not near white) is in its frames and pixels or
+    next to them, else 1: pixels uint8 [B, F, H, W, 3] (F = 1 + time_factor k) -> float32 [B, 1, F', h, w], the
+    layout of a causal Wan VAE's latents (the first frame alone, then `time_factor` frames a latent frame)."""
+    covered = (pixels < 240).any(-1).float()  # [B, F, H, W]
+    batch, frames, height, width = covered.shape
+    rest = covered[:, 1:].reshape(batch, (frames - 1) // time_factor, time_factor, height, width).amax(2)
+    covered = torch.nn.functional.max_pool2d(torch.cat([covered[:, :1], rest], 1), space_factor)
+    covered = torch.nn.functional.max_pool2d(covered, 3, stride=1, padding=1)  # and the positions beside it
+    return (1.0 + extra * covered).unsqueeze(1)
 
 
 def _normalised_latents(vae, video: torch.Tensor, normalisation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -545,9 +559,13 @@ def train_shapes_video(
         pixels, ids, mask, noise, sigma = (t.to(device, non_blocking=True) for t in next(clips))
         with torch.no_grad():
             latents = _normalised_latents(vae, pixels_to_video(pixels), normalisation)
+            weight = None
+            if config.object_weight:
+                weight = object_weights(pixels, config.object_weight, vae_config.scale_factor_temporal,
+                                        vae_config.scale_factor_spatial)  # fmt: skip
         with autocast:
             embeds = encode_tokens(text_encoder, ids, mask)
-            loss = flow_matching_loss(transformer, latents, embeds, noise, sigma)
+            loss = flow_matching_loss(transformer, latents, embeds, noise, sigma, weight)
         optimizers["denoiser"].zero_grad(set_to_none=True)
         loss.backward()
         optimizers["denoiser"].step()

@@ -153,9 +153,11 @@ def flow_matching_loss(
     prompt_embeds: torch.Tensor,
     noise: torch.Tensor,
     sigma: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rectified-flow loss on a batch (x_t = (1 - sigma) x0 + sigma e, target e - x0). latents, noise:
-    [B, C, F, H, W]; prompt_embeds: [B, L, D]; sigma: [B] (`flow_matching_noise`)."""
+    [B, C, F, H, W]; prompt_embeds: [B, L, D]; sigma: [B] (`flow_matching_noise`); weight: None (the mean squared
+    error) or [B, 1, F, H, W], each latent position's weight in a weighted mean of the squared error."""
     if noise.shape != latents.shape or sigma.shape != latents.shape[:1]:
         raise ValueError(f"noise {tuple(noise.shape)} and sigma {tuple(sigma.shape)} do not fit latents "
                          f"{tuple(latents.shape)}: expected noise of the latents' shape and one sigma per clip")  # fmt: skip
@@ -163,7 +165,13 @@ def flow_matching_loss(
     sigma_b = sigma.view(-1, 1, 1, 1, 1)
     noisy = (1.0 - sigma_b) * latents + sigma_b * noise
     prediction = transformer(noisy, sigma * 1000.0, prompt_embeds, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
+    if weight is None:
+        return torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
+    if weight.shape != (latents.shape[0], 1, *latents.shape[2:]):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit latents {tuple(latents.shape)}: expected "
+                         "[B, 1, F, H, W]")  # fmt: skip
+    weight = weight.float().expand_as(prediction)
+    return (weight * (prediction.float() - (noise - latents).float()).square()).sum() / weight.sum()
 
 
 def train_radial_lora(

@@ -12,6 +12,7 @@ from diffattn.shapes_video_training import (
     ShapesVideoTrainingConfig,
     clip_batch,
     encode_captions,
+    object_weights,
     train_shapes_video,
 )
 
@@ -144,13 +145,47 @@ def test_the_command_passes_its_ema_decay_heads_and_shift(tmp_path, monkeypatch,
                         lambda out, config, **kw: seen.append(config) or {"vae_step": 0, "decoder_step": 0,
                                                                           "denoiser_step": 0})  # fmt: skip
     argv = ["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "0.99", "--attention-heads", "2",
-            "--timestep-shift", "3", "--decoder-steps", "7", "--decoder-frames", "17", "--decoder-lr", "1e-4"]  # fmt: skip
+            "--timestep-shift", "3", "--decoder-steps", "7", "--decoder-frames", "17", "--decoder-lr", "1e-4",
+            "--object-weight", "3"]  # fmt: skip
     assert main(argv) == 0
     assert main(["train-shapes-video", "--out", str(tmp_path)]) == 0
     assert [(c.ema_decay, c.attention_heads, c.timestep_shift) for c in seen] == [(0.99, 2, 3.0), (0.999, 4, 1.0)]
+    assert [c.object_weight for c in seen] == [3.0, 0.0]
     assert [(c.decoder_steps, c.decoder_frames, c.decoder_lr) for c in seen] == [(7, 17, 1e-4), (0, 33, 3e-4)]
     assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "1.5"]) == 2
     assert "ema_decay=1.5 is not allowed" in capsys.readouterr().err
+
+
+def test_object_weights_cover_the_latent_positions_of_an_object_and_their_neighbours():
+    """A causal Wan VAE at 4x: latent frame 0 is frame 0, latent frame j >= 1 frames 4j-3..4j; a latent position 4x4
+    pixels. One coloured pixel in frame 6 at (row 9, column 22) is latent frame 2, position (2, 5): it and its eight
+    neighbours weigh 1 + 3, everything else 1; a white clip weighs 1 everywhere."""
+    pixels = torch.full((2, 9, 16, 32, 3), 255, dtype=torch.uint8)
+    pixels[1, 6, 9, 22] = torch.tensor([250, 0, 0], dtype=torch.uint8)
+    weight = object_weights(pixels, 3.0, time_factor=4, space_factor=4)
+    expected = torch.ones(2, 1, 3, 4, 8)
+    expected[1, 0, 2, 1:4, 4:7] = 4.0
+    torch.testing.assert_close(weight, expected)
+    pixels[0, 0, 0, 0] = torch.tensor([255, 255, 200], dtype=torch.uint8)  # a pale yellow pixel counts as an object
+    assert object_weights(pixels, 1.0, 4, 4)[0, 0, 0, :2, :2].eq(2.0).all()
+
+
+def test_the_run_weighs_its_loss_by_the_objects_of_its_clips_when_asked(tmp_path, monkeypatch):
+    import diffattn.shapes_video_training as training
+
+    weights = []
+    real = training.flow_matching_loss
+
+    def recording(transformer, latents, embeds, noise, sigma, weight=None):
+        weights.append(weight)
+        return real(transformer, latents, embeds, noise, sigma, weight)
+
+    monkeypatch.setattr(training, "flow_matching_loss", recording)
+    train_shapes_video(tmp_path / "plain", _config(denoiser_steps=1))
+    train_shapes_video(tmp_path / "weighted", _config(denoiser_steps=1, object_weight=2.0))
+    plain, weighted = weights
+    assert plain is None and weighted.shape == (1, 1, 2, 16, 16)  # 5 frames: 2 latent frames of 16x16
+    assert set(weighted.unique().tolist()) == {1.0, 3.0}  # the clip's object, and its background
 
 
 def test_attention_heads_split_the_same_width_and_a_run_keeps_its_split(tmp_path, caplog):

@@ -78,6 +78,28 @@ def test_the_loss_shifts_its_noise_levels_as_the_scheduler_shifts_sigmas():
         flow_matching_loss(Recorder(), latents, embeds, noise, sigma[1:])
 
 
+def test_a_weighted_loss_is_the_weighted_mean_of_the_squared_error():
+    class Half(torch.nn.Module):  # predicts half the noisy latents
+        def forward(self, noisy, timestep, embeds, return_dict=False):
+            return (0.5 * noisy,)
+
+    latents = torch.randn(2, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    noise, sigma = flow_matching_noise(latents.shape, torch.Generator().manual_seed(1))
+    embeds = torch.zeros(2, 1, 1)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    error = (0.5 * ((1 - s) * latents + s * noise) - (noise - latents)) ** 2  # [B, C, F, H, W]
+    weight = torch.ones(2, 1, 2, 2, 2)
+    weight[1, 0, 1, 0, 1] = 5.0  # one position of the second clip counts five times, in every channel
+    expected = (error.sum() + 4 * error[1, :, 1, 0, 1].sum()) / (error.numel() + 4 * 3)
+    torch.testing.assert_close(flow_matching_loss(Half(), latents, embeds, noise, sigma, weight), expected)
+    plain = flow_matching_loss(Half(), latents, embeds, noise, sigma)
+    torch.testing.assert_close(
+        flow_matching_loss(Half(), latents, embeds, noise, sigma, torch.ones_like(weight)), plain
+    )
+    with pytest.raises(ValueError, match=r"weight \(2, 3, 2, 2, 2\) does not fit latents"):
+        flow_matching_loss(Half(), latents, embeds, noise, sigma, torch.ones_like(latents))
+
+
 def test_loss_on_a_fixed_batch_goes_down():
     pipe = load("tiny-wan")
     params = add_lora(pipe.transformer, rank=8)
