@@ -263,7 +263,9 @@ def _zip(results: list[tuple[str, GenerationResult]]) -> str:
 
 
 def _sampler(model: str) -> str:
-    return type(_pipeline(model).scheduler).__name__
+    """The pipeline's scheduler, and the device and dtype it runs on."""
+    pipe = _pipeline(model)
+    return f"{type(pipe.scheduler).__name__} · {pipe.device} ({str(pipe.dtype).removeprefix('torch.')})"
 
 
 def _describe(model: str, image) -> str | None:

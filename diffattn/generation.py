@@ -209,6 +209,10 @@ class GenerationResult:
     attention_labels: list[str] = field(default_factory=list)  # one per token of attention_maps
     phase_seconds: dict[str, float] = field(default_factory=dict)  # IR-Diffusion: rehearsal, references and scene
     notes: list[str] = field(default_factory=list)  # what the model did not take as asked (a prompt cut short)
+    device: str = (
+        ""  # where it ran ("cpu", "cuda:0") and in which dtype ("float32"): the same seed differs across them
+    )
+    dtype: str = ""
 
 
 def default_steps(model: str) -> int:
@@ -298,6 +302,8 @@ def generate_batch(
     else:
         results = _generate_plain(requests, pipe, call)
     _note_unread_prompts(results, pipe, call.kwargs)
+    for result in results:
+        result.device, result.dtype = str(pipe.device), str(pipe.dtype).removeprefix("torch.")
     return results
 
 

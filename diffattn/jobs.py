@@ -457,6 +457,8 @@ def _run_locked(units, out, process_index, num_processes, device, torch_dtype, b
                     "process": process_index,
                     "spec": unit.spec,
                     "request": unit.request.to_dict(),
+                    "device": result.device,
+                    "dtype": result.dtype,
                 }
                 if result.radial_density is not None:  # the block density radial attention's sparse steps ran at
                     record["radial_density"] = round(result.radial_density, 6)

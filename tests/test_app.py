@@ -23,6 +23,7 @@ def test_handler_generates_image_and_maps():
     image, video, grid, mask, subjects, info = app.run_generation("tiny-sd", "a red cat", "", 2, 1, 7.5, 128, 128, 9)
     assert image.size == (128, 128) and video is None and grid is not None and mask is None and subjects is None
     assert "tiny-sd" in info and "note:" not in info
+    assert "sampler EulerDiscreteScheduler · cpu (float32)" in info  # the pipeline's own scheduler, device and dtype
     # 120 words and CLIP's start and end tokens: it keeps the start token, 75 words and the end token
     long = " ".join(["a red cat"] * 40)
     *_, info = app.run_generation("tiny-sd", long, "", 1, 1, 7.5, 128, 128, 9)

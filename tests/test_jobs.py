@@ -133,6 +133,7 @@ def test_run_job_outputs_match_the_plain_pipeline_and_resume_without_overwriting
     records = read_manifests(out)
     assert set(records) == {"00001-seed3", "00001-seed5", "dog-seed0"}
     assert records["dog-seed0"]["files"] == ["dog-seed0.png"] and records["dog-seed0"]["spec"]["seed"] == 0
+    assert {(r["device"], r["dtype"]) for r in records.values()} == {("cpu", "float32")}  # where the pixels came from
     before = {p.name: p.read_bytes() for p in out.glob("*.png")}
 
     again = run_job(units, out, process_index=0, num_processes=1)  # a rerun finds everything done
