@@ -209,9 +209,8 @@ class GenerationResult:
     attention_labels: list[str] = field(default_factory=list)  # one per token of attention_maps
     phase_seconds: dict[str, float] = field(default_factory=dict)  # IR-Diffusion: rehearsal, references and scene
     notes: list[str] = field(default_factory=list)  # what the model did not take as asked (a prompt cut short)
-    device: str = (
-        ""  # where it ran ("cpu", "cuda:0") and in which dtype ("float32"): the same seed differs across them
-    )
+    # where it ran ("cpu", "cuda:0") and in which dtype ("float32"): the same seed makes other pixels elsewhere
+    device: str = ""
     dtype: str = ""
 
 
