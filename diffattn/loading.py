@@ -29,26 +29,33 @@ _DTYPES = {
 }
 
 
+DEVICE_ENV = "DIFFATTN_DEVICE"
+
+
 def default_device() -> str:
-    """The device diffattn's faces (CLI, UI, demo, batch jobs, trainers) run on when none is named: "cuda" when
-    torch sees a CUDA GPU, else "cpu". `load_pipeline` itself, like diffusers' `from_pretrained`, leaves a
-    pipeline on the CPU unless told otherwise."""
+    """The device diffattn's faces (CLI, UI, demo, batch jobs, trainers) run on when none is named: the
+    DIFFATTN_DEVICE environment variable when set (e.g. "cpu" on a GPU machine), else "cuda" when torch sees a CUDA
+    GPU, else "cpu". `load_pipeline` itself, like diffusers' `from_pretrained`, leaves a pipeline on the CPU unless
+    told otherwise."""
+    named = os.environ.get(DEVICE_ENV, "")
+    if named:
+        return parse_device(named, DEVICE_ENV)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def parse_device(value: str | torch.device) -> str:
+def parse_device(value: str | torch.device, field: str = "device") -> str:
     """A device name checked and written the torch way ("cuda:1", "cpu"); a device this machine lacks is refused
-    here with what it has, not later inside `.to()`."""
+    here with what it has, not later inside `.to()`. `field` names where the value came from in the error."""
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
         raise ValueError(
-            f"device={value!r} is not allowed: expected a torch device such as cuda, cuda:1 or cpu"
+            f"{field}={value!r} is not allowed: expected a torch device such as cuda, cuda:1 or cpu"
         ) from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index is not None and device.index >= count):
-            raise ValueError(f"device={value!r} is not available: torch sees {count} CUDA GPU(s) on this machine")
+            raise ValueError(f"{field}={value!r} is not available: torch sees {count} CUDA GPU(s) on this machine")
     return str(device)
 
 

@@ -4,6 +4,11 @@ import pytest
 import torch
 
 
+# The CPU suite compares pixels with references made on the CPU: a GPU machine running it keeps its faces there too
+# (the GPU tests name their device).
+os.environ.setdefault("DIFFATTN_DEVICE", "cpu")
+
+
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     no_slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1")

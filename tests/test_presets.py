@@ -190,10 +190,12 @@ def test_load_pipeline_errors(tmp_path):
 
 def test_faces_run_on_a_gpu_when_there_is_one_and_on_the_cpu_otherwise(monkeypatch):
     """`load_pipeline` leaves a pipeline on the CPU as `from_pretrained` does; the generation layer every face
-    (CLI, UI, demo, jobs) loads through names `default_device()`: cuda when torch sees a CUDA GPU."""
+    (CLI, UI, demo, jobs) loads through names `default_device()`: DIFFATTN_DEVICE when set, else cuda when torch
+    sees a CUDA GPU."""
     from diffattn import generation
-    from diffattn.loading import default_device
+    from diffattn.loading import DEVICE_ENV, default_device
 
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
     loaded = []
     monkeypatch.setattr(generation, "load_pipeline", lambda model, torch_dtype, device: loaded.append(device) or model)
     cache = generation.PipelineCache(size=2)
@@ -205,6 +207,11 @@ def test_faces_run_on_a_gpu_when_there_is_one_and_on_the_cpu_otherwise(monkeypat
     assert loaded == ["cpu", "cuda"]  # another device, another entry
     cache.get("tiny-sd", device="cpu")  # named, and already loaded there
     assert loaded == ["cpu", "cuda"] and list(cache.entries) == [("tiny-sd", None, "cuda"), ("tiny-sd", None, "cpu")]
+    monkeypatch.setenv(DEVICE_ENV, "cpu")  # a GPU machine told to stay on the CPU
+    assert default_device() == "cpu"
+    monkeypatch.setenv(DEVICE_ENV, "gpu0")
+    with pytest.raises(ValueError, match="DIFFATTN_DEVICE='gpu0' is not allowed"):
+        default_device()
 
 
 def test_a_half_precision_folder_loads_in_one_dtype_on_the_cpu():
