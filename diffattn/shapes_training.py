@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .loading import default_device, dtype_keyword
+from .loading import default_device, dtype_keyword, parse_device
 from .presets.image import clip_text_config, stable_diffusion_pipeline
 from .presets.text_tokenizers import build_clip_tokenizer
 from .scenes import render_scene
@@ -68,6 +68,7 @@ class ShapesTrainingConfig:
         check_number("max_minutes", self.max_minutes, 0, 10**6, allow_none=True)
         if self.device is not None:
             check_str("device", self.device, max_length=100)
+            parse_device(self.device)  # one this machine has
 
 
 def build_components(seed: int = 0) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loading import default_device, dtype_keyword
+from .loading import default_device, dtype_keyword, parse_device
 from .presets.shapes_video import (
     ATTENTION_HEADS,
     DEFAULT_ATTENTION_HEADS,
@@ -131,6 +131,7 @@ class ShapesVideoTrainingConfig:
         check_number("max_minutes", self.max_minutes, 0, 10**6, allow_none=True)
         if self.device is not None:
             check_str("device", self.device, max_length=100)
+            parse_device(self.device)  # one this machine has
 
 
 def clip_pixels(start: int, size: int, num_frames: int) -> tuple[torch.Tensor, list[str]]:

@@ -72,6 +72,8 @@ def test_clip_batches_and_bad_configs():
         ShapesVideoTrainingConfig(lr=float("nan"))
     with pytest.raises(ValueError, match=r"timestep_shift=0.5 is not allowed: expected a number in \[1, 100\]"):
         ShapesVideoTrainingConfig(timestep_shift=0.5)
+    with pytest.raises(ValueError, match=r"device='cuda:99' is not available: torch sees \d+ CUDA GPU"):
+        ShapesVideoTrainingConfig(device="cuda:99")
 
 
 def test_the_command_trains_and_exports(tmp_path, capsys):
