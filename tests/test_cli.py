@@ -150,10 +150,15 @@ def test_generate_with_subjects_saves_scene_references_and_grid(tmp_path, capsys
     assert Image.open(tmp_path / out[0]).size == (64, 64)
 
 
-def test_help_everywhere():
-    for argv in ([], ["generate"], ["batch"], ["demo"], ["presets"]):
-        proc = subprocess.run([sys.executable, "-m", "diffattn.cli", *argv, "--help"], capture_output=True, text=True)
-        assert proc.returncode == 0 and "usage: diffattn" in proc.stdout
+def test_help_everywhere(capsys):
+    proc = subprocess.run([sys.executable, "-m", "diffattn.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: diffattn" in proc.stdout  # the module runs as a program
+    assert all(
+        f"    {c}" in proc.stdout for c in ("generate", "batch", "demo", "train-lora", "train-shapes", "presets")
+    )
+    for command in ("generate", "batch", "demo", "presets", "train-lora", "train-shapes", "train-shapes-video"):
+        assert main([command, "--help"]) == 0
+        assert capsys.readouterr().out.startswith(f"usage: diffattn {command}")
 
 
 def test_presets_command(capsys):
