@@ -263,9 +263,7 @@ def _zip(results: list[tuple[str, GenerationResult]]) -> str:
 
 
 def _sampler(model: str) -> str:
-    """The pipeline's scheduler, and the device and dtype it runs on."""
-    pipe = _pipeline(model)
-    return f"{type(pipe.scheduler).__name__} · {pipe.device} ({str(pipe.dtype).removeprefix('torch.')})"
+    return type(_pipeline(model).scheduler).__name__
 
 
 def _describe(model: str, image) -> str | None:
@@ -273,8 +271,8 @@ def _describe(model: str, image) -> str | None:
     return None if describe is None or image is None else describe(image)
 
 
-def _request_line(request: GenerationRequest, seconds: float) -> str:
-    """The info line: the whole request in words, and the time."""
+def _request_line(request: GenerationRequest, result: GenerationResult, seconds: float) -> str:
+    """The info line: the whole request in words, where `result` ran, and the time."""
     parts = [f"`{request.model}`", f"seed {request.seed}", f"{request.steps or default_steps(request.model)} steps"]
     defaults = PRESETS[request.model].call_defaults if request.model in PRESETS else {}
     guidance = request.guidance_scale if request.guidance_scale is not None else defaults.get("guidance_scale")
@@ -287,6 +285,7 @@ def _request_line(request: GenerationRequest, seconds: float) -> str:
     if frames and request.model in VIDEO_PRESETS:
         parts.append(f"{frames} frames")
     parts.append(f"sampler {_sampler(request.model)}")
+    parts.append(f"{result.device} ({result.dtype})")
     return " · ".join(parts) + f" · **{seconds:.2f} s**"
 
 
@@ -338,7 +337,11 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
         phases = "".join(f"<br>{p} {t:.2f} s" for p, t in result.phase_seconds.items())
         rows.append(f"| {name} | {seconds:.2f} s{phases} | {plain_seconds / seconds:.2f}x | {verdict or '–'} |")
     table = "\n".join(rows)
-    table += "\n\n" + _request_line(requests[0], plain_seconds) + _notes(*[result for _, result, _ in results])
+    table += (
+        "\n\n"
+        + _request_line(requests[0], results[0][1], plain_seconds)
+        + _notes(*[result for _, result, _ in results])
+    )
     dense_video = radial_video = mask = None
     if video:
         dense, radial = results[0][1], results[1][1]
@@ -395,7 +398,7 @@ def run_image(model, prompt, negative, seed, steps, guidance, height, width, met
         tokens = gr.update(choices=labels, value=labels[0], visible=True)
         steps_slider = gr.update(minimum=0, maximum=count, value=0, step=1, visible=True)
         token_map = gr.update(value=render_explorer(explorer, labels[0], 0), visible=True)
-    info = f"**{_method_name(request)}** · " + _request_line(request, seconds)
+    info = f"**{_method_name(request)}** · " + _request_line(request, result, seconds)
     if result.attention_maps is None:
         info += " · no attention maps recorded with this method and model"
     if result.subject_grid is not None:
@@ -436,7 +439,7 @@ def run_video(model, prompt, seed, steps, frames, height, width, radial, decay, 
     progress(0, desc=_method_name(request))
     result = _run(request, stop)
     seconds = result.seconds  # the generation's own time, not the model's loading
-    info = f"**{_method_name(request)}** · " + _request_line(request, seconds)
+    info = f"**{_method_name(request)}** · " + _request_line(request, result, seconds)
     if result.radial_density is not None:  # else no step ran sparse: the result's note says so
         info += f" · mask density **{result.radial_density:.1%}**"
     verdict = clip_verdict(result.frames, prompt or "")
@@ -483,7 +486,9 @@ def run_generation(
     seconds = result.seconds  # the generation's own time, not the model's loading
     video = _video_file(result, f"{Path(request.model).name}-seed{request.seed}")
     image = result.images[0] if result.images else (result.frames[0] if video is None and result.frames else None)
-    info = f"**{result.kind}** from `{request.model}` in **{seconds:.2f} s** · " + _request_line(request, seconds)
+    info = f"**{result.kind}** from `{request.model}` in **{seconds:.2f} s** · " + _request_line(
+        request, result, seconds
+    )
     if result.radial_density is not None:  # else no step ran sparse: the result's note says so
         info += f" · radial attention, mask density **{result.radial_density:.1%}**"
     if result.subject_grid is not None:

@@ -67,7 +67,7 @@ from .job_store import (
     recover,
 )
 from .limits import Limits
-from .loading import default_device
+from .loading import default_device, parse_device
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.ir_diffusion import IRDiffusionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
@@ -363,7 +363,7 @@ def run_job(
     if process_index is None or num_processes is None:
         from accelerate import PartialState
 
-        state = PartialState(cpu=torch.device(device or default_device()).type == "cpu")
+        state = PartialState(cpu=torch.device(parse_device(device) if device else default_device()).type == "cpu")
         process_index, num_processes = state.process_index, state.num_processes
         if device is None and state.device.type != "cpu":
             device = str(state.device)

@@ -41,6 +41,10 @@ def test_a_device_this_machine_lacks_is_one_line_before_loading(tmp_path, capsys
                      "--out", str(tmp_path)]) == 2  # fmt: skip
         assert message in _one_line(capsys)
     assert not any(tmp_path.iterdir())
+    job = tmp_path.parent / f"{tmp_path.name}-job.jsonl"
+    job.write_text('{"prompt": "a red cat"}\n')
+    assert main(["batch", str(job), "--out", str(tmp_path / "job"), "-m", "tiny-sd", "--device", "gpu0"]) == 2
+    assert "device='gpu0' is not allowed" in _one_line(capsys)
 
 
 class _Plant:
