@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--timestep-shift", type=float, default=1.0,
                        help="train more at high noise: logit-normal noise levels mapped as the sampler's shift maps "
                        "its sigmas (1: unshifted; shapes-wan samples with shift 3)")  # fmt: skip
-    video.add_argument("--object-weight", type=float, default=0.0,
+    video.add_argument("--object-weight", type=float, default=0.0, metavar="W",
                        help="the loss where an object is (its latent positions and those beside them) counts "
                        "1 + W times the background's (0: a plain mean)")  # fmt: skip
     video.add_argument("--attention-heads", type=int, default=DEFAULT_ATTENTION_HEADS, choices=ATTENTION_HEADS,
