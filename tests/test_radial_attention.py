@@ -391,3 +391,37 @@ def test_wan_i2v_image_tokens_keep_their_dense_cross_attention(monkeypatch):
     handle.remove()
     assert len(calls) == 2 and calls[0][0][3].density < 1.0
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, dense, atol=1e-5)
+
+
+def test_wan_vace_control_blocks_get_radial_attention_too(monkeypatch):
+    """Wan VACE: the control branch's `vace_blocks` attend over the same video tokens; each of their attn1 and the
+    main blocks' attn1 equals SDPA under the expanded block mask, and remove gives the model back bit-identical."""
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=3, rope_max_seq_len=64, vace_layers=[0, 2],
+        vace_in_channels=24,
+    )  # fmt: skip
+    originals = dict(model.attn_processors)
+    latents, control = torch.randn(1, 16, 9, 12, 8), torch.randn(1, 24, 9, 12, 8)  # 9 frames of 6x4 tokens
+    args = (latents, torch.tensor([500.0]), torch.randn(1, 16, 32))
+    dense = model(*args, control_hidden_states=control).sample
+    calls = _spy(monkeypatch, "radial_joint_attention")
+    handle = diffattn.apply(model, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=16))
+    assert set(handle._installed[id(model)]) == {k for k in originals if k.endswith("attn1.processor")}
+    assert {k.split(".")[0] for k in handle._installed[id(model)]} == {"blocks", "vace_blocks"}
+    sparse = model(*args, control_hidden_states=control).sample
+    handle.remove()
+    assert len(calls) == 3 + 2  # every main block and every control block
+    keep = _token_mask(9, 24, 16, sink=1)
+    assert 0.1 < keep.float().mean() < 0.95
+    for (q, k, v, *_), _, out in calls:
+        expected = F.scaled_dot_product_attention(
+            q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(), attn_mask=keep
+        ).transpose(1, 2)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(sparse, dense, atol=1e-5)
+    assert all(model.attn_processors[k] is v for k, v in originals.items())
+    assert torch.equal(model(*args, control_hidden_states=control).sample, dense)

@@ -1,8 +1,9 @@
-"""Wan 2.1 / 2.2 (T2V, I2V): `WanTransformer3DModel` with `WanAttention` modules.
+"""Wan 2.1 / 2.2 (T2V, I2V) and VACE: `WanTransformer3DModel` / `WanVACETransformer3DModel` with `WanAttention`.
 
 `blocks.N.attn1` is self-attention over the video tokens only, laid out frame by frame in raster order
 (`[B, F*H*W, C]` after a (1, 2, 2) patch embedding); `blocks.N.attn2` is cross-attention to the text (and, for I2V,
-image) tokens. Rotary embeddings are applied to q and k inside the processor.
+image) tokens. Rotary embeddings are applied to q and k inside the processor. VACE's control branch
+(`vace_blocks.N`) has the same two attentions over the same video tokens, so it is handled the same way.
 """
 
 from __future__ import annotations
