@@ -1,4 +1,4 @@
-"""Radial attention with the rest of diffusers: caching hooks and LoRA loaded with load_lora_weights."""
+"""Radial attention with the rest of diffusers: caching hooks, offloading and casting hooks, LoRA, torch.compile."""
 
 import pytest
 import torch
@@ -30,6 +30,12 @@ def _recording(monkeypatch):
     return seen
 
 
+def _hooks(module):
+    """The names of the diffusers hooks on module (kept in its private `_diffusers_hook` registry, none if absent)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return {} if registry is None else registry.hooks
+
+
 def test_first_block_cache_skips_blocks_and_the_dense_steps_still_count_right(monkeypatch):
     from diffusers import FirstBlockCacheConfig
 
@@ -50,6 +56,79 @@ def test_first_block_cache_skips_blocks_and_the_dense_steps_still_count_right(mo
     assert len(seen) < calls_alone  # cached steps skipped blocks, so fewer attention calls
     assert all(sparse == (step >= CONFIG.dense_timesteps) for step, sparse in seen)  # steps counted by the scheduler
     assert {step for step, _ in seen} >= {0, 5}
+
+
+def test_pyramid_attention_broadcast_reuses_attention_and_the_dense_steps_still_count_right(monkeypatch):
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    pipe = load("tiny-wan")
+    seen = _recording(monkeypatch)
+
+    def broadcast(skip_range):
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=skip_range,
+                                               spatial_attention_timestep_skip_range=(-1, 1001),
+                                               current_timestep_callback=lambda: pipe.current_timestep)  # fmt: skip
+
+    with diffattn.apply(pipe, CONFIG):
+        alone = _run(pipe)
+        calls_alone = len(seen)
+        seen.clear()
+        pipe.transformer.enable_cache(broadcast(1))  # computes every call: the same computation
+        never_reused = _run(pipe)
+        pipe.transformer.disable_cache()
+        seen.clear()
+        pipe.transformer.enable_cache(broadcast(3))  # reuses a layer's attention output twice in three calls
+        reused = _run(pipe)
+        pipe.transformer.disable_cache()
+    assert torch.equal(never_reused, alone)
+    assert 0 < len(seen) < calls_alone and not torch.equal(reused, alone)
+    assert all(sparse == (step >= CONFIG.dense_timesteps) for step, sparse in seen)  # steps counted by the scheduler
+
+
+def test_group_offloading_hooks_and_radial_attention_compose(monkeypatch):
+    """Block-level group offloading (here onto the CPU itself, the hooks without an accelerator) wraps the blocks the
+    radial processors run in: the same output as radial alone, every block's hook in place, the schedule kept."""
+    pipe = load("tiny-wan")
+    with diffattn.apply(pipe, CONFIG):
+        alone = _run(pipe, steps=3)
+    cpu = torch.device("cpu")
+    pipe.transformer.enable_group_offload(cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1)
+    seen = _recording(monkeypatch)
+    with diffattn.apply(pipe, CONFIG):
+        offloaded = _run(pipe, steps=3)
+    assert all("group_offloading" in _hooks(block) for block in pipe.transformer.blocks)
+    assert torch.equal(offloaded, alone)
+    assert {(step, sparse) for step, sparse in seen} == {(0, False), (1, False), (2, True)}
+
+
+def test_layerwise_fp8_casting_with_radial_equals_radial_on_fp8_rounded_weights():
+    """`enable_layerwise_casting` stores weights in float8 and upcasts each layer as it runs; radial attention on
+    such a model equals radial attention on a model whose same weights were rounded to float8 here, whichever of
+    the two calls comes first."""
+    outputs = []
+    for cast_first in (True, False):
+        cast = load("tiny-wan")
+        if not cast_first:
+            handle = diffattn.apply(cast, CONFIG)
+        cast.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        if cast_first:
+            handle = diffattn.apply(cast, CONFIG)
+        with handle:
+            outputs.append(_run(cast, steps=3))
+    cast_layers = {name for name, module in cast.transformer.named_modules() if "layerwise_casting" in _hooks(module)}
+    assert any(".attn1.to_q" in name for name in cast_layers)
+    rounded = load("tiny-wan")
+    with diffattn.apply(rounded, CONFIG):
+        full_precision = _run(rounded, steps=3)
+        with torch.no_grad():
+            for name, module in rounded.transformer.named_modules():
+                if name in cast_layers:
+                    for param in module.parameters(recurse=False):
+                        param.copy_(param.to(torch.float8_e4m3fn).float())
+        reference = _run(rounded, steps=3)
+    assert (reference - full_precision).abs().max() > 1e-3  # the rounding matters at all
+    for stored_fp8 in outputs:
+        torch.testing.assert_close(stored_fp8, reference, rtol=0, atol=1e-6)
 
 
 def test_lora_loaded_with_load_lora_weights_equals_the_fused_weights(tmp_path):
