@@ -208,7 +208,9 @@ class _DenoiserHook:
         if timestep is None:
             value = None
         elif isinstance(timestep, torch.Tensor):
-            value = float(timestep.flatten()[0])  # bare-model mode only: one sync per denoiser call
+            # bare-model mode only: one sync per denoiser call. The largest: Wan 2.2 TI2V gives every token its own
+            # timestep, the conditioning frame's at 0 on every step, and the noisy tokens' carry the schedule.
+            value = float(timestep.max())
         else:
             value = float(timestep)
         last = self._last_timestep

@@ -212,6 +212,27 @@ def test_step_index_with_split_cfg_and_extra_passes(calls_per_step, target):
     handle.remove()
 
 
+def test_bare_model_steps_follow_per_token_timesteps_with_a_clean_conditioning_frame():
+    """Wan 2.2 TI2V calls its transformer with a timestep per token, the conditioning first frame's at 0 on every
+    step: a bare model (no scheduler to follow) still counts a step per new noise level, and a new run when it
+    rises."""
+    model = load("tiny-wan").transformer
+    handle = diffattn.apply(model, SpyConfig())
+    latents, text = torch.randn(1, 16, 3, 16, 16), torch.randn(1, 8, model.config.text_dim)
+    first_frame = 8 * 8  # tokens of one latent frame after the (1, 2, 2) patch embedding
+    for levels in ([900.0, 600.0, 300.0], [900.0, 500.0]):  # two runs
+        for level in levels:
+            timestep = torch.full((1, 3 * first_frame), level)
+            timestep[:, :first_frame] = 0.0  # the clean conditioning frame
+            for _ in range(2):  # split CFG: two calls a step
+                model(latents, timestep, text)
+    log = _calls(handle)
+    assert [(s, c, r) for s, c, r, *_ in log] == (
+        [(i, c, 1) for i in range(3) for c in range(2)] + [(i, c, 2) for i in range(2) for c in range(2)]
+    )
+    handle.remove()
+
+
 @pytest.mark.parametrize("target", ["pipeline", "bare model"])
 def test_step_index_across_successive_pipeline_calls(target):
     pipe = load("tiny-sd")
