@@ -341,7 +341,8 @@ def apply(pipe_or_model: Any, *configs: MethodConfig) -> Handle:
 
     Returns a `Handle`; `handle.remove()` (or `diffattn.remove(pipe_or_model)`) restores the original processors.
     Raises ValueError for an unsupported model, TypeError for a non-config argument, RuntimeError if a config is
-    already applied or two methods would replace the same attention layer.
+    already applied, two methods would replace the same attention layer, or a layer to replace holds a processor
+    that is not plain attention (an IP-Adapter's, say), whose behaviour the replacement would drop.
     """
     if not configs:
         raise ValueError("apply() needs at least one config, e.g. diffattn.AttentionMapConfig()")
@@ -384,6 +385,17 @@ def apply(pipe_or_model: Any, *configs: MethodConfig) -> Handle:
             if taken:
                 raise RuntimeError(
                     f"{sorted(taken)[0]} is already controlled by {other.configs}; remove that handle first"
+                )
+        current = attention_processors(model)
+        for key in new_processors:
+            if adapter.is_foreign_processor(current[key]):
+                kind = type(current[key])
+                raise RuntimeError(
+                    f"{key[: -len('.processor')]} holds {kind.__module__}.{kind.__name__}, not one of diffusers' "
+                    f"plain attention processors: {owners[key]} would replace it and silently drop what it adds "
+                    "(an IP-Adapter's image prompt, perturbed-attention guidance, Custom Diffusion, a processor of "
+                    "your own). Take it out first (an IP-Adapter: pipe.unload_ip_adapter()), or apply diffattn to a "
+                    "model without it"
                 )
         plan[id(model)] = (model, adapter, new_processors)
 

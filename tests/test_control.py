@@ -36,6 +36,56 @@ def test_apply_then_remove_is_bit_identical(name):
     handle.remove()  # idempotent
 
 
+def _with_ip_adapter_processors(unet):
+    """IP-Adapter's processor on every cross-attention layer, as `pipe.load_ip_adapter` installs it."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    processors = dict(unet.attn_processors)
+    for key in processors:
+        if key.endswith("attn2.processor"):
+            hidden = unet.get_submodule(key[: -len(".processor")]).to_q.out_features
+            processors[key] = IPAdapterAttnProcessor2_0(hidden, unet.config.cross_attention_dim, num_tokens=(4,))
+    unet.set_attn_processor(processors)
+    return dict(unet.attn_processors)
+
+
+@pytest.mark.parametrize("config", [diffattn.AttentionMapConfig(), diffattn.StructuredGuidanceConfig()])
+def test_a_method_never_replaces_an_ip_adapter_processor(config):
+    pipe = load("tiny-sd")
+    before = _with_ip_adapter_processors(pipe.unet)
+    hooks = dict(pipe.unet._forward_pre_hooks)
+    with pytest.raises(RuntimeError, match=r"attn2 holds .*IPAdapterAttnProcessor2_0.* would replace it and silently"):
+        diffattn.apply(pipe, config)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())  # nothing changed
+    assert dict(pipe.unet._forward_pre_hooks) == hooks and diffattn.applied(pipe) == []
+    # AgentSD replaces self-attention only: it runs beside the IP-Adapter, whose processors stay
+    with diffattn.apply(pipe, diffattn.AgentAttentionConfig()) as handle:
+        assert all(key.endswith("attn1.processor") for key in handle._installed[id(pipe.unet)])
+        assert all(pipe.unet.attn_processors[k] is v for k, v in before.items() if k.endswith("attn2.processor"))
+
+
+def test_only_diffusers_plain_attention_processors_are_replaced():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    class MyProcessor(AttnProcessor2_0):  # a user's subclass may add anything
+        pass
+
+    pipe = load("tiny-sd")
+    key = next(k for k in pipe.unet.attn_processors if k.endswith("attn2.processor"))
+    pipe.unet.set_attn_processor({**pipe.unet.attn_processors, key: MyProcessor()})
+    with pytest.raises(RuntimeError, match=rf"{key[: -len('.processor')]} holds .*MyProcessor"):
+        diffattn.apply(pipe, diffattn.StructuredGuidanceConfig())
+    # diffusers' own plain ones, as its public switches install them, are replaced and restored
+    for switch in (lambda: pipe.unet.set_attn_processor(AttnProcessor()), pipe.enable_attention_slicing,
+                   pipe.fuse_qkv_projections):  # fmt: skip
+        switch()
+        before = dict(pipe.unet.attn_processors)
+        handle = diffattn.apply(pipe, diffattn.StructuredGuidanceConfig())
+        assert all(pipe.unet.attn_processors[k] is not before[k] for k in handle._installed[id(pipe.unet)])
+        handle.remove()
+        assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
 def test_diffattn_remove_removes_every_handle():
     pipe = load("tiny-sd")
     originals = dict(pipe.unet.attn_processors)

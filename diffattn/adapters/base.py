@@ -41,6 +41,17 @@ class LatentGeometry:
     width: int
 
 
+# diffusers' own processors that compute plain attention and nothing else, whatever the family (each adapter adds its
+# family's, `ModelAdapter.plain_processor_names`): the ones a diffattn method may replace. Anything else on a layer
+# (an IP-Adapter's, perturbed-attention guidance's, Custom Diffusion's, a user's own) adds something that a diffattn
+# processor in its place would silently drop.
+PLAIN_PROCESSOR_NAMES = (
+    "AttnProcessor", "AttnProcessor2_0", "AttnProcessorNPU", "FusedAttnProcessor2_0", "SlicedAttnProcessor",
+    "XFormersAttnProcessor", "XLAFlashAttnProcessor2_0", "AttnAddedKVProcessor", "AttnAddedKVProcessor2_0",
+    "SlicedAttnAddedKVProcessor", "XFormersAttnAddedKVProcessor",
+)  # fmt: skip
+
+
 def attention_processors(model: torch.nn.Module) -> dict[str, Any]:
     """`model.attn_processors`, or the same dict built by walking the modules for models without AttentionMixin
     (Mochi's `MochiAttention` has a `processor` but no `set_processor`): keys are ``"<module path>.processor"``."""
@@ -99,6 +110,8 @@ class ModelAdapter:
     # The denoiser's forward argument holding the noisy latents, and its position when passed positionally.
     sample_argument: str = "hidden_states"
 
+    plain_processor_names: tuple[str, ...] = ()  # the family's own plain-attention processors in diffusers
+
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
         return type(model).__name__ in cls.model_class_names
@@ -109,6 +122,15 @@ class ModelAdapter:
 
     def attention_layers(self) -> list[AttentionLayer]:
         raise NotImplementedError
+
+    def is_foreign_processor(self, processor: Any) -> bool:
+        """Whether a diffattn method must refuse to replace `processor`: neither diffattn's own nor one of diffusers'
+        plain attention processors of this family (`PLAIN_PROCESSOR_NAMES`, `plain_processor_names`)."""
+        package = type(processor).__module__.split(".")[0]
+        if package == "diffattn":
+            return False
+        names = PLAIN_PROCESSOR_NAMES + self.plain_processor_names
+        return package != "diffusers" or type(processor).__name__ not in names
 
     def geometry(self, sample: torch.Tensor) -> LatentGeometry:
         """Latent geometry from the denoiser's sample tensor (shapes only: no device sync)."""

@@ -15,6 +15,7 @@ from .base import AttentionLayer, LatentGeometry, ModelAdapter, project_heads, s
 class CogVideoXAdapter(ModelAdapter):
     family = "cogvideox"
     model_class_names = ("CogVideoXTransformer3DModel",)
+    plain_processor_names = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
 
     def attention_layers(self) -> list[AttentionLayer]:
         def classify(path: str, module: torch.nn.Module):

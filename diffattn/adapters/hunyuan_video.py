@@ -15,6 +15,7 @@ from .base import AttentionLayer, LatentGeometry, ModelAdapter, project_heads, s
 class HunyuanVideoAdapter(ModelAdapter):
     family = "hunyuan-video"
     model_class_names = ("HunyuanVideoTransformer3DModel",)
+    plain_processor_names = ("HunyuanVideoAttnProcessor2_0",)
 
     def attention_layers(self) -> list[AttentionLayer]:
         def classify(path: str, module: torch.nn.Module):

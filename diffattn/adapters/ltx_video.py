@@ -17,6 +17,7 @@ from .base import AttentionLayer, LatentGeometry, ModelAdapter, sdpa_bnhd
 class LTXVideoAdapter(ModelAdapter):
     family = "ltx-video"
     model_class_names = ("LTXVideoTransformer3DModel",)
+    plain_processor_names = ("LTXVideoAttnProcessor", "LTXVideoAttentionProcessor2_0")
 
     def attention_layers(self) -> list[AttentionLayer]:
         def classify(path: str, module: torch.nn.Module):

@@ -15,6 +15,7 @@ from .base import AttentionLayer, LatentGeometry, ModelAdapter, project_heads, s
 class MochiAdapter(ModelAdapter):
     family = "mochi"
     model_class_names = ("MochiTransformer3DModel",)
+    plain_processor_names = ("MochiAttnProcessor2_0",)
 
     def attention_layers(self) -> list[AttentionLayer]:
         def classify(path: str, module: torch.nn.Module):

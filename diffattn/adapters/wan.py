@@ -16,6 +16,7 @@ from .base import AttentionLayer, LatentGeometry, ModelAdapter, sdpa_bnhd
 class WanAdapter(ModelAdapter):
     family = "wan"
     model_class_names = ("WanTransformer3DModel", "WanVACETransformer3DModel")
+    plain_processor_names = ("WanAttnProcessor", "WanAttnProcessor2_0")
 
     def attention_layers(self) -> list[AttentionLayer]:
         def classify(path: str, module: torch.nn.Module):
