@@ -278,6 +278,22 @@ class Handle:
         self.installed(model, key).original = processor
         self._originals[id(model)][key] = processor
 
+    def _check_in_place(self, model: torch.nn.Module) -> None:
+        """Raise if a processor this handle installed on `model` was replaced since `apply` (`load_ip_adapter`,
+        `set_attn_processor`): the method would silently not run on that layer."""
+        installed = self._installed.get(id(model), {})
+        current = attention_processors(model) if installed else {}
+        displaced = [key for key, processor in installed.items() if current.get(key) is not processor]
+        if displaced:
+            found = type(current.get(displaced[0])).__name__
+            raise RuntimeError(
+                f"{len(displaced)} of the {len(installed)} attention layers {self.configs} controls on "
+                f"{type(model).__name__} hold another processor now ({displaced[0][: -len('.processor')]}: {found}), "
+                "set after diffattn.apply (by load_ip_adapter, set_attn_processor, ...): the method would not run "
+                "there. Remove the handle, make that change, then apply again (diffattn.apply refuses processors "
+                "whose behaviour it would drop)"
+            )
+
     def remove(self) -> None:
         """Restore the exact processor objects and remove the hooks and scheduler wrappers. Idempotent."""
         if not self.active:
@@ -414,6 +430,8 @@ def apply(pipe_or_model: Any, *configs: MethodConfig) -> Handle:
 
             def pre_hook(module, args, kwargs, _adapter=adapter):
                 hook(_adapter, args, kwargs)
+                if handle.state.step_index == 0 and handle.state.call_index == 0:  # once a run: dict lookups only
+                    handle._check_in_place(module)
                 return None
 
             handle._hook_handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))

@@ -64,6 +64,19 @@ def test_a_method_never_replaces_an_ip_adapter_processor(config):
         assert all(pipe.unet.attn_processors[k] is v for k, v in before.items() if k.endswith("attn2.processor"))
 
 
+def test_a_processor_replaced_after_apply_stops_the_next_run_before_it_computes():
+    """An IP-Adapter loaded after apply takes the cross-attention layers structured guidance controls: the next run
+    stops at its first denoiser call instead of running without the method there; remove leaves the new ones."""
+    pipe = load("tiny-sd")
+    handle = diffattn.apply(pipe, diffattn.StructuredGuidanceConfig())
+    run(pipe, "tiny-sd", steps=2)  # in place: runs
+    after = _with_ip_adapter_processors(pipe.unet)
+    with pytest.raises(RuntimeError, match=r"10 of the 10 attention layers .* hold another processor now .*IPAdapter"):
+        run(pipe, "tiny-sd", steps=2)
+    handle.remove()
+    assert all(pipe.unet.attn_processors[k] is v for k, v in after.items())  # theirs stay; ours were already gone
+
+
 def test_only_diffusers_plain_attention_processors_are_replaced():
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
