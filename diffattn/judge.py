@@ -279,7 +279,8 @@ def judge_clip(frames: list[Image.Image], caption: str) -> list[TrackVerdict]:
 
 def clip_verdict(frames: list[Image.Image], caption: str) -> str | None:
     """What the judge finds of a clip's captioned objects, in words ("red circle in 97% of frames, moving right
-    (as captioned)"); None when the caption is not of the clip form ("a <colour> <shape> moving <direction>")."""
+    (as captioned)", and where the colour's own track goes another way than the object's, ", its red region moving
+    right"); None when the caption is not of the clip form ("a <colour> <shape> moving <direction>")."""
     try:
         verdicts = judge_clip(frames, caption)
     except ValueError:
@@ -288,5 +289,8 @@ def clip_verdict(frames: list[Image.Image], caption: str) -> str | None:
     for v in verdicts:
         moving = f"moving {v.found_direction}" if v.found_direction else "not moving"
         mark = "as captioned" if v.moves_right else f"captioned {v.direction}"
-        parts.append(f"{v.color} {v.shape} in {v.present:.0%} of frames, {moving} ({mark})")
+        part = f"{v.color} {v.shape} in {v.present:.0%} of frames, {moving} ({mark})"
+        if v.color_direction != v.found_direction:  # a model drawing the object in pieces can throw its track off
+            part += f", its {v.color} region " + (f"moving {v.color_direction}" if v.color_direction else "not moving")
+        parts.append(part)
     return "; ".join(parts)

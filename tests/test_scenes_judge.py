@@ -204,7 +204,7 @@ def test_video_judge_agrees_with_ground_truth_on_rendered_clips():
 
 
 def test_the_colour_track_ignores_a_piece_read_as_the_right_shape():
-    from diffattn.judge import judge_clip
+    from diffattn.judge import clip_verdict, judge_clip
     from diffattn.scenes import draw_shape
 
     frames = []
@@ -220,6 +220,15 @@ def test_the_colour_track_ignores_a_piece_read_as_the_right_shape():
     assert verdict.centers[0] == (55.0, 9.0) and verdict.found_direction == "left" and not verdict.moves_right
     # the colour's track follows the largest red region, the circle, all along
     assert verdict.color_direction == "right" and verdict.color_moves_right
+    # in words (the UI's and the demo's), both tracks where they disagree
+    assert clip_verdict(frames, "a red square moving right") == (
+        f"red square in {verdict.present:.0%} of frames, moving left (captioned right), its red region moving right"
+    )
+    frames[0] = frames[1]  # without the square: the two tracks agree, and the words name one
+    assert (
+        clip_verdict(frames, "a red circle moving right")
+        == "red circle in 100% of frames, moving right (as captioned)"
+    )
 
 
 @pytest.mark.parametrize(
