@@ -72,11 +72,20 @@ class MethodConfig:
         return self.method_class(self)
 
 
+def _uncompiled(model: Any) -> Any:
+    """The module a `torch.compile(model)` wrapper runs, else `model`. torch's wrapper (`OptimizedModule`) keeps it in
+    the private `_orig_mod`: processors and the pre-hook go on that module, which the compiled wrapper calls."""
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        return model._orig_mod
+    return model
+
+
 def find_denoisers(pipe_or_model: Any) -> tuple[Any | None, list[torch.nn.Module]]:
-    """(pipeline or None, denoisers). A pipeline's denoisers are its `unet`, `transformer`, `transformer_2`."""
+    """(pipeline or None, denoisers). A pipeline's denoisers are its `unet`, `transformer`, `transformer_2`; one
+    wrapped by `torch.compile` is the module it wraps."""
     if isinstance(pipe_or_model, torch.nn.Module):
-        return None, [pipe_or_model]  # whether it is a supported denoiser is the adapters' call
-    denoisers = [getattr(pipe_or_model, n, None) for n in _DENOISER_NAMES]
+        return None, [_uncompiled(pipe_or_model)]  # whether it is a supported denoiser is the adapters' call
+    denoisers = [_uncompiled(getattr(pipe_or_model, n, None)) for n in _DENOISER_NAMES]
     denoisers = [d for d in denoisers if isinstance(d, torch.nn.Module)]
     if not denoisers:
         raise TypeError(
@@ -336,7 +345,7 @@ class Handle:
 def _denoiser_name(pipe: Any | None, model: torch.nn.Module) -> str:
     """The pipeline attribute holding `model` (`unet`, `transformer`, `transformer_2`); a bare model: its class."""
     for name in _DENOISER_NAMES:
-        if pipe is not None and getattr(pipe, name, None) is model:
+        if pipe is not None and _uncompiled(getattr(pipe, name, None)) is model:
             return name
     return type(model).__name__
 

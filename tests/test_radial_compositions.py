@@ -193,6 +193,25 @@ def test_the_radial_attention_path_compiles_as_one_graph():
                                        layer(captured["hidden_states"], captured["rotary_emb"]))  # fmt: skip
 
 
+def test_apply_reaches_through_a_torch_compile_wrapper():
+    """`pipe.transformer = torch.compile(pipe.transformer)` before apply: the processors and the step hook go on the
+    module it wraps, the wrapper's call runs them (the same video as radial without the wrapper), remove restores it.
+    Dynamo is switched off for the run, which checks the wrapper's routing without a 20-second capture of the model
+    (captured with backend="eager", the video is the same too, checked by hand)."""
+    pipe = load("tiny-wan")
+    sparse = diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=0, block_size=64)
+    with diffattn.apply(pipe, sparse):
+        eager = _run(pipe, steps=1)
+    originals = dict(pipe.transformer.attn_processors)
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")  # dynamo's capture, no code generation
+    handle = diffattn.apply(pipe, sparse)
+    assert set(handle._installed) == {id(pipe.transformer._orig_mod)}
+    with torch._dynamo.config.patch(disable=True):
+        torch.testing.assert_close(_run(pipe, steps=1), eager, rtol=0, atol=1e-6)
+    handle.remove()
+    assert all(pipe.transformer._orig_mod.attn_processors[k] is v for k, v in originals.items())
+
+
 @pytest.mark.gpu
 def test_model_cpu_offload_builds_masks_on_the_execution_device():
     on_gpu = load("tiny-wan").to("cuda")  # the reference: the same radial run with the whole pipeline on the GPU
