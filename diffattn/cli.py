@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=128, help="kernel tile (128)")
     train.add_argument("--dense", action="store_true",
                        help="train with dense attention instead (the baseline radial LoRAs are compared with)")  # fmt: skip
+    train.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each block's activations in the backward pass instead of holding them (the "
+                       "same gradients; the memory long videos need, for about one more forward pass a step)")  # fmt: skip
 
     shapes = sub.add_parser(
         "train-shapes",
@@ -482,6 +485,7 @@ def _train_lora(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         overwrite=args.overwrite,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     losses = summary["losses"]
     print(f"{args.out} ({len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")

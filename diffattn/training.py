@@ -192,6 +192,7 @@ def train_radial_lora(
     seed: int = 0,
     device: str | None = None,
     overwrite: bool = False,
+    gradient_checkpointing: bool = False,
     pipe: Any | None = None,
 ) -> dict[str, Any]:
     """Fine-tune LoRA adapters with radial attention active; save them to `out`. Returns a summary with the losses.
@@ -199,6 +200,9 @@ def train_radial_lora(
     `radial` defaults to RadialAttentionConfig(dense_layers=0, dense_timesteps=0) (sparse on every training
     step); `dense=True` trains with the model's own dense attention instead (the baseline radial is measured
     against). Refuses to replace existing adapters in `out` unless `overwrite`. `device` None: `default_device()`.
+    `gradient_checkpointing`: the transformer's blocks recompute their activations in the backward pass
+    (diffusers' `enable_gradient_checkpointing`) instead of holding them: the same gradients, for the memory of
+    long videos (a block's activations at 64k tokens take gigabytes), at about one more forward pass a step.
     """
     if dense and radial is not None:
         raise ValueError("dense=True trains with dense attention: pass no radial config with it")
@@ -217,7 +221,12 @@ def train_radial_lora(
         pipe, data, num_frames=num_frames, height=height, width=width, max_sequence_length=max_sequence_length
     )
     transformer = pipe.transformer
-    params = add_lora(transformer, rank)
+    # peft draws the adapters' first weights from torch's global generator: seeded here, so `seed` fixes the whole run,
+    # and forked, so the caller's generator is left as it was
+    cuda = [transformer.device] if transformer.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        params = add_lora(transformer, rank)
     radial = None if dense else radial or RadialAttentionConfig(dense_layers=0, dense_timesteps=0)
     handle = apply(transformer, radial) if radial is not None else None
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -228,6 +237,8 @@ def train_radial_lora(
     losses: list[float] = []
     step_seconds: list[float] = []  # wall time of each step: a median resists a busy host better than a total
     transformer.train()
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
     try:
         for step in tqdm(range(steps), desc="train-lora"):
             started = time.perf_counter()
@@ -245,6 +256,8 @@ def train_radial_lora(
             logger.info("step %d loss %.5f", step, losses[-1])
     finally:
         transformer.eval()
+        if gradient_checkpointing:
+            transformer.disable_gradient_checkpointing()
         if handle is not None:
             handle.remove()
     _save(pipe, out, losses, radial, rank)

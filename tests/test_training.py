@@ -146,6 +146,39 @@ def test_train_lora_command_from_videos_saves_loadable_adapters(tmp_path, capsys
     assert not torch.allclose(base, tuned)
 
 
+def test_gradient_checkpointing_trains_the_same_adapters(tmp_path, monkeypatch):
+    """train-lora with the blocks recomputed in the backward pass (diffusers' gradient checkpointing, radial
+    attention running again inside the recomputation) gives the losses and adapters of the run that holds them."""
+    from safetensors.torch import load_file, save_file
+
+    data = tmp_path / "latents"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):  # cached latents: 9 latent frames of 8x8 tokens, a sparse radial mask
+        save_file({"latents": torch.randn(16, 9, 16, 16, generator=g)}, str(data / f"clip{i}.safetensors"))
+        (data / f"clip{i}.txt").write_text(f"a red boat number {i}")
+    calls = []
+    original = radial.radial_joint_attention
+    monkeypatch.setattr(radial, "radial_joint_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    runs, sparse_calls = {}, {}
+    for checkpointing in (False, True):
+        calls.clear()
+        pipe = load("tiny-wan")
+        out = tmp_path / f"lora-{checkpointing}"
+        summary = train_radial_lora("tiny-wan", data, out, steps=3, rank=4, learning_rate=1e-2, radial=SPARSE,
+                                    gradient_checkpointing=checkpointing, pipe=pipe)  # fmt: skip
+        assert not pipe.transformer.gradient_checkpointing  # switched off again after training
+        runs[checkpointing] = (summary["losses"], load_file(str(out / WEIGHTS_NAME)))
+        sparse_calls[checkpointing] = len(calls)
+    assert sparse_calls[True] == 2 * sparse_calls[False] > 0  # each block's attention ran again in the backward
+    (plain_losses, plain), (recomputed_losses, recomputed) = runs[False], runs[True]
+    assert plain_losses[-1] != plain_losses[0]  # the adapters moved, so the later losses compare trained weights
+    torch.testing.assert_close(recomputed_losses, plain_losses, rtol=1e-5, atol=1e-6)
+    assert recomputed.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
 def test_training_errors(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         train_radial_lora("tiny-wan", tmp_path / "missing", tmp_path / "out", steps=1)
