@@ -85,6 +85,7 @@ CSS = """
 .pixelated img, .pixelated canvas, .pixelated video { image-rendering: pixelated; }
 .pixelated .image-frame img, .pixelated .image-container img { width: 100%; height: 100%; object-fit: contain; }
 #compare-gallery .thumbnail-item img { image-rendering: pixelated; }
+#compare-table th, #compare-table td:not(:last-child) { white-space: nowrap; }
 """
 
 
@@ -357,7 +358,7 @@ def run_compare(model, prompt, seed, steps, methods, subjects, frames=None, stop
         if density is not None:  # else no step ran sparse: the radial run's note says so, below the table
             table += (
                 f"\n\nradial attention: mask density **{density:.1%}**, speedup "
-                f"**{plain_seconds / results[1][2]:.2f}x**, PSNR against dense "
+                f"**{plain_seconds / results[1][2]:.2f}x** (one run each), PSNR against dense "
                 f"**{psnr(radial.frames, dense.frames):.1f} dB** (same noise)"
             )
     archive = _zip([(f"{i:02d}-{name.replace(' ', '-')}", r) for i, (name, r, _) in enumerate(results)])
