@@ -245,6 +245,7 @@ class Handle:
         self._installed: dict[int, dict[str, Any]] = {}
         self._hook_handles: list[Any] = []
         self._hook: _DenoiserHook | None = None
+        self._checked_run: dict[int, int] = {}  # per denoiser: the last run whose processors were checked in place
         self.active = False
 
     @property
@@ -439,8 +440,9 @@ def apply(pipe_or_model: Any, *configs: MethodConfig) -> Handle:
 
             def pre_hook(module, args, kwargs, _adapter=adapter):
                 hook(_adapter, args, kwargs)
-                if handle.state.step_index == 0 and handle.state.call_index == 0:  # once a run: dict lookups only
+                if handle._checked_run.get(id(module)) != handle.state.run_index:  # a denoiser's first call of a run
                     handle._check_in_place(module)
+                    handle._checked_run[id(module)] = handle.state.run_index
                 return None
 
             handle._hook_handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))

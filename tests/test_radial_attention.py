@@ -370,6 +370,28 @@ def test_wan22_two_transformers_share_one_schedule(monkeypatch):
     assert torch.equal(run(pipe, "tiny-wan", steps=4, **GEOMETRY["tiny-wan"][0]), dense)
 
 
+def test_wan22_second_transformer_with_a_replaced_processor_stops_the_run():
+    """The check that a handle's processors are still in place runs at each denoiser's first call of a run, so
+    Wan 2.2's `transformer_2`, first called mid-schedule, is checked too."""
+    import copy
+
+    from diffusers import WanPipeline
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    base = load("tiny-wan")
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer,
+                       transformer_2=copy.deepcopy(base.transformer), boundary_ratio=0.5)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64))
+    run(pipe, "tiny-wan", steps=4, **GEOMETRY["tiny-wan"][0])  # in place: runs
+    key = next(k for k in pipe.transformer_2.attn_processors if k.endswith("attn1.processor"))
+    pipe.transformer_2.set_attn_processor({**pipe.transformer_2.attn_processors, key: WanAttnProcessor()})
+    with pytest.raises(RuntimeError, match=r"1 of the 2 attention layers .* on WanTransformer3DModel hold another"):
+        run(pipe, "tiny-wan", steps=4, **GEOMETRY["tiny-wan"][0])
+    handle.remove()
+
+
 def test_wan_i2v_image_tokens_keep_their_dense_cross_attention(monkeypatch):
     """Wan I2V: attn2 carries the image tokens (added k/v); radial replaces only attn1 and the model still runs."""
     from diffusers import WanTransformer3DModel
