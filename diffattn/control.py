@@ -2,11 +2,14 @@
 
 `apply(pipe_or_model, *configs)`:
 
-1. finds the denoiser(s) (`unet`, `transformer`, and `transformer_2` for Wan 2.2) and their model adapter;
+1. finds the denoiser(s) (`unet`, `transformer`, and `transformer_2` for Wan 2.2; behind a `torch.compile`
+   wrapper, the module it wraps) and their model adapter;
 2. asks each config's method for processors for the layers it touches (nothing is installed yet, so a bad
-   config or an overlap between configs leaves the model untouched);
+   config, an overlap between configs or a layer holding a processor that is not plain attention, such as an
+   IP-Adapter's, leaves the model untouched);
 3. installs the processors with the model's public `set_attn_processor`, and one forward pre-hook per denoiser
-   that fills a shared `DenoiserState` (step, timestep, batch, latent geometry) before every denoiser call.
+   that fills a shared `DenoiserState` (step, timestep, batch, latent geometry) before every denoiser call and,
+   at a denoiser's first call of a run, checks that the processors are still in place.
 
 Step tracking. Given a pipeline, the scheduler's `set_timesteps` (one per pipeline run) and `step` (one per
 denoising step) are wrapped on the scheduler instance: the step index is the number of `scheduler.step` calls
