@@ -322,24 +322,24 @@ def test_mask_cache_follows_geometry_and_device():
     assert torch.equal(layouts[(9, 60, "cpu")].block_mask[0], diffattn.radial_block_mask(9, 60, block_size=64))
 
 
-def test_wan22_two_transformers_share_one_schedule(monkeypatch):
-    """Wan 2.2 switches from `transformer` to `transformer_2` mid-schedule: both get radial attention, one state."""
+def _wan22_pipeline():
+    """tiny-wan as Wan 2.2: a second transformer (a copy) takes over at half the schedule."""
     import copy
 
     from diffusers import WanPipeline
 
     base = load("tiny-wan")
-    second = copy.deepcopy(base.transformer)
-    pipe = WanPipeline(
-        tokenizer=base.tokenizer,
-        text_encoder=base.text_encoder,
-        vae=base.vae,
-        scheduler=base.scheduler,
-        transformer=base.transformer,
-        transformer_2=second,
-        boundary_ratio=0.5,
-    )
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer,
+                       transformer_2=copy.deepcopy(base.transformer), boundary_ratio=0.5)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_wan22_two_transformers_share_one_schedule(monkeypatch):
+    """Wan 2.2 switches from `transformer` to `transformer_2` mid-schedule: both get radial attention, one state."""
+    pipe = _wan22_pipeline()
+    second = pipe.transformer_2
     dense = run(pipe, "tiny-wan", steps=4, **GEOMETRY["tiny-wan"][0])
     seen = []
     original = radial._Scheduled._dispatch
@@ -373,16 +373,9 @@ def test_wan22_two_transformers_share_one_schedule(monkeypatch):
 def test_wan22_second_transformer_with_a_replaced_processor_stops_the_run():
     """The check that a handle's processors are still in place runs at each denoiser's first call of a run, so
     Wan 2.2's `transformer_2`, first called mid-schedule, is checked too."""
-    import copy
-
-    from diffusers import WanPipeline
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    base = load("tiny-wan")
-    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
-                       scheduler=base.scheduler, transformer=base.transformer,
-                       transformer_2=copy.deepcopy(base.transformer), boundary_ratio=0.5)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _wan22_pipeline()
     handle = diffattn.apply(pipe, diffattn.RadialAttentionConfig(dense_layers=0, dense_timesteps=1, block_size=64))
     run(pipe, "tiny-wan", steps=4, **GEOMETRY["tiny-wan"][0])  # in place: runs
     key = next(k for k in pipe.transformer_2.attn_processors if k.endswith("attn1.processor"))
