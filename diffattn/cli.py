@@ -29,6 +29,7 @@ from .presets.shapes_video import (
     NUM_LAYERS,
     WIDTH_STEP,
 )
+from .scenes import SPEEDS
 
 
 EXIT_USAGE = 2
@@ -307,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--object-weight", type=float, default=0.0, metavar="W",
                        help="the loss where an object is (its latent positions and those beside them) counts "
                        "1 + W times the background's (0: a plain mean)")  # fmt: skip
+    video.add_argument("--clip-speeds", type=_positive_int, nargs="+", default=list(SPEEDS), metavar="PX",
+                       help="px a frame the transformer's clips move their shapes (1 2)")  # fmt: skip
+    video.add_argument("--no-bounce", action="store_true",
+                       help="the transformer's clips only take tracks that fit the frame, so each shape moves its "
+                       "captioned way in every frame (33 frames allow speed 1 only)")  # fmt: skip
     video.add_argument("--attention-heads", type=int, default=DEFAULT_ATTENTION_HEADS, choices=ATTENTION_HEADS,
                        help="heads of the transformer's attention (at --width 96, 4: 24-dim heads, 2: 48-dim "
                        "heads, whose rotary embedding resolves a frame's positions better; --init-from re-splits "
@@ -376,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 decoder_steps=args.decoder_steps, decoder_frames=args.decoder_frames, decoder_lr=args.decoder_lr,
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
                 attention_heads=args.attention_heads, timestep_shift=args.timestep_shift, width=args.width,
-                object_weight=args.object_weight,
+                object_weight=args.object_weight, clip_speeds=tuple(args.clip_speeds), clip_bounce=not args.no_bounce,
                 num_layers=args.layers, ffn_dim=args.ffn_dim,
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes, ema_decay=args.ema_decay, num_workers=args.workers,

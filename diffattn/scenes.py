@@ -139,7 +139,19 @@ def render_scene(seed: int, *, size: int = 64, max_objects: int = 3, relation_pr
 # ------------------------------------------------------------------------------------------------ moving scenes
 
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+SPEEDS = (1, 2)  # px a frame a moving shape may take
 HELD_OUT_CLIP_SEED = 2 * 10**9  # evaluation clips are drawn from here on; training streams stay below
+
+
+def check_speeds(speeds) -> tuple[int, ...]:
+    """`speeds` as a tuple of distinct ints >= 1 (px a frame), or a ValueError naming it."""
+    if isinstance(speeds, (str, bytes)) or not isinstance(speeds, (tuple, list)) or not speeds:
+        raise ValueError(f"speeds={speeds!r} is not allowed: expected a non-empty tuple of ints >= 1 (px a frame)")
+    for speed in speeds:
+        check_int_range("speeds", speed, 1)
+    if len(set(speeds)) != len(speeds):
+        raise ValueError(f"speeds={tuple(speeds)} is not allowed: expected distinct speeds")
+    return tuple(speeds)
 
 
 @dataclass(frozen=True)
@@ -184,13 +196,36 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: in
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def render_clip(seed: int, num_frames: int = 33, *, size: int = 64, max_objects: int = 2) -> Clip:
+def render_clip(
+    seed: int,
+    num_frames: int = 33,
+    *,
+    size: int = 64,
+    max_objects: int = 2,
+    speeds: tuple[int, ...] = SPEEDS,
+    bounce: bool = True,
+) -> Clip:
     """A seeded clip of `num_frames` frames: 1 to `max_objects` shapes with distinct (colour, shape) pairs, each
-    moving left, right, up or down at 1 or 2 px a frame from a start that leaves room to move that way, bouncing off
-    the edges, never crossing each other (2 px apart in every frame; a shape that finds no such track is left out). Caption: "a red circle moving right" or "a blue square moving up and a green star moving left"."""
+    moving left, right, up or down at one of `speeds` px a frame from a start that leaves room to move that way,
+    bouncing off the edges, never crossing each other (2 px apart in every frame; a shape that finds no such track is
+    left out). Caption: "a red circle moving right" or "a blue square moving up and a green star moving left".
+
+    `bounce=False` draws every start so that the whole track fits in the frame: each object moves its captioned way
+    in every frame (a clip whose caption says all of its motion). It needs speed * (num_frames - 1) px of room for
+    the largest shape at the fastest speed, and says so otherwise."""
     check_int_range("num_frames", num_frames, 1)
     check_int_range("size", size, 16)  # shapes scale with the frame: 16 px draws the small ones 3 px wide
     check_int_range("max_objects", max_objects, 1, len(SHAPES) * len(COLORS))
+    speeds = check_speeds(speeds)
+    if not bounce:
+        room = size - max(SIZES.values()) * size // 64
+        travel = max(speeds) * (num_frames - 1)
+        if travel > room:
+            raise ValueError(
+                f"bounce=False with speeds={speeds} and num_frames={num_frames} is not allowed: a shape at "
+                f"{max(speeds)} px a frame travels {travel} px, more than the {room} px a {size}-px frame leaves its "
+                "largest shape; expected slower speeds, fewer frames or bounce=True"
+            )
     rng = random.Random(seed)
     count = rng.randint(1, max_objects)
     objects: list[MovingObject] = []
@@ -203,15 +238,17 @@ def render_clip(seed: int, num_frames: int = 33, *, size: int = 64, max_objects:
             continue
         side = SIZES[size_name] * size // 64
         direction = rng.choice(list(DIRECTIONS))
-        speed = rng.choice((1, 2))
+        speed = rng.choice(speeds)
         dx, dy = (v * speed for v in DIRECTIONS[direction])
         room = size - side
+        # the third of the frame that leaves the most room ahead, or without bounces where the whole track fits
+        ahead = room // 3 if bounce else room - speed * (num_frames - 1)
 
-        def start(axis_step: int) -> int:  # the third of the frame that leaves the most room ahead
+        def start(axis_step: int) -> int:
             if axis_step > 0:
-                return rng.randint(0, room // 3)
+                return rng.randint(0, ahead)
             if axis_step < 0:
-                return rng.randint(room - room // 3, room)
+                return rng.randint(room - ahead, room)
             return rng.randint(0, room)
 
         boxes = _track(start(dx), start(dy), side, dx, dy, num_frames, size)

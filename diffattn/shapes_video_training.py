@@ -49,7 +49,7 @@ from .presets.shapes_video import (
     build_shapes_wan,
     check_transformer_size,
 )
-from .scenes import render_clip
+from .scenes import SPEEDS, check_speeds, render_clip
 from .shapes_training import (
     _ema_update,
     _LossLog,
@@ -90,6 +90,8 @@ class ShapesVideoTrainingConfig:
     timestep_shift: float = 1.0  # noise levels of the flow-matching loss, mapped as the sampler maps its sigmas
     object_weight: float = 0.0  # the loss at latent positions an object covers counts 1 + object_weight times
     num_frames: int = NUM_FRAMES
+    clip_speeds: tuple[int, ...] = SPEEDS  # the transformer's clips: px a frame their shapes may move
+    clip_bounce: bool = True  # False: only tracks that fit the frame, each shape moving its captioned way throughout
     warmup_frames: int | None = None  # the first `warmup_steps` denoiser steps train on clips this long
     warmup_steps: int = 0
     batch_size: int = 16
@@ -120,6 +122,11 @@ class ShapesVideoTrainingConfig:
             frames = check_int_range(name, getattr(self, name), 1)
             if (frames - 1) % 4:
                 raise ValueError(f"{name}={frames} is not allowed: expected 4k + 1 frames (the VAE's 4x in time)")
+        self.clip_speeds = check_speeds(self.clip_speeds)
+        if not isinstance(self.clip_bounce, bool):
+            raise ValueError(f"clip_bounce={self.clip_bounce!r} is not allowed: expected True or False")
+        for frames in {self.num_frames, self.warmup_frames or self.num_frames}:  # refused now, not at step 1
+            render_clip(0, frames, speeds=self.clip_speeds, bounce=self.clip_bounce)
         check_number("vae_lr", self.vae_lr, 0, 1, low_open=True)
         check_number("decoder_lr", self.decoder_lr, 0, 1, low_open=True)
         check_number("lr", self.lr, 0, 1, low_open=True)
@@ -134,9 +141,12 @@ class ShapesVideoTrainingConfig:
             parse_device(self.device)  # one this machine has
 
 
-def clip_pixels(start: int, size: int, num_frames: int) -> tuple[torch.Tensor, list[str]]:
-    """Clips start..start+size-1 of the seeded stream: pixels uint8 [B, F, 64, 64, 3] and their captions."""
-    clips = [render_clip(seed, num_frames) for seed in range(start, start + size)]
+def clip_pixels(
+    start: int, size: int, num_frames: int, speeds: tuple[int, ...] = SPEEDS, bounce: bool = True
+) -> tuple[torch.Tensor, list[str]]:
+    """Clips start..start+size-1 of the seeded stream (`render_clip`'s `speeds` and `bounce`): pixels uint8
+    [B, F, 64, 64, 3] and their captions."""
+    clips = [render_clip(seed, num_frames, speeds=speeds, bounce=bounce) for seed in range(start, start + size)]
     pixels = np.stack([np.stack([np.asarray(f, dtype=np.uint8) for f in c.frames]) for c in clips])
     return torch.from_numpy(pixels), [c.caption for c in clips]
 
@@ -174,7 +184,7 @@ class _DenoiserClips(torch.utils.data.Dataset):
         config = self.config
         frames = config.warmup_frames if config.warmup_frames and step < config.warmup_steps else config.num_frames
         start = config.seed * 10**7 + DENOISER_STREAM + step * config.batch_size
-        pixels, captions = clip_pixels(start, config.batch_size, frames)
+        pixels, captions = clip_pixels(start, config.batch_size, frames, config.clip_speeds, config.clip_bounce)
         generator = torch.Generator().manual_seed(config.seed * 10**7 + DENOISER_STREAM + step)
         drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, drop)]

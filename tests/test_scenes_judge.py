@@ -174,6 +174,26 @@ def test_clips_are_seeded_move_as_captioned_and_never_cross():
     assert seen_directions == set(DIRECTIONS) and 40 < two < 110
 
 
+def test_clips_without_bounces_move_their_captioned_way_in_every_frame():
+    from diffattn.scenes import DIRECTIONS
+
+    fast = 0
+    for seed in range(60):
+        default, listed = render_clip(seed, 33), render_clip(seed, 33, speeds=(1, 2), bounce=True)
+        assert default.caption == listed.caption and default.objects == listed.objects  # the defaults, spelt out
+        fast += any(o.speed == 2 for o in default.objects)  # 64 px of travel in a 64-px frame: a bounce
+        clip = render_clip(seed, 33, speeds=(1,), bounce=False)
+        for obj in clip.objects:
+            dx, dy = DIRECTIONS[obj.direction]
+            assert obj.speed == 1
+            for (x0, y0, *_), (x1, y1, *_) in zip(obj.boxes, obj.boxes[1:]):
+                assert (x1 - x0, y1 - y0) == (dx, dy)  # every step the captioned way, none reversed
+            assert all(0 <= b[0] and b[2] <= 64 and 0 <= b[1] and b[3] <= 64 for b in obj.boxes)
+    assert fast > 10
+    short = render_clip(3, 9, speeds=(2, 3), bounce=False)  # 8 steps of 3 px fit a 64-px frame's 40 px of room
+    assert all(o.speed in (2, 3) for o in short.objects)
+
+
 def test_a_shape_bounces_off_the_edge():
     from diffattn.scenes import _track
 
@@ -238,6 +258,14 @@ def test_the_colour_track_ignores_a_piece_read_as_the_right_shape():
         (render_clip, {"num_frames": 2.0}, "num_frames=2.0 is not allowed"),
         (render_clip, {"size": 8}, "size=8 is not allowed: expected an int >= 16"),
         (render_clip, {"max_objects": 0}, r"max_objects=0 is not allowed: expected an int in \[1, 24\]"),
+        (render_clip, {"speeds": ()}, r"speeds=\(\) is not allowed: expected a non-empty tuple of ints >= 1"),
+        (render_clip, {"speeds": (0,)}, "speeds=0 is not allowed: expected an int >= 1"),
+        (render_clip, {"speeds": (1, 1)}, r"speeds=\(1, 1\) is not allowed: expected distinct speeds"),
+        (
+            render_clip,
+            {"speeds": (1, 2), "bounce": False},
+            r"bounce=False with speeds=\(1, 2\) and num_frames=33 is not allowed: a shape at 2 px a frame travels 64 px",
+        ),
         (render_scene, {"size": 24}, "size=24 is not allowed: expected an int >= 32"),
         (render_scene, {"max_objects": 25}, r"max_objects=25 is not allowed: expected an int in \[1, 24\]"),
         (render_scene, {"relation_probability": 1.5}, r"relation_probability=1.5 is not allowed"),
