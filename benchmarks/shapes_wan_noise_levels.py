@@ -8,7 +8,8 @@ WanPipeline's latents are), mixed with the prompt's seeded noise at the sampler'
 (x = (1 - sigma_k) z + sigma_k eps, the flow-matching path the model trained on) and denoised from step k on with the
 preset's sampler (its steps, shift and guidance; the update WanPipeline makes), then decoded and judged as the
 targets part of `radial_quality.py` judges a video (kept, right direction, presence) and by
-`shapes_wan_motion_geometry.py` (stretch along the motion). Step 0 starts from noise alone: what the preset
+`shapes_wan_motion_geometry.py` (stretch along the motion), and by the caption's colour alone: the way its track
+moves and the share of frames holding it (`shapes_wan_layout.py`), what a detector of colour and motion reads. Step 0 starts from noise alone: what the preset
 generates. A later start hands the model the clip's layout at that noise level, so the figures say which part of
 sampling loses the objects: the early, noisy steps that decide where an object is in each frame, or the late ones
 that draw it. "On its track": the share of frames with a region of the captioned colour whose centre lies in the
@@ -36,10 +37,13 @@ from diffattn.training import encode_video, latent_normalisation
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import write_report  # noqa: E402
 from radial_quality import MODEL, held_out_prompts, interval, judge_videos  # noqa: E402
+from shapes_wan_layout import judge_layout  # noqa: E402
 from shapes_wan_motion_geometry import AXES, video_geometry  # noqa: E402
 
 
-PAIRED = ("kept", "direction", "presence", "on_track")  # per-video figures compared between models
+# per-video figures compared between models; "colour_direction" and "colour" read the caption's colour alone (its
+# track's way, the share of frames holding it), as a detector of colour and motion would
+PAIRED = ("kept", "direction", "presence", "on_track", "colour_direction", "colour")
 
 
 def encode_clip(pipe, frames: list[Image.Image]) -> torch.Tensor:
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                  max_sequence_length=defaults["max_sequence_length"])  # fmt: skip
                 videos += decode(pipe, x)
             rows = judge_videos(videos, prompts)
+            layout = judge_layout(videos, captions)
             tracks = []
             for video, clip in zip(videos, clips):
                 ((color, _, _),) = parse_clip_caption(clip.caption)
@@ -145,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                 "direction": interval([float(r["direction"]) for r in rows]),
                 "presence": interval([r["present"] for r in rows]),
                 "on_track": interval(tracks),
+                "colour_direction": interval([float(r["color_direction"]) for r in rows]),
+                "colour": interval([lay["colour"] for lay in layout]),
                 **video_geometry(videos, captions),
             }
             result["videos"] = [{"kept": float(r["kept"]), "direction": float(r["direction"]), "presence": r["present"],
-                                 "on_track": track} for r, track in zip(rows, tracks)]  # fmt: skip
+                                 "on_track": track, "colour_direction": float(r["color_direction"]),
+                                 "colour": lay["colour"]}
+                                for r, track, lay in zip(rows, tracks, layout)]  # fmt: skip
             first = results[args.models[0]].get(str(step))
             if first is not None:  # same prompts, clips and noise: paired against the first model
                 result["paired_vs_first"] = {
@@ -160,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{model} from step {step} (sigma {result['sigma']:.2f}): kept {result['kept']['mean']:.1%}, "
                 f"direction {result['direction']['mean']:.1%}, presence {result['presence']['mean']:.1%}, "
-                f"on its track {result['on_track']['mean']:.1%}, stretch "
+                f"on its track {result['on_track']['mean']:.1%}, colour's way "
+                f"{result['colour_direction']['mean']:.1%}, colour in frame {result['colour']['mean']:.1%}, stretch "
                 + ", ".join(f"{a} {s['mean']:.2f}x" if s else a for a, s in zip(AXES, stretch)),
                 flush=True,
             )
