@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffattn.judge import detect_objects, parse_clip_caption
+from diffattn.judge import detect_objects, parse_clip_caption, track_direction
 from diffattn.loading import load_pipeline
 from diffattn.presets import PRESETS
 from diffattn.scenes import HELD_OUT_CLIP_SEED, render_clip
@@ -43,7 +43,7 @@ from shapes_wan_motion_geometry import AXES, video_geometry  # noqa: E402
 
 # per-video figures compared between models; "colour_direction" and "colour" read the caption's colour alone (its
 # track's way, the share of frames holding it), as a detector of colour and motion would
-PAIRED = ("kept", "direction", "presence", "on_track", "colour_direction", "colour")
+PAIRED = ("kept", "direction", "presence", "on_track", "colour_direction", "colour", "colour_direction_whole")
 
 
 def encode_clip(pipe, frames: list[Image.Image]) -> torch.Tensor:
@@ -91,13 +91,15 @@ def denoise_from(pipe, latents: torch.Tensor, captions: list[str], *, start_step
     return x
 
 
-def on_track(video: np.ndarray, color: str, boxes) -> float:
-    """Share of frames with a region of `color` whose centre lies in that frame's ground-truth box."""
-    hits = 0
+def colour_track(video: np.ndarray, color: str, boxes) -> tuple[float, str | None]:
+    """(share of frames with a region of `color` whose centre lies in that frame's ground-truth box, the way the
+    largest region of `color` moves over the whole video: first to last frame it is found in)."""
+    hits, centers = 0, []
     for frame, (x0, y0, x1, y1) in zip(video, boxes):
         regions = [d for d in detect_objects(Image.fromarray(frame)) if d.color == color]
         hits += any(x0 <= cx < x1 and y0 <= cy < y1 for cx, cy in (r.center for r in regions))
-    return hits / len(video)
+        centers.append(regions[0].center if regions else None)  # detections come largest first
+    return hits / len(video), track_direction(centers, frames=len(video))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                 videos += decode(pipe, x)
             rows = judge_videos(videos, prompts)
             layout = judge_layout(videos, captions)
-            tracks = []
+            tracks, whole = [], []
             for video, clip in zip(videos, clips):
-                ((color, _, _),) = parse_clip_caption(clip.caption)
-                tracks.append(on_track(video, color, clip.objects[0].boxes))
+                ((color, _, direction),) = parse_clip_caption(clip.caption)
+                share, way = colour_track(video, color, clip.objects[0].boxes)
+                tracks.append(share)
+                whole.append(float(way == direction))
             pipe.scheduler.set_timesteps(steps)
             result = {
                 "sigma": float(pipe.scheduler.sigmas[step]),
@@ -152,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                 "on_track": interval(tracks),
                 "colour_direction": interval([float(r["color_direction"]) for r in rows]),
                 "colour": interval([lay["colour"] for lay in layout]),
+                "colour_direction_whole": interval(whole),
                 **video_geometry(videos, captions),
             }
             result["videos"] = [{"kept": float(r["kept"]), "direction": float(r["direction"]), "presence": r["present"],
                                  "on_track": track, "colour_direction": float(r["color_direction"]),
-                                 "colour": lay["colour"]}
-                                for r, track, lay in zip(rows, tracks, layout)]  # fmt: skip
+                                 "colour": lay["colour"], "colour_direction_whole": way}
+                                for r, track, lay, way in zip(rows, tracks, layout, whole)]  # fmt: skip
             first = results[args.models[0]].get(str(step))
             if first is not None:  # same prompts, clips and noise: paired against the first model
                 result["paired_vs_first"] = {
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{model} from step {step} (sigma {result['sigma']:.2f}): kept {result['kept']['mean']:.1%}, "
                 f"direction {result['direction']['mean']:.1%}, presence {result['presence']['mean']:.1%}, "
                 f"on its track {result['on_track']['mean']:.1%}, colour's way "
-                f"{result['colour_direction']['mean']:.1%}, colour in frame {result['colour']['mean']:.1%}, stretch "
+                f"{result['colour_direction']['mean']:.1%} ({result['colour_direction_whole']['mean']:.1%} over the whole "
+                f"video), colour in frame {result['colour']['mean']:.1%}, stretch "
                 + ", ".join(f"{a} {s['mean']:.2f}x" if s else a for a, s in zip(AXES, stretch)),
                 flush=True,
             )

@@ -557,8 +557,15 @@ def test_noise_levels_denoise_as_wan_pipeline_does_and_noise_on_the_flow_matchin
     image = Image.new("RGB", (64, 64), (255, 255, 255))
     ImageDraw.Draw(image).rectangle((10, 10, 25, 25), fill=COLORS["red"])
     video = np.stack([np.asarray(image)] * 2)
-    assert levels.on_track(video, "red", [(8, 8, 28, 28), (40, 40, 60, 60)]) == 0.5
-    assert levels.on_track(video, "blue", [(8, 8, 28, 28), (8, 8, 28, 28)]) == 0.0
+    assert levels.colour_track(video, "red", [(8, 8, 28, 28), (40, 40, 60, 60)]) == (0.5, None)  # it never moves
+    assert levels.colour_track(video, "blue", [(8, 8, 28, 28), (8, 8, 28, 28)]) == (0.0, None)
+    # over the whole video: right for 10 frames, then back 4 frames; first to last it went right 5 px
+    frames = []
+    for x in [*range(10, 20), *range(18, 14, -1)]:
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        ImageDraw.Draw(image).rectangle((x, 30, x + 9, 39), fill=COLORS["red"])
+        frames.append(np.asarray(image))
+    assert levels.colour_track(np.stack(frames), "red", [(0, 0, 64, 64)] * 14) == (1.0, "right")
 
 
 def test_the_fidelity_sweep_changes_one_radial_setting_at_a_time_and_its_full_mask_keeps_every_block(tmp_path):
