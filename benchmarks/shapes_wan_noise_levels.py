@@ -9,7 +9,8 @@ WanPipeline's latents are), mixed with the prompt's seeded noise at the sampler'
 preset's sampler (its steps, shift and guidance; the update WanPipeline makes), then decoded and judged as the
 targets part of `radial_quality.py` judges a video (kept, right direction, presence) and by
 `shapes_wan_motion_geometry.py` (stretch along the motion), and by the caption's colour alone: the way its track
-moves and the share of frames holding it (`shapes_wan_layout.py`), what a detector of colour and motion reads. Step 0 starts from noise alone: what the preset
+moves (over the judge's first 8 frames and over the whole video) and the share of frames holding it
+(`shapes_wan_layout.py`), what a detector of colour and motion reads. Step 0 starts from noise alone: what the preset
 generates. A later start hands the model the clip's layout at that noise level, so the figures say which part of
 sampling loses the objects: the early, noisy steps that decide where an object is in each frame, or the late ones
 that draw it. "On its track": the share of frames with a region of the captioned colour whose centre lies in the
