@@ -14,7 +14,7 @@ copies; README, "Is the head width the cause of the copies?").
 Reports, per model: the share of frames with the object found, the share with its colour anywhere (a region of
 it, whatever its shape: what a detector of colour alone sees), the share with exactly one region of its colour,
 the mean region count, with 95% intervals, and per pair of models the paired differences (same prompt and noise);
-a picture of the first prompts' frames, one row per model.
+a picture of the first prompts' frames (`--picture-frame`, 0 by default), one row per model.
 """
 
 from __future__ import annotations
@@ -72,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (the preset's)")
     parser.add_argument("--batch", type=int, default=16, help="samples per pipeline call")
     parser.add_argument("--out", type=Path, required=True, help="JSON path; the picture goes beside it (.png)")
+    parser.add_argument("--picture-frame", type=int, default=0, help="the frame of each video the picture shows (0)")
     args = parser.parse_args(argv)
     if args.frames < 1 or (args.frames - 1) % 4:
         parser.error(f"--frames {args.frames} is not allowed: expected 4k + 1 (the VAE's 4x in time)")
+    if not 0 <= args.picture_frame < args.frames:
+        parser.error(f"--picture-frame {args.picture_frame} is not allowed: expected 0 to {args.frames - 1}")
     preset = PRESETS[MODEL]
     steps = args.steps or preset.steps
     defaults = {**preset.call_defaults, "num_frames": args.frames}
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             }
     shown = min(12, len(prompts))
     grid = np.concatenate(
-        [np.concatenate([videos[m][i][0] for i in range(shown)], axis=1) for m in args.models], axis=0
+        [np.concatenate([videos[m][i][args.picture_frame] for i in range(shown)], axis=1) for m in args.models],
+        axis=0,
     )
     picture = args.out.with_suffix(".png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": [{"caption": p.caption, "seed": p.seed} for p in prompts],
         "models": results,
         "paired": paired,
-        "picture": {"file": picture.name, "rows": args.models, "columns": [p.caption for p in prompts[:shown]]},
+        "picture": {
+            "file": picture.name,
+            "frame": args.picture_frame,
+            "rows": args.models,
+            "columns": [p.caption for p in prompts[:shown]],
+        },  # fmt: skip
     }
     write_report("shapes_wan_layout", "cpu", fields, out=args.out)
     for model, result in results.items():
