@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the loss where an object is (its latent positions and those beside them) counts "
                        "1 + W times the background's (0: a plain mean)")  # fmt: skip
     video.add_argument("--clip-speeds", type=_positive_int, nargs="+", default=list(SPEEDS), metavar="PX",
-                       help="px a frame the transformer's clips move their shapes (1 2)")  # fmt: skip
+                       help="px a frame the transformer's clips move their shapes "
+                       f"({' '.join(map(str, SPEEDS))})")  # fmt: skip
     video.add_argument("--no-bounce", action="store_true",
                        help="the transformer's clips only take tracks that fit the frame, so each shape moves its "
                        "captioned way in every frame (33 frames allow speed 1 only)")  # fmt: skip

@@ -143,15 +143,26 @@ SPEEDS = (1, 2)  # px a frame a moving shape may take
 HELD_OUT_CLIP_SEED = 2 * 10**9  # evaluation clips are drawn from here on; training streams stay below
 
 
-def check_speeds(speeds) -> tuple[int, ...]:
-    """`speeds` as a tuple of distinct ints >= 1 (px a frame), or a ValueError naming it."""
+def check_clip_motion(speeds, bounce: bool, num_frames: int, size: int = 64) -> tuple[int, ...]:
+    """`speeds` as a tuple of distinct ints >= 1 (px a frame), and, without bounces, room in a `size`-px frame for
+    the largest shape's whole track at the fastest of them; else a ValueError naming what is wrong."""
     if isinstance(speeds, (str, bytes)) or not isinstance(speeds, (tuple, list)) or not speeds:
         raise ValueError(f"speeds={speeds!r} is not allowed: expected a non-empty tuple of ints >= 1 (px a frame)")
     for speed in speeds:
         check_int_range("speeds", speed, 1)
     if len(set(speeds)) != len(speeds):
         raise ValueError(f"speeds={tuple(speeds)} is not allowed: expected distinct speeds")
-    return tuple(speeds)
+    if not isinstance(bounce, bool):
+        raise ValueError(f"bounce={bounce!r} is not allowed: expected True or False")
+    speeds = tuple(speeds)
+    room, travel = size - max(SIZES.values()) * size // 64, max(speeds) * (num_frames - 1)
+    if not bounce and travel > room:
+        raise ValueError(
+            f"bounce=False with speeds={speeds} and num_frames={num_frames} is not allowed: a shape at "
+            f"{max(speeds)} px a frame travels {travel} px, more than the {room} px a {size}-px frame leaves its "
+            "largest shape; expected slower speeds, fewer frames or bounce=True"
+        )
+    return speeds
 
 
 @dataclass(frozen=True)
@@ -216,16 +227,7 @@ def render_clip(
     check_int_range("num_frames", num_frames, 1)
     check_int_range("size", size, 16)  # shapes scale with the frame: 16 px draws the small ones 3 px wide
     check_int_range("max_objects", max_objects, 1, len(SHAPES) * len(COLORS))
-    speeds = check_speeds(speeds)
-    if not bounce:
-        room = size - max(SIZES.values()) * size // 64
-        travel = max(speeds) * (num_frames - 1)
-        if travel > room:
-            raise ValueError(
-                f"bounce=False with speeds={speeds} and num_frames={num_frames} is not allowed: a shape at "
-                f"{max(speeds)} px a frame travels {travel} px, more than the {room} px a {size}-px frame leaves its "
-                "largest shape; expected slower speeds, fewer frames or bounce=True"
-            )
+    speeds = check_clip_motion(speeds, bounce, num_frames, size)
     rng = random.Random(seed)
     count = rng.randint(1, max_objects)
     objects: list[MovingObject] = []

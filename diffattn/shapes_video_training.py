@@ -49,7 +49,7 @@ from .presets.shapes_video import (
     build_shapes_wan,
     check_transformer_size,
 )
-from .scenes import SPEEDS, check_speeds, render_clip
+from .scenes import SPEEDS, check_clip_motion, render_clip
 from .shapes_training import (
     _ema_update,
     _LossLog,
@@ -122,11 +122,10 @@ class ShapesVideoTrainingConfig:
             frames = check_int_range(name, getattr(self, name), 1)
             if (frames - 1) % 4:
                 raise ValueError(f"{name}={frames} is not allowed: expected 4k + 1 frames (the VAE's 4x in time)")
-        self.clip_speeds = check_speeds(self.clip_speeds)
         if not isinstance(self.clip_bounce, bool):
             raise ValueError(f"clip_bounce={self.clip_bounce!r} is not allowed: expected True or False")
         for frames in {self.num_frames, self.warmup_frames or self.num_frames}:  # refused now, not at step 1
-            render_clip(0, frames, speeds=self.clip_speeds, bounce=self.clip_bounce)
+            self.clip_speeds = check_clip_motion(self.clip_speeds, self.clip_bounce, frames)
         check_number("vae_lr", self.vae_lr, 0, 1, low_open=True)
         check_number("decoder_lr", self.decoder_lr, 0, 1, low_open=True)
         check_number("lr", self.lr, 0, 1, low_open=True)
