@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             result["videos"] = [{"kept": float(r["kept"]), "direction": float(r["direction"]), "presence": r["present"],
                                  "on_track": track, "colour_direction": float(r["color_direction"]),
-                                 "colour": lay["colour"], "colour_direction_whole": way}
-                                for r, track, lay, way in zip(rows, tracks, layout, whole)]  # fmt: skip
+                                 "colour": lay["colour"], "colour_direction_whole": right}
+                                for r, track, lay, right in zip(rows, tracks, layout, whole)]  # fmt: skip
             first = results[args.models[0]].get(str(step))
             if first is not None:  # same prompts, clips and noise: paired against the first model
                 result["paired_vs_first"] = {
