@@ -21,7 +21,8 @@
 # run it before tests so they check the configs it picked), editing (editing.py on the SD 1.5 config), radial (radial_e2e), agent
 # (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
 # TRAIN_ARGS: extra train-shapes-video flags (e.g. "--clip-speeds 1 --no-bounce": clips whose caption says all of
-# the motion, the next loan's choice, docs/shapes-wan.md; "--warmup-frames 1 --warmup-steps 1500": single frames first;
+# the motion, less smear but attention to far frames, which cost radial its lead on the CPU, docs/shapes-wan.md;
+# "--warmup-frames 1 --warmup-steps 1500": single frames first;
 # with INIT_VAE_ONLY=1, "--width 192 --ffn-dim 512 --attention-heads 4": a new transformer twice as wide);
 # INIT_VAE_ONLY=1: a run that starts (no checkpoint yet) takes INIT_FROM's autoencoder only, a new transformer.
 # DECODER_FROM: a run that starts takes this folder's decoder instead of INIT_FROM's (the same encoder and latent
