@@ -22,6 +22,8 @@
 # (agent_attention), agentlayer (the agent layer eager, CUDA-graphed and compiled).
 # TRAIN_ARGS: extra train-shapes-video flags (e.g. "--clip-speeds 1 --no-bounce": clips whose caption says all of
 # the motion, less smear but attention to far frames, which cost radial its lead on the CPU, docs/shapes-wan.md;
+# "--clip-speeds 1 --no-bounce --varying-speed": the same with each frame's move drawn from 0-2 px, which kept
+# radial's lead on the CPU but read the first 8 frames' direction worse;
 # "--warmup-frames 1 --warmup-steps 1500": single frames first;
 # with INIT_VAE_ONLY=1, "--width 192 --ffn-dim 512 --attention-heads 4": a new transformer twice as wide);
 # INIT_VAE_ONLY=1: a run that starts (no checkpoint yet) takes INIT_FROM's autoencoder only, a new transformer.

@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--no-bounce", action="store_true",
                        help="the transformer's clips only take tracks that fit the frame, so each shape moves its "
                        "captioned way in every frame (33 frames allow speed 1 only)")  # fmt: skip
+    video.add_argument("--varying-speed", action="store_true",
+                       help="the transformer's clips draw each frame's move from 0 to twice the shape's speed, so "
+                       "only nearby frames tell where a shape is (the way still the caption's)")  # fmt: skip
     video.add_argument("--attention-heads", type=int, default=DEFAULT_ATTENTION_HEADS, choices=ATTENTION_HEADS,
                        help="heads of the transformer's attention (at --width 96, 4: 24-dim heads, 2: 48-dim "
                        "heads, whose rotary embedding resolves a frame's positions better; --init-from re-splits "
@@ -384,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
                 attention_heads=args.attention_heads, timestep_shift=args.timestep_shift, width=args.width,
                 object_weight=args.object_weight, clip_speeds=tuple(args.clip_speeds), clip_bounce=not args.no_bounce,
+                clip_steady=not args.varying_speed,
                 num_layers=args.layers, ffn_dim=args.ffn_dim,
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes, ema_decay=args.ema_decay, num_workers=args.workers,

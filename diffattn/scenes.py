@@ -167,8 +167,9 @@ def check_clip_motion(speeds, bounce: bool, num_frames: int, size: int = 64) -> 
 
 @dataclass(frozen=True)
 class MovingObject:
-    """One shape moving at constant speed; boxes[t] = (x0, y0, x1, y1) in frame t (x1/y1 exclusive). `direction`
-    is the way it starts moving (the caption's); it bounces off the frame's edges, reversing that axis."""
+    """One moving shape; boxes[t] = (x0, y0, x1, y1) in frame t (x1/y1 exclusive). `direction` is the way it starts
+    moving (the caption's); it bounces off the frame's edges, reversing that axis. `speed`: px a frame, every frame,
+    or on average over the frames when its clip's speed varies (`render_clip(..., steady=False)`)."""
 
     shape: str
     color: str
@@ -189,17 +190,20 @@ class Clip:
     seed: int = 0
 
 
-def _track(x0: int, y0: int, side: int, dx: int, dy: int, frames: int, size: int) -> list[tuple[int, int, int, int]]:
-    """Boxes of a side x side shape starting at (x0, y0) moving by (dx, dy) a frame, bouncing inside [0, size)."""
-    boxes = []
-    for _ in range(frames):
-        boxes.append((x0, y0, x0 + side, y0 + side))
-        nx, ny = x0 + dx, y0 + dy
+def _track(
+    x0: int, y0: int, side: int, ux: int, uy: int, moves: list[int], size: int
+) -> list[tuple[int, int, int, int]]:
+    """Boxes of a side x side shape starting at (x0, y0), then after each of `moves` (px) one step along the unit
+    direction (ux, uy), bouncing inside [0, size): len(moves) + 1 boxes."""
+    boxes = [(x0, y0, x0 + side, y0 + side)]
+    for move in moves:
+        nx, ny = x0 + ux * move, y0 + uy * move
         if not 0 <= nx <= size - side:
-            dx, nx = -dx, x0 - dx
+            ux, nx = -ux, x0 - ux * move
         if not 0 <= ny <= size - side:
-            dy, ny = -dy, y0 - dy
+            uy, ny = -uy, y0 - uy * move
         x0, y0 = nx, ny
+        boxes.append((x0, y0, x0 + side, y0 + side))
     return boxes
 
 
@@ -215,6 +219,7 @@ def render_clip(
     max_objects: int = 2,
     speeds: tuple[int, ...] = SPEEDS,
     bounce: bool = True,
+    steady: bool = True,
 ) -> Clip:
     """A seeded clip of `num_frames` frames: 1 to `max_objects` shapes with distinct (colour, shape) pairs, each
     moving left, right, up or down at one of `speeds` px a frame from a start that leaves room to move that way,
@@ -223,11 +228,18 @@ def render_clip(
 
     `bounce=False` draws every start so that the whole track fits in the frame: each object moves its captioned way
     in every frame (a clip whose caption says all of its motion). It needs speed * (num_frames - 1) px of room for
-    the largest shape at the fastest speed, and says so otherwise."""
+    the largest shape at the fastest speed, and says so otherwise.
+
+    `steady=False` varies each shape's speed from frame to frame: each move is drawn uniformly from 0..2 * speed px
+    (so `speed` is its mean), always the same way until a bounce. The caption still says the way; how far the shape
+    has gone by a frame is known only from the frames near it (constant speed makes any frame of the track a guide
+    to any other). Without bounces the moves are drawn again until the whole track fits."""
     check_int_range("num_frames", num_frames, 1)
     check_int_range("size", size, 16)  # shapes scale with the frame: 16 px draws the small ones 3 px wide
     check_int_range("max_objects", max_objects, 1, len(SHAPES) * len(COLORS))
     speeds = check_clip_motion(speeds, bounce, num_frames, size)
+    if not isinstance(steady, bool):
+        raise ValueError(f"steady={steady!r} is not allowed: expected True or False")
     rng = random.Random(seed)
     count = rng.randint(1, max_objects)
     objects: list[MovingObject] = []
@@ -241,10 +253,17 @@ def render_clip(
         side = SIZES[size_name] * size // 64
         direction = rng.choice(list(DIRECTIONS))
         speed = rng.choice(speeds)
-        dx, dy = (v * speed for v in DIRECTIONS[direction])
+        ux, uy = DIRECTIONS[direction]
         room = size - side
+        moves = [speed] * (num_frames - 1)
+        # check_clip_motion leaves room for speed * (num_frames - 1) px, the mean travel: a draw fits half the time
+        # or more, so this loop ends
+        while not steady:
+            moves = [rng.randint(0, 2 * speed) for _ in range(num_frames - 1)]
+            if bounce or sum(moves) <= room:
+                break
         # the third of the frame that leaves the most room ahead, or without bounces where the whole track fits
-        ahead = room // 3 if bounce else room - speed * (num_frames - 1)
+        ahead = room // 3 if bounce else room - sum(moves)
 
         def start(axis_step: int) -> int:
             if axis_step > 0:
@@ -253,7 +272,7 @@ def render_clip(
                 return rng.randint(room - ahead, room)
             return rng.randint(0, room)
 
-        boxes = _track(start(dx), start(dy), side, dx, dy, num_frames, size)
+        boxes = _track(start(ux), start(uy), side, ux, uy, moves, size)
         if any(_overlap(a, b) for other in objects for a, b in zip(boxes, other.boxes)):
             continue  # shapes never cross, so every object stays visible in every frame
         used.add((shape, color))

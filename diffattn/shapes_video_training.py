@@ -92,6 +92,7 @@ class ShapesVideoTrainingConfig:
     num_frames: int = NUM_FRAMES
     clip_speeds: tuple[int, ...] = SPEEDS  # the transformer's clips: px a frame their shapes may move
     clip_bounce: bool = True  # False: only tracks that fit the frame, each shape moving its captioned way throughout
+    clip_steady: bool = True  # False: each frame's move drawn from 0..2 * speed px (render_clip's `steady`)
     warmup_frames: int | None = None  # the first `warmup_steps` denoiser steps train on clips this long
     warmup_steps: int = 0
     batch_size: int = 16
@@ -122,8 +123,9 @@ class ShapesVideoTrainingConfig:
             frames = check_int_range(name, getattr(self, name), 1)
             if (frames - 1) % 4:
                 raise ValueError(f"{name}={frames} is not allowed: expected 4k + 1 frames (the VAE's 4x in time)")
-        if not isinstance(self.clip_bounce, bool):
-            raise ValueError(f"clip_bounce={self.clip_bounce!r} is not allowed: expected True or False")
+        for name in ("clip_bounce", "clip_steady"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected True or False")
         for frames in {self.num_frames, self.warmup_frames or self.num_frames}:  # refused now, not at step 1
             self.clip_speeds = check_clip_motion(self.clip_speeds, self.clip_bounce, frames)
         check_number("vae_lr", self.vae_lr, 0, 1, low_open=True)
@@ -141,11 +143,12 @@ class ShapesVideoTrainingConfig:
 
 
 def clip_pixels(
-    start: int, size: int, num_frames: int, speeds: tuple[int, ...] = SPEEDS, bounce: bool = True
+    start: int, size: int, num_frames: int, speeds: tuple[int, ...] = SPEEDS, bounce: bool = True, steady: bool = True
 ) -> tuple[torch.Tensor, list[str]]:
-    """Clips start..start+size-1 of the seeded stream (`render_clip`'s `speeds` and `bounce`): pixels uint8
-    [B, F, 64, 64, 3] and their captions."""
-    clips = [render_clip(seed, num_frames, speeds=speeds, bounce=bounce) for seed in range(start, start + size)]
+    """Clips start..start+size-1 of the seeded stream (`render_clip`'s `speeds`, `bounce` and `steady`): pixels
+    uint8 [B, F, 64, 64, 3] and their captions."""
+    clips = [render_clip(seed, num_frames, speeds=speeds, bounce=bounce, steady=steady)
+             for seed in range(start, start + size)]  # fmt: skip
     pixels = np.stack([np.stack([np.asarray(f, dtype=np.uint8) for f in c.frames]) for c in clips])
     return torch.from_numpy(pixels), [c.caption for c in clips]
 
@@ -183,7 +186,8 @@ class _DenoiserClips(torch.utils.data.Dataset):
         config = self.config
         frames = config.warmup_frames if config.warmup_frames and step < config.warmup_steps else config.num_frames
         start = config.seed * 10**7 + DENOISER_STREAM + step * config.batch_size
-        pixels, captions = clip_pixels(start, config.batch_size, frames, config.clip_speeds, config.clip_bounce)
+        pixels, captions = clip_pixels(start, config.batch_size, frames, config.clip_speeds, config.clip_bounce,
+                                       config.clip_steady)  # fmt: skip
         generator = torch.Generator().manual_seed(config.seed * 10**7 + DENOISER_STREAM + step)
         drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, drop)]

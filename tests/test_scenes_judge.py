@@ -197,8 +197,41 @@ def test_clips_without_bounces_move_their_captioned_way_in_every_frame():
 def test_a_shape_bounces_off_the_edge():
     from diffattn.scenes import _track
 
-    boxes = _track(58, 0, 4, 2, 0, 6, 64)  # x: 58, 60 (touches the edge), then back
+    boxes = _track(58, 0, 4, 1, 0, [2] * 5, 64)  # x: 58, 60 (touches the edge), then back
     assert [b[0] for b in boxes] == [58, 60, 58, 56, 54, 52]
+    boxes = _track(55, 0, 4, 1, 0, [3, 0, 2, 1], 64)  # moves of their own sizes; 61 is past 60: back 1
+    assert [b[0] for b in boxes] == [55, 58, 58, 60, 59]
+
+
+def test_clips_of_varying_speed_keep_their_way_and_vary_their_moves():
+    """`steady=False`: each move 0..2 * speed px the captioned way (no bounce) and a mean of `speed`; with bounces
+    the first move that is not 0 still goes the captioned way, and a steady clip is the default's, bit for bit."""
+    from diffattn.scenes import DIRECTIONS
+
+    moves = []
+    for seed in range(60):
+        assert render_clip(seed, 33, steady=True).objects == render_clip(seed, 33).objects
+        clip = render_clip(seed, 33, speeds=(1,), bounce=False, steady=False)
+        assert clip.caption == " and ".join(o.phrase() for o in clip.objects)
+        for obj in clip.objects:
+            dx, dy = DIRECTIONS[obj.direction]
+            for (x0, y0, *_), (x1, y1, *_) in zip(obj.boxes, obj.boxes[1:]):
+                step = (x1 - x0) * dx + (y1 - y0) * dy
+                assert 0 <= step <= 2 and (x1 - x0, y1 - y0) == (dx * step, dy * step)  # the way, never back
+                moves.append(step)
+            assert all(0 <= b[0] and b[2] <= 64 and 0 <= b[1] and b[3] <= 64 for b in obj.boxes)
+        bouncing = render_clip(seed, 33, speeds=(2,), steady=False)
+        for obj in bouncing.objects:
+            dx, dy = DIRECTIONS[obj.direction]
+            first = next((b1[0] - b0[0], b1[1] - b0[1]) for b0, b1 in zip(obj.boxes, obj.boxes[1:]) if b1 != b0)
+            assert first[0] * dx + first[1] * dy > 0 and first[0] * dy == first[1] * dx == 0
+            assert all(0 <= b[0] and b[2] <= 64 and 0 <= b[1] and b[3] <= 64 for b in obj.boxes)
+    assert set(moves) == {0, 1, 2} and abs(np.mean(moves) - 1) < 0.1  # uniform on 0..2: mean 1
+    a, b = render_clip(7, 33, speeds=(1,), bounce=False, steady=False), render_clip(7, 33, speeds=(1,), bounce=False,
+                                                                                     steady=False)  # fmt: skip
+    assert a.objects == b.objects  # seeded
+    with pytest.raises(ValueError, match="steady='no' is not allowed: expected True or False"):
+        render_clip(0, 33, steady="no")
 
 
 def test_video_judge_agrees_with_ground_truth_on_rendered_clips():

@@ -93,6 +93,12 @@ def test_the_transformers_clips_can_be_slow_and_without_bounces():
         ShapesVideoTrainingConfig(clip_speeds=(0,))
     with pytest.raises(ValueError, match="clip_bounce='no' is not allowed: expected True or False"):
         ShapesVideoTrainingConfig(clip_bounce="no")
+    varying = _config(batch_size=3, clip_speeds=(1,), clip_bounce=False, clip_steady=False, num_frames=9)
+    pixels = _DenoiserClips(varying, build_shapes_wan(0).tokenizer, 8, 4, 4)[2][0]
+    expected = render_clip(first, 9, speeds=(1,), bounce=False, steady=False).frames
+    assert torch.equal(pixels[0], torch.from_numpy(np.stack([np.asarray(f) for f in expected])))
+    with pytest.raises(ValueError, match="clip_steady=1 is not allowed: expected True or False"):
+        ShapesVideoTrainingConfig(clip_steady=1)
 
 
 def test_the_command_trains_and_exports(tmp_path, capsys):
@@ -167,12 +173,15 @@ def test_the_command_passes_its_ema_decay_heads_and_shift(tmp_path, monkeypatch,
                                                                           "denoiser_step": 0})  # fmt: skip
     argv = ["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "0.99", "--attention-heads", "2",
             "--timestep-shift", "3", "--decoder-steps", "7", "--decoder-frames", "17", "--decoder-lr", "1e-4",
-            "--object-weight", "3", "--clip-speeds", "1", "--no-bounce"]  # fmt: skip
+            "--object-weight", "3", "--clip-speeds", "1", "--no-bounce", "--varying-speed"]  # fmt: skip
     assert main(argv) == 0
     assert main(["train-shapes-video", "--out", str(tmp_path)]) == 0
     assert [(c.ema_decay, c.attention_heads, c.timestep_shift) for c in seen] == [(0.99, 2, 3.0), (0.999, 4, 1.0)]
     assert [c.object_weight for c in seen] == [3.0, 0.0]
-    assert [(c.clip_speeds, c.clip_bounce) for c in seen] == [((1,), False), ((1, 2), True)]
+    assert [(c.clip_speeds, c.clip_bounce, c.clip_steady) for c in seen] == [
+        ((1,), False, False),
+        ((1, 2), True, True),
+    ]
     assert [(c.decoder_steps, c.decoder_frames, c.decoder_lr) for c in seen] == [(7, 17, 1e-4), (0, 33, 3e-4)]
     assert main(["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "1.5"]) == 2
     assert "ema_decay=1.5 is not allowed" in capsys.readouterr().err
