@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from .validation import check_int_range, check_number
+from .validation import check_bool, check_int_range, check_number
 
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -152,8 +152,7 @@ def check_clip_motion(speeds, bounce: bool, num_frames: int, size: int = 64) -> 
         check_int_range("speeds", speed, 1)
     if len(set(speeds)) != len(speeds):
         raise ValueError(f"speeds={tuple(speeds)} is not allowed: expected distinct speeds")
-    if not isinstance(bounce, bool):
-        raise ValueError(f"bounce={bounce!r} is not allowed: expected True or False")
+    check_bool("bounce", bounce)
     speeds = tuple(speeds)
     room, travel = size - max(SIZES.values()) * size // 64, max(speeds) * (num_frames - 1)
     if not bounce and travel > room:
@@ -238,8 +237,7 @@ def render_clip(
     check_int_range("size", size, 16)  # shapes scale with the frame: 16 px draws the small ones 3 px wide
     check_int_range("max_objects", max_objects, 1, len(SHAPES) * len(COLORS))
     speeds = check_clip_motion(speeds, bounce, num_frames, size)
-    if not isinstance(steady, bool):
-        raise ValueError(f"steady={steady!r} is not allowed: expected True or False")
+    check_bool("steady", steady)
     rng = random.Random(seed)
     count = rng.randint(1, max_objects)
     objects: list[MovingObject] = []

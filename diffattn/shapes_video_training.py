@@ -60,7 +60,7 @@ from .shapes_training import (
     save_checkpoint,
 )
 from .training import flow_matching_loss, flow_matching_noise, latent_normalisation
-from .validation import check_choice, check_int_range, check_number, check_str
+from .validation import check_bool, check_choice, check_int_range, check_number, check_str
 
 
 logger = logging.getLogger(__name__)
@@ -123,9 +123,8 @@ class ShapesVideoTrainingConfig:
             frames = check_int_range(name, getattr(self, name), 1)
             if (frames - 1) % 4:
                 raise ValueError(f"{name}={frames} is not allowed: expected 4k + 1 frames (the VAE's 4x in time)")
-        for name in ("clip_bounce", "clip_steady"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected True or False")
+        check_bool("clip_bounce", self.clip_bounce)
+        check_bool("clip_steady", self.clip_steady)
         for frames in {self.num_frames, self.warmup_frames or self.num_frames}:  # refused now, not at step 1
             self.clip_speeds = check_clip_motion(self.clip_speeds, self.clip_bounce, frames)
         check_number("vae_lr", self.vae_lr, 0, 1, low_open=True)
