@@ -18,6 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .methods.agent_attention import AgentAttentionConfig
+from .methods.ir_diffusion import IRDiffusionConfig
+from .methods.radial_attention import DEFAULT_SINK_FRAMES, RadialAttentionConfig
 from .methods.radial_mask import BLOCK_SIZES
 from .presets import DEFAULT_PRESET, DEFAULT_VIDEO_PRESET, PRESETS
 from .presets.shapes_video import (
@@ -115,6 +118,22 @@ def _limits(args: argparse.Namespace):
     return base if args.limits is None else Limits.parse(args.limits, base)
 
 
+def _preset_steps() -> str:
+    """The presets' step counts for --help, grouped: '20 for shapes-sd, shapes-wan; 4 for tiny-sd, ...'."""
+    by_steps: dict[int, list[str]] = {}
+    for name, preset in PRESETS.items():
+        by_steps.setdefault(preset.steps, []).append(name)
+    return "; ".join(f"{steps} for {', '.join(names)}" for steps, names in by_steps.items())
+
+
+def _radial_default(field: str) -> str:
+    """A radial setting's default for --help: the library's, and each preset's own where it differs."""
+    library = getattr(RadialAttentionConfig(), field)
+    own = [f"{name} {getattr(preset.radial, field)}" for name, preset in PRESETS.items()
+           if preset.radial is not None and getattr(preset.radial, field) != library]  # fmt: skip
+    return f"default {library}; {', '.join(own)}" if own else f"default {library}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffattn", description="Attention control and acceleration for diffusers pipelines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -141,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "manifest-rank*.jsonl) holding one; the other generation flags are then not allowed")  # fmt: skip
     gen.add_argument("--negative-prompt", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=None,
-                     help="denoising steps (default: the preset's, 20 for shapes-sd, 4 for tiny-*; 30 otherwise)")  # fmt: skip
+                     help=f"denoising steps (default: the preset's, {_preset_steps()}; 30 otherwise)")  # fmt: skip
     gen.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     gen.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "STOP"), default=None,
@@ -162,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent = gen.add_argument_group("agent attention / token merging (Stable Diffusion UNets)")
     agent.add_argument("--agent", action="store_true", help="AgentSD: token merging plus agent attention")
     agent.add_argument("--tome", action="store_true", help="plain token merging (tomesd's method)")
-    agent.add_argument("--merge-ratio", type=float, default=None, help="fraction of tokens merged (0.4 / 0.5)")
+    agent.add_argument("--merge-ratio", type=float, default=None,
+                       help=f"fraction of tokens merged (default: {AgentAttentionConfig().ratio:g} with --agent, "
+                       f"{AgentAttentionConfig.tome().ratio:g} with --tome)")  # fmt: skip
     structured = gen.add_argument_group("cross-attention editing (Stable Diffusion UNets)")
     structured.add_argument("--structured", action="store_true", help="noun-phrase-aware cross-attention")
     structured.add_argument("--conjunction", action="store_true", help="with --structured: conjunction mode")
@@ -176,17 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a subject's own prompt, e.g. 'a red circle' (repeat per subject); runs IR-Diffusion")  # fmt: skip
     ir.add_argument("--ir-masks", choices=["auto", "attention", "segmenter"], default=None,
                     help="where subject masks come from (auto: the model's segmenter, else attention)")  # fmt: skip
-    ir.add_argument("--mask-dropout", type=float, default=None, help="IR-Diffusion query-mask dropout (0.5)")
+    ir.add_argument(
+        "--mask-dropout",
+        type=float,
+        default=None,
+        help=f"IR-Diffusion query-mask dropout ({IRDiffusionConfig.mask_dropout:g})",
+    )
     radial = gen.add_argument_group("radial attention (video models)")
     radial.add_argument("--radial", action="store_true", help="apply radial attention to the video self-attention")
-    radial.add_argument("--decay-factor", type=float, default=None, help="band width factor lambda (default 1.0)")
-    radial.add_argument("--dense-timesteps", type=_nonnegative_int, default=None, help="first steps kept dense (12)")
-    radial.add_argument("--dense-last-timesteps", type=_nonnegative_int, default=None, help="last steps dense (0)")
-    radial.add_argument("--dense-layers", type=_nonnegative_int, default=None, help="first layers kept dense (1)")
-    radial.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=None, help="kernel tile (128)")
-    radial.add_argument("--sink-frames", type=_nonnegative_int, default=None, help="attention-sink frames")
+    radial.add_argument("--decay-factor", type=float, default=None,
+                        help=f"band width factor lambda ({_radial_default('decay_factor')})")  # fmt: skip
+    radial.add_argument("--dense-timesteps", type=_nonnegative_int, default=None,
+                        help=f"first steps kept dense ({_radial_default('dense_timesteps')})")  # fmt: skip
+    radial.add_argument("--dense-last-timesteps", type=_nonnegative_int, default=None,
+                        help=f"last steps dense ({_radial_default('dense_last_timesteps')})")  # fmt: skip
+    radial.add_argument("--dense-layers", type=_nonnegative_int, default=None,
+                        help=f"first layers kept dense ({_radial_default('dense_layers')})")  # fmt: skip
+    radial.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=None,
+                        help=f"kernel tile ({_radial_default('block_size')})")  # fmt: skip
+    radial.add_argument("--sink-frames", type=_nonnegative_int, default=None,
+                        help="attention-sink frames (default: the model family's: "
+                        f"{', '.join(f'{family} {n}' for family, n in DEFAULT_SINK_FRAMES.items())})")  # fmt: skip
     radial.add_argument("--dense-neighbor-frames", type=_nonnegative_int, default=None,
-                        help="frame pairs this close stay whole (1; 0: the band decays from the first neighbour)")  # fmt: skip
+                        help=f"frame pairs this close stay whole ({_radial_default('dense_neighbor_frames')}; 0: the "
+                        "band decays from the first neighbour)")  # fmt: skip
     radial.add_argument(
         "--attention-backend",
         choices=["auto", "triton", "flex", "gather"],
@@ -252,9 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     train.add_argument("--overwrite", action="store_true", help="replace adapters already in --out")
-    train.add_argument("--decay-factor", type=float, default=1.0, help="radial band width factor (default 1.0)")
-    train.add_argument("--dense-layers", type=_nonnegative_int, default=0, help="first layers kept dense (0)")
-    train.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=128, help="kernel tile (128)")
+    train.add_argument("--decay-factor", type=float, default=None,
+                       help=f"radial band width factor ({_radial_default('decay_factor')})")  # fmt: skip
+    train.add_argument("--dense-layers", type=_nonnegative_int, default=None,
+                       help="first layers kept dense (default 0: every training step and layer sparse)")  # fmt: skip
+    train.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=None,
+                       help=f"kernel tile ({_radial_default('block_size')})")  # fmt: skip
     train.add_argument("--dense", action="store_true",
                        help="train with dense attention instead (the baseline radial LoRAs are compared with)")  # fmt: skip
     train.add_argument("--gradient-checkpointing", action="store_true",
@@ -469,17 +506,13 @@ def _check_out_folder(out: Path) -> None:
 
 
 def _train_lora(args: argparse.Namespace) -> int:
-    from .methods.radial_attention import RadialAttentionConfig
-    from .training import train_radial_lora
+    from .training import lora_radial_defaults, train_radial_lora
 
-    radial = None
-    if not args.dense:
-        radial = RadialAttentionConfig(
-            dense_layers=args.dense_layers,
-            dense_timesteps=0,
-            decay_factor=args.decay_factor,
-            block_size=args.block_size,
-        )
+    given = {field: getattr(args, field) for field in ("decay_factor", "dense_layers", "block_size")}
+    given = {field: value for field, value in given.items() if value is not None}
+    if args.dense and given:
+        raise ValueError(f"radial options {sorted(given)} are not allowed with --dense (it trains dense attention)")
+    radial = None if args.dense else dataclasses.replace(lora_radial_defaults(args.model), **given)
     summary = train_radial_lora(
         args.model,
         args.data,
@@ -570,7 +603,6 @@ def model_from_args(args: argparse.Namespace) -> str:
 
 def agent_config_from_args(args: argparse.Namespace):
     """An AgentAttentionConfig from --agent / --tome (None with neither)."""
-    from .methods.agent_attention import AgentAttentionConfig
 
     if args.agent and args.tome:
         raise ValueError("--agent and --tome are alternatives: pass one")
@@ -596,7 +628,6 @@ def structured_config_from_args(args: argparse.Namespace):
 
 def ir_config_from_args(args: argparse.Namespace):
     """An IRDiffusionConfig from --subject / --mask-dropout (None without --subject; its options alone are an error)."""
-    from .methods.ir_diffusion import IRDiffusionConfig
 
     if not args.subject:
         if args.ir_masks is not None or args.mask_dropout is not None:

@@ -13,6 +13,7 @@ Supported: the Wan family (T2V); other families need their own conditioning inpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .control import apply
+from .generation import radial_defaults
 from .loading import default_device, load_pipeline
 from .methods.radial_attention import RadialAttentionConfig
 
@@ -174,6 +176,12 @@ def flow_matching_loss(
     return (weight * (prediction.float() - (noise - latents).float()).square()).sum() / weight.sum()
 
 
+def lora_radial_defaults(model: str) -> RadialAttentionConfig:
+    """The radial settings a LoRA trains with when none are given: the model's (`radial_defaults`: a preset's own,
+    else the library's), sparse on every step and layer, since a training step has no denoising schedule."""
+    return dataclasses.replace(radial_defaults(model), dense_layers=0, dense_timesteps=0, dense_last_timesteps=0)
+
+
 def train_radial_lora(
     model: str,
     data: Path,
@@ -197,8 +205,8 @@ def train_radial_lora(
 ) -> dict[str, Any]:
     """Fine-tune LoRA adapters with radial attention active; save them to `out`. Returns a summary with the losses.
 
-    `radial` defaults to RadialAttentionConfig(dense_layers=0, dense_timesteps=0) (sparse on every training
-    step); `dense=True` trains with the model's own dense attention instead (the baseline radial is measured
+    `radial` defaults to `lora_radial_defaults(model)` (the model's radial settings, sparse on every training step
+    and layer); `dense=True` trains with the model's own dense attention instead (the baseline radial is measured
     against). Refuses to replace existing adapters in `out` unless `overwrite`. `device` None: `default_device()`.
     `gradient_checkpointing`: the transformer's blocks recompute their activations in the backward pass
     (diffusers' `enable_gradient_checkpointing`) instead of holding them: the same gradients, for the memory of
@@ -227,7 +235,7 @@ def train_radial_lora(
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         params = add_lora(transformer, rank)
-    radial = None if dense else radial or RadialAttentionConfig(dense_layers=0, dense_timesteps=0)
+    radial = None if dense else radial or lora_radial_defaults(model)
     handle = apply(transformer, radial) if radial is not None else None
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)

@@ -161,6 +161,38 @@ def test_help_everywhere(capsys):
         assert capsys.readouterr().out.startswith(f"usage: diffattn {command}")
 
 
+def test_generate_help_states_the_defaults_a_run_takes(capsys, monkeypatch):
+    """--help's defaults are the ones a run takes: the library's radial settings and each preset's own, the presets'
+    step counts, the method configs' ratios (a hand-written '(default 1.0)' once hid shapes-wan's 0.25)."""
+    import re
+
+    from diffattn.cli import build_parser, radial_config_from_args
+    from diffattn.generation import default_steps
+    from diffattn.methods.agent_attention import AgentAttentionConfig
+    from diffattn.methods.radial_attention import RadialAttentionConfig
+
+    monkeypatch.setenv("COLUMNS", "2000")  # argparse wraps at hyphens ("shapes-" / "sd") otherwise
+    assert main(["generate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # past the usage
+
+    def flag_help(flag):
+        return re.search(rf"{flag} \S+ (.*?)(?= --[a-z]|$)", text).group(1)
+
+    library = RadialAttentionConfig()
+    for flag, field in (("--decay-factor", "decay_factor"), ("--dense-timesteps", "dense_timesteps"),
+                        ("--dense-layers", "dense_layers"), ("--block-size", "block_size")):  # fmt: skip
+        args = build_parser().parse_args(["generate", "-p", "x", "--radial"])
+        taken = getattr(radial_config_from_args(args, "shapes-wan"), field)
+        assert taken == getattr(PRESETS["shapes-wan"].radial, field)
+        assert f"shapes-wan {taken}" in flag_help(flag) and f"(default {getattr(library, field)};" in flag_help(flag)
+    steps = flag_help("--steps")
+    for name in PRESETS:
+        group = re.search(rf"(\d+) for [^;]*\b{re.escape(name)}\b", steps)
+        assert group is not None and int(group.group(1)) == default_steps(name), name
+    agent, tome = AgentAttentionConfig().ratio, AgentAttentionConfig.tome().ratio
+    assert f"tokens merged (default: {agent:g} with --agent, {tome:g} with --tome)" in text
+
+
 def test_presets_command(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out

@@ -179,6 +179,35 @@ def test_gradient_checkpointing_trains_the_same_adapters(tmp_path, monkeypatch):
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
+def test_train_lora_takes_the_models_radial_settings_and_refuses_them_with_dense(tmp_path, monkeypatch, capsys):
+    """train-lora trains with the mask the model generates with (shapes-wan's 16-token blocks and decay 0.25, not the
+    library's 128 and 1.0), sparse on every layer; a radial flag beside --dense is refused, not dropped."""
+    import diffattn.training as training
+    from diffattn.methods.radial_attention import RadialAttentionConfig
+    from diffattn.presets import PRESETS
+
+    received = []
+    monkeypatch.setattr(training, "train_radial_lora", lambda *a, **k: received.append(k) or {"losses": [1.0]})
+    base = ["train-lora", "--data", str(tmp_path), "--out", str(tmp_path / "lora"), "--steps", "1"]
+    assert main([*base, "-m", "shapes-wan"]) == 0
+    shipped = PRESETS["shapes-wan"].radial
+    assert received[-1]["radial"] == RadialAttentionConfig(
+        dense_layers=0, dense_timesteps=0, dense_last_timesteps=0, decay_factor=shipped.decay_factor,
+        block_size=shipped.block_size, sink_frames=shipped.sink_frames, dense_neighbor_frames=shipped.dense_neighbor_frames,
+    )  # fmt: skip
+    assert received[-1]["radial"].block_size == 16 and received[-1]["radial"].decay_factor == 0.25
+    assert main([*base, "-m", "shapes-wan", "--block-size", "32", "--dense-layers", "1"]) == 0
+    assert (received[-1]["radial"].block_size, received[-1]["radial"].dense_layers) == (32, 1)
+    assert main([*base, "-m", "tiny-wan"]) == 0  # no preset settings: the library's
+    assert received[-1]["radial"] == RadialAttentionConfig(dense_layers=0, dense_timesteps=0)
+    assert main([*base, "--dense"]) == 0 and received[-1]["radial"] is None and received[-1]["dense"]
+    capsys.readouterr()
+    calls = len(received)
+    assert main([*base, "--dense", "--decay-factor", "0.5"]) == 2
+    assert "radial options ['decay_factor'] are not allowed with --dense" in capsys.readouterr().err
+    assert len(received) == calls  # refused before any training
+
+
 def test_training_errors(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         train_radial_lora("tiny-wan", tmp_path / "missing", tmp_path / "out", steps=1)
