@@ -22,6 +22,7 @@ from .methods.agent_attention import AgentAttentionConfig
 from .methods.ir_diffusion import IRDiffusionConfig
 from .methods.radial_attention import DEFAULT_SINK_FRAMES, RadialAttentionConfig
 from .methods.radial_mask import BLOCK_SIZES
+from .outputs import DEFAULT_FPS
 from .presets import DEFAULT_PRESET, DEFAULT_VIDEO_PRESET, PRESETS
 from .presets.shapes_video import (
     ATTENTION_HEADS,
@@ -36,6 +37,7 @@ from .scenes import SPEEDS
 
 
 EXIT_USAGE = 2
+logger = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -176,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shard one video over N processes (launch with torchrun --nproc-per-node N -m diffattn "
                      "generate ...; Ulysses, on diffusers' engine)")  # fmt: skip
     gen.add_argument("--ring", action="store_true", help="with --context-parallel: ring attention instead of Ulysses")
-    gen.add_argument("--fps", type=_positive_int, default=8, help="frames per second of saved videos")
+    gen.add_argument("--fps", type=_positive_int, default=None,
+                     help=f"frames per second of the saved video (video models; default {DEFAULT_FPS})")  # fmt: skip
     gen.add_argument("--no-maps", action="store_true", help="do not record and save attention-map heatmaps")
     agent = gen.add_argument_group("agent attention / token merging (Stable Diffusion UNets)")
     agent.add_argument("--agent", action="store_true", help="AgentSD: token merging plus agent attention")
@@ -462,7 +465,7 @@ def _report_error(args: argparse.Namespace, exc: Exception) -> int:
     from .loading import ModelLoadError
 
     if args.verbose:
-        logging.getLogger(__name__).exception("diffattn %s failed", args.command)
+        logger.exception("diffattn %s failed", args.command)
     where = f"diffattn {args.command}: error"
     if isinstance(exc, (ValueError, TypeError, ModelLoadError, JobLockError, FileNotFoundError, NotADirectoryError,
                         PermissionError, IsADirectoryError, FileExistsError)):  # fmt: skip
@@ -728,6 +731,9 @@ def _generate(args: argparse.Namespace) -> int:
             raise ValueError("--ring needs --context-parallel N")
         check_single_process("generate", "share one video across processes with --context-parallel N, or spread "
                              "many prompts with `diffattn batch`")  # fmt: skip
+    preset = PRESETS.get(request.model)
+    if args.fps is not None and preset is not None and preset.kind != "video":
+        raise ValueError(f"--fps {args.fps} is for video models; {request.model!r} is an image model")
     _check_out_folder(args.out)
     pipe, rank = None, 0
     if args.context_parallel is not None:
@@ -745,7 +751,9 @@ def _generate(args: argparse.Namespace) -> int:
     }
     suffix = "".join(f"-{name}" for name, on in methods.items() if on)
     stem = f"{Path(request.model).name}-seed{request.seed}{suffix}"
-    for path in save_result(result, args.out, stem, fps=args.fps):
+    if args.fps is not None and not result.frames:  # a folder or hub id: its kind is known once loaded
+        logger.warning("--fps %d not used: %r made images, not a video", args.fps, request.model)
+    for path in save_result(result, args.out, stem, fps=DEFAULT_FPS if args.fps is None else args.fps):
         print(path)
     return 0
 

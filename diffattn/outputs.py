@@ -37,7 +37,10 @@ def _mp4(frames: list, fps: int) -> Callable[[Path], None]:
     return lambda path: export_to_video(list(frames), str(path), fps=fps, macro_block_size=1)
 
 
-def result_files(result: Any, stem: str, fps: int = 8) -> list[tuple[str, Callable[[Path], None]]]:
+DEFAULT_FPS = 8  # frames per second of a saved video when a face names none
+
+
+def result_files(result: Any, stem: str, fps: int = DEFAULT_FPS) -> list[tuple[str, Callable[[Path], None]]]:
     """(file name, writer(path)) for every file of a `GenerationResult`, in a fixed order: images (PNG), the video
     (MP4 with the `video` extra, else numbered PNG frames), attention heatmaps, IR-Diffusion references and grid,
     the radial mask."""
@@ -94,7 +97,7 @@ def write_new_file(directory: Path, stem: str, suffix: str, write: Callable[[Pat
         os.unlink(tmp)
 
 
-def save_result(result: Any, directory: Path, stem: str, fps: int = 8) -> list[Path]:
+def save_result(result: Any, directory: Path, stem: str, fps: int = DEFAULT_FPS) -> list[Path]:
     """Save every file of `result` into `directory` (see `result_files`) without replacing any existing file."""
     directory = Path(directory)
     paths = []

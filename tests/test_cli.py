@@ -150,6 +150,22 @@ def test_generate_with_subjects_saves_scene_references_and_grid(tmp_path, capsys
     assert Image.open(tmp_path / out[0]).size == (64, 64)
 
 
+def test_fps_sets_the_videos_rate_and_is_refused_for_an_image_model(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    assert (
+        main(["generate", "-m", "tiny-wan", "-p", "a boat", "--steps", "1", "--fps", "4", "--out", str(tmp_path)]) == 0
+    )
+    video = tmp_path / capsys.readouterr().out.split()[0]
+    assert video.suffix == ".mp4" and iio.immeta(video)["fps"] == 4.0
+    assert (
+        main(["generate", "-m", "tiny-sd", "-p", "a cat", "--steps", "1", "--fps", "4", "--out", str(tmp_path / "i")])
+        == 2
+    )
+    assert "--fps 4 is for video models; 'tiny-sd' is an image model" in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()  # refused before any work
+
+
 def test_help_everywhere(capsys):
     proc = subprocess.run([sys.executable, "-m", "diffattn.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: diffattn" in proc.stdout  # the module runs as a program
