@@ -70,10 +70,11 @@ from .limits import Limits
 from .loading import default_device, parse_device
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.ir_diffusion import IRDiffusionConfig
+from .methods.radial_attention import RadialAttentionConfig
 from .methods.structured_guidance import StructuredGuidanceConfig
 from .presets import DEFAULT_PRESET
 from .request import ASTAR_LOSSES, GenerationRequest
-from .validation import check_bool, check_int_range, check_seed, check_seed_list, check_str
+from .validation import check_bool, check_config_fields, check_int_range, check_seed, check_seed_list, check_str
 
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,13 @@ def _method_config(key: str, value: Any, model: str):
     fields = {} if value is True else value
     if not isinstance(fields, dict):
         raise ValueError(f"{key}={value!r} is not allowed: expected true or an object of config fields")
+    if key == "tome":
+        unknown = set(fields) - {"ratio"}
+        if unknown:
+            raise ValueError(f"tome takes only 'ratio', got {sorted(unknown)}")
+    else:
+        kind = {"radial": RadialAttentionConfig, "agent": AgentAttentionConfig, "ir": IRDiffusionConfig}
+        check_config_fields(key, fields, kind.get(key, StructuredGuidanceConfig))
     try:
         if key == "radial":
             return dataclasses.replace(radial_defaults(model), **fields)
@@ -158,12 +166,9 @@ def _method_config(key: str, value: Any, model: str):
         if key == "ir":
             return IRDiffusionConfig(**fields)
         if key == "tome":
-            unknown = set(fields) - {"ratio"}
-            if unknown:
-                raise ValueError(f"tome takes only 'ratio', got {sorted(unknown)}")
             return AgentAttentionConfig.tome(**fields)
         return StructuredGuidanceConfig(**fields)
-    except (TypeError, ValueError) as exc:  # unknown field (TypeError) or a bad value (ValueError, names the field)
+    except (TypeError, ValueError) as exc:  # a bad value: the config's message names the field
         raise ValueError(f"{key}: {exc}") from None
 
 

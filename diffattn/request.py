@@ -9,7 +9,7 @@ the pipeline's own); any other value is used exactly as given.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from .guidance import GuidanceInterval
@@ -20,6 +20,7 @@ from .methods.structured_guidance import StructuredGuidanceConfig
 from .validation import (
     check_bool,
     check_choice,
+    check_config_fields,
     check_int_range,
     check_interval,
     check_number,
@@ -146,10 +147,16 @@ class GenerationRequest:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown request field {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in missing if name not in data]
+        if missing:
+            raise ValueError(
+                f"a request needs the field(s) {', '.join(missing)}; got {', '.join(sorted(data)) or 'none'}"
+            )
         values = dict(data)
         for name, kind in _CONFIG_TYPES.items():
             if isinstance(values.get(name), dict):
-                values[name] = kind(**values[name])
+                values[name] = kind(**check_config_fields(name, values[name], kind))
         for name in ("guidance_interval", "subjects"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])

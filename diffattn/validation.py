@@ -12,6 +12,7 @@ set for a sequence), choices come from one tuple defined beside what uses them, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -148,3 +149,18 @@ def check_int_choices(field: str, value: Any, allowed: Sequence[int]) -> tuple[i
     if not _is_sequence(items) or not items or not all(_is_int(v) and v in allowed for v in items):
         raise refuse(field, value, f"one or a list of {', '.join(map(str, allowed))}")
     return tuple(items)
+
+
+def check_config_fields(field: str, value: Any, config_class: type) -> dict[str, Any]:
+    """`value` as the fields of a config dataclass (a JSON object of a request or a job line): a dict whose keys are
+    `config_class`'s fields; an unknown one is refused by name with the allowed ones (not Python's 'unexpected
+    keyword argument')."""
+    if not isinstance(value, dict):
+        raise refuse(field, value, f"an object of {config_class.__name__} fields")
+    names = [f.name for f in dataclasses.fields(config_class) if f.init]
+    unknown = sorted(set(value) - set(names), key=str)
+    if unknown:
+        raise ValueError(
+            f"{field}: unknown field {unknown[0]!r} of {config_class.__name__}; allowed: {', '.join(names)}"
+        )
+    return value

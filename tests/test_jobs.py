@@ -77,7 +77,14 @@ def test_plain_text_job_is_one_prompt_per_line(tmp_path):
         ({"prompt": "x", "seed": 1, "seeds": [2]}, "give seed or seeds, not both"),
         ({"prompt": "x", "name": "../up"}, "name='../up' is not allowed"),
         ({"prompt": "x", "agent": {"ratio": 2}}, "job.jsonl line 1: agent: ratio=2 is not allowed"),
-        ({"prompt": "x", "radial": {"decay": 1}}, "job.jsonl line 1: radial: "),
+        (
+            {"prompt": "x", "radial": {"decay": 1}},
+            "job.jsonl line 1: radial: unknown field 'decay' of RadialAttentionConfig; allowed: dense_layers, ",
+        ),
+        (
+            {"prompt": "x", "structured": {"x": 1}},
+            "structured: unknown field 'x' of StructuredGuidanceConfig; allowed:",
+        ),
         ({"prompt": "x", "tome": {"stride": 4}}, "tome takes only 'ratio'"),
         ({"prompt": "x", "agent": True, "tome": True}, "agent and tome are alternatives"),
         ({"prompt": "x", "astar": "iou"}, "astar='iou' is not allowed"),

@@ -261,6 +261,13 @@ def test_requests_round_trip_through_json():
     assert GenerationRequest.from_dict(json.loads(json.dumps(ir.to_dict()))) == ir
     with pytest.raises(ValueError, match="unknown request field 'colour'"):
         GenerationRequest.from_dict({"model": "x", "prompt": "y", "colour": 1})
+    # a config's unknown field and a missing field are named, not Python's keyword-argument messages
+    with pytest.raises(
+        ValueError, match="radial: unknown field 'decay' of RadialAttentionConfig; allowed: dense_layers"
+    ):
+        GenerationRequest.from_dict({"model": "x", "prompt": "y", "radial": {"decay": 1}})
+    with pytest.raises(ValueError, match="a request needs the field\\(s\\) model; got prompt, steps"):
+        GenerationRequest.from_dict({"prompt": "y", "steps": 2})
 
 
 @pytest.mark.parametrize(
