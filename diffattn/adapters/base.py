@@ -160,6 +160,16 @@ class ModelAdapter:
             return kwargs["timestep"]
         return args[1] if len(args) > 1 else None
 
+    def _self_and_cross_layers(self, place=lambda path: "blocks") -> list[AttentionLayer]:
+        """The layers of a model whose blocks name self-attention `attn1` and cross-attention `attn2` (diffusers'
+        convention for UNets, Wan and LTX); `place(path)` names where each sits."""
+
+        def classify(path: str, module: torch.nn.Module):
+            kind = {"attn1": "self", "attn2": "cross"}.get(path.rsplit(".", 1)[-1])
+            return None if kind is None else (kind, place(path))
+
+        return self._layers_by_kind(classify)
+
     def _layers_by_kind(self, classify) -> list[AttentionLayer]:
         """Walk `model.attn_processors` order; `classify(path, module) -> (kind, place)` or None to skip."""
         modules = dict(self.model.named_modules())

@@ -20,14 +20,7 @@ class LTXVideoAdapter(ModelAdapter):
     plain_processor_names = ("LTXVideoAttnProcessor", "LTXVideoAttentionProcessor2_0")
 
     def attention_layers(self) -> list[AttentionLayer]:
-        def classify(path: str, module: torch.nn.Module):
-            if path.endswith("attn1"):
-                return "self", "blocks"
-            if path.endswith("attn2"):
-                return "cross", "blocks"
-            return None
-
-        return self._layers_by_kind(classify)
+        return self._self_and_cross_layers()
 
     def context_parallel_support(self) -> tuple[None, dict[str, type]]:
         # diffusers' own plan; its text-masked cross-attention fails under Ulysses, so attn2 gets diffattn's

@@ -20,15 +20,9 @@ class UNetAdapter(ModelAdapter):
     sample_argument = "sample"
 
     def attention_layers(self) -> list[AttentionLayer]:
-        def classify(path: str, module: torch.nn.Module):
-            place = "down" if path.startswith("down_blocks") else "mid" if path.startswith("mid_block") else "up"
-            if path.endswith("attn1"):
-                return "self", place
-            if path.endswith("attn2"):
-                return "cross", place
-            return None
-
-        return self._layers_by_kind(classify)
+        return self._self_and_cross_layers(
+            lambda path: "down" if path.startswith("down_blocks") else "mid" if path.startswith("mid_block") else "up"
+        )
 
     def level_factor(self, layer: AttentionLayer) -> int:
         """How many times the latent is downsampled at `layer`'s level (1, 2, 4, ...)."""

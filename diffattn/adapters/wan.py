@@ -19,14 +19,7 @@ class WanAdapter(ModelAdapter):
     plain_processor_names = ("WanAttnProcessor", "WanAttnProcessor2_0")
 
     def attention_layers(self) -> list[AttentionLayer]:
-        def classify(path: str, module: torch.nn.Module):
-            if path.endswith("attn1"):
-                return "self", "blocks"
-            if path.endswith("attn2"):
-                return "cross", "blocks"
-            return None
-
-        return self._layers_by_kind(classify)
+        return self._self_and_cross_layers()
 
     def geometry(self, sample: torch.Tensor) -> LatentGeometry:
         # sample: [B, C, F, H, W] latents; patch_size (t, h, w) divides them into tokens.
