@@ -34,6 +34,8 @@ from .presets.shapes_video import (
     WIDTH_STEP,
 )
 from .scenes import SPEEDS
+from .shapes_training import ShapesTrainingConfig
+from .shapes_video_training import ShapesVideoTrainingConfig
 
 
 EXIT_USAGE = 2
@@ -63,6 +65,12 @@ def _int_at_least(low: int, what: str):
     return parse
 
 
+def _default(config_class: type, field: str):
+    """A config dataclass field's default: the one source of a trainer flag's default and of its --help text."""
+    found = {f.name: f for f in dataclasses.fields(config_class)}[field]
+    return found.default_factory() if found.default is dataclasses.MISSING else found.default
+
+
 _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
@@ -90,21 +98,25 @@ def _add_dtype(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype (default: float32 on the CPU, the saved one on a GPU)")  # fmt: skip
 
 
-def _add_training_run(parser: argparse.ArgumentParser) -> None:
-    """The options every from-scratch training command shares: its run folder, seed, checkpoints, device, budget."""
+def _add_training_run(parser: argparse.ArgumentParser, config: type) -> None:
+    """The options every from-scratch training command shares: its run folder, seed, checkpoints, device, budget;
+    their defaults are `config`'s (the command's training config dataclass)."""
     parser.add_argument("--out", "-o", required=True, type=Path, help="run folder (checkpoint, log, pipeline)")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the data stream")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
-    parser.add_argument("--workers", type=_nonnegative_int, default=0,
-                        help="processes rendering the training data ahead of the step (0)")  # fmt: skip
+    parser.add_argument("--seed", type=_seed, default=_default(config, "seed"),
+                        help=f"seed of the weights and the data stream ({_default(config, 'seed')})")  # fmt: skip
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=_default(config, "checkpoint_every"),
+                        help=f"steps between checkpoints ({_default(config, 'checkpoint_every')})")  # fmt: skip
+    parser.add_argument("--workers", type=_nonnegative_int, default=_default(config, "num_workers"),
+                        help=f"processes rendering the training data ahead of the step ({_default(config, 'num_workers')})")  # fmt: skip
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock budget: stop there, checkpoint and export (resume later)")  # fmt: skip
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from an exported pipeline folder (e.g. the one kept in the repository)")  # fmt: skip
-    parser.add_argument("--ema-decay", type=float, default=0.999,
-                        help="moving average of the trained weights, which is what is exported (0: off; 0.999)")  # fmt: skip
+    parser.add_argument("--ema-decay", type=float, default=_default(config, "ema_decay"),
+                        help="moving average of the trained weights, which is what is exported (0: off; "
+                        f"{_default(config, 'ema_decay')})")  # fmt: skip
 
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
@@ -307,10 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an AutoencoderKL, then a UNet and CLIP text encoder, on procedurally generated scenes of "
         "coloured shapes; resumes from OUT/checkpoint.pt; saves OUT/pipeline (fp16, from_pretrained-loadable).",
     )
-    _add_training_run(shapes)
-    shapes.add_argument("--vae-steps", type=_nonnegative_int, default=2000, help="autoencoder steps (2000)")
-    shapes.add_argument("--unet-steps", type=_nonnegative_int, default=20000, help="UNet + text encoder steps")
-    shapes.add_argument("--batch-size", type=_positive_int, default=32, help="scenes per step (32)")
+    _add_training_run(shapes, ShapesTrainingConfig)
+    for flag, field, kind, text in (("--vae-steps", "vae_steps", _nonnegative_int, "autoencoder steps"),
+                                    ("--unet-steps", "unet_steps", _nonnegative_int, "UNet + text encoder steps"),
+                                    ("--batch-size", "batch_size", _positive_int, "scenes per step")):  # fmt: skip
+        default = _default(ShapesTrainingConfig, field)
+        shapes.add_argument(flag, type=kind, default=default, help=f"{text} ({default})")
 
     video = sub.add_parser(
         "train-shapes-video",
@@ -319,33 +333,31 @@ def build_parser() -> argparse.ArgumentParser:
         "encoder) on rendered clips of moving coloured shapes; resumes from OUT/checkpoint.pt; saves OUT/pipeline "
         "(fp16, from_pretrained-loadable). A GPU trains it in reasonable time; a CPU slowly.",
     )
-    _add_training_run(video)
-    video.add_argument("--vae-steps", type=_nonnegative_int, default=3000, help="autoencoder steps (3000)")
-    video.add_argument("--denoiser-steps", type=_nonnegative_int, default=20000, help="transformer steps (20000)")
-    video.add_argument("--batch-size", type=_positive_int, default=16, help="clips per transformer step (16)")
-    video.add_argument("--vae-batch-size", type=_positive_int, default=8, help="clips per autoencoder step (8)")
-    video.add_argument(
-        "--vae-frames",
-        type=_positive_int,
-        default=9,
-        help="frames of an autoencoder clip (4k+1, at least 9: two chunks; 9)",
-    )
-    video.add_argument("--vae-crop", type=_positive_int, default=64,
-                       help="side of the seeded window the autoencoder trains on (64: whole frames)")  # fmt: skip
-    video.add_argument("--decoder-steps", type=_nonnegative_int, default=0,
-                       help="after the autoencoder: steps of its decoder alone on --decoder-frames clips, the encoder "
-                       "frozen so the transformer's latents stay valid (0)")  # fmt: skip
-    video.add_argument("--decoder-frames", type=_positive_int, default=NUM_FRAMES,
-                       help="frames of a decoder clip (4k+1; 33: the generated length)")  # fmt: skip
-    video.add_argument("--decoder-lr", type=float, default=3e-4, help="decoder learning rate (3e-4)")
-    video.add_argument("--lr", type=float, default=3e-4, help="transformer + text encoder learning rate (3e-4)")
-    video.add_argument("--warmup-frames", type=_positive_int, default=None,
-                       help="frames of the clips of the first --warmup-steps transformer steps (4k+1; cheaper)")  # fmt: skip
-    video.add_argument("--warmup-steps", type=_nonnegative_int, default=0, help="transformer steps on short clips (0)")
-    video.add_argument("--timestep-shift", type=float, default=1.0,
-                       help="train more at high noise: logit-normal noise levels mapped as the sampler's shift maps "
-                       "its sigmas (1: unshifted; shapes-wan samples with shift 3)")  # fmt: skip
-    video.add_argument("--object-weight", type=float, default=0.0, metavar="W",
+    _add_training_run(video, ShapesVideoTrainingConfig)
+    for flag, field, kind, text in (
+        ("--vae-steps", "vae_steps", _nonnegative_int, "autoencoder steps"),
+        ("--denoiser-steps", "denoiser_steps", _nonnegative_int, "transformer steps"),
+        ("--batch-size", "batch_size", _positive_int, "clips per transformer step"),
+        ("--vae-batch-size", "vae_batch_size", _positive_int, "clips per autoencoder step"),
+        ("--vae-frames", "vae_frames", _positive_int, "frames of an autoencoder clip, 4k+1 and at least 9 (two chunks)"),
+        ("--vae-crop", "vae_crop", _positive_int, "side of the seeded window the autoencoder trains on; 64: whole "
+         "frames"),
+        ("--decoder-steps", "decoder_steps", _nonnegative_int, "after the autoencoder: steps of its decoder alone on "
+         "--decoder-frames clips, the encoder frozen so the transformer's latents stay valid"),
+        ("--decoder-frames", "decoder_frames", _positive_int, f"frames of a decoder clip, 4k+1; {NUM_FRAMES} is the "
+         "generated length"),
+        ("--decoder-lr", "decoder_lr", float, "decoder learning rate"),
+        ("--lr", "lr", float, "transformer + text encoder learning rate"),
+        ("--warmup-frames", "warmup_frames", _positive_int, "frames of the clips of the first --warmup-steps "
+         "transformer steps (4k+1; cheaper)"),
+        ("--warmup-steps", "warmup_steps", _nonnegative_int, "transformer steps on short clips"),
+        ("--timestep-shift", "timestep_shift", float, "train more at high noise: logit-normal noise levels mapped as "
+         "the sampler's shift maps its sigmas; 1: unshifted, and shapes-wan samples with shift 3"),
+    ):  # fmt: skip
+        default = _default(ShapesVideoTrainingConfig, field)
+        video.add_argument(flag, type=kind, default=default, help=text if default is None else f"{text} ({default})")
+    video.add_argument("--object-weight", type=float, default=_default(ShapesVideoTrainingConfig, "object_weight"),
+                       metavar="W",
                        help="the loss where an object is (its latent positions and those beside them) counts "
                        "1 + W times the background's (0: a plain mean)")  # fmt: skip
     video.add_argument("--clip-speeds", type=_positive_int, nargs="+", default=list(SPEEDS), metavar="PX",
@@ -407,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-lora":
             return _train_lora(args)
         if args.command == "train-shapes":
-            from .shapes_training import ShapesTrainingConfig, train_shapes
+            from .shapes_training import train_shapes
 
             config = ShapesTrainingConfig(
                 vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch_size=args.batch_size, seed=args.seed,
@@ -418,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.out / 'pipeline'} (vae step {state['vae_step']}, unet step {state['unet_step']})")
             return 0
         if args.command == "train-shapes-video":
-            from .shapes_video_training import ShapesVideoTrainingConfig, train_shapes_video
+            from .shapes_video_training import train_shapes_video
 
             config = ShapesVideoTrainingConfig(
                 vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,

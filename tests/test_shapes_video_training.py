@@ -187,6 +187,24 @@ def test_the_command_passes_its_ema_decay_heads_and_shift(tmp_path, monkeypatch,
     assert "ema_decay=1.5 is not allowed" in capsys.readouterr().err
 
 
+def test_the_commands_without_flags_train_the_configs_defaults(tmp_path, monkeypatch):
+    """The trainers' flags take their defaults from the config dataclasses: a bare command trains exactly what
+    `ShapesVideoTrainingConfig()` / `ShapesTrainingConfig()` train from the API."""
+    import diffattn.shapes_training as image_training
+    import diffattn.shapes_video_training as training
+    from diffattn.cli import main
+    from diffattn.shapes_training import ShapesTrainingConfig
+
+    seen = []
+    monkeypatch.setattr(training, "train_shapes_video", lambda out, config, **kw: seen.append(config) or
+                        {"vae_step": 0, "decoder_step": 0, "denoiser_step": 0})  # fmt: skip
+    monkeypatch.setattr(image_training, "train_shapes", lambda out, config, **kw: seen.append(config) or
+                        {"vae_step": 0, "unet_step": 0})  # fmt: skip
+    assert main(["train-shapes-video", "--out", str(tmp_path / "v")]) == 0
+    assert main(["train-shapes", "--out", str(tmp_path / "i")]) == 0
+    assert seen == [ShapesVideoTrainingConfig(), ShapesTrainingConfig()]
+
+
 def test_object_weights_cover_the_latent_positions_of_an_object_and_their_neighbours():
     """A causal Wan VAE at 4x: latent frame 0 is frame 0, latent frame j >= 1 frames 4j-3..4j; a latent position 4x4
     pixels. One coloured pixel in frame 6 at (row 9, column 22) is latent frame 2, position (2, 5): it and its eight
