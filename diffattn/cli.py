@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .kernels.block_sparse_attention import BACKENDS
 from .methods.agent_attention import AgentAttentionConfig
 from .methods.ir_diffusion import IRDiffusionConfig
 from .methods.radial_attention import DEFAULT_SINK_FRAMES, RadialAttentionConfig
@@ -238,9 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "band decays from the first neighbour)")  # fmt: skip
     radial.add_argument(
         "--attention-backend",
-        choices=["auto", "triton", "flex", "gather"],
+        choices=list(BACKENDS),
         default=None,
-        help="block-sparse backend (default auto)",
+        help=f"block-sparse backend ({_radial_default('backend')}: triton on CUDA in fp16/bf16, flex in fp32, gather on "
+        "the CPU; torch: the "
+        "masked reference)",
     )
     gen.add_argument("--out", "-o", type=Path, default=Path("outputs/generate"), help="output folder")
     _add_limits(gen)
