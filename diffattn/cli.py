@@ -108,7 +108,8 @@ def _add_training_run(parser: argparse.ArgumentParser, config: type) -> None:
     parser.add_argument("--checkpoint-every", type=_positive_int, default=_default(config, "checkpoint_every"),
                         help=f"steps between checkpoints ({_default(config, 'checkpoint_every')})")  # fmt: skip
     parser.add_argument("--workers", type=_nonnegative_int, default=_default(config, "num_workers"),
-                        help=f"processes rendering the training data ahead of the step ({_default(config, 'num_workers')})")  # fmt: skip
+                        help="processes rendering the training data ahead of the step "
+                        f"({_default(config, 'num_workers')})")  # fmt: skip
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint (it is overwritten)")
     parser.add_argument("--max-minutes", type=float, default=None,
@@ -241,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention-backend",
         choices=list(BACKENDS),
         default=None,
-        help=f"block-sparse backend ({_radial_default('backend')}: triton on CUDA in fp16/bf16, flex in fp32, gather on "
-        "the CPU; torch: the "
+        help=f"block-sparse backend ({_radial_default('backend')}: triton on CUDA in fp16/bf16, flex in fp32, "
+        "gather on the CPU; torch: the "
         "masked reference)",
     )
     gen.add_argument("--out", "-o", type=Path, default=Path("outputs/generate"), help="output folder")
@@ -342,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--denoiser-steps", "denoiser_steps", _nonnegative_int, "transformer steps"),
         ("--batch-size", "batch_size", _positive_int, "clips per transformer step"),
         ("--vae-batch-size", "vae_batch_size", _positive_int, "clips per autoencoder step"),
-        ("--vae-frames", "vae_frames", _positive_int, "frames of an autoencoder clip, 4k+1 and at least 9 (two chunks)"),
+        ("--vae-frames", "vae_frames", _positive_int, "frames of an autoencoder clip, 4k+1 and at least 9 (two "
+         "chunks)"),
         ("--vae-crop", "vae_crop", _positive_int, "side of the seeded window the autoencoder trains on; 64: whole "
          "frames"),
         ("--decoder-steps", "decoder_steps", _nonnegative_int, "after the autoencoder: steps of its decoder alone on "

@@ -193,7 +193,8 @@ def test_train_lora_takes_the_models_radial_settings_and_refuses_them_with_dense
     shipped = PRESETS["shapes-wan"].radial
     assert received[-1]["radial"] == RadialAttentionConfig(
         dense_layers=0, dense_timesteps=0, dense_last_timesteps=0, decay_factor=shipped.decay_factor,
-        block_size=shipped.block_size, sink_frames=shipped.sink_frames, dense_neighbor_frames=shipped.dense_neighbor_frames,
+        block_size=shipped.block_size, sink_frames=shipped.sink_frames,
+        dense_neighbor_frames=shipped.dense_neighbor_frames,
     )  # fmt: skip
     assert received[-1]["radial"].block_size == 16 and received[-1]["radial"].decay_factor == 0.25
     assert main([*base, "-m", "shapes-wan", "--block-size", "32", "--dense-layers", "1"]) == 0
