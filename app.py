@@ -144,7 +144,8 @@ def radial_fields(
     try:
         config = RadialAttentionConfig(
             decay_factor=float(decay), dense_timesteps=_int_or_none(dense_steps, "Dense first steps"),
-            dense_layers=_int_or_none(dense_layers, "Dense first layers"), block_size=_int_or_none(block, "Block size"),
+            dense_layers=_int_or_none(dense_layers, "Dense first "
+                                                    "layers"), block_size=_int_or_none(block, "Block size"),
             dense_neighbor_frames=RADIAL.dense_neighbor_frames if neighbors is None
             else _int_or_none(neighbors, "Whole neighbour frames"),
         )  # fmt: skip
@@ -531,8 +532,13 @@ def _compare_defaults(model: str, prompt: str | None):
     for image models (a video model compares dense with radial)."""
     video = model in VIDEO_PRESETS
     frames = PRESETS[model].compare_frames if video else None
-    return (gr.update(value=default_steps(model) if model in PRESETS else None), gr.update(value=frames, visible=video),
-            _prompt_for(model, prompt), gr.update(visible=not video), gr.update(visible=not video))  # fmt: skip
+    return (
+        gr.update(value=default_steps(model) if model in PRESETS else None),
+        gr.update(value=frames, visible=video),
+        _prompt_for(model, prompt),
+        gr.update(visible=not video),
+        gr.update(visible=not video),
+    )
 
 
 def _compare_radial(model: str) -> RadialAttentionConfig:
@@ -728,10 +734,13 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
             i_token.change(render_explorer, [i_explorer, i_token, i_step], i_map, queue=False)
             i_step.release(render_explorer, [i_explorer, i_token, i_step], i_map, queue=False)
             i_method.change(
-                lambda m: (gr.update(visible=m in ("AgentSD", "ToMe"), value=TOME.ratio if m == "ToMe" else AGENT.ratio),
-                           gr.update(visible=m == "IR-Diffusion")),
-                i_method, [i_ratio, i_subjects],
-            )  # fmt: skip
+                lambda m: (
+                    gr.update(visible=m in ("AgentSD", "ToMe"), value=TOME.ratio if m == "ToMe" else AGENT.ratio),
+                    gr.update(visible=m == "IR-Diffusion"),
+                ),
+                i_method,
+                [i_ratio, i_subjects],
+            )
             i_model.change(_preset_defaults("height", "width", "guidance_scale"), i_model,
                            [i_steps, i_height, i_width, i_guidance])  # fmt: skip
             i_model.change(_prompt_for, [i_model, i_prompt], i_prompt)
@@ -756,10 +765,22 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
                     v_radial = gr.Checkbox(value=True, label="Radial attention")
                     v_decay = gr.Slider(0.05, 2.0, value=video_radial.decay_factor, step=0.05, label="Decay factor",
                                         info=HELP["decay"])  # fmt: skip
-                    v_dense_steps = gr.Slider(0, 50, value=video_radial.dense_timesteps, step=1, label="Dense first steps",
-                                              info=HELP["dense_steps"])  # fmt: skip
-                    v_dense_layers = gr.Slider(0, 8, value=video_radial.dense_layers, step=1, label="Dense first layers",
-                                               info=HELP["dense_layers"])  # fmt: skip
+                    v_dense_steps = gr.Slider(
+                        0,
+                        50,
+                        value=video_radial.dense_timesteps,
+                        step=1,
+                        label="Dense first steps",
+                        info=HELP["dense_steps"],
+                    )
+                    v_dense_layers = gr.Slider(
+                        0,
+                        8,
+                        value=video_radial.dense_layers,
+                        step=1,
+                        label="Dense first layers",
+                        info=HELP["dense_layers"],
+                    )
                     v_block = gr.Radio(list(BLOCK_SIZES), value=video_radial.block_size, label="Block size",
                                        info=HELP["block"])  # fmt: skip
                     v_neighbors = gr.Slider(0, 4, value=video_radial.dense_neighbor_frames, step=1,
@@ -796,8 +817,14 @@ def build_demo(settings: ServerSettings | None = None) -> gr.Blocks:
             api_inputs = [gr.Textbox(), gr.Textbox(), gr.Textbox(), gr.Number(), gr.Number(), gr.Number(),
                           gr.Number(), gr.Number(), gr.Number(), gr.Checkbox(), gr.Number(), gr.Number(),
                           gr.Number(), gr.Number(), gr.Checkbox(), gr.Textbox(), gr.Textbox()]  # fmt: skip
-            api_outputs = [gr.Image(type="pil", format="png"), gr.Video(), gr.Image(type="pil", format="png"),
-                           gr.Image(type="pil", format="png"), gr.Image(type="pil", format="png"), gr.Markdown()]  # fmt: skip
+            api_outputs = [
+                gr.Image(type="pil", format="png"),
+                gr.Video(),
+                gr.Image(type="pil", format="png"),
+                gr.Image(type="pil", format="png"),
+                gr.Image(type="pil", format="png"),
+                gr.Markdown(),
+            ]
             api_button = gr.Button()
         api_button.click(run_generation, api_inputs, api_outputs, api_name="generate", concurrency_id="gpu")
     return demo
@@ -808,7 +835,8 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--limits", nargs="+", default=None, metavar="NAME=INT",
-                        help="size limits of a visitor's request (names: diffattn.Limits; default: its defaults)")  # fmt: skip
+                        help="size limits of a visitor's request (names: diffattn.Limits; default: its "
+                             "defaults)")  # fmt: skip
     parser.add_argument("--model", action="append", default=[], metavar="ID_OR_PATH",
                         help="a model visitors may use besides the presets (repeatable)")  # fmt: skip
     parser.add_argument("--allow-any-model", action="store_true",
@@ -816,7 +844,8 @@ def main() -> None:
     parser.add_argument("--pipeline-cache", type=int, default=2, help="pipelines kept loaded (default: 2)")
     parser.add_argument("--queue", type=int, default=16, help="requests waiting at most (default: 16)")
     parser.add_argument("--device", default=None,
-                        help="torch device the models run on, e.g. cuda:1 or cpu (default: cuda if available, else cpu)")  # fmt: skip
+                        help="torch device the models run on, e.g. cuda:1 or cpu (default: cuda if available, else "
+                             "cpu)")  # fmt: skip
     args = parser.parse_args()
     try:
         limits = Limits() if args.limits is None else Limits.parse(args.limits)

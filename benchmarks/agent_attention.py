@@ -8,7 +8,8 @@ missing, unless --no-install), diffattn's token merging (agent_ratio=None) and d
 first-phase settings: stride 4, agent ratio 0.95). The UNet is the SD 1.5 config with random weights, batch 2;
 fp16 on a GPU, fp32 on the CPU. A stage breakdown of the agent layer (matching on the torch and, on CUDA, the Triton
 backend; merge; agent attention; unmerge) shows where its time goes; on CUDA the layer is also timed captured in a
-CUDA graph (no launch or Python cost) and, with --compile, compiled by torch.compile. Each UNet row also times the UNet with the agent layers' attention removed
+CUDA graph (no launch or Python cost) and, with --compile, compiled by torch.compile. Each UNet row also times the
+UNet with the agent layers' attention removed
 (projections kept): 1 - that / SDPA is their attention share f, and SDPA / that the ceiling of any speedup there.
 Results go to benchmarks/results/ with the device.
 """
@@ -243,8 +244,12 @@ def bench_unet(sizes, device, dtype, warmup, repeats, tomesd) -> list[dict]:
         unet.set_attn_processor({k: _NoAttentionCore() if k in agent_layers else p for k, p in original.items()})
         t_free = measure(forward, device, warmup, repeats)
         unet.set_attn_processor(original)
-        row.update(agent_layers=len(agent_layers), no_attention_ms=round(t_free, 1),
-                   attention_share_f=round(1 - t_free / t_sdpa, 4), speedup_ceiling=round(t_sdpa / t_free, 3))  # fmt: skip
+        row.update(
+            agent_layers=len(agent_layers),
+            no_attention_ms=round(t_free, 1),
+            attention_share_f=round(1 - t_free / t_sdpa, 4),
+            speedup_ceiling=round(t_sdpa / t_free, 3),
+        )
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     return rows

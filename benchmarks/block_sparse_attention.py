@@ -142,8 +142,11 @@ def sweep_triton_launch(shape, device: str, dtype: torch.dtype) -> tuple[list[di
                 bq, bk, scale)  # fmt: skip
     for pass_name in ("dkdv", "dq"):
         for launch in BACKWARD_SWEEP:
-            time_config(pass_name, launch,
-                        lambda p=pass_name, launch=launch: bst.triton_backward(*bwd_args, launch={p: launch}))  # fmt: skip
+            time_config(
+                pass_name,
+                launch,
+                lambda p=pass_name, launch=launch: bst.triton_backward(*bwd_args, launch={p: launch}),
+            )
     # the two passes together: the default rule vs the fastest of each
     picked = {p: best[bst._config_key(p, bq, bk, d, q.element_size())][0] for p in ("dkdv", "dq")}
     for label, launch in (("backward-default", None), ("backward-fastest", picked)):
@@ -274,7 +277,8 @@ def _row(name, b, h, n, d, dtype, pass_name, backend, density, t_ms, t_dense_ms,
 
 def _fmt(row: dict) -> str:
     return (
-        f"{row['shape']:>14} {row['pass']:>16} {row['backend']:>10} {row.get('mask', ''):>16} density {row['density']:.3f}  "
+        f"{row['shape']:>14} {row['pass']:>16} {row['backend']:>10} {row.get('mask', ''):>16} density "
+        f"{row['density']:.3f}  "
         f"{row['time_ms']:9.2f} ms  x{row['speedup_vs_dense']:6.2f}  ideal-frac {row['fraction_of_ideal']:.2f}  "
         f"{row['actual_tflops']:.2f} TFLOP/s"
     )

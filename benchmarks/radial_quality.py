@@ -636,8 +636,14 @@ def extension(
     with tempfile.TemporaryDirectory() as tmp:
         adapters, settings = {}, {}
         for name, radial in (("dense", None), ("radial", sparse)):
-            settings[name] = {"frames": frames, "steps": args.lora_steps, "rank": args.lora_rank, "lr": args.lora_lr,
-                              "clips": args.lora_clips, "radial": dataclasses.asdict(radial) if radial else None}  # fmt: skip
+            settings[name] = {
+                "frames": frames,
+                "steps": args.lora_steps,
+                "rank": args.lora_rank,
+                "lr": args.lora_lr,
+                "clips": args.lora_clips,
+                "radial": dataclasses.asdict(radial) if radial else None,
+            }
             folder = store.variant(f"extension-lora-{name}", extra=settings[name]) if store else Path(tmp) / name
             report["lora"][name] = train_lora_once(pipe, folder, Path(tmp) / "clips", radial, args, defaults, frames)
             adapters[name] = folder
@@ -647,8 +653,12 @@ def extension(
             report["lora"]["radial_over_dense_median_step"] = (
                 radial_lora["median_step_seconds"] / dense_lora["median_step_seconds"]
             )
-        for name, lora, attention in (("dense", None, None), ("radial", None, preset_radial),
-                                      ("dense+lora", "dense", None), ("radial+lora", "radial", preset_radial)):  # fmt: skip
+        for name, lora, attention in (
+            ("dense", None, None),
+            ("radial", None, preset_radial),
+            ("dense+lora", "dense", None),
+            ("radial+lora", "radial", preset_radial),
+        ):
             stored = None
             if store is not None:
                 extra = {"frames": frames, "lora": settings[lora] if lora else None}

@@ -5,8 +5,10 @@
     python benchmarks/shapes_wan_sampler.py --videos 32 --solver euler-stochastic unipc
 
 The targets part of `radial_quality.py` judges dense videos at the preset's settings (20 flow-matching steps,
-guidance 5, the scheduler's shift 3, Euler's flow-matching update). This benchmark samples the same held-out single-object prompts from the same
-noise at the preset's settings and at each other setting given, one setting changed at a time (solvers: `euler-stochastic`,
+guidance 5, the scheduler's shift 3, Euler's flow-matching update). This benchmark samples the same held-out
+single-object prompts from the same
+noise at the preset's settings and at each other setting given, one setting changed at a time (solvers:
+`euler-stochastic`,
 diffusers' flow-matching Euler with `stochastic_sampling`, each step re-noising its clean estimate with fresh noise
 drawn from torch's global generator, seeded once a setting; `unipc`, the UniPC multistep solver with flow
 prediction at the same shift, the scheduler Wan's own pipelines ship with), and judges every
@@ -55,8 +57,12 @@ def make_scheduler(config, setting: dict):
     """The scheduler of a setting: `config` (the preset's FlowMatchEulerDiscreteScheduler) at the setting's shift,
     with the setting's solver."""
     if setting["solver"] == "unipc":
-        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                       flow_shift=setting["shift"], num_train_timesteps=config["num_train_timesteps"])  # fmt: skip
+        return UniPCMultistepScheduler(
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=setting["shift"],
+            num_train_timesteps=config["num_train_timesteps"],
+        )
     return FlowMatchEulerDiscreteScheduler.from_config(
         config, shift=setting["shift"], stochastic_sampling=setting["solver"] == "euler-stochastic"
     )

@@ -213,7 +213,8 @@ def _report_html(meta: dict) -> str:
         cards.append(
             f"<section><h2>{html.escape(row['preset'])}</h2><p>{html.escape(row['description'])}. "
             f"Prompt: <i>{html.escape(row['prompt'])}</i></p>"
-            f"<p>generate: <b>{row['generate_seconds']:.2f} s</b> (with load: {row['load_and_generate_seconds']:.2f} s)"
+            f"<p>generate: <b>{row['generate_seconds']:.2f} s</b> (with load: {row['load_and_generate_seconds']:.2f} "
+            "s)"
             f" &middot; {html.escape(json.dumps(row['call']))}</p>{''.join(media)}</section>"
         )
     radial_cards = []
@@ -228,7 +229,8 @@ def _report_html(meta: dict) -> str:
             judged = f"<br>judge: {html.escape(verdict)}" if verdict else ""
             cells.append(f"<td><b>{label}</b>: {secs:.2f} s{judged}<br>{media}</td>")
         radial_cards.append(
-            f"<tr><td>{html.escape(row['preset'])}<br>{row['num_frames']} frames<br><i>{html.escape(row['prompt'])}</i>"
+            f"<tr><td>{html.escape(row['preset'])}<br>{row['num_frames']} "
+            f"frames<br><i>{html.escape(row['prompt'])}</i>"
             f"<br><small>{html.escape(row['config'])}</small></td>{''.join(cells)}</tr>"
         )
     radial_html = ""
@@ -243,7 +245,8 @@ def _report_html(meta: dict) -> str:
     agent_cards = [
         f"<tr><td>{html.escape(row['preset'])}<br>{row['pixels']} px</td>"
         f"<td><b>SDPA</b>: {row['dense_seconds']:.2f} s<br>{''.join(_media(f) for f in row['dense_files'])}</td>"
-        f"<td><b>AgentSD</b>: {row['agent_seconds']:.2f} s<br>{''.join(_media(f) for f in row['agent_files'])}</td></tr>"
+        f"<td><b>AgentSD</b>: {row['agent_seconds']:.2f} "
+        f"s<br>{''.join(_media(f) for f in row['agent_files'])}</td></tr>"
         for row in meta.get("agent", [])
     ]
     if agent_cards:
@@ -277,7 +280,8 @@ def _report_html(meta: dict) -> str:
     if subjects:
         rows_html = "".join(
             f'<tr><td>seed {row["seed"]}</td><td><img src="{html.escape(row["grid"])}" style="max-width:800px"></td>'
-            f"<td>{row['seconds']:.2f} s<br>subjects kept: plain {row['kept_plain']:.0%}, IR {row['kept_ir']:.0%}</td></tr>"
+            f"<td>{row['seconds']:.2f} s<br>subjects kept: plain {row['kept_plain']:.0%}, IR "
+            f"{row['kept_ir']:.0%}</td></tr>"
             for row in subjects["images"]
         )
         radial_html += (

@@ -418,10 +418,12 @@ def _note_dense_radial(results: list[GenerationResult], config: RadialAttentionC
     if density is None:
         note = (f"radial attention ran no step sparse: dense_timesteps={config.dense_timesteps} and "
                 f"dense_last_timesteps={config.dense_last_timesteps} cover all {steps} steps, so the video is dense "
-                f"attention's (run more steps, or fewer dense ones: the paper keeps about the first quarter dense)")  # fmt: skip
+                f"attention's (run more steps, or fewer dense ones: the paper keeps about the first quarter "
+                "dense)")  # fmt: skip
     elif density >= 1.0:
         note = ("the radial mask at this size keeps every block (density 100%), so the video is dense attention's "
-                "(more frames or pixels, a smaller decay_factor or block_size, or fewer sink frames make it sparse)")  # fmt: skip
+                "(more frames or pixels, a smaller decay_factor or block_size, or fewer sink frames make it "
+                "sparse)")  # fmt: skip
     else:
         return
     _note(results, note)

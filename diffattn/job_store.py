@@ -173,7 +173,8 @@ def commit_unit(out: Path, rank: int, manifest: Path, record: dict[str, Any], re
     taken = [n for n in names if (out / n).exists() or n in claimed]
     if taken:
         raise FileExistsError(
-            f"{out / taken[0]} already exists and no manifest record names it; move it away and rerun (never overwritten)"
+            f"{out / taken[0]} already exists and no manifest record names it; move it away and rerun (never "
+            "overwritten)"
         )
     try:
         for name, write in files:

@@ -173,7 +173,8 @@ def _method_config(key: str, value: Any, model: str):
 
 
 def _in_job_terms(message: str) -> str:
-    """A request's message about `attention_maps=...` / `masks=...` named by the job file's key (`maps`, `ir_masks`)."""
+    """A request's message about `attention_maps=...` / `masks=...` named by the job file's key (`maps`,
+    `ir_masks`)."""
     for key, name in _REQUEST_KEYS.items():
         if key != name and message.startswith(f"{name}="):
             return key + message[len(name) :]
@@ -260,7 +261,8 @@ def read_job(path: str | Path, defaults: JobDefaults | None = None, limits: Limi
             text = raw.decode("utf-8").strip()
         except UnicodeDecodeError as exc:
             raise JobFileError(
-                f"{where}: not UTF-8 text (byte {exc.start + 1} of the line); a job file is .jsonl or one prompt per line"
+                f"{where}: not UTF-8 text (byte {exc.start + 1} of the line); a job file is .jsonl or one prompt per "
+                "line"
             ) from None
         if not text or text.startswith("#"):
             continue

@@ -151,7 +151,8 @@ def check_pipeline_folder(folder: Path) -> None:
         if has_pickle and not any(sub.glob("*.safetensors")):
             raise ModelLoadError(
                 f"{sub} has only pickled weights (.bin/.pt); diffattn loads safetensors only, since a pickle can run "
-                "code. Convert it once where you trust it (load it, then save_pretrained(..., safe_serialization=True))"
+                "code. Convert it once where you trust it (load it, then save_pretrained(..., "
+                "safe_serialization=True))"
             )
 
 

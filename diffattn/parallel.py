@@ -50,7 +50,8 @@ def init_processes(degree: int) -> tuple[int, int, str]:
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ValueError(
-                f"--context-parallel {degree} needs {degree} processes: launch with torchrun --nproc-per-node {degree} "
+                f"--context-parallel {degree} needs {degree} processes: launch with torchrun --nproc-per-node "
+                f"{degree} "
                 "-m diffattn generate ..."
             )
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

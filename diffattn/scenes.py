@@ -77,7 +77,8 @@ def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb) -> None:
-    """Draw `shape` filled with `rgb` in `box` = (x0, y0, x1, y1), x1/y1 exclusive (the scenes' and the judge's outline)."""
+    """Draw `shape` filled with `rgb` in `box` = (x0, y0, x1, y1), x1/y1 exclusive (the scenes' and the judge's
+    outline)."""
     x0, y0, x1, y1 = box
     if shape == "square":
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=rgb)

@@ -419,11 +419,13 @@ def _load_decoder(pipe, folder: Path, state: dict[str, Any]) -> dict[str, Any]:
     for name, value in pipe.vae.state_dict().items():
         if name.split(".")[0] in ("encoder", "quant_conv") and not torch.equal(source[name].to(value), value):
             raise ValueError(f"init_decoder_from={str(folder)!r} is not allowed: its encoder differs from this run's "
-                             f"({name}); a decoder is taken only from an autoencoder with the same encoder")  # fmt: skip
+                             f"({name}); a decoder is taken only from an autoencoder with the same "
+                             "encoder")  # fmt: skip
     for key in ("latents_mean", "latents_std"):
         if not state.get("calibrated") or list(exported.config[key]) != list(state[key]):
             raise ValueError(f"init_decoder_from={str(folder)!r} is not allowed: its {key} differs from this run's "
-                             "(or this run is not calibrated yet); a decoder is taken only for the same latents")  # fmt: skip
+                             "(or this run is not calibrated yet); a decoder is taken only for the same "
+                             "latents")  # fmt: skip
     pipe.vae.post_quant_conv.load_state_dict(exported.post_quant_conv.state_dict())
     pipe.vae.decoder.load_state_dict(exported.decoder.state_dict())
     saved = json.loads((folder / "training_state.json").read_text())

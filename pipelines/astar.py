@@ -11,7 +11,8 @@ and then the step's ordinary update follows, as in the reference (refinement ste
 refine too, without that last update). With loss="attend_and_excite" and DDIM the latents follow diffusers'
 `StableDiffusionAttendAndExcitePipeline` (tested). One difference is kept on purpose: the loss pass feeds the UNet
 `scheduler.scale_model_input(latents, t)`, as every denoiser call must; the reference feeds raw latents, which is
-the same for DDIM and wrong for schedulers that scale their input (Euler, DPM-Solver SDE, ...). Loads with `from_pretrained` like any pipeline:
+the same for DDIM and wrong for schedulers that scale their input (Euler, DPM-Solver SDE, ...). Loads with
+`from_pretrained` like any pipeline:
 
     pipe = AStarPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     out = pipe("a cat and a frog", loss="astar")       # out.images, out.losses (per step, per iteration)

@@ -15,7 +15,8 @@ with plain attention, then either `segmenter(image, subject_prompt) -> [H, W]` r
 GroundingDINO + SAM there; `diffattn.judge.subject_mask` does it for the shapes model) or, without a segmenter,
 where each subject word attends ((SA + ... + SA^4) CA / 4 recorded by `SubjectMaskConfig`, Otsu threshold).
 Like upstream, a scene whose found masks miss a subject can be redrawn with new scene noise (`scene_retries`); a
-subject still missing gets an empty scene mask (a warning) and is left alone. The references of the final pass are the rehearsal's (plain attention on their rows, same noise),
+subject still missing gets an empty scene mask (a warning) and is left alone. The references of the final pass are the
+rehearsal's (plain attention on their rows, same noise),
 so their masks stay valid.
 """
 

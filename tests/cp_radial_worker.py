@@ -60,7 +60,8 @@ def run_case(case: str) -> None:
 
     def call():
         calls.append(1)
-        out = pipe(["a boat on the sea", "a dog"], num_inference_steps=3, num_frames=frames, height=height, width=width,
+        out = pipe(["a boat on the "
+                    "sea", "a dog"], num_inference_steps=3, num_frames=frames, height=height, width=width,
                    guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
                    output_type="latent", **cfg)  # fmt: skip
         return out.frames  # the denoised latents: what parallelism changes; the VAE decodes them the same either way

@@ -365,7 +365,8 @@ def test_gather_autograd_path_matches_reference():
 
 
 def test_merging_two_key_sets_through_lse_equals_attention_over_both():
-    """Attention over keys A and keys B, merged by LSE, equals attention over A union B (text keys, context parallel)."""
+    """Attention over keys A and keys B, merged by LSE, equals attention over A union B (text keys, context
+    parallel)."""
     g = torch.Generator().manual_seed(13)
     q, k, v = qkv(g, 1, 2, 128, 32)
     mask_a = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)

@@ -193,7 +193,8 @@ def _choose(browser, css, option):
     """Pick `option` in the dropdown `css` as a person does: open it, click the entry."""
     browser.find_element(*_by(f"{css} input")).click()
     entries = _wait(browser, lambda: [e for e in browser.find_elements(*_by("ul[role=listbox] li"))
-                                      if e.text.strip().endswith(option)], timeout=20, what=f"the entry {option}")  # fmt: skip
+                                      if e.text.strip().endswith(option)], timeout=20, what=f"the entry "
+                                                                                            f"{option}")  # fmt: skip
     entries[0].click()
 
 
@@ -254,12 +255,14 @@ def test_an_absurd_size_is_refused_visibly_while_another_visitors_job_completes(
         steps.clear()
         steps.send_keys("7.5")  # taken as typed, refused, not rounded to 8
         first.find_element(*_by("#image-run")).click()
-        _wait(first, lambda: "Steps 7.5 is not allowed: expected a whole number" in first.find_element(*_by("body")).text,
+        _wait(first, lambda: "Steps 7.5 is not allowed: expected a whole "
+                             "number" in first.find_element(*_by("body")).text,
               what="the refusal of 7.5 steps")  # fmt: skip
         _wait(first, lambda: first.find_element(*_by("#image-run")).is_enabled(), timeout=20, what="Generate again")
         steps.clear()
         steps.send_keys("20")
-        height = _wait(first, lambda: [e for e in first.find_elements(*_by("#image-height input")) if e.is_displayed()],
+        height = _wait(first, lambda: [e for e in first.find_elements(*_by("#image-height "
+                                                                           "input")) if e.is_displayed()],
                        timeout=20, what="the height box")[0]  # fmt: skip
         height.clear()
         height.send_keys("100000")

@@ -218,8 +218,28 @@ def test_the_command_line_generates_one_video_across_processes(tmp_path, capsys)
 
     preset_path("tiny-wan")  # built once, before the processes start
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    flags = ["generate", "-m", "tiny-wan", "-p", "a boat", "--num-frames", "33", "--height", "128", "--width", "128",
-             "--steps", "3", "--radial", "--dense-timesteps", "1", "--dense-layers", "0", "--block-size", "64"]  # fmt: skip
+    flags = [
+        "generate",
+        "-m",
+        "tiny-wan",
+        "-p",
+        "a boat",
+        "--num-frames",
+        "33",
+        "--height",
+        "128",
+        "--width",
+        "128",
+        "--steps",
+        "3",
+        "--radial",
+        "--dense-timesteps",
+        "1",
+        "--dense-layers",
+        "0",
+        "--block-size",
+        "64",
+    ]
     # the one-process run (one thread) beside the launch, which waits on its rendezvous part of the time
     single = _beside([sys.executable, "-m", "diffattn", *flags, "--out", str(tmp_path / "one")], env, tmp_path)
     launch = [*torchrun(2), "-m", "diffattn", *flags, "--context-parallel", "2", "--out", str(tmp_path / "two")]
@@ -231,8 +251,20 @@ def test_the_command_line_generates_one_video_across_processes(tmp_path, capsys)
     assert len(one) == len(two) == 1  # process 0 wrote the video, once
     np.testing.assert_array_equal(iio.imread(one[0]), iio.imread(two[0]))
     # 9 frames of 144x144: 3 x 9 x 9 = 243 tokens, not two equal shards: refused with the geometry, nothing written
-    uneven = [*flags[: flags.index("--num-frames")], "--num-frames", "9", "--height", "144", "--width", "144",
-              *flags[flags.index("--steps") :], "--context-parallel", "2", "--out", str(tmp_path / "uneven")]  # fmt: skip
+    uneven = [
+        *flags[: flags.index("--num-frames")],
+        "--num-frames",
+        "9",
+        "--height",
+        "144",
+        "--width",
+        "144",
+        *flags[flags.index("--steps") :],
+        "--context-parallel",
+        "2",
+        "--out",
+        str(tmp_path / "uneven"),
+    ]
     refused = subprocess.run([*torchrun(2), "-m", "diffattn", *uneven], env=env, capture_output=True, text=True,
                              timeout=600)  # fmt: skip
     assert refused.returncode != 0

@@ -236,8 +236,11 @@ def test_mutual_cross_attention_matches_the_formula():
 
         def attend(x, context):  # softmax(Q K^T / sqrt d) V per head, before the output projection
             q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
-            heads = [((q[:, h * 8 : h * 8 + 8] @ k[:, h * 8 : h * 8 + 8].T) / math.sqrt(8)).softmax(-1) @ v[:, h * 8 : h * 8 + 8]
-                     for h in range(2)]  # fmt: skip
+            heads = [
+                ((q[:, h * 8 : h * 8 + 8] @ k[:, h * 8 : h * 8 + 8].T) / math.sqrt(8)).softmax(-1)
+                @ v[:, h * 8 : h * 8 + 8]
+                for h in range(2)
+            ]
             return torch.cat(heads, -1)
 
         vanilla = attend(hidden[n], text[n])
@@ -274,19 +277,33 @@ def test_config_and_mask_errors_name_the_field():
         processor(Attention(16, heads=2, dim_head=8), torch.randn(4, N, 16))
 
 
-# ------------------------------------------------------------------------------------------ layers of real UNet configs
+# ------------------------------------------------------------------------------------------ layers of real UNet
+# configs
 
 SDXL_UNET = {
-    "sample_size": 128, "in_channels": 4, "out_channels": 4, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), "transformer_layers_per_block": (1, 2, 10),
-    "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048, "use_linear_projection": True,
-    "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
-}  # fmt: skip
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
 SD15_UNET = {
-    "sample_size": 64, "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "attention_head_dim": 8,
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-}  # fmt: skip
+    "sample_size": 64,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
 
 
 @pytest.mark.parametrize("config, total, start", [(SDXL_UNET, 70, 36), (SD15_UNET, 16, 8)])
@@ -311,7 +328,8 @@ def test_default_start_layer_is_upstreams_36_of_70_in_forward_order(config, tota
         assert forward[start].startswith("up_blocks.0.attentions.0.transformer_blocks.2.")
 
 
-# ------------------------------------------------------------------------------------------------------------- pipeline
+# -------------------------------------------------------------------------------------------------------------
+# pipeline
 
 
 @pytest.fixture(scope="module")

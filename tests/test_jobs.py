@@ -332,10 +332,15 @@ def test_a_radial_outputs_record_holds_its_mask_density_and_its_mask_picture(tmp
     job = tmp_path / "job.jsonl"
     radial = {"block_size": 16, "dense_timesteps": 0, "dense_layers": 0}
     job.write_text(
-        json.dumps({"prompt": "a boat", "name": "sparse", "num_frames": 33, "radial": radial}) + "\n"
-        + json.dumps({"prompt": "a boat", "name": "dense", "num_frames": 33, "radial": {**radial, "dense_timesteps": 2}})
-        + "\n" + json.dumps({"prompt": "a boat", "name": "plain", "num_frames": 33}) + "\n"
-    )  # fmt: skip
+        json.dumps({"prompt": "a boat", "name": "sparse", "num_frames": 33, "radial": radial})
+        + "\n"
+        + json.dumps(
+            {"prompt": "a boat", "name": "dense", "num_frames": 33, "radial": {**radial, "dense_timesteps": 2}}
+        )
+        + "\n"
+        + json.dumps({"prompt": "a boat", "name": "plain", "num_frames": 33})
+        + "\n"
+    )
     out = tmp_path / "out"
     defaults = JobDefaults(model="tiny-wan", steps=2)
     run_job(read_job(job, defaults), out, process_index=0, num_processes=1)

@@ -27,8 +27,13 @@ def test_wheel_ships_kernels_and_pipelines_inside_diffattn(wheel):
     assert "diffattn/pipelines/__init__.py" in names
     assert not any(n.startswith(("kernels/", "pipelines/", "tests/")) for n in names)
     shipped = {n for n in names if n.startswith("diffattn/presets/shapes_sd/")}  # the trained preset's weights
-    for part in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json"):  # fmt: skip
+    for part in (
+        "model_index.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer_config.json",
+    ):
         assert f"diffattn/presets/shapes_sd/{part}" in shipped
     video = {n for n in names if n.startswith("diffattn/presets/shapes_wan/")}
     for part in ("model_index.json", "transformer/diffusion_pytorch_model.safetensors",

@@ -297,7 +297,8 @@ def test_the_colour_track_ignores_a_piece_read_as_the_right_shape():
         (
             render_clip,
             {"speeds": (1, 2), "bounce": False},
-            r"bounce=False with speeds=\(1, 2\) and num_frames=33 is not allowed: a shape at 2 px a frame travels 64 px",
+            r"bounce=False with speeds=\(1, 2\) and num_frames=33 is not allowed: a shape at 2 px a frame travels 64 "
+            r"px",
         ),
         (render_scene, {"size": 24}, "size=24 is not allowed: expected an int >= 32"),
         (render_scene, {"max_objects": 25}, r"max_objects=25 is not allowed: expected an int in \[1, 24\]"),

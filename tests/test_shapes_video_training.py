@@ -77,7 +77,8 @@ def test_clip_batches_and_bad_configs():
 
 
 def test_the_transformers_clips_can_be_slow_and_without_bounces():
-    """`clip_speeds` / `clip_bounce` pick the denoiser's clips (render_clip's options), refused when they cannot fit."""
+    """`clip_speeds` / `clip_bounce` pick the denoiser's clips (render_clip's options), refused when they cannot
+    fit."""
     from diffattn.presets.shapes_video import build_shapes_wan
     from diffattn.scenes import render_clip
     from diffattn.shapes_video_training import _DenoiserClips

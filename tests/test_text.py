@@ -8,11 +8,14 @@ from diffattn.text import concept_words, noun_phrases, parse_noun_phrases, token
 
 PHRASES = [
     ("a red car and a white sheep", ["a red car", "a white sheep"], ["car", "sheep"]),
-    ("A photo of a red cat sitting on a blue chair.", ["a photo", "a red cat", "a blue chair"], ["photo", "cat", "chair"]),
-    ("a small green star to the left of a yellow triangle", ["a small green star", "a yellow triangle"], ["star", "triangle"]),
+    ("A photo of a red cat sitting on a blue "
+     "chair.", ["a photo", "a red cat", "a blue chair"], ["photo", "cat", "chair"]),
+    ("a small green star to the left of a yellow triangle", ["a small green "
+                                                             "star", "a yellow triangle"], ["star", "triangle"]),
     ("A room with blue walls and a white sink", ["a room", "blue walls", "a white sink"], ["room", "walls", "sink"]),
     ("two dogs, three cats and a big bird", ["two dogs", "three cats", "a big bird"], ["dogs", "cats", "bird"]),
-    ("an astronaut riding a horse on the moon", ["an astronaut", "a horse", "the moon"], ["astronaut", "horse", "moon"]),
+    ("an astronaut riding a horse on the "
+     "moon", ["an astronaut", "a horse", "the moon"], ["astronaut", "horse", "moon"]),
     ("a cat and a cat", ["a cat", "a cat"], ["cat", "cat"]),
     ("a brown leather bag next to a shiny metal lamp", ["a brown leather bag", "a shiny metal lamp"], ["bag", "lamp"]),
     # modifiers that are nouns too, at the end of a phrase (the shapes-sd prompts)

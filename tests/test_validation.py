@@ -375,7 +375,8 @@ def test_a_radial_run_that_computes_dense_attention_throughout_says_so(caplog):
         covered = generate("tiny-wan", "a cat", steps=2, radial=radial(dense_timesteps=1, dense_last_timesteps=1))
     assert covered.radial_density is None and covered.notes == [
         "radial attention ran no step sparse: dense_timesteps=1 and dense_last_timesteps=1 cover all 2 steps, so the "
-        "video is dense attention's (run more steps, or fewer dense ones: the paper keeps about the first quarter dense)"
+        "video is dense attention's (run more steps, or fewer dense ones: the paper keeps about the first quarter "
+        "dense)"
     ]
     assert covered.notes[0] in caplog.text
     # tiny-wan's 9 frames of 128 px are 3 latent frames of 8 x 8 tokens, 33 frames 9: with 128-token blocks (two
@@ -412,7 +413,8 @@ def test_structured_guidance_with_nothing_to_bind_says_so():
     assert difference <= 2  # the same image but for float rounding in the structured processor
     assert lone.notes == [
         "structured guidance found no noun phrase in the prompt but the whole prompt (['a red circle']), so the image "
-        "is plain cross-attention's (it binds attributes to two or more phrases, e.g. 'a red circle and a blue square')"
+        "is plain cross-attention's (it binds attributes to two or more phrases, e.g. 'a red circle and a blue "
+        "square')"
     ]
     bound = generate("shapes-sd", "a red circle and a blue square", steps=1, structured=StructuredGuidanceConfig())
     assert bound.notes == []

@@ -98,7 +98,8 @@ class BlockSparseLayout:
             raise ValueError(f"block_mask must be a bool tensor [Qb, Kb] or [H, Qb, Kb], got {kind}")
         if block_mask.ndim not in (2, 3) or 0 in block_mask.shape:
             raise ValueError(
-                f"block_mask must be [Qb, Kb] or [H, Qb, Kb] with no empty dimension, got shape {tuple(block_mask.shape)}"
+                f"block_mask must be [Qb, Kb] or [H, Qb, Kb] with no empty dimension, got shape "
+                f"{tuple(block_mask.shape)}"
             )
         sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
         if len(sizes) != 2 or any(isinstance(s, bool) or s not in ALLOWED_BLOCK_SIZES for s in sizes):

@@ -247,7 +247,8 @@ class IRDiffusionMethod(AttentionMethod):
     def groups(self, batch: int, num_subjects: int) -> int:
         if batch % (num_subjects + 1):
             raise ValueError(
-                f"IR-Diffusion expects a batch of (references + target) per CFG branch: {num_subjects} subjects need a "
+                f"IR-Diffusion expects a batch of (references + target) per CFG branch: {num_subjects} subjects need "
+                "a "
                 f"multiple of {num_subjects + 1} rows, got {batch}"
             )
         return batch // (num_subjects + 1)
