@@ -3,9 +3,8 @@ Python callers) so that all of them accept and refuse the same inputs with the s
 
 A request is checked when it is made: types (ints are not bools, strings are not lists), ranges (finite numbers,
 seeds in [0, 2^63)), choices (from the one tuple each lives beside) and combinations that cannot run together;
-`generation.check_request_limits` holds it to the size `Limits`. Nothing is loaded or allocated to do either. `None`
-means "the model's default" (the preset's, else
-the pipeline's own); any other value is used exactly as given.
+`generation.check_request_limits` holds it to the size `Limits`. Nothing is loaded or allocated to do either.
+`None` means "the model's default" (the preset's, else the pipeline's own); any other value is used exactly as given.
 """
 
 from __future__ import annotations
