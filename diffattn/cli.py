@@ -536,8 +536,7 @@ def _check_out_folder(out: Path) -> None:
 def _train_lora(args: argparse.Namespace) -> int:
     from .training import lora_radial_defaults, train_radial_lora
 
-    given = {field: getattr(args, field) for field in ("decay_factor", "dense_layers", "block_size")}
-    given = {field: value for field, value in given.items() if value is not None}
+    given = _radial_flags_given(args)
     if args.dense and given:
         raise ValueError(f"radial options {sorted(given)} are not allowed with --dense (it trains dense attention)")
     radial = None if args.dense else dataclasses.replace(lora_radial_defaults(args.model), **given)
@@ -609,12 +608,18 @@ _RADIAL_FLAGS = {
 }
 
 
+def _radial_flags_given(args: argparse.Namespace) -> dict:
+    """RadialAttentionConfig fields from the radial flags a command has and was given (None: not given)."""
+    given = {field: getattr(args, flag, None) for flag, field in _RADIAL_FLAGS.items()}
+    return {field: value for field, value in given.items() if value is not None}
+
+
 def radial_config_from_args(args: argparse.Namespace, model: str):
     """A RadialAttentionConfig from the --radial flags over `model`'s radial defaults (None without --radial; flags
     alone are an error)."""
     from .generation import radial_defaults
 
-    given = {field: getattr(args, flag) for flag, field in _RADIAL_FLAGS.items() if getattr(args, flag) is not None}
+    given = _radial_flags_given(args)
     if not args.radial:
         if given:
             raise ValueError(f"radial options {sorted(given)} need --radial")
