@@ -123,8 +123,8 @@ def sweep_label(name: str, variant: dict, report: dict) -> str:
     if name == "every block":
         return "a mask of every block (dense attention through the same processors and kernel)"
     if not variant["changed"]:
-        return (f"the preset's: decay {radial['decay_factor']:g}, first {radial['dense_timesteps']} of {steps} steps "
-                "dense")  # fmt: skip
+        return (f"the preset's: decay {radial['decay_factor']:g}, "
+                f"first {radial['dense_timesteps']} of {steps} steps dense")  # fmt: skip
     if "decay_factor" in variant["changed"]:
         return f"decay {variant['decay_factor']:.1f}"
     return f"decay {variant['decay_factor']:g}, first {variant['dense_timesteps']} steps dense"

@@ -1,7 +1,7 @@
 """At which noise levels does a shapes-wan model lose its objects? Rendered clips denoised from each level.
 
-    python benchmarks/shapes_wan_noise_levels.py --models shapes-wan --videos 32 --start-steps 0 6 10 15 19 --out
-    F.json
+    python benchmarks/shapes_wan_noise_levels.py --models shapes-wan --videos 32 --start-steps 0 6 10 15 19 \
+        --out F.json
     python benchmarks/shapes_wan_noise_levels.py --models shapes-wan runs/a/pipeline --device cuda --videos 96 ...
 
 Per held-out single-object prompt, its rendered clip is encoded by the model's VAE (posterior mode, normalised as
@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{model} from step {step} (sigma {result['sigma']:.2f}): kept {result['kept']['mean']:.1%}, "
                 f"direction {result['direction']['mean']:.1%}, presence {result['presence']['mean']:.1%}, "
-                f"on its track {result['on_track']['mean']:.1%}, colour's way "
-                f"{result['colour_direction']['mean']:.1%} ({result['colour_direction_whole']['mean']:.1%} over the "
-                "whole "
-                f"video), colour in frame {result['colour']['mean']:.1%}, stretch "
+                f"on its track {result['on_track']['mean']:.1%}, "
+                f"colour's way {result['colour_direction']['mean']:.1%} "
+                f"({result['colour_direction_whole']['mean']:.1%} over the whole video), "
+                f"colour in frame {result['colour']['mean']:.1%}, stretch "
                 + ", ".join(f"{a} {s['mean']:.2f}x" if s else a for a, s in zip(AXES, stretch)),
                 flush=True,
             )

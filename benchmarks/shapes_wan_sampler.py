@@ -4,21 +4,19 @@
     python benchmarks/shapes_wan_sampler.py --videos 64 --shift 6 --first 3000000    # a setting confirmed elsewhere
     python benchmarks/shapes_wan_sampler.py --videos 32 --solver euler-stochastic unipc
 
-The targets part of `radial_quality.py` judges dense videos at the preset's settings (20 flow-matching steps,
-guidance 5, the scheduler's shift 3, Euler's flow-matching update). This benchmark samples the same held-out
-single-object prompts from the same
-noise at the preset's settings and at each other setting given, one setting changed at a time (solvers:
-`euler-stochastic`,
-diffusers' flow-matching Euler with `stochastic_sampling`, each step re-noising its clean estimate with fresh noise
-drawn from torch's global generator, seeded once a setting; `unipc`, the UniPC multistep solver with flow
-prediction at the same shift, the scheduler Wan's own pipelines ship with), and judges every
-video as the targets part does (`radial_quality.judge_video`): the object kept (found with its colour and shape in
-at least 90% of frames), the right motion direction, the mean share of frames it is found in; and, as
-`shapes_wan_layout.py` counts it, the share of frames holding a region of its colour whatever the shape (what a
-detector of colour alone sees). Reports each setting's means with 95% intervals, its paired differences against the
-preset's settings (same prompt and noise), and its sampling time. The default prompts are the targets part's
-(held-out clips from index 0); a setting chosen on them is confirmed on others (`--first`), as choosing among
-several settings on one set of prompts favours the one that was luckiest there.
+The targets part of `radial_quality.py` judges dense videos at the preset's settings (20 flow-matching steps, guidance
+5, the scheduler's shift 3, Euler's flow-matching update). This benchmark samples the same held-out single-object
+prompts from the same noise at the preset's settings and at each other setting given, one setting changed at a time
+(solvers: `euler-stochastic`, diffusers' flow-matching Euler with `stochastic_sampling`, each step re-noising its clean
+estimate with fresh noise drawn from torch's global generator, seeded once a setting; `unipc`, the UniPC multistep
+solver with flow prediction at the same shift, the scheduler Wan's own pipelines ship with), and judges every video as
+the targets part does (`radial_quality.judge_video`): the object kept (found with its colour and shape in at least 90%
+of frames), the right motion direction, the mean share of frames it is found in; and, as `shapes_wan_layout.py` counts
+it, the share of frames holding a region of its colour whatever the shape (what a detector of colour alone sees).
+Reports each setting's means with 95% intervals, its paired differences against the preset's settings (same prompt and
+noise), and its sampling time. The default prompts are the targets part's (held-out clips from index 0); a setting
+chosen on them is confirmed on others (`--first`), as choosing among several settings on one set of prompts favours the
+one that was luckiest there.
 """
 
 from __future__ import annotations

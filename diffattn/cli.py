@@ -115,8 +115,8 @@ def _add_training_run(parser: argparse.ArgumentParser, config: type) -> None:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock budget: stop there, checkpoint and export (resume later)")  # fmt: skip
     parser.add_argument("--init-from", type=Path, default=None,
-                        help="continue from an exported pipeline folder (e.g. the one kept in the "
-                             "repository)")  # fmt: skip
+                        help="continue from an exported pipeline folder "
+                             "(e.g. the one kept in the repository)")  # fmt: skip
     parser.add_argument("--ema-decay", type=float, default=_default(config, "ema_decay"),
                         help="moving average of the trained weights, which is what is exported (0: off; "
                         f"{_default(config, 'ema_decay')})")  # fmt: skip
@@ -173,17 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", "-p", default=None, help="text prompt (required unless --request)")
     gen.add_argument("--request", type=Path, default=None, metavar="JSON",
-                     help="run a recorded request: a GenerationRequest as JSON, or a batch manifest record (one line "
-                          "of "
-                     "manifest-rank*.jsonl) holding one; the other generation flags are then not allowed")  # fmt: skip
+                     help="run a recorded request: a GenerationRequest as JSON, or a batch manifest record (one "
+                          "line of manifest-rank*.jsonl) holding one; the other generation flags are then not "
+                          "allowed")  # fmt: skip
     gen.add_argument("--negative-prompt", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=None,
                      help=f"denoising steps (default: the preset's, {_preset_steps()}; 30 otherwise)")  # fmt: skip
     gen.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     gen.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "STOP"), default=None,
-                     help="guide only the steps in this fraction of the run, e.g. 0.3 1 (default: every "
-                          "step)")  # fmt: skip
+                     help="guide only the steps in this fraction of the run, e.g. 0.3 1 "
+                          "(default: every step)")  # fmt: skip
     gen.add_argument("--height", type=int, default=None, help="height in pixels")
     gen.add_argument("--width", type=int, default=None, help="width in pixels")
     gen.add_argument("--num-frames", type=int, default=None, help="frames (video models)")
@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     ir = gen.add_argument_group("IR-Diffusion: consistent subjects in a scene (Stable Diffusion UNets)")
     ir.add_argument("--subject", action="append", default=None, metavar="PROMPT",
-                    help="a subject's own prompt, e.g. 'a red circle' (repeat per subject); runs "
-                         "IR-Diffusion")  # fmt: skip
+                    help="a subject's own prompt, e.g. 'a red circle' (repeat per subject); "
+                         "runs IR-Diffusion")  # fmt: skip
     ir.add_argument("--ir-masks", choices=["auto", "attention", "segmenter"], default=None,
                     help="where subject masks come from (auto: the model's segmenter, else attention)")  # fmt: skip
     ir.add_argument(
@@ -276,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype(batch)
     batch.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
     batch.add_argument("--context-parallel", type=int, default=None, metavar="K",
-                       help="groups of K processes, each making one video at a time with context "
-                            "parallelism")  # fmt: skip
+                       help="groups of K processes, each making one video at a time "
+                            "with context parallelism")  # fmt: skip
     _add_limits(batch)
 
     demo = sub.add_parser(
@@ -317,12 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--block-size", type=int, choices=list(BLOCK_SIZES), default=None,
                        help=f"kernel tile ({_radial_default('block_size')})")  # fmt: skip
     train.add_argument("--dense", action="store_true",
-                       help="train with dense attention instead (the baseline radial LoRAs are compared "
-                            "with)")  # fmt: skip
+                       help="train with dense attention instead "
+                            "(the baseline radial LoRAs are compared with)")  # fmt: skip
     train.add_argument("--gradient-checkpointing", action="store_true",
-                       help="recompute each block's activations in the backward pass instead of holding them (the "
-                       "same gradients; the memory long videos need, for about one more forward pass a "
-                       "step)")  # fmt: skip
+                       help="recompute each block's activations in the backward pass instead of holding them "
+                            "(the same gradients; the memory long videos need, for about one more forward pass a "
+                            "step)")  # fmt: skip
 
     shapes = sub.add_parser(
         "train-shapes",
@@ -350,10 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--denoiser-steps", "denoiser_steps", _nonnegative_int, "transformer steps"),
         ("--batch-size", "batch_size", _positive_int, "clips per transformer step"),
         ("--vae-batch-size", "vae_batch_size", _positive_int, "clips per autoencoder step"),
-        ("--vae-frames", "vae_frames", _positive_int, "frames of an autoencoder clip, 4k+1 and at least 9 (two "
-         "chunks)"),
-        ("--vae-crop", "vae_crop", _positive_int, "side of the seeded window the autoencoder trains on; 64: whole "
-         "frames"),
+        ("--vae-frames", "vae_frames", _positive_int,
+         "frames of an autoencoder clip, 4k+1 and at least 9 (two chunks)"),
+        ("--vae-crop", "vae_crop", _positive_int,
+         "side of the seeded window the autoencoder trains on; 64: whole frames"),
         ("--decoder-steps", "decoder_steps", _nonnegative_int, "after the autoencoder: steps of its decoder alone on "
          "--decoder-frames clips, the encoder frozen so the transformer's latents stay valid"),
         ("--decoder-frames", "decoder_frames", _positive_int, f"frames of a decoder clip, 4k+1; {NUM_FRAMES} is the "
@@ -396,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --init-from: take its trained autoencoder only; the transformer and text encoder "
                        "start fresh (e.g. to train another --attention-heads from scratch)")  # fmt: skip
     video.add_argument("--init-decoder-from", type=Path, default=None,
-                       help="with --init-from: take this exported folder's decoder instead (its encoder and latent "
-                       "calibration must be --init-from's), e.g. the shipped decoder trained on 33-frame "
-                       "clips")  # fmt: skip
+                       help="with --init-from: take this exported folder's decoder instead (its encoder and "
+                            "latent calibration must be --init-from's), e.g. the shipped decoder trained on "
+                            "33-frame clips")  # fmt: skip
 
     sub.add_parser("presets", help="list the offline presets", description="List the offline presets.")
     return parser
@@ -660,8 +660,8 @@ def structured_config_from_args(args: argparse.Namespace):
 
 
 def ir_config_from_args(args: argparse.Namespace):
-    """An IRDiffusionConfig from --subject / --mask-dropout (None without --subject; its options alone are an
-    error)."""
+    """An IRDiffusionConfig from --subject / --mask-dropout (None without --subject; its options without
+    --subject are an error)."""
 
     if not args.subject:
         if args.ir_masks is not None or args.mask_dropout is not None:

@@ -213,8 +213,8 @@ def _report_html(meta: dict) -> str:
         cards.append(
             f"<section><h2>{html.escape(row['preset'])}</h2><p>{html.escape(row['description'])}. "
             f"Prompt: <i>{html.escape(row['prompt'])}</i></p>"
-            f"<p>generate: <b>{row['generate_seconds']:.2f} s</b> (with load: {row['load_and_generate_seconds']:.2f} "
-            "s)"
+            f"<p>generate: <b>{row['generate_seconds']:.2f} s</b> "
+            f"(with load: {row['load_and_generate_seconds']:.2f} s)"
             f" &middot; {html.escape(json.dumps(row['call']))}</p>{''.join(media)}</section>"
         )
     radial_cards = []
@@ -229,8 +229,8 @@ def _report_html(meta: dict) -> str:
             judged = f"<br>judge: {html.escape(verdict)}" if verdict else ""
             cells.append(f"<td><b>{label}</b>: {secs:.2f} s{judged}<br>{media}</td>")
         radial_cards.append(
-            f"<tr><td>{html.escape(row['preset'])}<br>{row['num_frames']} "
-            f"frames<br><i>{html.escape(row['prompt'])}</i>"
+            f"<tr><td>{html.escape(row['preset'])}<br>"
+            f"{row['num_frames']} frames<br><i>{html.escape(row['prompt'])}</i>"
             f"<br><small>{html.escape(row['config'])}</small></td>{''.join(cells)}</tr>"
         )
     radial_html = ""

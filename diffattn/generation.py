@@ -167,8 +167,8 @@ def _note_unread_prompts(results: list[GenerationResult], pipe: Any, call_kwargs
         unread = unread_prompt_tail(pipe, result.prompt, call_kwargs)
         if unread is not None:
             tokens, limit, tail = unread
-            _note([result], f"the prompt is {tokens} tokens and {result.model!r} reads {limit}: the end, {tail!r}, "
-                            "was not seen")  # fmt: skip
+            _note([result], f"the prompt is {tokens} tokens and {result.model!r} reads {limit}: "
+                            f"the end, {tail!r}, was not seen")  # fmt: skip
 
 
 def check_step_count(steps: int, pipe: Any, model: str) -> None:
@@ -417,13 +417,13 @@ def _note_dense_radial(results: list[GenerationResult], config: RadialAttentionC
     sparse (`density` None: the dense steps cover the run), or the mask at this size keeps every block."""
     if density is None:
         note = (f"radial attention ran no step sparse: dense_timesteps={config.dense_timesteps} and "
-                f"dense_last_timesteps={config.dense_last_timesteps} cover all {steps} steps, so the video is dense "
-                f"attention's (run more steps, or fewer dense ones: the paper keeps about the first quarter "
+                f"dense_last_timesteps={config.dense_last_timesteps} cover all {steps} steps, so the video is "
+                "dense attention's (run more steps, or fewer dense ones: the paper keeps about the first quarter "
                 "dense)")  # fmt: skip
     elif density >= 1.0:
-        note = ("the radial mask at this size keeps every block (density 100%), so the video is dense attention's "
-                "(more frames or pixels, a smaller decay_factor or block_size, or fewer sink frames make it "
-                "sparse)")  # fmt: skip
+        note = ("the radial mask at this size keeps every block (density 100%), so the video is dense "
+                "attention's (more frames or pixels, a smaller decay_factor or block_size, or fewer sink frames "
+                "make it sparse)")  # fmt: skip
     else:
         return
     _note(results, note)

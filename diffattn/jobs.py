@@ -261,8 +261,8 @@ def read_job(path: str | Path, defaults: JobDefaults | None = None, limits: Limi
             text = raw.decode("utf-8").strip()
         except UnicodeDecodeError as exc:
             raise JobFileError(
-                f"{where}: not UTF-8 text (byte {exc.start + 1} of the line); a job file is .jsonl or one prompt per "
-                "line"
+                f"{where}: not UTF-8 text (byte {exc.start + 1} of the line); "
+                "a job file is .jsonl or one prompt per line"
             ) from None
         if not text or text.startswith("#"):
             continue

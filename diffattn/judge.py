@@ -115,8 +115,8 @@ def detect_objects(image: Image.Image, *, min_area: int = 20, background_distanc
 def subject_mask(image: Image.Image, subject: str) -> np.ndarray:
     """A segmenter for shape scenes: float [H, W] mask (1 inside) of the object that best matches `subject` ("a red
     circle": shape and colour, else shape, else colour; the largest among equals); all zeros when none matches.
-    IR-Diffusion's pipeline takes
-    it as `segmenter` for the shapes model, in place of upstream's GroundingDINO + SAM for photographs."""
+    IR-Diffusion's pipeline takes it as `segmenter` for the shapes model, in place of upstream's GroundingDINO + SAM
+    for photographs."""
     said = set(subject.lower().replace(",", " ").split())
     out = np.zeros((image.height, image.width), dtype=np.float32)
     best, best_score = None, 0

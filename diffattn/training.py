@@ -162,8 +162,8 @@ def flow_matching_loss(
     error) or [B, 1, F, H, W], each latent position's weight in a weighted mean of the squared error."""
     if noise.shape != latents.shape or sigma.shape != latents.shape[:1]:
         raise ValueError(f"noise {tuple(noise.shape)} and sigma {tuple(sigma.shape)} do not fit latents "
-                         f"{tuple(latents.shape)}: expected noise of the latents' shape and one sigma per "
-                         "clip")  # fmt: skip
+                         f"{tuple(latents.shape)}: expected noise of the latents' shape "
+                         "and one sigma per clip")  # fmt: skip
     noise, sigma = noise.to(latents), sigma.to(latents)
     sigma_b = sigma.view(-1, 1, 1, 1, 1)
     noisy = (1.0 - sigma_b) * latents + sigma_b * noise

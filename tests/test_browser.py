@@ -193,8 +193,8 @@ def _choose(browser, css, option):
     """Pick `option` in the dropdown `css` as a person does: open it, click the entry."""
     browser.find_element(*_by(f"{css} input")).click()
     entries = _wait(browser, lambda: [e for e in browser.find_elements(*_by("ul[role=listbox] li"))
-                                      if e.text.strip().endswith(option)], timeout=20, what=f"the entry "
-                                                                                            f"{option}")  # fmt: skip
+                                      if e.text.strip().endswith(option)],
+                    timeout=20, what=f"the entry {option}")  # fmt: skip
     entries[0].click()
 
 

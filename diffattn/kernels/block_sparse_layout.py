@@ -104,8 +104,8 @@ class BlockSparseLayout:
         sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
         if len(sizes) != 2 or any(isinstance(s, bool) or s not in ALLOWED_BLOCK_SIZES for s in sizes):
             raise ValueError(
-                f"block_size={block_size!r} is not allowed: expected one of {ALLOWED_BLOCK_SIZES} or a (query, key) "
-                "pair of them"
+                f"block_size={block_size!r} is not allowed: "
+                f"expected one of {ALLOWED_BLOCK_SIZES} or a (query, key) pair of them"
             )
         if gather_group_size is not None and (
             isinstance(gather_group_size, bool) or gather_group_size not in GATHER_GROUP_SIZES

@@ -283,8 +283,8 @@ def _check_slices(pass_name: str, tile: int, sub: int, tile_of: int, sub_of: int
     for field, value, block in (("tile", tile, tile_of), ("sub", sub, sub_of)):
         if block % value or value < 16:
             raise ValueError(
-                f"launch {pass_name} {field}={value} is not allowed: expected a divisor of the block size ({block}) "
-                ">= 16"
+                f"launch {pass_name} {field}={value} is not allowed: "
+                f"expected a divisor of the block size ({block}) >= 16"
             )
 
 
