@@ -82,7 +82,8 @@ for stage in "$@"; do
             # the rate, from tqdm's last line
             tail -c 2000 runs/shapes/train_log.jsonl | tail -1 | tee -a logs/train.log ;;
         trainvideo:*)  # shapes-wan (train-shapes-video), resuming runs/shapes-wan
-            # two 48-dim heads: a lower loss on the same batches than four 24-dim ones (README, "The video model")
+            # two 48-dim heads: a lower loss on the same batches than four 24-dim ones (README, "The video model");
+            # captions padded to 32 or 512 tokens, so that the weights also read prompts at WanPipeline's default 512
             minutes=${stage#trainvideo:}
             repo=$PWD
             init=()
@@ -101,6 +102,7 @@ for stage in "$@"; do
                 (cd /tmp && timeout "$(limit "$seconds")" python3 -m diffattn -v train-shapes-video \
                     --out "$repo/runs/shapes-wan" "${init[@]}" --attention-heads 2 --batch-size "$TRAIN_BATCH" --lr 3e-4 \
                     --ema-decay 0.997 --denoiser-steps 1000000 --checkpoint-every 500 --workers "$workers" \
+                    --caption-lengths 32 512 \
                     --device "$DEVICE" --max-minutes "$minutes" "${TRAIN_EXTRA[@]}" 2>&1) | tr "\r" "\n" | tail -25 \
                     | tee -a logs/train_video.log
                 [ -f runs/shapes-wan/pipeline/model_index.json ] && break

@@ -3,6 +3,7 @@
     python benchmarks/shapes_wan_sampler.py --videos 48 --guidance 2 8 12 --steps 40 --shift 1 6 10
     python benchmarks/shapes_wan_sampler.py --videos 64 --shift 6 --first 3000000    # a setting confirmed elsewhere
     python benchmarks/shapes_wan_sampler.py --videos 32 --solver euler-stochastic unipc
+    python benchmarks/shapes_wan_sampler.py --videos 96 --max-sequence-length 226 512   # WanPipeline's defaults
 
 The targets part of `radial_quality.py` judges dense videos at the preset's settings (20 flow-matching steps, guidance
 5, the scheduler's shift 3, Euler's flow-matching update). This benchmark samples the same held-out single-object
@@ -47,7 +48,7 @@ from radial_quality import (  # noqa: E402
 from shapes_wan_layout import judge_layout  # noqa: E402
 
 
-KEYS = ("kept", "direction", "present", "colour")
+KEYS = ("kept", "direction", "colour_direction", "present", "colour")
 SOLVERS = ("euler", "euler-stochastic", "unipc")  # euler: the preset's
 
 
@@ -67,15 +68,17 @@ def make_scheduler(config, setting: dict):
 
 
 def settings_to_run(args, preset) -> list[dict]:
-    """The preset's settings first, then one change each: {"name", "guidance_scale", "steps", "shift", "solver"}."""
+    """The preset's settings first, then one change each: {"name", "guidance_scale", "steps", "shift", "solver",
+    "max_sequence_length"}."""
     base = {"guidance_scale": preset.call_defaults["guidance_scale"], "steps": preset.steps, "shift": args.base_shift,
-            "solver": "euler"}  # fmt: skip
+            "solver": "euler", "max_sequence_length": preset.call_defaults["max_sequence_length"]}  # fmt: skip
     runs = [{"name": "preset", **base}]
     settings = (
         ("guidance_scale", args.guidance),
         ("steps", args.steps),
         ("shift", args.shift),
         ("solver", args.solver),
+        ("max_sequence_length", args.max_sequence_length),
     )
     for key, values in settings:
         runs += [{**base, key: value, "name": f"{key} {value if isinstance(value, str) else f'{value:g}'}"}
@@ -84,11 +87,13 @@ def settings_to_run(args, preset) -> list[dict]:
 
 
 def judged(videos, prompts) -> list[dict]:
-    """Per video: kept, direction, present (the targets judge) and colour (share of frames with its colour)."""
+    """Per video: kept, direction (its track's and its colour's), present (the targets judge) and colour (share of
+    frames with its colour)."""
     rows = judge_videos(videos, prompts)
     layout = judge_layout(videos, [p.caption for p in prompts])
-    return [{"kept": float(r["kept"]), "direction": float(r["direction"]), "present": r["present"],
-             "colour": lay["colour"]} for r, lay in zip(rows, layout)]  # fmt: skip
+    return [{"kept": float(r["kept"]), "direction": float(r["direction"]),
+             "colour_direction": float(r["color_direction"]), "present": r["present"], "colour": lay["colour"]}
+            for r, lay in zip(rows, layout)]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs="*", default=[], help="step counts to try")
     parser.add_argument("--shift", type=float, nargs="*", default=[], help="flow-matching shifts to try")
     parser.add_argument("--solver", nargs="*", default=[], choices=SOLVERS, help="solvers to try")
+    parser.add_argument("--max-sequence-length", type=int, nargs="*", default=[],
+                        help="caption lengths to try (the prompt's tokens padded with zeros to this many; the preset "
+                             "calls with 32, WanPipeline's own default is 512)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=4, help="videos per pipeline call")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
@@ -119,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     for setting in settings_to_run(args, preset):
         pipe.scheduler = make_scheduler(scheduler_config, setting)
         torch.manual_seed(0)  # the stochastic solver's fresh noise (WanPipeline does not hand its generator on)
-        call = {**preset.call_defaults, "guidance_scale": setting["guidance_scale"]}
+        call = {**preset.call_defaults, "guidance_scale": setting["guidance_scale"],
+                "max_sequence_length": setting["max_sequence_length"]}  # fmt: skip
         start = time.perf_counter()
         videos = sample(pipe, prompts, frames=frames, steps=setting["steps"], batch=args.batch, defaults=call)
         seconds = time.perf_counter() - start
         rows = rows_of[setting["name"]] = judged(videos, prompts)
         results[setting["name"]] = {
-            "settings": {k: setting[k] for k in ("guidance_scale", "steps", "shift", "solver")},
+            "settings": {k: setting[k] for k in ("guidance_scale", "steps", "shift", "solver", "max_sequence_length")},
             "sampling_seconds": seconds,
             **{key: interval([r[key] for r in rows]) for key in KEYS},
             "paired_vs_preset": {

@@ -381,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--varying-speed", action="store_true",
                        help="the transformer's clips draw each frame's move from 0 to twice the shape's speed, so "
                        "only nearby frames tell where a shape is (the way still the caption's)")  # fmt: skip
+    caption_lengths = _default(ShapesVideoTrainingConfig, "caption_lengths")
+    video.add_argument("--caption-lengths", type=int, nargs="+", metavar="TOKENS", default=list(caption_lengths),
+                       help="caption tokens each transformer step pads to, drawn per step, so the model reads a "
+                            "prompt at any max_sequence_length, WanPipeline's 512 included "
+                            f"({' '.join(map(str, caption_lengths))})")  # fmt: skip
     video.add_argument("--attention-heads", type=int, default=DEFAULT_ATTENTION_HEADS, choices=ATTENTION_HEADS,
                        help="heads of the transformer's attention (at --width 96, 4: 24-dim heads, 2: 48-dim "
                        "heads, whose rotary embedding resolves a frame's positions better; --init-from re-splits "
@@ -452,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
                 attention_heads=args.attention_heads, timestep_shift=args.timestep_shift, width=args.width,
                 object_weight=args.object_weight, clip_speeds=tuple(args.clip_speeds), clip_bounce=not args.no_bounce,
-                clip_steady=not args.varying_speed,
+                clip_steady=not args.varying_speed, caption_lengths=tuple(args.caption_lengths),
                 num_layers=args.layers, ffn_dim=args.ffn_dim,
                 seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
                 max_minutes=args.max_minutes, ema_decay=args.ema_decay, num_workers=args.workers,

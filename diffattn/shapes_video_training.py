@@ -98,6 +98,9 @@ class ShapesVideoTrainingConfig:
     batch_size: int = 16
     lr: float = 3e-4
     caption_dropout: float = 0.1
+    # caption tokens a step pads to, drawn per step: WanPipeline pads a prompt's states with zeros to its
+    # max_sequence_length (512 unless a call names it), and a model trained at one length reads another badly
+    caption_lengths: tuple[int, ...] = (MAX_SEQUENCE_LENGTH,)
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 500
@@ -134,11 +137,20 @@ class ShapesVideoTrainingConfig:
         check_number("object_weight", self.object_weight, 0, 1000)
         check_number("kl_weight", self.kl_weight, 0, 1)
         check_number("caption_dropout", self.caption_dropout, 0, 1)
+        self.caption_lengths = check_caption_lengths(self.caption_lengths)
         check_number("ema_decay", self.ema_decay, 0, 0.999999)
         check_number("max_minutes", self.max_minutes, 0, 10**6, allow_none=True)
         if self.device is not None:
             check_str("device", self.device, max_length=100)
             parse_device(self.device)  # one this machine has
+
+
+def check_caption_lengths(lengths) -> tuple[int, ...]:
+    """`caption_lengths` as a tuple: one or more token counts in [MAX_SEQUENCE_LENGTH, 1024] (shorter would cut
+    two-object captions; WanPipeline's default is 512)."""
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, (tuple, list)) or not lengths:
+        raise ValueError(f"caption_lengths={lengths!r} is not allowed: expected one or more token counts")
+    return tuple(check_int_range("caption_lengths", length, MAX_SEQUENCE_LENGTH, 1024) for length in lengths)
 
 
 def clip_pixels(
@@ -193,12 +205,18 @@ class _DenoiserClips(torch.utils.data.Dataset):
         size = pixels.shape[2] // self.space_factor
         shape = (len(captions), self.latent_channels, (frames - 1) // self.time_factor + 1, size, size)
         noise, sigma = flow_matching_noise(shape, generator, config.timestep_shift)
-        return pixels, *tokenize_captions(self.tokenizer, captions), noise, sigma
+        lengths = config.caption_lengths
+        # drawn last, and only when there is a choice: the draws above stay those of runs without the option
+        length = lengths[0]
+        if len(lengths) > 1:
+            length = lengths[int(torch.randint(len(lengths), (1,), generator=generator))]
+        return pixels, *tokenize_captions(self.tokenizer, captions, length), noise, sigma
 
 
-def tokenize_captions(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """As WanPipeline tokenizes prompts: token ids and attention mask, both [B, MAX_SEQUENCE_LENGTH]."""
-    tokens = tokenizer(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+def tokenize_captions(tokenizer, captions: list[str], length: int = MAX_SEQUENCE_LENGTH) -> tuple[torch.Tensor, ...]:
+    """As WanPipeline tokenizes prompts at max_sequence_length=`length`: token ids and attention mask, both
+    [B, length]."""
+    tokens = tokenizer(captions, padding="max_length", max_length=length, truncation=True,
                        add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
     return tokens.input_ids, tokens.attention_mask
 
@@ -210,9 +228,10 @@ def encode_tokens(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.
     return states * mask.unsqueeze(-1).to(states.dtype)
 
 
-def encode_captions(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
-    """`tokenize_captions` then `encode_tokens`: [B, L, D]."""
-    ids, mask = tokenize_captions(tokenizer, captions)
+def encode_captions(tokenizer, text_encoder, captions: list[str], device: torch.device,
+                    length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:  # fmt: skip
+    """`tokenize_captions` then `encode_tokens`: [B, length, D]."""
+    ids, mask = tokenize_captions(tokenizer, captions, length)
     return encode_tokens(text_encoder, ids.to(device), mask.to(device))
 
 

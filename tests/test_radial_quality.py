@@ -442,14 +442,15 @@ def test_the_sampler_sweep_changes_one_setting_at_a_time_from_the_preset():
 
     preset = PRESETS["shapes-wan"]
     args = SimpleNamespace(guidance=[2.0, 5.0, 8.0], steps=[40], shift=[3.0, 6.0], solver=["euler", "unipc"],
-                           base_shift=3.0)  # fmt: skip
+                           max_sequence_length=[32, 512], base_shift=3.0)  # fmt: skip
     runs = sweep.settings_to_run(args, preset)
-    base = {"guidance_scale": 5.0, "steps": 20, "shift": 3.0, "solver": "euler"}
-    assert (preset.call_defaults["guidance_scale"], preset.steps) == (5.0, 20)
+    base = {"guidance_scale": 5.0, "steps": 20, "shift": 3.0, "solver": "euler", "max_sequence_length": 32}
+    assert (preset.call_defaults["guidance_scale"], preset.steps, preset.call_defaults["max_sequence_length"]) == (
+        5.0, 20, 32)  # fmt: skip
     assert runs[0] == {"name": "preset", **base}
     # the preset's own values (guidance 5, shift 3) are not sampled twice; every other run differs in one setting
     assert [r["name"] for r in runs[1:]] == ["guidance_scale 2", "guidance_scale 8", "steps 40", "shift 6",
-                                             "solver unipc"]  # fmt: skip
+                                             "solver unipc", "max_sequence_length 512"]  # fmt: skip
     for run in runs[1:]:
         changed = [key for key in base if run[key] != base[key]]
         assert len(changed) == 1 and run["name"].startswith(changed[0])

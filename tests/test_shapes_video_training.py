@@ -57,10 +57,38 @@ def test_captions_are_encoded_as_the_pipeline_encodes_prompts():
     from diffattn.presets.shapes_video import build_shapes_wan
 
     pipe = build_shapes_wan()
-    ours = encode_captions(pipe.tokenizer, pipe.text_encoder, ["a blue star moving up", ""], torch.device("cpu"))
-    theirs, _ = pipe.encode_prompt(["a blue star moving up", ""], do_classifier_free_guidance=False,
-                                   max_sequence_length=MAX_SEQUENCE_LENGTH)  # fmt: skip
-    torch.testing.assert_close(ours, theirs)
+    for length in (MAX_SEQUENCE_LENGTH, 512):  # the preset's call default and WanPipeline's own
+        ours = encode_captions(pipe.tokenizer, pipe.text_encoder, ["a blue star moving up", ""], torch.device("cpu"),
+                               length)  # fmt: skip
+        theirs, _ = pipe.encode_prompt(["a blue star moving up", ""], do_classifier_free_guidance=False,
+                                       max_sequence_length=length)  # fmt: skip
+        assert ours.shape[1] == length
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_caption_lengths_are_drawn_per_step_after_every_other_draw():
+    """`caption_lengths`: each step pads its captions to one of the lengths, drawn from the step's generator after
+    its clips, dropout, noise and noise levels, which stay those of a run with one length."""
+    from diffattn.presets.shapes_video import build_shapes_wan
+    from diffattn.shapes_video_training import _DenoiserClips
+
+    tokenizer = build_shapes_wan(0).tokenizer
+    one = _DenoiserClips(_config(denoiser_steps=12, batch_size=2), tokenizer, 8, 4, 4)
+    both = _DenoiserClips(_config(denoiser_steps=12, batch_size=2, caption_lengths=(32, 512)), tokenizer, 8, 4, 4)
+    seen = set()
+    for step in range(12):
+        pixels, ids, mask, noise, sigma = both[step]
+        reference = one[step]
+        assert reference[1].shape == (2, MAX_SEQUENCE_LENGTH)
+        assert torch.equal(pixels, reference[0]) and torch.equal(noise, reference[3])
+        assert torch.equal(sigma, reference[4])
+        length = ids.shape[1]
+        seen.add(length)
+        assert length in (32, 512) and mask.shape == (2, length)
+        # the same captions' tokens, then only padding (masked off) up to the drawn length
+        assert torch.equal(ids[:, :32], reference[1]) and torch.equal(mask[:, :32], reference[2])
+        assert bool((ids[:, 32:] == tokenizer.pad_token_id).all()) and not bool(mask[:, 32:].any())
+    assert seen == {32, 512}  # both drawn in 12 steps (each with probability 1 - 2 ** -11)
 
 
 def test_clip_batches_and_bad_configs():
@@ -100,6 +128,12 @@ def test_the_transformers_clips_can_be_slow_and_without_bounces():
     assert torch.equal(pixels[0], torch.from_numpy(np.stack([np.asarray(f) for f in expected])))
     with pytest.raises(ValueError, match="clip_steady=1 is not allowed: expected True or False"):
         ShapesVideoTrainingConfig(clip_steady=1)
+    with pytest.raises(ValueError, match=r"caption_lengths=16 is not allowed: expected an int in \[32, 1024\]"):
+        ShapesVideoTrainingConfig(caption_lengths=(32, 16))
+    for bad in ((), "512", 512):
+        with pytest.raises(ValueError, match="caption_lengths=.* is not allowed: expected one or more token counts"):
+            ShapesVideoTrainingConfig(caption_lengths=bad)
+    assert ShapesVideoTrainingConfig(caption_lengths=[32, 512]).caption_lengths == (32, 512)
 
 
 def test_the_command_trains_and_exports(tmp_path, capsys):
