@@ -44,6 +44,7 @@ from .presets.shapes_video import (
     FFN_DIM,
     INNER_DIM,
     MAX_PRESET_MB,
+    MAX_SEQUENCE_LENGTH,
     NUM_FRAMES,
     NUM_LAYERS,
     build_shapes_wan,
@@ -65,7 +66,6 @@ from .validation import check_bool, check_choice, check_int_range, check_number,
 
 logger = logging.getLogger(__name__)
 
-MAX_SEQUENCE_LENGTH = 32  # caption tokens (the preset's call default too: training and sampling agree)
 # Where each stream of the seeded clip sequence starts (plus seed * 10**7); evaluation clips start at
 # scenes.HELD_OUT_CLIP_SEED, far above every stream.
 VAE_STREAM, DENOISER_STREAM, DECODER_STREAM, CALIBRATION_STREAM = 0, 5 * 10**6, 7 * 10**6, 9 * 10**6

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 from ..judge import describe, subject_mask
 from ..methods.radial_attention import RadialAttentionConfig
 from .image import build_tiny_sd, build_tiny_sdxl
+from .shapes_video import MAX_SEQUENCE_LENGTH, NUM_FRAMES, SIZE
 from .video import (
     build_tiny_cogvideox,
     build_tiny_hunyuan_video,
@@ -97,7 +98,13 @@ PRESETS: dict[str, Preset] = {
             "a real Wan-architecture text-to-video model trained by diffattn on moving coloured shapes "
             "(33 frames of 64x64 px, 9x16x16 latent tokens)",
             None,
-            {"height": 64, "width": 64, "num_frames": 33, "guidance_scale": 5.0, "max_sequence_length": 32},
+            {
+                "height": SIZE,
+                "width": SIZE,
+                "num_frames": NUM_FRAMES,
+                "guidance_scale": 5.0,
+                "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            },
             steps=20,
             shipped="shapes_wan",
             demo_prompt="a red circle moving right",

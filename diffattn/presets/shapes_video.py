@@ -19,6 +19,8 @@ from .video import umt5_encoder
 
 NUM_FRAMES = 33
 SIZE = 64
+# caption tokens: what the model trains at and the preset calls with (WanPipeline's own default is 512)
+MAX_SEQUENCE_LENGTH = 32
 LATENT_CHANNELS = 8
 TEXT_DIM = 64
 INNER_DIM = 96  # the shipped transformer's attention width (heads x head dim)
