@@ -61,7 +61,7 @@ from .shapes_training import (
     save_checkpoint,
 )
 from .training import flow_matching_loss, flow_matching_noise, latent_normalisation
-from .validation import check_bool, check_choice, check_int_range, check_number, check_str
+from .validation import check_bool, check_choice, check_int_range, check_number, check_str, refuse
 
 
 logger = logging.getLogger(__name__)
@@ -148,8 +148,8 @@ class ShapesVideoTrainingConfig:
 def check_caption_lengths(lengths) -> tuple[int, ...]:
     """`caption_lengths` as a tuple: one or more token counts in [MAX_SEQUENCE_LENGTH, 1024] (shorter would cut
     two-object captions; WanPipeline's default is 512)."""
-    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, (tuple, list)) or not lengths:
-        raise ValueError(f"caption_lengths={lengths!r} is not allowed: expected one or more token counts")
+    if not isinstance(lengths, (tuple, list)) or not lengths:
+        raise refuse("caption_lengths", lengths, "one or more token counts")
     return tuple(check_int_range("caption_lengths", length, MAX_SEQUENCE_LENGTH, 1024) for length in lengths)
 
 
