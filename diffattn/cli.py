@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--warmup-frames", "warmup_frames", _positive_int, "frames of the clips of the first --warmup-steps "
          "transformer steps (4k+1; cheaper)"),
         ("--warmup-steps", "warmup_steps", _nonnegative_int, "transformer steps on short clips"),
+        ("--image-every", "image_every", _nonnegative_int, "every Nth transformer step trains on single frames "
+         "instead of clips (images and videos trained together; 0: never)"),
+        ("--image-batch-size", "image_batch_size", _positive_int, "single frames per --image-every step"),
         ("--timestep-shift", "timestep_shift", float, "train more at high noise: logit-normal noise levels mapped as "
          "the sampler's shift maps its sigmas; 1: unshifted, and shapes-wan samples with shift 3"),
     ):  # fmt: skip
@@ -454,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                 vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
                 vae_batch_size=args.vae_batch_size, vae_frames=args.vae_frames, vae_crop=args.vae_crop, lr=args.lr,
                 decoder_steps=args.decoder_steps, decoder_frames=args.decoder_frames, decoder_lr=args.decoder_lr,
-                warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps,
+                warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps, image_every=args.image_every,
+                image_batch_size=args.image_batch_size,
                 attention_heads=args.attention_heads, timestep_shift=args.timestep_shift, width=args.width,
                 object_weight=args.object_weight, clip_speeds=tuple(args.clip_speeds), clip_bounce=not args.no_bounce,
                 clip_steady=not args.varying_speed, caption_lengths=tuple(args.caption_lengths),

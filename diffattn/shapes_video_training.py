@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 # Where each stream of the seeded clip sequence starts (plus seed * 10**7); evaluation clips start at
 # scenes.HELD_OUT_CLIP_SEED, far above every stream.
 VAE_STREAM, DENOISER_STREAM, DECODER_STREAM, CALIBRATION_STREAM = 0, 5 * 10**6, 7 * 10**6, 9 * 10**6
+IMAGE_STREAM = 8 * 10**6  # the single frames of `image_every` steps
 
 
 @dataclass
@@ -95,6 +96,10 @@ class ShapesVideoTrainingConfig:
     clip_steady: bool = True  # False: each frame's move drawn from 0..2 * speed px (render_clip's `steady`)
     warmup_frames: int | None = None  # the first `warmup_steps` denoiser steps train on clips this long
     warmup_steps: int = 0
+    # every image_every-th transformer step trains on image_batch_size single frames instead of clips (0: never):
+    # images and videos trained together, the frames far cheaper per caption than clips
+    image_every: int = 0
+    image_batch_size: int = 32
     batch_size: int = 16
     lr: float = 3e-4
     caption_dropout: float = 0.1
@@ -112,7 +117,8 @@ class ShapesVideoTrainingConfig:
     def __post_init__(self):
         for name in ("vae_steps", "decoder_steps", "denoiser_steps", "seed", "num_workers"):
             check_int_range(name, getattr(self, name), 0)
-        for name in ("vae_batch_size", "batch_size", "checkpoint_every", "log_every"):
+        check_int_range("image_every", self.image_every, 0)
+        for name in ("vae_batch_size", "batch_size", "image_batch_size", "checkpoint_every", "log_every"):
             check_int_range(name, getattr(self, name), 1)
         crop = check_int_range("vae_crop", self.vae_crop, 8, 64)
         if crop % 4:
@@ -197,7 +203,11 @@ class _DenoiserClips(torch.utils.data.Dataset):
         config = self.config
         frames = config.warmup_frames if config.warmup_frames and step < config.warmup_steps else config.num_frames
         start = config.seed * 10**7 + DENOISER_STREAM + step * config.batch_size
-        pixels, captions = clip_pixels(start, config.batch_size, frames, config.clip_speeds, config.clip_bounce,
+        count = config.batch_size
+        if is_image_step(config, step):  # single frames from a stream of their own; the clip steps are unchanged
+            frames, count = 1, config.image_batch_size
+            start = config.seed * 10**7 + IMAGE_STREAM + step * count
+        pixels, captions = clip_pixels(start, count, frames, config.clip_speeds, config.clip_bounce,
                                        config.clip_steady)  # fmt: skip
         generator = torch.Generator().manual_seed(config.seed * 10**7 + DENOISER_STREAM + step)
         drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
@@ -211,6 +221,11 @@ class _DenoiserClips(torch.utils.data.Dataset):
         if len(lengths) > 1:
             length = lengths[int(torch.randint(len(lengths), (1,), generator=generator))]
         return pixels, *tokenize_captions(self.tokenizer, captions, length), noise, sigma
+
+
+def is_image_step(config: ShapesVideoTrainingConfig, step: int) -> bool:
+    """Whether transformer step `step` trains on single frames (the last step of every `image_every`)."""
+    return config.image_every > 0 and step % config.image_every == config.image_every - 1
 
 
 def tokenize_captions(tokenizer, captions: list[str], length: int = MAX_SEQUENCE_LENGTH) -> tuple[torch.Tensor, ...]:

@@ -186,16 +186,48 @@ def test_crops_and_warmup_clips(tmp_path, monkeypatch):
     original = training.clip_pixels
 
     def recording(start, size, num_frames, *options):
-        lengths.append(num_frames)
+        lengths.append((num_frames, size))
         return original(start, size, num_frames, *options)
 
     monkeypatch.setattr(training, "clip_pixels", recording)
-    state = train_shapes_video(
-        tmp_path / "run", _config(vae_crop=32, warmup_frames=1, warmup_steps=1, denoiser_steps=3)
-    )
-    assert state["denoiser_step"] == 3
-    assert lengths[:2] == [5, 5]  # the autoencoder's clips (5 frames, cropped)
-    assert lengths[-3:] == [1, 5, 5]  # one warmup step on 1-frame clips, then 5-frame clips
+    config = _config(vae_crop=32, warmup_frames=1, warmup_steps=1, denoiser_steps=4, image_every=3, image_batch_size=2)
+    state = train_shapes_video(tmp_path / "run", config)
+    assert state["denoiser_step"] == 4
+    assert lengths[:2] == [(5, 1), (5, 1)]  # the autoencoder's clips (5 frames, cropped)
+    # one warmup step on 1-frame clips, then 5-frame clips, but every third step on 2 single frames
+    assert lengths[-4:] == [(1, 1), (5, 1), (1, 2), (5, 1)]
+
+
+def test_image_steps_train_single_frames_of_their_own_stream_and_leave_the_clip_steps_as_they_were():
+    """`image_every`: every image_every-th step's item is image_batch_size single frames (render_clip's, of seeds
+    no clip step draws), with noise of one latent frame; every other step's item is the run's without the option."""
+    from diffattn.presets.shapes_video import build_shapes_wan
+    from diffattn.scenes import render_clip
+    from diffattn.shapes_video_training import _DenoiserClips
+
+    tokenizer = build_shapes_wan(0).tokenizer
+    plain = _DenoiserClips(_config(denoiser_steps=6, batch_size=2), tokenizer, 8, 4, 4)
+    mixed = _DenoiserClips(_config(denoiser_steps=6, batch_size=2, image_every=3, image_batch_size=3), tokenizer,
+                           8, 4, 4)  # fmt: skip
+    clip_seeds = set()
+    for step in range(6):
+        item, reference = mixed[step], plain[step]
+        first = 5 * 10**6 + 2 * step  # DENOISER_STREAM, seed 0
+        clip_seeds.update(range(first, first + 2))
+        if step in (2, 5):
+            pixels, noise = item[0], item[3]
+            assert pixels.shape == (3, 1, 64, 64, 3) and noise.shape == (3, 8, 1, 16, 16) and item[1].shape[0] == 3
+            seeds = range(8 * 10**6 + 3 * step, 8 * 10**6 + 3 * step + 3)
+            for frame, seed in zip(pixels, seeds):
+                assert np.array_equal(frame[0].numpy(), np.asarray(render_clip(seed, 1).frames[0]))
+            assert not clip_seeds & set(seeds)
+        else:
+            for ours, theirs in zip(item, reference):
+                assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="image_every=-1 is not allowed"):
+        ShapesVideoTrainingConfig(image_every=-1)
+    with pytest.raises(ValueError, match="image_batch_size=0 is not allowed"):
+        ShapesVideoTrainingConfig(image_batch_size=0)
 
 
 def test_the_command_passes_its_ema_decay_heads_and_shift(tmp_path, monkeypatch, capsys):
@@ -208,11 +240,13 @@ def test_the_command_passes_its_ema_decay_heads_and_shift(tmp_path, monkeypatch,
                                                                           "denoiser_step": 0})  # fmt: skip
     argv = ["train-shapes-video", "--out", str(tmp_path), "--ema-decay", "0.99", "--attention-heads", "2",
             "--timestep-shift", "3", "--decoder-steps", "7", "--decoder-frames", "17", "--decoder-lr", "1e-4",
-            "--object-weight", "3", "--clip-speeds", "1", "--no-bounce", "--varying-speed"]  # fmt: skip
+            "--object-weight", "3", "--clip-speeds", "1", "--no-bounce", "--varying-speed", "--image-every", "4",
+            "--image-batch-size", "24"]  # fmt: skip
     assert main(argv) == 0
     assert main(["train-shapes-video", "--out", str(tmp_path)]) == 0
     assert [(c.ema_decay, c.attention_heads, c.timestep_shift) for c in seen] == [(0.99, 2, 3.0), (0.999, 4, 1.0)]
     assert [c.object_weight for c in seen] == [3.0, 0.0]
+    assert [(c.image_every, c.image_batch_size) for c in seen] == [(4, 24), (0, 32)]
     assert [(c.clip_speeds, c.clip_bounce, c.clip_steady) for c in seen] == [
         ((1,), False, False),
         ((1, 2), True, True),
