@@ -104,6 +104,20 @@ def colour_track(video: np.ndarray, color: str, boxes) -> tuple[float, str | Non
     return hits / len(video), track_direction(centers, frames=len(video))
 
 
+def by_shape(videos: list[dict], captions: list[str]) -> dict[str, dict]:
+    """Kept and presence per captioned shape (what the kept share is made of: a model may keep circles and never
+    draw a star)."""
+    shapes: dict[str, list[dict]] = {}
+    for video, caption in zip(videos, captions):
+        ((_, shape, _),) = parse_clip_caption(caption)
+        shapes.setdefault(shape, []).append(video)
+    return {
+        shape: {"videos": len(rows), "kept": interval([r["kept"] for r in rows]),
+                "presence": interval([r["presence"] for r in rows])}
+        for shape, rows in sorted(shapes.items())
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="exported shapes-wan pipeline folders (or ids)")
@@ -173,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for r, track, lay, right in zip(rows, tracks, layout, whole)
             ]
+            result["by_shape"] = by_shape(result["videos"], captions)
             first = results[args.models[0]].get(str(step))
             if first is not None:  # same prompts, clips and noise: paired against the first model
                 result["paired_vs_first"] = {
@@ -190,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"colour in frame {result['colour']['mean']:.1%}, stretch "
                 + ", ".join(f"{a} {s['mean']:.2f}x" if s else a for a, s in zip(AXES, stretch)),
                 flush=True,
+            )
+            print(
+                "  by shape: "
+                + ", ".join(
+                    f"{shape} {row['kept']['mean']:.0%} kept, {row['presence']['mean']:.0%} present ({row['videos']})"
+                    for shape, row in result["by_shape"].items()
+                )
             )
         del pipe
     fields = {"frames": frames, "steps": steps, "call": defaults, "start_steps": args.start_steps,

@@ -567,6 +567,12 @@ def test_noise_levels_denoise_as_wan_pipeline_does_and_noise_on_the_flow_matchin
         ImageDraw.Draw(image).rectangle((x, 30, x + 9, 39), fill=COLORS["red"])
         frames.append(np.asarray(image))
     assert levels.colour_track(np.stack(frames), "red", [(0, 0, 64, 64)] * 14) == (1.0, "right")
+    # kept and presence per captioned shape
+    rows = [{"kept": 1.0, "presence": 1.0}, {"kept": 0.0, "presence": 0.5}, {"kept": 0.0, "presence": 0.0}]
+    shapes = levels.by_shape(rows, ["a red star moving up", "a blue star moving left", "a red circle moving up"])
+    assert list(shapes) == ["circle", "star"] and [shapes[s]["videos"] for s in shapes] == [1, 2]
+    assert (shapes["star"]["kept"]["mean"], shapes["star"]["presence"]["mean"]) == (0.5, 0.75)
+    assert (shapes["circle"]["kept"]["mean"], shapes["circle"]["presence"]["mean"]) == (0.0, 0.0)
 
 
 def test_the_fidelity_sweep_changes_one_radial_setting_at_a_time_and_its_full_mask_keeps_every_block(tmp_path):
