@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -42,25 +43,45 @@ KEYS = ("found", "colour", "one_region", "regions")
 
 
 def frame_layout(frame: np.ndarray, color: str, shape: str) -> dict:
-    """One frame uint8 [H, W, 3] against its caption's object: found (colour and shape) and the regions of its
-    colour."""
-    detections = [d for d in detect_objects(Image.fromarray(frame)) if d.color == color]
-    return {"found": any(d.shape == shape for d in detections), "regions": len(detections)}
+    """One frame uint8 [H, W, 3] against its caption's object: found (colour and shape), the regions of its
+    colour, and the shape the largest of them reads as (None: no region of the colour)."""
+    detections = [d for d in detect_objects(Image.fromarray(frame)) if d.color == color]  # largest first
+    return {"found": any(d.shape == shape for d in detections), "regions": len(detections),
+            "largest": detections[0].shape if detections else None}  # fmt: skip
 
 
 def judge_layout(videos: list[np.ndarray], captions: list[str]) -> list[dict]:
-    """Per video uint8 [F, H, W, 3] of a single-object caption: the means over its frames of `frame_layout`."""
+    """Per video uint8 [F, H, W, 3] of a single-object caption: the means over its frames of `frame_layout`, and
+    "drawn": the shape its colour's largest region reads as in most frames (None: the colour in none)."""
     rows = []
     for video, caption in zip(videos, captions):
         ((color, shape, _),) = parse_clip_caption(caption)
         frames = [frame_layout(frame, color, shape) for frame in video]
+        drawn = Counter(f["largest"] for f in frames if f["largest"] is not None).most_common(1)
         rows.append({
             "found": statistics.fmean(f["found"] for f in frames),
             "colour": statistics.fmean(f["regions"] >= 1 for f in frames),
             "one_region": statistics.fmean(f["regions"] == 1 for f in frames),
             "regions": statistics.fmean(f["regions"] for f in frames),
+            "drawn": drawn[0][0] if drawn else None,
         })  # fmt: skip
     return rows
+
+
+def by_shape(rows: list[dict], captions: list[str], keys: tuple[str, ...]) -> dict[str, dict]:
+    """Per captioned shape of single-object captions: its videos, the mean and interval of each of `keys` over
+    them, and (where rows hold "drawn") how often each shape is what its colour's largest region reads as. What a
+    share is made of: a model may keep circles and never draw a star."""
+    groups: dict[str, list[dict]] = {}
+    for row, caption in zip(rows, captions):
+        ((_, shape, _),) = parse_clip_caption(caption)
+        groups.setdefault(shape, []).append(row)
+    out = {}
+    for shape, group in sorted(groups.items()):
+        out[shape] = {"videos": len(group), **{key: interval([r[key] for r in group]) for key in keys}}
+        if all("drawn" in r for r in group):
+            out[shape]["drawn"] = dict(Counter(str(r["drawn"]) for r in group).most_common())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             **transformer_size(pipe.transformer.config),
             "parameters": sum(p.numel() for p in pipe.transformer.parameters()),
             **{key: interval([r[key] for r in rows]) for key in KEYS},
+            "by_shape": by_shape(rows, [p.caption for p in prompts], ("found",)),
             "rows": rows,
         }
     paired = {}
@@ -131,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model}: found {result['found']['mean']:.1%}, colour {result['colour']['mean']:.1%}, "
               f"one region {result['one_region']['mean']:.1%}, "
               f"regions {result['regions']['mean']:.2f}")  # fmt: skip
+        for shape, row in result["by_shape"].items():
+            print(f"  {shape} ({row['videos']}): found {row['found']['mean']:.0%}, its colour's largest region "
+                  f"reads as {row['drawn']}")  # fmt: skip
     return 0
 
 

@@ -39,7 +39,7 @@ from diffattn.training import encode_video, latent_normalisation
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import write_report  # noqa: E402
 from radial_quality import MODEL, held_out_prompts, interval, judge_videos  # noqa: E402
-from shapes_wan_layout import judge_layout  # noqa: E402
+from shapes_wan_layout import by_shape, judge_layout  # noqa: E402
 from shapes_wan_motion_geometry import AXES, video_geometry  # noqa: E402
 
 
@@ -102,20 +102,6 @@ def colour_track(video: np.ndarray, color: str, boxes) -> tuple[float, str | Non
         hits += any(x0 <= cx < x1 and y0 <= cy < y1 for cx, cy in (r.center for r in regions))
         centers.append(regions[0].center if regions else None)  # detections come largest first
     return hits / len(video), track_direction(centers, frames=len(video))
-
-
-def by_shape(videos: list[dict], captions: list[str]) -> dict[str, dict]:
-    """Kept and presence per captioned shape (what the kept share is made of: a model may keep circles and never
-    draw a star)."""
-    shapes: dict[str, list[dict]] = {}
-    for video, caption in zip(videos, captions):
-        ((_, shape, _),) = parse_clip_caption(caption)
-        shapes.setdefault(shape, []).append(video)
-    return {
-        shape: {"videos": len(rows), "kept": interval([r["kept"] for r in rows]),
-                "presence": interval([r["presence"] for r in rows])}
-        for shape, rows in sorted(shapes.items())
-    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,10 +170,11 @@ def main(argv: list[str] | None = None) -> int:
                     "colour_direction": float(r["color_direction"]),
                     "colour": lay["colour"],
                     "colour_direction_whole": right,
+                    "drawn": lay["drawn"],
                 }
                 for r, track, lay, right in zip(rows, tracks, layout, whole)
             ]
-            result["by_shape"] = by_shape(result["videos"], captions)
+            result["by_shape"] = by_shape(result["videos"], captions, ("kept", "presence"))
             first = results[args.models[0]].get(str(step))
             if first is not None:  # same prompts, clips and noise: paired against the first model
                 result["paired_vs_first"] = {
@@ -206,13 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                 + ", ".join(f"{a} {s['mean']:.2f}x" if s else a for a, s in zip(AXES, stretch)),
                 flush=True,
             )
-            print(
-                "  by shape: "
-                + ", ".join(
-                    f"{shape} {row['kept']['mean']:.0%} kept, {row['presence']['mean']:.0%} present ({row['videos']})"
-                    for shape, row in result["by_shape"].items()
-                )
-            )
+            for shape, row in result["by_shape"].items():
+                print(f"  {shape} ({row['videos']}): kept {row['kept']['mean']:.0%}, present "
+                      f"{row['presence']['mean']:.0%}, its colour's largest region reads as "
+                      f"{row['drawn']}")  # fmt: skip
         del pipe
     fields = {"frames": frames, "steps": steps, "call": defaults, "start_steps": args.start_steps,
               "prompts": [{"caption": p.caption, "seed": p.seed} for p in prompts], "models": results}  # fmt: skip

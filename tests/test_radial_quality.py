@@ -372,15 +372,22 @@ def test_layout_judge_counts_copies_of_the_captioned_colour():
     one = frame([(10, 10, 30, 30)])
     two = frame([(4, 10, 20, 26), (40, 10, 56, 26)])  # two copies 36 px apart
     other = frame([(10, 10, 30, 30)], color="blue")
-    assert layout.frame_layout(one, "red", "square") == {"found": True, "regions": 1}
-    assert layout.frame_layout(two, "red", "square") == {"found": True, "regions": 2}
+    assert layout.frame_layout(one, "red", "square") == {"found": True, "regions": 1, "largest": "square"}
+    assert layout.frame_layout(two, "red", "square") == {"found": True, "regions": 2, "largest": "square"}
     assert layout.frame_layout(one, "red", "circle")["found"] is False  # colour right, shape wrong
-    assert layout.frame_layout(other, "red", "square") == {"found": False, "regions": 0}
+    assert layout.frame_layout(other, "red", "square") == {"found": False, "regions": 0, "largest": None}
     # per video: means over its frames (found in 2 of 3, the colour in 2 of 3, one region in 1 of 3, 1 region on
     # average); a red circle where a square was asked is the colour without the shape
     wrong_shape = frame([(10, 10, 30, 30)], shape="circle")
     rows = layout.judge_layout([np.stack([one, two, other, wrong_shape])], ["a red square moving left"])
-    assert rows == [pytest.approx({"found": 2 / 4, "colour": 3 / 4, "one_region": 2 / 4, "regions": 1.0})]
+    assert rows[0]["drawn"] == "square"  # the largest red region: a square in 2 frames, a circle in 1
+    numbers = [{key: value for key, value in row.items() if key != "drawn"} for row in rows]
+    assert numbers == [pytest.approx({"found": 2 / 4, "colour": 3 / 4, "one_region": 2 / 4, "regions": 1.0})]
+    # per captioned shape: a red star video whose colour is drawn as a circle, beside that square video
+    star = layout.judge_layout([np.stack([wrong_shape, other])], ["a red star moving up"])
+    shapes = layout.by_shape(rows + star, ["a red square moving left", "a red star moving up"], ("found",))
+    assert shapes["square"]["drawn"] == {"square": 1} and shapes["star"]["drawn"] == {"circle": 1}
+    assert (shapes["square"]["found"]["mean"], shapes["star"]["found"]["mean"]) == (0.5, 0.0)
 
 
 def test_motion_geometry_measures_smear_along_the_motion_and_where_copies_lie():
@@ -569,7 +576,8 @@ def test_noise_levels_denoise_as_wan_pipeline_does_and_noise_on_the_flow_matchin
     assert levels.colour_track(np.stack(frames), "red", [(0, 0, 64, 64)] * 14) == (1.0, "right")
     # kept and presence per captioned shape
     rows = [{"kept": 1.0, "presence": 1.0}, {"kept": 0.0, "presence": 0.5}, {"kept": 0.0, "presence": 0.0}]
-    shapes = levels.by_shape(rows, ["a red star moving up", "a blue star moving left", "a red circle moving up"])
+    captions = ["a red star moving up", "a blue star moving left", "a red circle moving up"]
+    shapes = levels.by_shape(rows, captions, ("kept", "presence"))
     assert list(shapes) == ["circle", "star"] and [shapes[s]["videos"] for s in shapes] == [1, 2]
     assert (shapes["star"]["kept"]["mean"], shapes["star"]["presence"]["mean"]) == (0.5, 0.75)
     assert (shapes["circle"]["kept"]["mean"], shapes["circle"]["presence"]["mean"]) == (0.0, 0.0)
