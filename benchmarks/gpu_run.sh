@@ -131,7 +131,7 @@ for stage in "$@"; do
             DIFFATTN_JUDGE_WORKERS=$(nproc) timeout "$(limit 420)" python3 benchmarks/shapes_wan_noise_levels.py \
                 --device "$DEVICE" --batch 32 --models shapes-wan diffattn/presets/shapes_wan \
                 --videos "${LEVELS_VIDEOS:-96}" --start-steps 0 6 10 --out benchmarks/results/shapes_wan_noise_levels-gpu.json \
-                2>&1 | tee -a logs/bench_levels.log | tail -8 ;;
+                2>&1 | tee -a logs/bench_levels.log | tail -30 ;;
         sparse)
             timeout 240 python3 benchmarks/block_sparse_attention.py --sweep --backward-max-tokens 40000 \
                 --write-launch-configs diffattn/kernels/launch_configs.json 2>&1 | tee logs/bench_sparse.log | tail -30 ;;

@@ -621,7 +621,7 @@ def train_shapes_video(
         if ema is not None:
             _ema_update(ema, denoiser_params, config.ema_decay, step)
         state["denoiser_step"] = step + 1
-        log.add("denoiser", step, loss)
+        log.add("denoiser-images" if is_image_step(config, step) else "denoiser", step, loss)  # a curve each
         if state["denoiser_step"] % config.checkpoint_every == 0:
             save()
     save()

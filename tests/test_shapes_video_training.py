@@ -196,6 +196,9 @@ def test_crops_and_warmup_clips(tmp_path, monkeypatch):
     assert lengths[:2] == [(5, 1), (5, 1)]  # the autoencoder's clips (5 frames, cropped)
     # one warmup step on 1-frame clips, then 5-frame clips, but every third step on 2 single frames
     assert lengths[-4:] == [(1, 1), (5, 1), (1, 2), (5, 1)]
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    phases = [(r["phase"], r["step"]) for r in log if r["phase"].startswith("denoiser")]
+    assert phases == [("denoiser", 0), ("denoiser", 1), ("denoiser-images", 2), ("denoiser", 3)]  # a curve each
 
 
 def test_image_steps_train_single_frames_of_their_own_stream_and_leave_the_clip_steps_as_they_were():
