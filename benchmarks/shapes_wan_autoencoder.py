@@ -32,12 +32,19 @@ from _report import write_report  # noqa: E402
 from radial_quality import interval  # noqa: E402
 
 
+def round_trips(vae, clips: list[list[Image.Image]]) -> list[np.ndarray]:
+    """Clips of one length through the autoencoder together (one batch: about 3x faster per clip on a CPU than one
+    at a time): each clip's frames (PIL, RGB) -> uint8 [F, H, W, 3] as WanPipeline decodes."""
+    videos = torch.stack([torch.from_numpy(np.stack([np.asarray(f) for f in frames])) for frames in clips])
+    videos = videos.float().permute(0, 4, 1, 2, 3) / 127.5 - 1  # [B, 3, F, H, W]
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(videos).latent_dist.mode()).sample
+    return list(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy())
+
+
 def round_trip(vae, frames: list[Image.Image]) -> np.ndarray:
     """A clip through the autoencoder: frames (PIL, RGB) -> uint8 [F, H, W, 3] as WanPipeline decodes."""
-    video = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).float() / 127.5 - 1
-    with torch.no_grad():
-        decoded = vae.decode(vae.encode(video.permute(3, 0, 1, 2)[None]).latent_dist.mode()).sample[0]
-    return ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+    return round_trips(vae, [frames])[0]
 
 
 def judge_round_trips(vae, clips: int, frames: int) -> tuple[list[dict], list[np.ndarray]]:
