@@ -115,9 +115,8 @@ class ShapesVideoTrainingConfig:
     num_workers: int = 0  # processes rendering the denoiser's clips ahead of the step
 
     def __post_init__(self):
-        for name in ("vae_steps", "decoder_steps", "denoiser_steps", "seed", "num_workers"):
+        for name in ("vae_steps", "decoder_steps", "denoiser_steps", "image_every", "seed", "num_workers"):
             check_int_range(name, getattr(self, name), 0)
-        check_int_range("image_every", self.image_every, 0)
         for name in ("vae_batch_size", "batch_size", "image_batch_size", "checkpoint_every", "log_every"):
             check_int_range(name, getattr(self, name), 1)
         crop = check_int_range("vae_crop", self.vae_crop, 8, 64)
@@ -202,11 +201,10 @@ class _DenoiserClips(torch.utils.data.Dataset):
         sigma [B])."""
         config = self.config
         frames = config.warmup_frames if config.warmup_frames and step < config.warmup_steps else config.num_frames
-        start = config.seed * 10**7 + DENOISER_STREAM + step * config.batch_size
-        count = config.batch_size
+        stream, count = DENOISER_STREAM, config.batch_size
         if is_image_step(config, step):  # single frames from a stream of their own; the clip steps are unchanged
-            frames, count = 1, config.image_batch_size
-            start = config.seed * 10**7 + IMAGE_STREAM + step * count
+            frames, stream, count = 1, IMAGE_STREAM, config.image_batch_size
+        start = config.seed * 10**7 + stream + step * count
         pixels, captions = clip_pixels(start, count, frames, config.clip_speeds, config.clip_bounce,
                                        config.clip_steady)  # fmt: skip
         generator = torch.Generator().manual_seed(config.seed * 10**7 + DENOISER_STREAM + step)
