@@ -87,9 +87,12 @@ def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
 
 
 MAX_AREA_FRACTION = 0.25  # the scenes' largest shape covers 14% of its frame; a larger region is a coloured wash
+BACKGROUND_DISTANCE = 90.0  # RGB distance from white beyond which a pixel is not background
 
 
-def detect_objects(image: Image.Image, *, min_area: int = 20, background_distance: float = 90.0) -> list[Detection]:
+def detect_objects(
+    image: Image.Image, *, min_area: int = 20, background_distance: float = BACKGROUND_DISTANCE
+) -> list[Detection]:
     """Objects in an image, largest first. Regions under `min_area` pixels or over MAX_AREA_FRACTION of the image
     are not objects (specks; a background that is not white, as an untrained model draws)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)

@@ -390,6 +390,46 @@ def test_layout_judge_counts_copies_of_the_captioned_colour():
     assert (shapes["square"]["found"]["mean"], shapes["star"]["found"]["mean"]) == (0.5, 0.0)
 
 
+def test_shape_swap_overlaps_silhouettes_and_reads_what_each_caption_drew():
+    import shapes_wan_shape_swap as swap
+    from PIL import Image, ImageDraw
+
+    from diffattn.scenes import COLORS, SHAPES, draw_shape
+
+    def image(box, color, shape):
+        canvas = Image.new("RGB", (64, 64), (255, 255, 255))
+        draw_shape(ImageDraw.Draw(canvas), shape, box, COLORS[color])
+        return np.asarray(canvas)
+
+    left, right = (4, 4, 28, 28), (34, 4, 58, 28)
+    square = image(left, "red", "square")
+    assert swap.silhouette(square).sum() == 24 * 24  # the box's far edges are outside it
+    assert swap.overlap(square, image(left, "blue", "square")) == 1.0  # another colour, the same pixels
+    assert swap.overlap(square, image(right, "red", "square")) == 0.0
+    shifted = image((16, 4, 40, 28), "red", "square")  # 12 of 24 columns shared: 12*24 / (36*24)
+    assert swap.overlap(square, shifted) == pytest.approx(12 / 36)
+    assert swap.overlap(np.full((8, 8, 3), 255, np.uint8), np.full((8, 8, 3), 255, np.uint8)) == 1.0
+    # a model that ignores the shape word: every shape's caption draws the same red square (overlap 1, read as a
+    # square); the colour word changes its colour only (overlap 1)
+    colours = ["red", "blue"]
+    ignored = {(0, c, s): image(left, c, "square") for c in colours for s in SHAPES}
+    overlaps = swap.swap_overlaps(ignored, 1, colours)
+    assert overlaps["shape_word"]["mean"] == 1.0 and overlaps["shape_word"]["n"] == 2 * 6
+    assert overlaps["colour_word"]["mean"] == 1.0 and overlaps["colour_word"]["n"] == len(SHAPES)
+    assert swap.confusion(ignored) == {shape: {"square": 2} for shape in SHAPES}
+    # a model that draws each caption's shape (a star drawn blue where red was asked reads as "none")
+    drawn = {(0, c, s): image(left, c, s) for c in colours for s in SHAPES}
+    drawn[0, "red", "star"] = image(left, "blue", "star")
+    read = swap.confusion(drawn)
+    assert read == {"circle": {"circle": 2}, "square": {"square": 2}, "triangle": {"triangle": 2},
+                    "star": {"star": 1, "none": 1}}  # fmt: skip
+    assert swap.swap_overlaps(drawn, 1, colours)["shape_word"]["mean"] < 1.0
+    prompts = swap.swap_prompts(2, colours)
+    captions = [p.caption for p in prompts[:5]]
+    assert captions == [f"a red {s} moving right" for s in SHAPES] + ["a blue circle moving right"]
+    assert {p.seed for p in prompts[:8]} == {swap.SEED_BASE} and prompts[8].seed == swap.SEED_BASE + 1
+
+
 def test_motion_geometry_measures_smear_along_the_motion_and_where_copies_lie():
     import shapes_wan_motion_geometry as geometry
     from PIL import Image, ImageDraw
