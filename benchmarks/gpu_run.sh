@@ -25,6 +25,8 @@
 # "--clip-speeds 1 --no-bounce --varying-speed": the same with each frame's move drawn from 0-2 px, which kept
 # radial's lead on the CPU but read the first 8 frames' direction worse;
 # "--warmup-frames 1 --warmup-steps 1500": single frames first;
+# "--image-every 2 --image-batch-size 512": every second step on 512 single frames, where the shapes are learnt
+# (on the CPU, 195,000 more frames took the shapes found in images from 35% to 78%, docs/shapes-wan.md);
 # with INIT_VAE_ONLY=1, "--width 192 --ffn-dim 512 --attention-heads 4": a new transformer twice as wide);
 # INIT_VAE_ONLY=1: a run that starts (no checkpoint yet) takes INIT_FROM's autoencoder only, a new transformer.
 # DECODER_FROM: a run that starts takes this folder's decoder instead of INIT_FROM's (the same encoder and latent
