@@ -4,15 +4,16 @@
 
 For every seed (held-out noise) and colour, one image per shape from the same noise: "a <colour> <shape> moving
 right" with only the shape word changed, then, for the same seed and shape, the colour word changed. If the
-transformer ignored the shape word, the images of one seed and colour would be the same pixels; how far they move
-when the shape word changes, beside how far they move when the colour word does, says how much the shape word
+transformer ignored the shape word, the images of one seed and colour would have the same silhouette; how far it
+moves when the shape word changes, beside how far it moves when the colour word does, says how much the shape word
 steers the drawing. The judge (`judge.detect_objects`) then reads each image's largest region of the caption's
 colour: the share of each captioned shape read as each shape (a confusion table; "none": no region of the colour),
 which says what a model draws instead of a star.
 
-Reports per model: the mean absolute pixel difference (0-255) between images whose captions differ in the shape
-word, and in the colour word, with 95% intervals over seeds and pairs; the confusion table; a picture, one row per
-seed and colour, one column per shape (the first colours of `--picture-colours`).
+Reports per model: the silhouette overlap (intersection over union of the pixels that are not background) of
+images whose captions differ in the shape word only, and in the colour word only, with 95% intervals over seeds and
+pairs; the confusion table; a picture, one row per seed, one column per colour and shape (the first
+`--picture-colours` colours).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffattn.judge import BACKGROUND_DISTANCE, detect_objects
+from diffattn.judge import foreground_mask
 from diffattn.loading import load_pipeline
 from diffattn.presets import PRESETS
 from diffattn.scenes import COLORS, SHAPES
@@ -35,37 +36,28 @@ from diffattn.scenes import COLORS, SHAPES
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import write_report  # noqa: E402
 from radial_quality import MODEL, Prompt, interval, sample  # noqa: E402
+from shapes_wan_layout import frame_layout  # noqa: E402
 
 
 # noise seeds of their own, apart from the held-out clips' (radial_quality.held_out_prompts counts from 0)
 SEED_BASE = 5_000_000
 
 
+def swap_keys(seeds: int, colours: list[str]) -> list[tuple[int, str, str]]:
+    """(seed index, colour, shape) of every image, in the order `swap_prompts` gives their prompts."""
+    return [(seed, colour, shape) for seed in range(seeds) for colour in colours for shape in SHAPES]
+
+
 def swap_prompts(seeds: int, colours: list[str]) -> list[Prompt]:
-    """One prompt per (seed, colour, shape), in that order, each seed's noise shared by its colours and shapes."""
-    return [
-        Prompt(caption=f"a {colour} {shape} moving right", seed=SEED_BASE + seed)
-        for seed in range(seeds)
-        for colour in colours
-        for shape in SHAPES
-    ]
-
-
-def largest_region_shape(image: np.ndarray, colour: str) -> str:
-    """The shape the largest region of `colour` in a uint8 [H, W, 3] image reads as ("none": no such region)."""
-    detections = [d for d in detect_objects(Image.fromarray(image)) if d.color == colour]  # largest first
-    return detections[0].shape if detections else "none"
-
-
-def silhouette(image: np.ndarray) -> np.ndarray:
-    """bool [H, W]: the pixels of a uint8 [H, W, 3] image that are not white background, by the judge's rule."""
-    distance = np.linalg.norm(image.astype(np.float32) - 255.0, axis=-1)
-    return distance > BACKGROUND_DISTANCE
+    """One prompt per `swap_keys` entry, each seed's noise shared by its colours and shapes."""
+    keys = swap_keys(seeds, colours)
+    return [Prompt(caption=f"a {c} {shape} moving right", seed=SEED_BASE + s) for s, c, shape in keys]
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two images' silhouettes (1.0 when both are empty)."""
-    sa, sb = silhouette(a), silhouette(b)
+    """Intersection over union of two uint8 [H, W, 3] images' silhouettes, the pixels the judge does not take for
+    background (1.0 when both are empty)."""
+    sa, sb = foreground_mask(a), foreground_mask(b)
     union = np.logical_or(sa, sb).sum()
     return float(np.logical_and(sa, sb).sum() / union) if union else 1.0
 
@@ -92,7 +84,7 @@ def confusion(images: dict[tuple[int, str, str], np.ndarray]) -> dict[str, dict[
     """Per captioned shape, how many of its images the judge reads as each shape (or "none")."""
     table: dict[str, Counter] = {shape: Counter() for shape in SHAPES}
     for (_, colour, shape), image in images.items():
-        table[shape][largest_region_shape(image, colour)] += 1
+        table[shape][frame_layout(image, colour, shape)["largest"] or "none"] += 1
     return {shape: dict(counts.most_common()) for shape, counts in table.items()}
 
 
@@ -114,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or preset.steps
     defaults = {**preset.call_defaults, "num_frames": 1}
     prompts = swap_prompts(args.seeds, args.colours)
-    keys = [(seed, colour, shape) for seed in range(args.seeds) for colour in args.colours for shape in SHAPES]
+    keys = swap_keys(args.seeds, args.colours)
     results, rows = {}, []
     for model in args.models:
         pipe = load_pipeline(model, device="cpu")

@@ -90,6 +90,11 @@ MAX_AREA_FRACTION = 0.25  # the scenes' largest shape covers 14% of its frame; a
 BACKGROUND_DISTANCE = 90.0  # RGB distance from white beyond which a pixel is not background
 
 
+def foreground_mask(pixels: np.ndarray, background_distance: float = BACKGROUND_DISTANCE) -> np.ndarray:
+    """bool [H, W]: the pixels of an RGB array [H, W, 3] (0-255) farther than `background_distance` from white."""
+    return np.linalg.norm(np.asarray(pixels, dtype=np.float32) - 255.0, axis=-1) > background_distance
+
+
 def detect_objects(
     image: Image.Image, *, min_area: int = 20, background_distance: float = BACKGROUND_DISTANCE
 ) -> list[Detection]:
@@ -98,7 +103,7 @@ def detect_objects(
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     names = list(COLORS)
     palette = np.array([COLORS[n] for n in names], dtype=np.float32)  # [K, 3]
-    foreground = np.linalg.norm(pixels - 255.0, axis=-1) > background_distance
+    foreground = foreground_mask(pixels, background_distance)
     nearest = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1).argmin(-1)  # [H, W]
     detections = []
     for k, name in enumerate(names):

@@ -403,7 +403,7 @@ def test_shape_swap_overlaps_silhouettes_and_reads_what_each_caption_drew():
 
     left, right = (4, 4, 28, 28), (34, 4, 58, 28)
     square = image(left, "red", "square")
-    assert swap.silhouette(square).sum() == 24 * 24  # the box's far edges are outside it
+    assert swap.foreground_mask(square).sum() == 24 * 24  # the box's far edges are outside it
     assert swap.overlap(square, image(left, "blue", "square")) == 1.0  # another colour, the same pixels
     assert swap.overlap(square, image(right, "red", "square")) == 0.0
     shifted = image((16, 4, 40, 28), "red", "square")  # 12 of 24 columns shared: 12*24 / (36*24)
