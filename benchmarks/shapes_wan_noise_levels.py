@@ -16,12 +16,15 @@ generates. A later start hands the model the clip's layout at that noise level, 
 sampling loses the objects: the early, noisy steps that decide where an object is in each frame, or the late ones
 that draw it. "On its track": the share of frames with a region of the captioned colour whose centre lies in the
 clip's ground-truth box (did the model keep the layout it was handed?). Every model after the first is also compared
-with the first, video by video (the same prompts, clips and noise): paired differences with 95% intervals.
+with the first, video by video (the same prompts, clips and noise): paired differences with 95% intervals. With
+`--paired-with F.json MODEL`, every model is compared so with that model's rows in a JSON this benchmark wrote
+before (its prompts, frames, steps and call must be this run's), instead of sampling the reference again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -104,6 +107,28 @@ def colour_track(video: np.ndarray, color: str, boxes) -> tuple[float, str | Non
     return hits / len(video), track_direction(centers, frames=len(video))
 
 
+def paired(videos: list[dict], reference: list[dict]) -> dict:
+    """Per-video differences of each PAIRED figure, `videos` minus `reference` (rows of the same prompts and noise),
+    with 95% intervals."""
+    if len(videos) != len(reference):
+        raise ValueError(f"{len(videos)} videos cannot be paired with {len(reference)} reference rows")
+    return {key: interval([ours[key] - theirs[key] for ours, theirs in zip(videos, reference)]) for key in PAIRED}
+
+
+def stored_rows(path: Path, model: str, fields: dict) -> dict[str, dict]:
+    """The rows per start step of `model` in a JSON this benchmark wrote, refused unless it judged the same prompts,
+    frames, steps and call as `fields` describe."""
+    stored = json.loads(Path(path).read_text())
+    if stored.get("benchmark") != "shapes_wan_noise_levels":
+        raise ValueError(f"--paired-with {path}: not a shapes_wan_noise_levels JSON")
+    for key, value in fields.items():
+        if stored.get(key) != value:
+            raise ValueError(f"--paired-with {path}: its {key} is {stored.get(key)!r}, this run's {value!r}")
+    if model not in stored["models"]:
+        raise ValueError(f"--paired-with {path} {model}: no such model there (it holds {sorted(stored['models'])})")
+    return stored["models"][model]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="exported shapes-wan pipeline folders (or ids)")
@@ -113,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="videos denoised together")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU: the weights' saved dtype)")
     parser.add_argument("--out", type=Path, required=True, help="JSON path")
+    parser.add_argument("--paired-with", nargs=2, metavar=("JSON", "MODEL"), default=None,
+                        help="pair every model with MODEL's rows in a JSON this benchmark wrote before (same prompts "
+                        "and call) instead of with the first model")  # fmt: skip
     args = parser.parse_args(argv)
     preset = PRESETS[MODEL]
     defaults = dict(preset.call_defaults)
@@ -125,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = held_out_prompts(args.videos, frames, single_only=True)
     clips = [render_clip(HELD_OUT_CLIP_SEED + p.seed, frames) for p in prompts]
     captions = [p.caption for p in prompts]
+    fields = {"frames": frames, "steps": steps, "call": defaults,
+              "prompts": [{"caption": p.caption, "seed": p.seed} for p in prompts]}  # fmt: skip
+    reference = stored_rows(Path(args.paired_with[0]), args.paired_with[1], fields) if args.paired_with else None
     results = {}
     for model in args.models:
         pipe = load_pipeline(model, device=args.device)
@@ -175,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                 for r, track, lay, right in zip(rows, tracks, layout, whole)
             ]
             result["by_shape"] = by_shape(result["videos"], captions, ("kept", "presence"))
+            if reference is not None and str(step) in reference:
+                result["paired_with"] = {"json": args.paired_with[0], "model": args.paired_with[1],
+                                         **paired(result["videos"], reference[str(step)]["videos"])}  # fmt: skip
             first = results[args.models[0]].get(str(step))
-            if first is not None:  # same prompts, clips and noise: paired against the first model
-                result["paired_vs_first"] = {
-                    key: interval([ours[key] - theirs[key] for ours, theirs in zip(result["videos"], first["videos"])])
-                    for key in PAIRED
-                }
+            if reference is None and first is not None:  # same prompts, clips and noise: paired against the first
+                result["paired_vs_first"] = paired(result["videos"], first["videos"])
             results[model][str(step)] = result
             stretch = [result[a]["stretch_along_motion"] for a in AXES]
             print(
@@ -197,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {shape} ({row['videos']}): kept {row['kept']['mean']:.0%}, present "
                       f"{row['presence']['mean']:.0%}, its colour's largest region reads as "
                       f"{row['drawn']}")  # fmt: skip
+            versus = result.get("paired_with") or result.get("paired_vs_first")
+            if versus:
+                print("  paired: " + ", ".join(f"{key} {versus[key]['mean']:+.1%} [{versus[key]['low']:+.1%}, "
+                                               f"{versus[key]['high']:+.1%}]" for key in PAIRED))  # fmt: skip
         del pipe
-    fields = {"frames": frames, "steps": steps, "call": defaults, "start_steps": args.start_steps,
-              "prompts": [{"caption": p.caption, "seed": p.seed} for p in prompts], "models": results}  # fmt: skip
+    fields.update(start_steps=args.start_steps, models=results)
     write_report("shapes_wan_noise_levels", args.device, fields, out=args.out)
     return 0
 

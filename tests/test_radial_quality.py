@@ -623,6 +623,32 @@ def test_noise_levels_denoise_as_wan_pipeline_does_and_noise_on_the_flow_matchin
     assert (shapes["circle"]["kept"]["mean"], shapes["circle"]["presence"]["mean"]) == (0.0, 0.0)
 
 
+def test_noise_levels_pairs_with_stored_rows_of_the_same_prompts_and_refuses_others(tmp_path):
+    import json
+
+    import shapes_wan_noise_levels as levels
+
+    results = Path(__file__).parent.parent / "benchmarks" / "results"
+    shipped_json = results / "shapes_wan_varying" / "targets96-cpu.json"
+    stored = json.loads(shipped_json.read_text())
+    fields = {key: stored[key] for key in ("frames", "steps", "call", "prompts")}
+    shipped = levels.stored_rows(shipped_json, "shapes-wan", fields)["0"]["videos"]
+    mix = json.loads((results / "shapes_wan_images" / "mix_targets96-cpu.json").read_text())
+    mix_rows = mix["models"]["runs/images_mix/pipeline"]["0"]["videos"]
+    diff = levels.paired(mix_rows, shipped)
+    # the two runs keep 13 and 8 of the same 96 videos (docs/shapes-wan.md): a mean difference of 5 / 96
+    assert sum(r["kept"] for r in mix_rows) == 13 and sum(r["kept"] for r in shipped) == 8
+    assert diff["kept"]["mean"] == pytest.approx(5 / 96) and diff["kept"]["n"] == 96
+    assert diff["kept"]["low"] < 5 / 96 < diff["kept"]["high"]
+    with pytest.raises(ValueError, match="cannot be paired"):
+        levels.paired(mix_rows[:95], shipped)
+    other_call = {**fields, "call": {**fields["call"], "max_sequence_length": 512}}
+    with pytest.raises(ValueError, match="its call is"):
+        levels.stored_rows(shipped_json, "shapes-wan", other_call)
+    with pytest.raises(ValueError, match="no such model"):
+        levels.stored_rows(shipped_json, "runs/nowhere", fields)
+
+
 def test_the_fidelity_sweep_changes_one_radial_setting_at_a_time_and_its_full_mask_keeps_every_block(tmp_path):
     import json
 
