@@ -623,7 +623,7 @@ def test_noise_levels_denoise_as_wan_pipeline_does_and_noise_on_the_flow_matchin
     assert (shapes["circle"]["kept"]["mean"], shapes["circle"]["presence"]["mean"]) == (0.0, 0.0)
 
 
-def test_noise_levels_pairs_with_stored_rows_of_the_same_prompts_and_refuses_others(tmp_path):
+def test_noise_levels_pairs_with_stored_rows_of_the_same_prompts_and_refuses_others():
     import json
 
     import shapes_wan_noise_levels as levels
