@@ -3,7 +3,8 @@
     python benchmarks/radial_quality_tables.py [benchmarks/results/radial_quality-cpu-x86-64-2-threads.json]
 
 Prints the fidelity table (every variant against dense, with the judge's figures), its paired differences, the
-length-extension table and the LoRA-time table, as Markdown rows; given `radial_fidelity_sweep.py`'s JSON, its
+length-extension table and the LoRA-time table, as Markdown rows, and the weights each part measured (a phrase the
+README's text around the table holds); given `radial_fidelity_sweep.py`'s JSON, its
 table. `tests/test_radial_quality.py` checks that every row printed for the committed JSONs stands in the README
 word for word.
 """
@@ -147,15 +148,25 @@ def sweep_rows(report: dict) -> list[str]:
     return rows
 
 
+def weights_text(part: dict) -> str:
+    """Which weights a part measured, from the training counters it recorded: parts are measured apart, and a
+    table may outlive the weights it was measured on."""
+    counters = part["weights"]
+    return (f"measured on the weights at transformer step {counters['denoiser_step']:,} (autoencoder "
+            f"{counters['vae_step']:,} steps, its decoder {counters['decoder_step']:,} more)")  # fmt: skip
+
+
 def tables(report: dict) -> dict[str, list[str]]:
-    """Every table the JSON holds the parts of, by name."""
+    """Every table the JSON holds the parts of, by name; `<part>_weights` names the weights each part measured."""
     out = {}
     if "fidelity" in report:
         out["fidelity"] = fidelity_rows(report["fidelity"])
         out["paired"] = paired_rows(report["fidelity"])
+        out["fidelity_weights"] = [weights_text(report["fidelity"])]
     if "extension" in report:
         out["extension"] = extension_rows(report["extension"])
         out["lora_time"] = [lora_time_row(report["extension"])]
+        out["extension_weights"] = [weights_text(report["extension"])]
     if report.get("benchmark") == "radial_fidelity_sweep":
         out["sweep"] = sweep_rows(report)
     return out

@@ -553,11 +553,16 @@ def test_table_formatting_against_hand_written_rows():
     assert (
         tables.extension_rows(extension)[0] == "| dense, as trained | 1 of 8 | 4 of 8 | 1 / 3 of 4 | 30% [20%, 40%] |"
     )
+    part = {"weights": {"vae_step": 5700, "decoder_step": 594, "denoiser_step": 16589}}
+    assert tables.weights_text(part) == (
+        "measured on the weights at transformer step 16,589 (autoencoder 5,700 steps, its decoder 594 more)"
+    )
 
 
 def test_readme_tables_are_the_committed_json():
-    """Every row the table writer makes from the committed CPU JSON stands in the README word for word, and the
-    JSON's equal-density baselines have exactly the radial mask's block count."""
+    """Every row the table writer makes from the committed CPU JSON, and the weights each table was measured on,
+    stands in the README word for word, and the JSON's equal-density baselines have exactly the radial mask's block
+    count."""
     import json
 
     import radial_quality_tables as tables
@@ -565,7 +570,7 @@ def test_readme_tables_are_the_committed_json():
     report = json.loads(tables.DEFAULT_JSON.read_text())
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     written = tables.tables(report)
-    assert set(written) == {"fidelity", "paired", "extension", "lora_time"}
+    assert set(written) == {"fidelity", "paired", "extension", "lora_time", "fidelity_weights", "extension_weights"}
     missing = [row for rows in written.values() for row in rows if row not in readme]
     assert not missing, f"README rows that differ from {tables.DEFAULT_JSON.name}: {missing}"
     variants = report["fidelity"]["variants"]
